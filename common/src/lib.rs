@@ -1,0 +1,16 @@
+//! Types both sides of Dormant share: validated names, resource quantities, tenant and node
+//! states, config-file loading and logging set-up.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod name;
+pub mod quantity;
+pub mod resources;
+pub mod state;
+pub mod telemetry;
+
+pub use name::{NameError, NodeName, TenantName};
+pub use quantity::{Bytes, MilliCpu, QuantityError};
+pub use resources::Resources;
+pub use state::{NodeStatus, TenantState};

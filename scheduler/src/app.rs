@@ -1,0 +1,212 @@
+//! Wires one scheduler replica together: the store, openraft, the gRPC services and the placer
+//! task that finds room for pending tenants, then serves until told to stop.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dormant_common::TenantState;
+use openraft::BasicNode;
+use tokio::sync::Notify;
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::grpc;
+use crate::liveness::Liveness;
+use crate::network::PeerNetwork;
+use crate::placement;
+use crate::state::{Command, DesiredState};
+use crate::store::{self, SharedState};
+use crate::Raft;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("create data dir {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("raft config: {0}")]
+    RaftConfig(String),
+    #[error("start raft: {0}")]
+    Raft(String),
+    #[error("bootstrap: {0}")]
+    Bootstrap(String),
+    #[error("serve gRPC on {addr}: {source}")]
+    Serve {
+        addr: std::net::SocketAddr,
+        source: tonic::transport::Error,
+    },
+}
+
+/// Everything the services share.
+pub struct App {
+    pub settings: Settings,
+    pub raft: Raft,
+    pub state: SharedState,
+    pub liveness: Mutex<Liveness>,
+    /// Wakes the placer (a node registered or a tenant went pending).
+    pub placer: Notify,
+}
+
+impl App {
+    pub fn liveness(&self) -> MutexGuard<'_, Liveness> {
+        self.liveness.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.settings.id)
+    }
+}
+
+fn raft_config() -> Result<openraft::Config, AppError> {
+    let config = openraft::Config {
+        cluster_name: "dormant".into(),
+        heartbeat_interval: 250,
+        election_timeout_min: 1000,
+        election_timeout_max: 2000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
+        max_in_snapshot_log_to_keep: 1000,
+        ..Default::default()
+    };
+    config
+        .validate()
+        .map_err(|e| AppError::RaftConfig(e.to_string()))
+}
+
+/// Runs a replica until `shutdown` resolves.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    std::fs::create_dir_all(&settings.data_dir).map_err(|source| AppError::DataDir {
+        path: settings.data_dir.display().to_string(),
+        source,
+    })?;
+    let (log_store, sm_store) = store::open(&settings.data_dir.join("raft"))?;
+    let state = sm_store.shared();
+    let raft = Raft::new(
+        settings.id,
+        Arc::new(raft_config()?),
+        PeerNetwork::default(),
+        log_store,
+        sm_store,
+    )
+    .await
+    .map_err(|e| AppError::Raft(e.to_string()))?;
+
+    if settings.bootstrap {
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| AppError::Bootstrap(e.to_string()))?;
+        if !initialized {
+            let members = BTreeMap::from([(
+                settings.id,
+                BasicNode {
+                    addr: settings.advertise.clone(),
+                },
+            )]);
+            raft.initialize(members)
+                .await
+                .map_err(|e| AppError::Bootstrap(e.to_string()))?;
+            info!(node_id = settings.id, "bootstrapped a new cluster");
+        }
+    }
+
+    let app = Arc::new(App {
+        settings: settings.clone(),
+        raft: raft.clone(),
+        state,
+        liveness: Mutex::new(Liveness::default()),
+        placer: Notify::new(),
+    });
+
+    let placer = tokio::spawn(place_pending_loop(app.clone()));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<dormant_proto::v1::operator_server::OperatorServer<grpc::api::OperatorService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dormant_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .ok();
+
+    info!(listen = %settings.listen, node_id = settings.id, "scheduler serving");
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_optional_service(reflection)
+        .add_service(grpc::api::server(app.clone()))
+        .add_service(grpc::agent::server(app.clone()))
+        .add_service(grpc::raft::server(raft.clone()))
+        .serve_with_shutdown(settings.listen, shutdown);
+    let served = server.await;
+    placer.abort();
+    if let Err(e) = raft.shutdown().await {
+        warn!(error = %e, "raft shutdown");
+    }
+    served.map_err(|source| AppError::Serve {
+        addr: settings.listen,
+        source,
+    })
+}
+
+/// On the leader: tries to place every pending tenant whenever woken, and every few seconds.
+async fn place_pending_loop(app: Arc<App>) {
+    loop {
+        let _ = tokio::time::timeout(Duration::from_secs(3), app.placer.notified()).await;
+        if !app.is_leader() {
+            continue;
+        }
+        for command in pending_placements(&app) {
+            if let Err(status) = grpc::propose(&app, command).await {
+                warn!(error = %status.message(), "placing a pending tenant");
+            }
+        }
+    }
+}
+
+/// The commands that place pending tenants, or refresh why they still wait.
+fn pending_placements(app: &App) -> Vec<Command> {
+    let sm = app.state.read();
+    let cluster = &sm.cluster;
+    let views = cluster.node_views();
+    let mut commands = Vec::new();
+    for t in cluster.tenants.values() {
+        if t.state != TenantState::Pending || t.desired != DesiredState::Running {
+            continue;
+        }
+        let choice = placement::place(
+            &t.engine,
+            &t.resources,
+            &views,
+            app.settings.placement,
+            app.settings.overcommit_ratio,
+        );
+        match choice {
+            Ok(node) => {
+                commands.push(Command::AssignTenant {
+                    name: t.name.clone(),
+                    uid: t.uid,
+                    node,
+                    overcommit: app.settings.overcommit_ratio,
+                });
+                // One placement per pass: the next pass sees the updated allocation.
+                break;
+            }
+            Err(why) => {
+                let why = why.to_string();
+                if t.reason.as_deref() != Some(why.as_str()) {
+                    commands.push(Command::SetPendingReason {
+                        name: t.name.clone(),
+                        uid: t.uid,
+                        reason: why,
+                    });
+                }
+            }
+        }
+    }
+    commands
+}

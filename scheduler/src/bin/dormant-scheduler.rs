@@ -1,0 +1,92 @@
+//! `dormant-scheduler`: one replica of Dormant's Raft-replicated scheduler.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use dormant_common::telemetry::{self, LogFormat};
+use dormant_scheduler::config::{FileConfig, Settings};
+use dormant_scheduler::placement::Policy;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Dormant's scheduler: one replica of the Raft cluster")]
+struct Args {
+    /// TOML config file; flags override its keys.
+    #[arg(long, env = "DORMANT_SCHEDULER_CONFIG")]
+    config: Option<PathBuf>,
+    /// This replica's Raft node id (>0, never reused).
+    #[arg(long)]
+    id: Option<u64>,
+    /// Address to serve gRPC on (operators, agents and peers).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Address others reach this replica at (default: --listen).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Directory for the Raft log, vote and snapshots.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Start a new single-replica cluster if the data dir is empty.
+    #[arg(long)]
+    bootstrap: bool,
+    /// Reservations on a node may reach capacity times this ratio (default 1.0).
+    #[arg(long)]
+    overcommit_ratio: Option<f64>,
+    /// binpack (default) or spread.
+    #[arg(long, value_parser = parse_policy)]
+    placement: Option<Policy>,
+    /// Log as JSON lines instead of plain text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn parse_policy(s: &str) -> Result<Policy, String> {
+    match s {
+        "binpack" => Ok(Policy::BinPack),
+        "spread" => Ok(Policy::Spread),
+        other => Err(format!("{other:?} is not binpack or spread")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let file = match &args.config {
+        Some(path) => dormant_common::config::load::<FileConfig>(path)?,
+        None => FileConfig::default(),
+    };
+    let format = if args.log_json {
+        LogFormat::Json
+    } else {
+        file.log_format.unwrap_or_default()
+    };
+    telemetry::init(format);
+    let cli = FileConfig {
+        id: args.id,
+        listen: args.listen,
+        advertise: args.advertise,
+        data_dir: args.data_dir,
+        bootstrap: args.bootstrap.then_some(true),
+        overcommit_ratio: args.overcommit_ratio,
+        placement: args.placement,
+        log_format: None,
+    };
+    let settings = Settings::merge(cli, file)?;
+    dormant_scheduler::app::run(settings, shutdown_signal())
+        .await
+        .context("scheduler stopped")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("shutting down");
+}

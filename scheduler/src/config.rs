@@ -1,0 +1,132 @@
+//! The scheduler's settings: a TOML file (`--config`), with command-line flags taking precedence.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::placement::Policy;
+
+/// The TOML file; every key optional, unknown keys refused.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub id: Option<u64>,
+    pub listen: Option<SocketAddr>,
+    pub advertise: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub bootstrap: Option<bool>,
+    pub overcommit_ratio: Option<f64>,
+    pub placement: Option<Policy>,
+    pub log_format: Option<dormant_common::telemetry::LogFormat>,
+}
+
+/// The settings the scheduler runs with, after merging and validation.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This replica's Raft node id; never reused for another replica.
+    pub id: u64,
+    pub listen: SocketAddr,
+    /// Address peers, agents and forwarded clients use to reach this replica.
+    pub advertise: String,
+    pub data_dir: PathBuf,
+    /// Initialise a new single-member cluster if the store is empty.
+    pub bootstrap: bool,
+    pub overcommit_ratio: f64,
+    pub placement: Policy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{field}: required (flag --{flag} or key {field} in the config file)")]
+    Missing {
+        field: &'static str,
+        flag: &'static str,
+    },
+    #[error("id: must be greater than 0")]
+    ZeroId,
+    #[error("overcommit_ratio: {0} must be a number of at least 1.0")]
+    Overcommit(f64),
+}
+
+impl Settings {
+    /// Merges flags (`cli`) over the file (`file`) and checks the result.
+    pub fn merge(cli: FileConfig, file: FileConfig) -> Result<Self, SettingsError> {
+        let id = cli.id.or(file.id).ok_or(SettingsError::Missing {
+            field: "id",
+            flag: "id",
+        })?;
+        if id == 0 {
+            return Err(SettingsError::ZeroId);
+        }
+        let listen = cli
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7400)));
+        let data_dir = cli.data_dir.or(file.data_dir).ok_or(SettingsError::Missing {
+            field: "data_dir",
+            flag: "data-dir",
+        })?;
+        let overcommit_ratio = cli
+            .overcommit_ratio
+            .or(file.overcommit_ratio)
+            .unwrap_or(1.0);
+        if !(overcommit_ratio.is_finite() && overcommit_ratio >= 1.0) {
+            return Err(SettingsError::Overcommit(overcommit_ratio));
+        }
+        Ok(Settings {
+            id,
+            listen,
+            advertise: cli
+                .advertise
+                .or(file.advertise)
+                .unwrap_or_else(|| listen.to_string()),
+            data_dir,
+            bootstrap: cli.bootstrap.or(file.bootstrap).unwrap_or(false),
+            overcommit_ratio,
+            placement: cli.placement.or(file.placement).unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_missing_fields_are_named() {
+        let file: FileConfig =
+            toml::from_str("id = 3\ndata_dir = \"/var/lib/x\"\nplacement = \"spread\"\n").unwrap();
+        let cli = FileConfig {
+            id: Some(7),
+            ..Default::default()
+        };
+        let s = Settings::merge(cli, file).unwrap();
+        assert_eq!(s.id, 7);
+        assert_eq!(s.placement, Policy::Spread);
+        assert_eq!(s.advertise, "127.0.0.1:7400");
+        let err = Settings::merge(FileConfig::default(), FileConfig::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "id: required (flag --id or key id in the config file)"
+        );
+    }
+
+    #[test]
+    fn overcommit_below_one_is_refused() {
+        let cli = FileConfig {
+            id: Some(1),
+            data_dir: Some("/x".into()),
+            overcommit_ratio: Some(0.5),
+            ..Default::default()
+        };
+        let err = Settings::merge(cli, FileConfig::default()).unwrap_err();
+        assert!(err.to_string().starts_with("overcommit_ratio:"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let err = toml::from_str::<FileConfig>("idd = 1\n").unwrap_err();
+        assert!(err.to_string().contains("idd"), "{err}");
+    }
+}

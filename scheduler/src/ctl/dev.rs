@@ -1,0 +1,156 @@
+//! `dormantctl dev`: a working single-host cluster on the embedded defaults, for someone trying
+//! Dormant. Starts `dormant-scheduler` and `dormant-agent` (found beside `dormantctl`) as child
+//! processes with all state under one directory, prints how to connect, and stops both on Ctrl-C.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use dormant_proto::v1 as pb;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use super::CtlError;
+
+pub struct DevOptions {
+    pub dir: PathBuf,
+    pub listen: String,
+    pub ports: String,
+}
+
+fn sibling(name: &str) -> Result<PathBuf, CtlError> {
+    let exe = std::env::current_exe().map_err(|e| CtlError::Other(format!("current exe: {e}")))?;
+    let path = exe.with_file_name(name);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(CtlError::Other(format!(
+            "{} not found beside {}; build the workspace first (cargo build --release)",
+            name,
+            exe.display()
+        )))
+    }
+}
+
+fn spawn(bin: &Path, args: &[String], log: &Path) -> Result<Child, CtlError> {
+    let file = std::fs::File::create(log)
+        .map_err(|e| CtlError::Other(format!("create {}: {e}", log.display())))?;
+    let err_file = file
+        .try_clone()
+        .map_err(|e| CtlError::Other(format!("log {}: {e}", log.display())))?;
+    Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err_file)
+        .spawn()
+        .map_err(|e| CtlError::Other(format!("start {}: {e}", bin.display())))
+}
+
+async fn stop(child: &mut Child, what: &str) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    }
+    if tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .is_err()
+    {
+        eprintln!("{what} did not stop within 30 s; killing it");
+        let _ = child.kill().await;
+    }
+}
+
+pub async fn run(opts: DevOptions) -> Result<(), CtlError> {
+    let dir = &opts.dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| CtlError::Other(format!("create {}: {e}", dir.display())))?;
+    let scheduler_bin = sibling("dormant-scheduler")?;
+    let agent_bin = sibling("dormant-agent")?;
+    let url = format!("http://{}", opts.listen);
+
+    let mut scheduler = spawn(
+        &scheduler_bin,
+        &[
+            "--id".into(),
+            "1".into(),
+            "--listen".into(),
+            opts.listen.clone(),
+            "--data-dir".into(),
+            dir.join("scheduler").display().to_string(),
+            "--bootstrap".into(),
+        ],
+        &dir.join("scheduler.log"),
+    )?;
+    let mut agent = spawn(
+        &agent_bin,
+        &[
+            "--scheduler".into(),
+            url.clone(),
+            "--node-id".into(),
+            "dev".into(),
+            "--state-dir".into(),
+            dir.join("agent").display().to_string(),
+            "--advertise".into(),
+            "127.0.0.1".into(),
+            "--ports".into(),
+            opts.ports.clone(),
+            "--stop-tenants-on-exit".into(),
+        ],
+        &dir.join("agent.log"),
+    )?;
+
+    let ready = wait_for_node(&url, &mut scheduler, &mut agent).await;
+    if let Err(e) = ready {
+        stop(&mut agent, "dormant-agent").await;
+        stop(&mut scheduler, "dormant-scheduler").await;
+        return Err(CtlError::Other(format!(
+            "{e}; see {} and {}",
+            dir.join("scheduler.log").display(),
+            dir.join("agent.log").display()
+        )));
+    }
+
+    println!("Dormant is running: one scheduler and one agent, state under {}", dir.display());
+    println!("Logs: {}/scheduler.log, {}/agent.log", dir.display(), dir.display());
+    println!();
+    println!("In another terminal:");
+    println!("  export DORMANT_SCHEDULER={url}");
+    println!("  dormantctl tenant create acme --engine postgres --cpu 0.5 --memory 512MiB --storage 1GiB");
+    println!("  psql \"$(dormantctl tenant credentials acme -o json | jq -r .uri)\"");
+    println!("  dormantctl tenant delete acme");
+    println!();
+    println!("Press Ctrl-C to stop (tenants stop too; their data stays for the next start).");
+
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = scheduler.wait() => eprintln!("dormant-scheduler exited; stopping"),
+        _ = agent.wait() => eprintln!("dormant-agent exited; stopping"),
+    }
+    stop(&mut agent, "dormant-agent").await;
+    stop(&mut scheduler, "dormant-scheduler").await;
+    Ok(())
+}
+
+async fn wait_for_node(url: &str, scheduler: &mut Child, agent: &mut Child) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Some(status)) = scheduler.try_wait() {
+            return Err(format!("dormant-scheduler exited at start ({status})"));
+        }
+        if let Ok(Some(status)) = agent.try_wait() {
+            return Err(format!("dormant-agent exited at start ({status})"));
+        }
+        if let Ok(mut client) = super::connect(url).await {
+            if let Ok(nodes) = client.list_nodes(pb::ListNodesRequest {}).await {
+                if nodes.into_inner().nodes.iter().any(|n| n.status == "ready") {
+                    return Ok(());
+                }
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err("the node did not become ready within 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

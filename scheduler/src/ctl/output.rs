@@ -1,0 +1,221 @@
+//! How `dormantctl` prints: aligned tables, or JSON with stable field names.
+
+use dormant_common::{Bytes, MilliCpu};
+use dormant_proto::v1 as pb;
+use serde_json::{json, Value};
+
+pub fn resources_json(r: Option<&pb::Resources>) -> Value {
+    let r = r.cloned().unwrap_or_default();
+    json!({
+        "cpu": MilliCpu(r.milli_cpu).cores(),
+        "memory_bytes": r.memory_bytes,
+        "storage_bytes": r.storage_bytes,
+    })
+}
+
+fn none_if_empty(s: &str) -> Value {
+    if s.is_empty() {
+        Value::Null
+    } else {
+        Value::String(s.to_string())
+    }
+}
+
+pub fn tenant_json(t: &pb::Tenant) -> Value {
+    let usage = t.usage.as_ref().map(|u| {
+        json!({
+            "cpu_usage_usec": u.cpu_usage_usec,
+            "memory_bytes": u.memory_bytes,
+            "storage_used_bytes": u.storage_used_bytes,
+            "pids": u.pids,
+            "restarts": u.restarts,
+            "oom_kills": u.oom_kills,
+        })
+    });
+    json!({
+        "name": t.name,
+        "uid": t.uid,
+        "engine": t.engine,
+        "state": t.state,
+        "node": none_if_empty(&t.node),
+        "endpoint": none_if_empty(&t.endpoint),
+        "reason": none_if_empty(&t.reason),
+        "resources": resources_json(t.resources.as_ref()),
+        "usage": usage,
+    })
+}
+
+pub fn credentials_json(c: &pb::Credentials) -> Value {
+    json!({ "user": c.user, "password": c.password, "uri": none_if_empty(&c.uri) })
+}
+
+pub fn node_json(n: &pb::Node) -> Value {
+    json!({
+        "id": n.id,
+        "address": n.address,
+        "status": n.status,
+        "capacity": resources_json(n.capacity.as_ref()),
+        "allocated": resources_json(n.allocated.as_ref()),
+        "engines": n.engines,
+        "cgroup_driver": n.cgroup_driver,
+        "tenants": n.tenants,
+        "labels": n.labels,
+    })
+}
+
+pub fn cluster_json(c: &pb::ClusterStatusResponse) -> Value {
+    let members: Vec<Value> = c
+        .members
+        .iter()
+        .map(|m| json!({"id": m.id, "address": m.address, "role": m.role, "lag": m.lag}))
+        .collect();
+    json!({
+        "this_id": c.this_id,
+        "leader_id": if c.leader_id == 0 { Value::Null } else { json!(c.leader_id) },
+        "term": c.term,
+        "commit_index": c.commit_index,
+        "applied_index": c.applied_index,
+        "members": members,
+    })
+}
+
+/// Renders rows under a header with columns padded to their widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        padded.join("  ").trim_end().to_string()
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
+}
+
+fn res_cells(r: Option<&pb::Resources>) -> [String; 3] {
+    let r = r.cloned().unwrap_or_default();
+    [
+        MilliCpu(r.milli_cpu).to_string(),
+        Bytes(r.memory_bytes).to_string(),
+        Bytes(r.storage_bytes).to_string(),
+    ]
+}
+
+pub fn tenants_table(tenants: &[pb::Tenant]) -> String {
+    let rows: Vec<Vec<String>> = tenants
+        .iter()
+        .map(|t| {
+            let [cpu, mem, sto] = res_cells(t.resources.as_ref());
+            vec![
+                t.name.clone(),
+                t.engine.clone(),
+                t.state.clone(),
+                dash(&t.node),
+                dash(&t.endpoint),
+                cpu,
+                mem,
+                sto,
+                dash(&t.reason),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "ENGINE", "STATE", "NODE", "ENDPOINT", "CPU", "MEMORY", "STORAGE", "REASON"],
+        &rows,
+    )
+}
+
+pub fn nodes_table(nodes: &[pb::Node]) -> String {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let [c_cpu, c_mem, c_sto] = res_cells(n.capacity.as_ref());
+            let [a_cpu, a_mem, a_sto] = res_cells(n.allocated.as_ref());
+            vec![
+                n.id.clone(),
+                n.address.clone(),
+                n.status.clone(),
+                format!("{a_cpu}/{c_cpu}"),
+                format!("{a_mem}/{c_mem}"),
+                format!("{a_sto}/{c_sto}"),
+                n.tenants.to_string(),
+                n.engines.join(","),
+                dash(&n.cgroup_driver),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "ADDRESS", "STATUS", "CPU", "MEMORY", "STORAGE", "TENANTS", "ENGINES", "CGROUP"],
+        &rows,
+    )
+}
+
+pub fn cluster_table(c: &pb::ClusterStatusResponse) -> String {
+    let leader = if c.leader_id == 0 {
+        "none".to_string()
+    } else {
+        c.leader_id.to_string()
+    };
+    let head = format!(
+        "leader: {leader}  term: {}  commit: {}  applied: {}  (answered by {})",
+        c.term, c.commit_index, c.applied_index, c.this_id
+    );
+    let rows: Vec<Vec<String>> = c
+        .members
+        .iter()
+        .map(|m| vec![m.id.to_string(), m.address.clone(), m.role.clone(), m.lag.to_string()])
+        .collect();
+    format!("{head}\n{}", table(&["ID", "ADDRESS", "ROLE", "LAG"], &rows))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_json_has_the_documented_fields() {
+        let t = pb::Tenant {
+            name: "acme".into(),
+            engine: "postgres".into(),
+            state: "running".into(),
+            node: "n1".into(),
+            endpoint: "127.0.0.1:20000".into(),
+            resources: Some(pb::Resources {
+                milli_cpu: 500,
+                memory_bytes: 512 << 20,
+                storage_bytes: 1 << 30,
+            }),
+            ..Default::default()
+        };
+        let v = tenant_json(&t);
+        assert_eq!(v["resources"]["cpu"], json!(0.5));
+        assert_eq!(v["resources"]["memory_bytes"], json!(512u64 << 20));
+        assert_eq!(v["endpoint"], json!("127.0.0.1:20000"));
+        assert_eq!(v["reason"], Value::Null);
+    }
+
+    #[test]
+    fn table_pads_columns() {
+        let out = table(&["A", "BB"], &[vec!["long".into(), "x".into()]]);
+        assert_eq!(out, "A     BB\nlong  x");
+    }
+}

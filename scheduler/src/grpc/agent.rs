@@ -1,0 +1,182 @@
+//! The agent API: hosts register, then heartbeat. A heartbeat records liveness and usage in memory,
+//! commits only *changes* of tenant state, and answers with the node's desired tenant set.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use dormant_common::{NodeName, NodeStatus, TenantName, TenantState};
+use dormant_proto::v1 as pb;
+use dormant_proto::v1::agent_api_server::{AgentApi, AgentApiServer};
+use tonic::{Request, Response, Status};
+use tracing::{debug, info};
+
+use super::convert::{resources_from_pb, resources_to_pb};
+use super::propose;
+use crate::app::App;
+use crate::state::{Command, DesiredState, NodeRecord};
+
+pub struct AgentService {
+    app: Arc<App>,
+}
+
+pub fn server(app: Arc<App>) -> AgentApiServer<AgentService> {
+    AgentApiServer::new(AgentService { app })
+}
+
+fn parse_node(id: &str) -> Result<NodeName, Status> {
+    NodeName::parse(id).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn parse_registration(req: pb::RegisterRequest) -> Result<NodeRecord, Status> {
+    let id = parse_node(&req.node_id)?;
+    if req.address.is_empty() {
+        return Err(Status::invalid_argument("address: required"));
+    }
+    let capacity = resources_from_pb(&req.capacity.unwrap_or_default());
+    if capacity.cpu.0 == 0 || capacity.memory.0 == 0 || capacity.storage.0 == 0 {
+        return Err(Status::invalid_argument(
+            "capacity: cpu, memory and storage must all be greater than zero",
+        ));
+    }
+    let port = |v: u32, field: &str| {
+        u16::try_from(v)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| Status::invalid_argument(format!("{field}: {v} is not a TCP port (1-65535)")))
+    };
+    let start = port(req.port_range_start, "port_range_start")?;
+    let end = port(req.port_range_end, "port_range_end")?;
+    if start > end {
+        return Err(Status::invalid_argument(format!(
+            "port_range: start {start} is after end {end}"
+        )));
+    }
+    Ok(NodeRecord {
+        id,
+        address: req.address,
+        capacity,
+        engines: req.engines.into_iter().collect(),
+        labels: req.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        cgroup_driver: req.cgroup_driver,
+        port_range: (start, end),
+        status: NodeStatus::Ready,
+    })
+}
+
+#[tonic::async_trait]
+impl AgentApi for AgentService {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let record = parse_registration(req.into_inner())?;
+        let unchanged = self.app.state.read().cluster.nodes.get(&record.id) == Some(&record);
+        if !unchanged {
+            propose(&self.app, Command::RegisterNode(record.clone())).await?;
+        }
+        info!(node_id = %record.id, address = %record.address, "node registered");
+        self.app.placer.notify_one();
+        Ok(Response::new(pb::RegisterResponse {}))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        let node = parse_node(&req.node_id)?;
+        if !self.app.is_leader() {
+            // Only the leader keeps liveness; the agent retries (another replica, in later versions).
+            super::linearizable(&self.app).await?;
+        }
+        let mut observed = Vec::with_capacity(req.tenants.len());
+        for t in &req.tenants {
+            let name = TenantName::parse(&t.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let state: TenantState = t
+                .state
+                .parse()
+                .map_err(|e: dormant_common::state::UnknownState| Status::invalid_argument(e.to_string()))?;
+            observed.push((name, t.uid, state, t.reason.clone(), t.usage.clone().unwrap_or_default()));
+        }
+        self.app.liveness().observe(
+            &node,
+            Instant::now(),
+            req.usage.clone().unwrap_or_default(),
+            observed.iter().map(|(n, _, _, _, u)| (n.clone(), u.clone())),
+        );
+
+        // Work out the transitions to commit, from the applied state.
+        let mut commands = Vec::new();
+        {
+            let sm = self.app.state.read();
+            let cluster = &sm.cluster;
+            if !cluster.nodes.contains_key(&node) {
+                return Ok(Response::new(pb::HeartbeatResponse {
+                    register_again: true,
+                    ..Default::default()
+                }));
+            }
+            for (name, uid, state, reason, _) in &observed {
+                let Some(rec) = cluster.tenants.get(name).filter(|r| r.uid == *uid) else {
+                    continue;
+                };
+                let reason = (!reason.is_empty()).then(|| reason.clone());
+                if rec.node.as_ref() == Some(&node)
+                    && rec.desired == DesiredState::Running
+                    && (rec.state != *state || rec.reason != reason)
+                {
+                    commands.push(Command::ObserveTenant {
+                        node: node.clone(),
+                        name: name.clone(),
+                        uid: *uid,
+                        state: *state,
+                        reason,
+                    });
+                }
+            }
+            let reported: HashSet<(&TenantName, u64)> =
+                observed.iter().map(|(n, uid, ..)| (n, *uid)).collect();
+            for rec in cluster.tenants_on(&node) {
+                let seen_delete = rec.deleted_at.is_some_and(|at| req.seen_version >= at);
+                if rec.desired == DesiredState::Deleted && seen_delete && !reported.contains(&(&rec.name, rec.uid)) {
+                    commands.push(Command::RemoveTenant {
+                        name: rec.name.clone(),
+                        uid: rec.uid,
+                    });
+                }
+            }
+        }
+        for command in commands {
+            debug!(node_id = %node, ?command, "heartbeat transition");
+            if let Command::RemoveTenant { name, .. } = &command {
+                self.app.liveness().forget_tenant(name);
+                info!(tenant_id = %name, node_id = %node, "tenant removed from its node");
+            }
+            propose(&self.app, command).await?;
+        }
+
+        let sm = self.app.state.read();
+        let version = sm.last_applied.map(|l| l.index).unwrap_or(0);
+        let tenants = sm
+            .cluster
+            .tenants_on(&node)
+            .filter_map(|t| {
+                Some(pb::DesiredTenant {
+                    name: t.name.to_string(),
+                    uid: t.uid,
+                    engine: t.engine.clone(),
+                    resources: Some(resources_to_pb(&t.resources)),
+                    port: u32::from(t.port?),
+                    password: t.password.clone(),
+                    desired_state: t.desired.as_str().to_string(),
+                })
+            })
+            .collect();
+        Ok(Response::new(pb::HeartbeatResponse {
+            version,
+            tenants,
+            register_again: false,
+        }))
+    }
+}

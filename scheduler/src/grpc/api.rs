@@ -1,0 +1,319 @@
+//! The operator API: create, read and delete tenants, list nodes, show the cluster.
+//! Validation happens before anything is proposed, so a refused request changes nothing.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use dormant_common::{Bytes, MilliCpu, NodeStatus, Resources, TenantName};
+use dormant_proto::v1 as pb;
+use dormant_proto::v1::operator_server::{Operator, OperatorServer};
+use rand::distr::{Alphanumeric, SampleString};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use super::convert::{credentials, node_to_pb, tenant_to_pb};
+use super::{linearizable, propose};
+use crate::app::App;
+use crate::placement;
+use crate::state::{ClusterState, Command, Outcome, TenantSpec};
+
+/// Engines every agent knows without configuration; others are known once a node offers them.
+pub const BUILTIN_ENGINES: [&str; 2] = ["postgres", "redis"];
+
+pub struct OperatorService {
+    app: Arc<App>,
+}
+
+pub fn server(app: Arc<App>) -> OperatorServer<OperatorService> {
+    OperatorServer::new(OperatorService { app })
+}
+
+fn invalid(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn parse_name(name: &str) -> Result<TenantName, Status> {
+    TenantName::parse(name).map_err(invalid)
+}
+
+/// Parses and checks a create request against the rules that need no cluster state.
+fn parse_spec(req: &pb::CreateTenantRequest) -> Result<TenantSpec, Status> {
+    let name = parse_name(&req.name)?;
+    if req.engine.is_empty() {
+        return Err(Status::invalid_argument("engine: required"));
+    }
+    let resources = Resources {
+        cpu: MilliCpu::parse("cpu", &req.cpu).map_err(invalid)?,
+        memory: Bytes::parse("memory", &req.memory).map_err(invalid)?,
+        storage: Bytes::parse("storage", &req.storage).map_err(invalid)?,
+    };
+    Ok(TenantSpec {
+        name,
+        engine: req.engine.clone(),
+        resources,
+    })
+}
+
+/// Checks the rules that need the cluster state: a known engine, a size some node could hold.
+fn check_against_cluster(spec: &TenantSpec, cluster: &ClusterState, overcommit: f64) -> Result<(), Status> {
+    let mut known: BTreeSet<&str> = BUILTIN_ENGINES.into_iter().collect();
+    known.extend(cluster.nodes.values().flat_map(|n| n.engines.iter().map(String::as_str)));
+    if !known.contains(spec.engine.as_str()) {
+        let known: Vec<&str> = known.into_iter().collect();
+        return Err(Status::invalid_argument(format!(
+            "engine: unknown engine {:?}; known engines: {}",
+            spec.engine,
+            known.join(", ")
+        )));
+    }
+    if cluster.tenants.contains_key(&spec.name) {
+        return Err(Status::already_exists(format!(
+            "name: tenant {:?} already exists",
+            spec.name.as_str()
+        )));
+    }
+    // Bigger than every node's whole capacity: it could never run here, so refuse instead of
+    // leaving it pending forever.
+    let ready: Vec<Resources> = cluster
+        .nodes
+        .values()
+        .filter(|n| n.status == NodeStatus::Ready)
+        .map(|n| n.capacity.scaled(overcommit))
+        .collect();
+    if !ready.is_empty() && !ready.iter().any(|cap| spec.resources.fits_in(cap)) {
+        let max_cpu = ready.iter().map(|c| c.cpu).max().unwrap_or_default();
+        let max_mem = ready.iter().map(|c| c.memory).max().unwrap_or_default();
+        let max_sto = ready.iter().map(|c| c.storage).max().unwrap_or_default();
+        let r = &spec.resources;
+        let msg = if r.cpu > max_cpu {
+            format!("cpu: {} asked, more than any node's capacity ({} at most)", r.cpu, max_cpu)
+        } else if r.memory > max_mem {
+            format!("memory: {} asked, more than any node's capacity ({} at most)", r.memory, max_mem)
+        } else if r.storage > max_sto {
+            format!("storage: {} asked, more than any node's capacity ({} at most)", r.storage, max_sto)
+        } else {
+            "resources: no single node has this much cpu, memory and storage together".to_string()
+        };
+        return Err(Status::invalid_argument(msg));
+    }
+    Ok(())
+}
+
+fn tenant_of(outcome: Outcome) -> Result<crate::state::TenantRecord, Status> {
+    match outcome {
+        Outcome::Tenant(t) => Ok(t),
+        other => Err(Status::internal(format!("unexpected apply outcome {other:?}"))),
+    }
+}
+
+#[tonic::async_trait]
+impl Operator for OperatorService {
+    async fn create_tenant(
+        &self,
+        req: Request<pb::CreateTenantRequest>,
+    ) -> Result<Response<pb::CreateTenantResponse>, Status> {
+        let req = req.into_inner();
+        let spec = parse_spec(&req)?;
+        linearizable(&self.app).await?;
+        let settings = &self.app.settings;
+        let (node, pending_reason) = {
+            let sm = self.app.state.read();
+            check_against_cluster(&spec, &sm.cluster, settings.overcommit_ratio)?;
+            match placement::place(
+                &spec.engine,
+                &spec.resources,
+                &sm.cluster.node_views(),
+                settings.placement,
+                settings.overcommit_ratio,
+            ) {
+                Ok(node) => (Some(node), None),
+                Err(why) => (None, Some(why.to_string())),
+            }
+        };
+        let password = Alphanumeric.sample_string(&mut rand::rng(), 24);
+        let tenant = tenant_of(
+            propose(
+                &self.app,
+                Command::CreateTenant {
+                    spec,
+                    password,
+                    node,
+                    pending_reason,
+                    overcommit: settings.overcommit_ratio,
+                },
+            )
+            .await?,
+        )?;
+        info!(tenant_id = %tenant.name, uid = tenant.uid, state = %tenant.state, node = ?tenant.node, "tenant created");
+        let sm = self.app.state.read();
+        let live = self.app.liveness();
+        Ok(Response::new(pb::CreateTenantResponse {
+            tenant: Some(tenant_to_pb(&tenant, &sm.cluster, &live)),
+            credentials: Some(credentials(&tenant, &sm.cluster)),
+        }))
+    }
+
+    async fn get_tenant(&self, req: Request<pb::GetTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
+        let name = parse_name(&req.into_inner().name)?;
+        linearizable(&self.app).await?;
+        let sm = self.app.state.read();
+        let t = sm
+            .cluster
+            .tenants
+            .get(&name)
+            .ok_or_else(|| Status::not_found(format!("tenant {:?} not found", name.as_str())))?;
+        Ok(Response::new(tenant_to_pb(t, &sm.cluster, &self.app.liveness())))
+    }
+
+    async fn list_tenants(
+        &self,
+        _req: Request<pb::ListTenantsRequest>,
+    ) -> Result<Response<pb::ListTenantsResponse>, Status> {
+        linearizable(&self.app).await?;
+        let sm = self.app.state.read();
+        let live = self.app.liveness();
+        let tenants = sm
+            .cluster
+            .tenants
+            .values()
+            .map(|t| tenant_to_pb(t, &sm.cluster, &live))
+            .collect();
+        Ok(Response::new(pb::ListTenantsResponse { tenants }))
+    }
+
+    async fn delete_tenant(
+        &self,
+        req: Request<pb::DeleteTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let name = parse_name(&req.into_inner().name)?;
+        let outcome = propose(&self.app, Command::DeleteTenant { name: name.clone() }).await?;
+        info!(tenant_id = %name, "tenant delete requested");
+        let sm = self.app.state.read();
+        let tenant = match outcome {
+            Outcome::Tenant(t) => tenant_to_pb(&t, &sm.cluster, &self.app.liveness()),
+            // A pending tenant had nothing on any node and is gone already.
+            _ => pb::Tenant {
+                name: name.to_string(),
+                state: "deleted".into(),
+                ..Default::default()
+            },
+        };
+        Ok(Response::new(tenant))
+    }
+
+    async fn get_credentials(
+        &self,
+        req: Request<pb::GetCredentialsRequest>,
+    ) -> Result<Response<pb::Credentials>, Status> {
+        let name = parse_name(&req.into_inner().name)?;
+        linearizable(&self.app).await?;
+        let sm = self.app.state.read();
+        let t = sm
+            .cluster
+            .tenants
+            .get(&name)
+            .ok_or_else(|| Status::not_found(format!("tenant {:?} not found", name.as_str())))?;
+        Ok(Response::new(credentials(t, &sm.cluster)))
+    }
+
+    async fn list_nodes(
+        &self,
+        _req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        linearizable(&self.app).await?;
+        let sm = self.app.state.read();
+        let nodes = sm
+            .cluster
+            .nodes
+            .values()
+            .map(|n| node_to_pb(n, &sm.cluster))
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let m = self.app.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let last_index = m.last_log_index.unwrap_or(0);
+        let members = membership
+            .nodes()
+            .map(|(id, node)| {
+                let lag = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id))
+                    .map(|matched| last_index.saturating_sub(matched.map(|l| l.index).unwrap_or(0)))
+                    .unwrap_or(0);
+                pb::Member {
+                    id: *id,
+                    address: node.addr.clone(),
+                    role: if voters.contains(id) { "voter" } else { "learner" }.into(),
+                    lag,
+                }
+            })
+            .collect();
+        let committed = self
+            .app
+            .raft
+            .with_raft_state(|st| st.committed.map(|l| l.index).unwrap_or(0))
+            .await
+            .map_err(|e| Status::internal(format!("raft stopped: {e}")))?;
+        Ok(Response::new(pb::ClusterStatusResponse {
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            commit_index: committed,
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            members,
+            this_id: self.app.settings.id,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::test_utils::{node, res};
+
+    fn req(name: &str, engine: &str, cpu: &str, memory: &str, storage: &str) -> pb::CreateTenantRequest {
+        pb::CreateTenantRequest {
+            name: name.into(),
+            engine: engine.into(),
+            cpu: cpu.into(),
+            memory: memory.into(),
+            storage: storage.into(),
+        }
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let cases = [
+            (req("../x", "postgres", "1", "1GiB", "1GiB"), "name:"),
+            (req("a", "", "1", "1GiB", "1GiB"), "engine:"),
+            (req("a", "postgres", "-1", "1GiB", "1GiB"), "cpu:"),
+            (req("a", "postgres", "1", "0", "1GiB"), "memory:"),
+            (req("a", "postgres", "1", "1GiB", "ten"), "storage:"),
+        ];
+        for (r, field) in cases {
+            let status = parse_spec(&r).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().starts_with(field), "{}", status.message());
+        }
+    }
+
+    #[test]
+    fn unknown_engine_and_oversize_are_refused_with_the_rule() {
+        let mut cluster = ClusterState::default();
+        let n = node("a", res(2000, 4096, 100));
+        cluster.nodes.insert(n.id.clone(), n);
+        let spec = parse_spec(&req("a", "mysql", "1", "1GiB", "1GiB")).unwrap();
+        let err = check_against_cluster(&spec, &cluster, 1.0).unwrap_err();
+        assert!(err.message().starts_with("engine: unknown engine \"mysql\""), "{}", err.message());
+        let spec = parse_spec(&req("a", "postgres", "1", "64GiB", "1GiB")).unwrap();
+        let err = check_against_cluster(&spec, &cluster, 1.0).unwrap_err();
+        assert_eq!(err.message(), "memory: 64GiB asked, more than any node's capacity (4GiB at most)");
+    }
+}

@@ -1,0 +1,82 @@
+//! Conversions between the replicated records and their protobuf messages.
+
+use dormant_common::{Bytes, MilliCpu, Resources};
+use dormant_proto::v1 as pb;
+
+use crate::liveness::Liveness;
+use crate::state::{ClusterState, NodeRecord, TenantRecord};
+
+pub fn resources_to_pb(r: &Resources) -> pb::Resources {
+    pb::Resources {
+        milli_cpu: r.cpu.0,
+        memory_bytes: r.memory.0,
+        storage_bytes: r.storage.0,
+    }
+}
+
+pub fn resources_from_pb(r: &pb::Resources) -> Resources {
+    Resources {
+        cpu: MilliCpu(r.milli_cpu),
+        memory: Bytes(r.memory_bytes),
+        storage: Bytes(r.storage_bytes),
+    }
+}
+
+/// `host:port` where clients reach the tenant, once it is placed.
+pub fn endpoint(t: &TenantRecord, cluster: &ClusterState) -> Option<String> {
+    let node = cluster.nodes.get(t.node.as_ref()?)?;
+    Some(format!("{}:{}", node.address, t.port?))
+}
+
+pub fn tenant_to_pb(t: &TenantRecord, cluster: &ClusterState, live: &Liveness) -> pb::Tenant {
+    pb::Tenant {
+        name: t.name.to_string(),
+        engine: t.engine.clone(),
+        state: t.state.to_string(),
+        node: t.node.as_ref().map(|n| n.to_string()).unwrap_or_default(),
+        endpoint: endpoint(t, cluster).unwrap_or_default(),
+        resources: Some(resources_to_pb(&t.resources)),
+        reason: t.reason.clone().unwrap_or_default(),
+        uid: t.uid,
+        usage: live.tenant_usage(&t.name).cloned(),
+    }
+}
+
+pub fn node_to_pb(n: &NodeRecord, cluster: &ClusterState) -> pb::Node {
+    pb::Node {
+        id: n.id.to_string(),
+        address: n.address.clone(),
+        status: n.status.to_string(),
+        capacity: Some(resources_to_pb(&n.capacity)),
+        allocated: Some(resources_to_pb(&cluster.allocated(&n.id))),
+        engines: n.engines.iter().cloned().collect(),
+        cgroup_driver: n.cgroup_driver.clone(),
+        tenants: u32::try_from(cluster.tenants_on(&n.id).count()).unwrap_or(u32::MAX),
+        labels: n.labels.clone().into_iter().collect(),
+    }
+}
+
+/// The admin user an engine's tenants get, and the URI scheme clients use.
+pub fn engine_user_and_scheme(engine: &str) -> (&'static str, &str) {
+    match engine {
+        "postgres" => ("postgres", "postgresql"),
+        "redis" => ("default", "redis"),
+        other => ("admin", other),
+    }
+}
+
+pub fn credentials(t: &TenantRecord, cluster: &ClusterState) -> pb::Credentials {
+    let (user, scheme) = engine_user_and_scheme(&t.engine);
+    let uri = match endpoint(t, cluster) {
+        Some(ep) if t.engine == "postgres" => {
+            format!("{scheme}://{user}:{}@{ep}/postgres", t.password)
+        }
+        Some(ep) => format!("{scheme}://{user}:{}@{ep}", t.password),
+        None => String::new(),
+    };
+    pb::Credentials {
+        user: user.to_string(),
+        password: t.password.clone(),
+        uri,
+    }
+}

@@ -1,0 +1,59 @@
+//! The scheduler's gRPC services: `api` for operators, `agent` for hosts, `raft` for peers.
+//! Errors become `tonic::Status` here, in one place, with deliberate codes.
+
+pub mod agent;
+pub mod api;
+pub mod convert;
+pub mod raft;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use tonic::Status;
+
+use crate::app::App;
+use crate::state::{ApplyError, Command, Outcome};
+
+/// `Unavailable` naming the leader, for a replica that is not it.
+fn not_leader(leader: Option<(u64, String)>) -> Status {
+    match leader {
+        Some((id, addr)) => Status::unavailable(format!(
+            "this replica is not the leader; the leader is {id} at {addr}"
+        )),
+        None => Status::unavailable("no leader is elected yet; retry shortly"),
+    }
+}
+
+pub fn apply_status(e: ApplyError) -> Status {
+    match e {
+        ApplyError::TenantExists(_) => Status::already_exists(e.to_string()),
+        ApplyError::TenantNotFound(_) | ApplyError::NodeNotFound(_) => Status::not_found(e.to_string()),
+        ApplyError::StalePlacement { .. } => Status::aborted(e.to_string()),
+    }
+}
+
+/// Commits `command` through Raft and returns what applying it produced.
+pub async fn propose(app: &App, command: Command) -> Result<Outcome, Status> {
+    match app.raft.client_write(command).await {
+        Ok(reply) => reply.data.map_err(apply_status),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(not_leader(
+            f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+        )),
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+            Err(Status::failed_precondition(e.to_string()))
+        }
+        Err(RaftError::Fatal(e)) => Err(Status::internal(format!("raft stopped: {e}"))),
+    }
+}
+
+/// Waits until this replica's state reflects every write committed before the call.
+pub async fn linearizable(app: &App) -> Result<(), Status> {
+    match app.raft.ensure_linearizable().await {
+        Ok(_) => Ok(()),
+        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(not_leader(
+            f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+        )),
+        Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+            Err(Status::unavailable(format!("no quorum: {e}")))
+        }
+        Err(RaftError::Fatal(e)) => Err(Status::internal(format!("raft stopped: {e}"))),
+    }
+}

@@ -1,0 +1,25 @@
+//! Dormant's scheduler: a Raft-replicated state machine of nodes and tenants (openraft, stored
+//! in sled), placement by capacity, and the gRPC services for operators, agents and peers.
+
+#![deny(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod ctl;
+pub mod grpc;
+pub mod liveness;
+pub mod network;
+pub mod placement;
+pub mod state;
+pub mod store;
+
+use std::io::Cursor;
+
+openraft::declare_raft_types!(
+    /// openraft's type configuration for the scheduler.
+    pub TypeConfig:
+        D = state::Command,
+        R = state::ApplyResult,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;

@@ -1,0 +1,195 @@
+//! Placement: which node a tenant goes to. Pure functions, no I/O, no clock, no Raft: filter the
+//! nodes that can take the tenant, then score them (bin-pack by dominant resource, or spread).
+//! The state machine calls [`check`] again at apply time, so a stale choice is refused.
+
+use std::cmp::Ordering;
+
+use dormant_common::{Bytes, NodeName, NodeStatus, Resources};
+use serde::Deserialize;
+
+use crate::state::NodeRecord;
+
+/// How to choose among nodes that fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Fill the fullest node first (by its dominant resource), keeping whole nodes free.
+    #[default]
+    BinPack,
+    /// Use the emptiest node first.
+    Spread,
+}
+
+/// What placement needs to know of one node.
+#[derive(Debug, Clone)]
+pub struct NodeView<'a> {
+    pub node: &'a NodeRecord,
+    pub allocated: Resources,
+    pub has_free_port: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    #[error("no node is registered")]
+    NoNodes,
+    /// Every node was filtered out; one reason per node.
+    #[error("no node has room: {}", .0.join("; "))]
+    NoneFits(Vec<String>),
+}
+
+fn gib(b: Bytes) -> String {
+    format!("{:.2}GiB", b.0 as f64 / (1u64 << 30) as f64)
+}
+
+/// Whether `view` can take a tenant of `engine` and `resources`; the error says why not.
+pub fn check(
+    view: &NodeView<'_>,
+    engine: &str,
+    resources: &Resources,
+    overcommit: f64,
+) -> Result<(), String> {
+    let node = view.node;
+    if node.status != NodeStatus::Ready {
+        return Err(format!("{}: {}", node.id, node.status));
+    }
+    if !node.engines.contains(engine) {
+        return Err(format!("{}: does not offer engine {engine}", node.id));
+    }
+    let free = node.capacity.scaled(overcommit).saturating_sub(view.allocated);
+    if resources.cpu > free.cpu {
+        return Err(format!(
+            "{}: {} CPU free, {} asked",
+            node.id, free.cpu, resources.cpu
+        ));
+    }
+    if resources.memory > free.memory {
+        return Err(format!(
+            "{}: {} memory free, {} asked",
+            node.id,
+            gib(free.memory),
+            gib(resources.memory)
+        ));
+    }
+    if resources.storage > free.storage {
+        return Err(format!(
+            "{}: {} storage free, {} asked",
+            node.id,
+            gib(free.storage),
+            gib(resources.storage)
+        ));
+    }
+    if !view.has_free_port {
+        return Err(format!("{}: no free port in its range", node.id));
+    }
+    Ok(())
+}
+
+/// The share of the node's (overcommitted) capacity its most-used resource would reach with the
+/// tenant on it, in parts per million (an `Ord` score).
+fn dominant_share(view: &NodeView<'_>, resources: &Resources, overcommit: f64) -> u64 {
+    let cap = view.node.capacity.scaled(overcommit);
+    let after = view.allocated.saturating_add(*resources);
+    let share = |used: u64, cap: u64| used.saturating_mul(1_000_000) / cap.max(1);
+    share(after.cpu.0, cap.cpu.0)
+        .max(share(after.memory.0, cap.memory.0))
+        .max(share(after.storage.0, cap.storage.0))
+}
+
+/// Chooses a node for a tenant, or explains why none fits.
+pub fn place(
+    engine: &str,
+    resources: &Resources,
+    nodes: &[NodeView<'_>],
+    policy: Policy,
+    overcommit: f64,
+) -> Result<NodeName, PlacementError> {
+    if nodes.is_empty() {
+        return Err(PlacementError::NoNodes);
+    }
+    let mut reasons = Vec::new();
+    let mut fits = Vec::new();
+    for view in nodes {
+        match check(view, engine, resources, overcommit) {
+            Ok(()) => fits.push((dominant_share(view, resources, overcommit), view)),
+            Err(why) => reasons.push(why),
+        }
+    }
+    let by_score = |a: &(u64, &NodeView<'_>), b: &(u64, &NodeView<'_>)| -> Ordering {
+        let by_share = match policy {
+            Policy::BinPack => b.0.cmp(&a.0),
+            Policy::Spread => a.0.cmp(&b.0),
+        };
+        by_share.then_with(|| a.1.node.id.cmp(&b.1.node.id))
+    };
+    fits.sort_by(by_score);
+    fits.first()
+        .map(|(_, v)| v.node.id.clone())
+        .ok_or(PlacementError::NoneFits(reasons))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::test_utils::{node, res};
+
+    fn views<'a>(nodes: &'a [NodeRecord], allocated: &[Resources]) -> Vec<NodeView<'a>> {
+        nodes
+            .iter()
+            .zip(allocated)
+            .map(|(n, a)| NodeView {
+                node: n,
+                allocated: *a,
+                has_free_port: true,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn place_binpack_prefers_the_fuller_node() {
+        let nodes = [node("a", res(2000, 4096, 100)), node("b", res(2000, 4096, 100))];
+        let v = views(&nodes, &[res(0, 0, 0), res(1000, 0, 0)]);
+        let chosen = place("postgres", &res(500, 512, 1), &v, Policy::BinPack, 1.0).unwrap();
+        assert_eq!(chosen.as_str(), "b");
+        let chosen = place("postgres", &res(500, 512, 1), &v, Policy::Spread, 1.0).unwrap();
+        assert_eq!(chosen.as_str(), "a");
+    }
+
+    #[test]
+    fn place_rejects_when_no_node_has_memory_and_says_why() {
+        let nodes = [node("a", res(2000, 1024, 100))];
+        let v = views(&nodes, &[res(0, 768, 0)]);
+        let err = place("postgres", &res(100, 512, 1), &v, Policy::BinPack, 1.0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no node has room: a: 0.25GiB memory free, 0.50GiB asked"
+        );
+    }
+
+    #[test]
+    fn place_explains_missing_engine_and_cpu() {
+        let nodes = [node("a", res(1000, 4096, 100)), node("b", res(1000, 4096, 100))];
+        let v = views(&nodes, &[res(600, 0, 0), res(0, 0, 0)]);
+        let err = place("redis", &res(500, 1, 1), &v, Policy::BinPack, 1.0).unwrap_err();
+        assert!(err.to_string().contains("a: does not offer engine redis"), "{err}");
+        let err = place("postgres", &res(1500, 1, 1), &v, Policy::BinPack, 1.0).unwrap_err();
+        assert!(err.to_string().contains("a: 0.4 CPU free, 1.5 asked"), "{err}");
+    }
+
+    #[test]
+    fn overcommit_ratio_raises_room() {
+        let nodes = [node("a", res(1000, 1024, 10))];
+        let v = views(&nodes, &[res(1000, 0, 0)]);
+        assert!(place("postgres", &res(500, 1, 1), &v, Policy::BinPack, 1.0).is_err());
+        assert!(place("postgres", &res(500, 1, 1), &v, Policy::BinPack, 1.5).is_ok());
+    }
+
+    #[test]
+    fn down_nodes_are_filtered() {
+        let mut n = node("a", res(1000, 1024, 10));
+        n.status = NodeStatus::Down;
+        let nodes = [n];
+        let v = views(&nodes, &[res(0, 0, 0)]);
+        let err = place("postgres", &res(1, 1, 1), &v, Policy::BinPack, 1.0).unwrap_err();
+        assert_eq!(err.to_string(), "no node has room: a: down");
+    }
+}

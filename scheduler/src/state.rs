@@ -1,0 +1,490 @@
+//! The replicated state (nodes and tenants) and the commands that change it. `apply` is pure and
+//! deterministic: every replica applying the same log reaches the same state. It re-checks what the
+//! leader decided (room on the node, the tenant's identity), so a stale decision is refused.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use dormant_common::{NodeName, NodeStatus, Resources, TenantName, TenantState};
+use serde::{Deserialize, Serialize};
+
+use crate::placement;
+
+/// A host running `dormant-agent`, as it registered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeName,
+    /// Host name or address that clients use to reach this node's tenant ports.
+    pub address: String,
+    pub capacity: Resources,
+    pub engines: BTreeSet<String>,
+    pub labels: BTreeMap<String, String>,
+    pub cgroup_driver: String,
+    /// Inclusive range of TCP ports the agent may give tenants.
+    pub port_range: (u16, u16),
+    pub status: NodeStatus,
+}
+
+/// What the scheduler wants for a tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredState {
+    Running,
+    Deleted,
+}
+
+impl DesiredState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DesiredState::Running => "running",
+            DesiredState::Deleted => "deleted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    /// Unique for the life of the cluster: the log index of the create. A tenant deleted and created
+    /// again under the same name is a different tenant.
+    pub uid: u64,
+    pub name: TenantName,
+    pub engine: String,
+    pub resources: Resources,
+    /// The admin password the engine is initialised with. Lives in the Raft log and snapshots.
+    pub password: String,
+    pub state: TenantState,
+    pub desired: DesiredState,
+    pub node: Option<NodeName>,
+    pub port: Option<u16>,
+    /// Why the tenant is pending or failed.
+    pub reason: Option<String>,
+    /// Log index of the delete request, so a heartbeat can prove the agent saw it.
+    pub deleted_at: Option<u64>,
+}
+
+/// A tenant as the operator asked for it, already validated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantSpec {
+    pub name: TenantName,
+    pub engine: String,
+    pub resources: Resources,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    RegisterNode(NodeRecord),
+    /// Create a tenant; `node` is the leader's placement, or `None` with `pending_reason`.
+    CreateTenant {
+        spec: TenantSpec,
+        password: String,
+        node: Option<NodeName>,
+        pending_reason: Option<String>,
+        overcommit: f64,
+    },
+    /// Place a pending tenant on a node.
+    AssignTenant {
+        name: TenantName,
+        uid: u64,
+        node: NodeName,
+        overcommit: f64,
+    },
+    /// Record why a pending tenant still fits nowhere.
+    SetPendingReason {
+        name: TenantName,
+        uid: u64,
+        reason: String,
+    },
+    /// Mark a tenant for deletion; a pending one goes at once.
+    DeleteTenant { name: TenantName },
+    /// An agent reported a tenant's state changed.
+    ObserveTenant {
+        node: NodeName,
+        name: TenantName,
+        uid: u64,
+        state: TenantState,
+        reason: Option<String>,
+    },
+    /// The tenant's node confirmed it is gone.
+    RemoveTenant { name: TenantName, uid: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Outcome {
+    Node(NodeRecord),
+    Tenant(TenantRecord),
+    Removed,
+    /// Entries that are not commands (blank, membership) and commands that changed nothing.
+    Nothing,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApplyError {
+    #[error("name: tenant {0:?} already exists")]
+    TenantExists(String),
+    #[error("tenant {0:?} not found")]
+    TenantNotFound(String),
+    #[error("node {0:?} not found")]
+    NodeNotFound(String),
+    #[error("placement of {tenant} on {node} is stale: {why}")]
+    StalePlacement {
+        tenant: String,
+        node: String,
+        why: String,
+    },
+}
+
+pub type ApplyResult = Result<Outcome, ApplyError>;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub nodes: BTreeMap<NodeName, NodeRecord>,
+    pub tenants: BTreeMap<TenantName, TenantRecord>,
+}
+
+impl ClusterState {
+    /// Resources reserved on `node` by the tenants placed there (deleting ones too, until gone).
+    pub fn allocated(&self, node: &NodeName) -> Resources {
+        self.tenants_on(node)
+            .fold(Resources::default(), |acc, t| acc.saturating_add(t.resources))
+    }
+
+    pub fn tenants_on<'a>(&'a self, node: &'a NodeName) -> impl Iterator<Item = &'a TenantRecord> + 'a {
+        self.tenants
+            .values()
+            .filter(move |t| t.node.as_ref() == Some(node))
+    }
+
+    /// The view of every node that placement needs.
+    pub fn node_views(&self) -> Vec<placement::NodeView<'_>> {
+        self.nodes
+            .values()
+            .map(|n| placement::NodeView {
+                node: n,
+                allocated: self.allocated(&n.id),
+                has_free_port: self.free_port(n).is_some(),
+            })
+            .collect()
+    }
+
+    fn free_port(&self, node: &NodeRecord) -> Option<u16> {
+        let used: BTreeSet<u16> = self.tenants_on(&node.id).filter_map(|t| t.port).collect();
+        (node.port_range.0..=node.port_range.1).find(|p| !used.contains(p))
+    }
+
+    /// Checks that `tenant` still fits on `node` and returns the port it gets there.
+    fn recheck(
+        &self,
+        node: &NodeName,
+        engine: &str,
+        resources: Resources,
+        overcommit: f64,
+    ) -> Result<u16, String> {
+        let Some(record) = self.nodes.get(node) else {
+            return Err("node is not registered".into());
+        };
+        let view = placement::NodeView {
+            node: record,
+            allocated: self.allocated(node),
+            has_free_port: true,
+        };
+        placement::check(&view, engine, &resources, overcommit)?;
+        self.free_port(record)
+            .ok_or_else(|| format!("{node}: no free port in its range"))
+    }
+
+    /// Applies one command at log index `index`.
+    pub fn apply(&mut self, index: u64, command: Command) -> ApplyResult {
+        match command {
+            Command::RegisterNode(mut node) => {
+                node.status = NodeStatus::Ready;
+                self.nodes.insert(node.id.clone(), node.clone());
+                Ok(Outcome::Node(node))
+            }
+            Command::CreateTenant {
+                spec,
+                password,
+                node,
+                pending_reason,
+                overcommit,
+            } => {
+                if self.tenants.contains_key(&spec.name) {
+                    return Err(ApplyError::TenantExists(spec.name.to_string()));
+                }
+                let mut record = TenantRecord {
+                    uid: index,
+                    name: spec.name.clone(),
+                    engine: spec.engine,
+                    resources: spec.resources,
+                    password,
+                    state: TenantState::Pending,
+                    desired: DesiredState::Running,
+                    node: None,
+                    port: None,
+                    reason: pending_reason,
+                    deleted_at: None,
+                };
+                if let Some(node) = node {
+                    // A placement that went stale leaves the tenant pending: the placer tries again.
+                    match self.recheck(&node, &record.engine, record.resources, overcommit) {
+                        Ok(port) => {
+                            record.state = TenantState::Starting;
+                            record.node = Some(node);
+                            record.port = Some(port);
+                            record.reason = None;
+                        }
+                        Err(why) => record.reason = Some(why),
+                    }
+                }
+                self.tenants.insert(spec.name, record.clone());
+                Ok(Outcome::Tenant(record))
+            }
+            Command::AssignTenant {
+                name,
+                uid,
+                node,
+                overcommit,
+            } => {
+                let tenant = self.tenant_with_uid(&name, uid)?;
+                if tenant.state != TenantState::Pending || tenant.desired != DesiredState::Running {
+                    return Ok(Outcome::Nothing);
+                }
+                let (engine, resources) = (tenant.engine.clone(), tenant.resources);
+                let port = self
+                    .recheck(&node, &engine, resources, overcommit)
+                    .map_err(|why| ApplyError::StalePlacement {
+                        tenant: name.to_string(),
+                        node: node.to_string(),
+                        why,
+                    })?;
+                let tenant = self.tenant_with_uid_mut(&name, uid)?;
+                tenant.state = TenantState::Starting;
+                tenant.node = Some(node);
+                tenant.port = Some(port);
+                tenant.reason = None;
+                Ok(Outcome::Tenant(tenant.clone()))
+            }
+            Command::SetPendingReason { name, uid, reason } => {
+                let tenant = self.tenant_with_uid_mut(&name, uid)?;
+                if tenant.state != TenantState::Pending {
+                    return Ok(Outcome::Nothing);
+                }
+                tenant.reason = Some(reason);
+                Ok(Outcome::Tenant(tenant.clone()))
+            }
+            Command::DeleteTenant { name } => {
+                let tenant = self
+                    .tenants
+                    .get_mut(&name)
+                    .ok_or_else(|| ApplyError::TenantNotFound(name.to_string()))?;
+                if tenant.node.is_none() {
+                    self.tenants.remove(&name);
+                    return Ok(Outcome::Removed);
+                }
+                if tenant.desired != DesiredState::Deleted {
+                    tenant.desired = DesiredState::Deleted;
+                    tenant.state = TenantState::Deleting;
+                    tenant.deleted_at = Some(index);
+                    tenant.reason = None;
+                }
+                Ok(Outcome::Tenant(tenant.clone()))
+            }
+            Command::ObserveTenant {
+                node,
+                name,
+                uid,
+                state,
+                reason,
+            } => {
+                let tenant = self.tenant_with_uid_mut(&name, uid)?;
+                // Reports from a node the tenant is not on, or about a tenant being deleted, change nothing.
+                if tenant.node.as_ref() != Some(&node) || tenant.desired == DesiredState::Deleted {
+                    return Ok(Outcome::Nothing);
+                }
+                tenant.state = state;
+                tenant.reason = reason;
+                Ok(Outcome::Tenant(tenant.clone()))
+            }
+            Command::RemoveTenant { name, uid } => {
+                self.tenant_with_uid(&name, uid)?;
+                self.tenants.remove(&name);
+                Ok(Outcome::Removed)
+            }
+        }
+    }
+
+    fn tenant_with_uid(&self, name: &TenantName, uid: u64) -> Result<&TenantRecord, ApplyError> {
+        self.tenants
+            .get(name)
+            .filter(|t| t.uid == uid)
+            .ok_or_else(|| ApplyError::TenantNotFound(name.to_string()))
+    }
+
+    fn tenant_with_uid_mut(
+        &mut self,
+        name: &TenantName,
+        uid: u64,
+    ) -> Result<&mut TenantRecord, ApplyError> {
+        self.tenants
+            .get_mut(name)
+            .filter(|t| t.uid == uid)
+            .ok_or_else(|| ApplyError::TenantNotFound(name.to_string()))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_utils {
+    use dormant_common::{Bytes, MilliCpu};
+
+    use super::*;
+
+    pub fn res(milli_cpu: u64, memory_mib: u64, storage_gib: u64) -> Resources {
+        Resources {
+            cpu: MilliCpu(milli_cpu),
+            memory: Bytes(memory_mib << 20),
+            storage: Bytes(storage_gib << 30),
+        }
+    }
+
+    pub fn node(id: &str, capacity: Resources) -> NodeRecord {
+        NodeRecord {
+            id: NodeName::parse(id).unwrap(),
+            address: "127.0.0.1".into(),
+            capacity,
+            engines: ["postgres".to_string()].into(),
+            labels: BTreeMap::new(),
+            cgroup_driver: "v1".into(),
+            port_range: (20000, 20009),
+            status: NodeStatus::Ready,
+        }
+    }
+
+    pub fn spec(name: &str, resources: Resources) -> TenantSpec {
+        TenantSpec {
+            name: TenantName::parse(name).unwrap(),
+            engine: "postgres".into(),
+            resources,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_utils::*;
+    use super::*;
+
+    fn create(state: &mut ClusterState, index: u64, name: &str, node: Option<&str>) -> ApplyResult {
+        state.apply(
+            index,
+            Command::CreateTenant {
+                spec: spec(name, res(500, 512, 1)),
+                password: "pw".into(),
+                node: node.map(|n| NodeName::parse(n).unwrap()),
+                pending_reason: node.is_none().then(|| "no ready node".to_string()),
+                overcommit: 1.0,
+            },
+        )
+    }
+
+    #[test]
+    fn create_on_node_gets_lowest_free_port_and_starting_state() {
+        let mut st = ClusterState::default();
+        st.apply(1, Command::RegisterNode(node("a", res(2000, 4096, 100)))).unwrap();
+        let Outcome::Tenant(t1) = create(&mut st, 2, "t1", Some("a")).unwrap() else { panic!() };
+        let Outcome::Tenant(t2) = create(&mut st, 3, "t2", Some("a")).unwrap() else { panic!() };
+        assert_eq!((t1.port, t2.port), (Some(20000), Some(20001)));
+        assert_eq!(t1.state, TenantState::Starting);
+        assert_eq!(t1.uid, 2);
+        assert_eq!(st.allocated(&t1.node.unwrap()), res(1000, 1024, 2));
+    }
+
+    #[test]
+    fn duplicate_name_is_refused_and_changes_nothing() {
+        let mut st = ClusterState::default();
+        create(&mut st, 1, "t1", None).unwrap();
+        let before = st.clone();
+        assert_eq!(
+            create(&mut st, 2, "t1", None),
+            Err(ApplyError::TenantExists("t1".into()))
+        );
+        assert_eq!(st, before);
+    }
+
+    #[test]
+    fn stale_create_placement_leaves_tenant_pending_with_reason() {
+        let mut st = ClusterState::default();
+        st.apply(1, Command::RegisterNode(node("a", res(500, 4096, 100)))).unwrap();
+        create(&mut st, 2, "t1", Some("a")).unwrap();
+        let Outcome::Tenant(t2) = create(&mut st, 3, "t2", Some("a")).unwrap() else { panic!() };
+        assert_eq!(t2.state, TenantState::Pending);
+        assert!(t2.reason.unwrap().contains("CPU"));
+    }
+
+    #[test]
+    fn stale_assignment_is_refused_never_applied() {
+        let mut st = ClusterState::default();
+        create(&mut st, 1, "t1", None).unwrap();
+        st.apply(2, Command::RegisterNode(node("a", res(100, 4096, 100)))).unwrap();
+        let before = st.clone();
+        let err = st
+            .apply(
+                3,
+                Command::AssignTenant {
+                    name: TenantName::parse("t1").unwrap(),
+                    uid: 1,
+                    node: NodeName::parse("a").unwrap(),
+                    overcommit: 1.0,
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(err, ApplyError::StalePlacement { .. }), "{err}");
+        assert_eq!(st, before);
+    }
+
+    #[test]
+    fn delete_of_pending_removes_at_once_and_of_placed_waits_for_the_node() {
+        let mut st = ClusterState::default();
+        create(&mut st, 1, "p", None).unwrap();
+        let name = |n: &str| TenantName::parse(n).unwrap();
+        assert_eq!(st.apply(2, Command::DeleteTenant { name: name("p") }), Ok(Outcome::Removed));
+        st.apply(3, Command::RegisterNode(node("a", res(2000, 4096, 100)))).unwrap();
+        create(&mut st, 4, "t", Some("a")).unwrap();
+        let Outcome::Tenant(t) = st.apply(5, Command::DeleteTenant { name: name("t") }).unwrap() else {
+            panic!()
+        };
+        assert_eq!((t.state, t.deleted_at), (TenantState::Deleting, Some(5)));
+        // A late "running" report does not undo the delete.
+        st.apply(
+            6,
+            Command::ObserveTenant {
+                node: NodeName::parse("a").unwrap(),
+                name: name("t"),
+                uid: 4,
+                state: TenantState::Running,
+                reason: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(st.tenants[&name("t")].state, TenantState::Deleting);
+        assert_eq!(
+            st.apply(7, Command::RemoveTenant { name: name("t"), uid: 4 }),
+            Ok(Outcome::Removed)
+        );
+        assert!(st.tenants.is_empty());
+    }
+
+    #[test]
+    fn reports_about_an_older_tenant_of_the_same_name_are_refused() {
+        let mut st = ClusterState::default();
+        create(&mut st, 1, "t", None).unwrap();
+        let err = st
+            .apply(
+                2,
+                Command::RemoveTenant {
+                    name: TenantName::parse("t").unwrap(),
+                    uid: 99,
+                },
+            )
+            .unwrap_err();
+        assert_eq!(err, ApplyError::TenantNotFound("t".into()));
+        assert_eq!(st.tenants.len(), 1);
+    }
+}

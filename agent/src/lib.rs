@@ -1,1 +1,73 @@
-//! placeholder
+//! Dormant's per-host agent: runs each tenant's database engine in its own cgroup as an
+//! unprivileged user, proxies its TCP endpoint to the engine's Unix socket, supervises it, and
+//! reports to the scheduler, reconciling toward the desired set it receives.
+
+#![deny(unsafe_code)]
+
+pub mod cgroup;
+pub mod config;
+pub mod engine;
+pub mod host;
+pub mod process;
+pub mod proxy;
+pub mod reconcile;
+pub mod report;
+pub mod tenant;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tracing::info;
+
+use crate::cgroup::CgroupDriver;
+use crate::config::Settings;
+use crate::host::Host;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Host(#[from] host::HostError),
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Report(#[from] report::ReportError),
+    #[error("postgres_bin_dir: no PostgreSQL found under /usr/lib/postgresql/*/bin; install postgresql or set postgres_bin_dir")]
+    NoPostgres,
+}
+
+/// Builds the host context from settings: state dir, tenant user, cgroup driver, engines.
+pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
+    host::prepare_state_dir(&settings.state_dir)?;
+    let (tenant_uid, tenant_gid) = host::ensure_tenant_user(&settings.tenant_user)?;
+    let driver = cgroup::v1::V1Driver::new(&settings.cgroup_root, &settings.cgroup_parent)?;
+    info!(driver = "v1", root = %settings.cgroup_root.display(), parent = %settings.cgroup_parent.display(), "cgroup driver");
+    let cgroups: Arc<dyn CgroupDriver> = Arc::new(driver);
+    let pg_bin = match &settings.postgres_bin_dir {
+        Some(dir) => dir.clone(),
+        None => engine::postgres::find_bin_dir(std::path::Path::new("/usr/lib/postgresql"))
+            .ok_or(AgentError::NoPostgres)?,
+    };
+    let engines = BTreeMap::from([("postgres".to_string(), engine::postgres::template(&pg_bin))]);
+    Ok(Host {
+        state_dir: settings.state_dir.clone(),
+        cgroups,
+        engines,
+        tenant_uid,
+        tenant_gid,
+        listen_host: settings.listen_host,
+        pids_max: settings.pids_max,
+    })
+}
+
+/// Runs the agent until `shutdown` resolves. Tenants keep running afterwards unless
+/// `stop_tenants_on_exit` is set: restarting the agent never restarts a tenant.
+pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+    let host = Arc::new(prepare_host(&settings)?);
+    let mut tenants = reconcile::Tenants::new(host.clone());
+    tenants.resume_from_disk();
+    let reporter = report::Reporter::new(settings.clone(), host)?;
+    reporter.run(&mut tenants, shutdown).await;
+    info!(stop_tenants = settings.stop_tenants_on_exit, "agent stopping");
+    tenants.shutdown(settings.stop_tenants_on_exit).await;
+    Ok(())
+}

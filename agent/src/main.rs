@@ -1,1 +1,99 @@
-fn main() {}
+//! `dormant-agent`: runs on every host, as a systemd unit.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use dormant_agent::config::{FileConfig, Settings};
+use dormant_common::telemetry::{self, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Dormant's host agent: runs and supervises this host's tenants")]
+struct Args {
+    /// TOML config file; flags override its keys.
+    #[arg(long, env = "DORMANT_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Scheduler URL (any replica), e.g. http://10.0.0.1:7400.
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// This host's node id (lowercase letters, digits, '-').
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Where tenants' data and the agent's records live.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Host name or address clients use to reach tenant ports.
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Address tenant ports listen on (default 0.0.0.0).
+    #[arg(long)]
+    listen_host: Option<IpAddr>,
+    /// Tenant ports, START-END (default 20000-20999).
+    #[arg(long)]
+    ports: Option<String>,
+    #[arg(long)]
+    heartbeat_interval_ms: Option<u64>,
+    /// Where cgroup hierarchies are mounted (default /sys/fs/cgroup).
+    #[arg(long)]
+    cgroup_root: Option<PathBuf>,
+    /// Path inside each hierarchy the agent owns (default dormant/tenants).
+    #[arg(long)]
+    cgroup_parent: Option<PathBuf>,
+    /// Unprivileged user tenants run as (created if missing).
+    #[arg(long)]
+    tenant_user: Option<String>,
+    #[arg(long)]
+    postgres_bin_dir: Option<PathBuf>,
+    /// Stop tenants' engines when the agent exits (for `dormantctl dev`; never in production).
+    #[arg(long)]
+    stop_tenants_on_exit: bool,
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let file = match &args.config {
+        Some(path) => dormant_common::config::load::<FileConfig>(path)?,
+        None => FileConfig::default(),
+    };
+    telemetry::init(if args.log_json {
+        LogFormat::Json
+    } else {
+        file.log_format.unwrap_or_default()
+    });
+    let cli = FileConfig {
+        scheduler: args.scheduler,
+        node_id: args.node_id,
+        state_dir: args.state_dir,
+        advertise: args.advertise,
+        listen_host: args.listen_host,
+        ports: args.ports,
+        heartbeat_interval_ms: args.heartbeat_interval_ms,
+        cgroup_root: args.cgroup_root,
+        cgroup_parent: args.cgroup_parent,
+        tenant_user: args.tenant_user,
+        postgres_bin_dir: args.postgres_bin_dir,
+        stop_tenants_on_exit: args.stop_tenants_on_exit.then_some(true),
+        ..Default::default()
+    };
+    let settings = Settings::merge(cli, file)?;
+    dormant_agent::run(settings, shutdown_signal())
+        .await
+        .context("agent stopped")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -60,8 +60,8 @@ mod tests {
     }
 
     /// openraft's own storage conformance suite against our sled store.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn openraft_storage_suite_passes() {
-        Suite::test_all(SledBuilder).await.expect("storage suite");
+    #[test]
+    fn openraft_storage_suite_passes() {
+        Suite::test_all(SledBuilder).expect("storage suite");
     }
 }

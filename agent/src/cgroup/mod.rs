@@ -1,0 +1,139 @@
+//! Per-tenant cgroups behind a trait of ours. Each driver gets its mount root and the parent path
+//! it owns as constructor arguments, never from a constant, so tests lay out a fake tree in a
+//! `TempDir`. We write the cgroup files ourselves instead of using `cgroups-rs`: the handful of
+//! files we touch are simpler to own than a library's API churn, and errors name the exact file.
+
+pub mod v1;
+
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+
+use dormant_common::TenantName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cgroup file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cgroup file {path}: writing {value:?}: {source}")]
+    Write {
+        path: PathBuf,
+        value: String,
+        source: std::io::Error,
+    },
+    #[error("cgroup file {path}: cannot parse {content:?}")]
+    Parse { path: PathBuf, content: String },
+    #[error("cgroup controller {controller} is not mounted under {root} ({hint})")]
+    MissingController {
+        controller: &'static str,
+        root: PathBuf,
+        hint: &'static str,
+    },
+    #[error("cgroup {path} still has processes after killing them: {pids:?}")]
+    NotEmpty { path: PathBuf, pids: Vec<i32> },
+}
+
+/// The limits a tenant's cgroup enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Thousandths of a core.
+    pub milli_cpu: u64,
+    pub memory_bytes: u64,
+    pub pids_max: u64,
+}
+
+/// What a tenant's cgroup has used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub cpu_usage_usec: u64,
+    pub memory_bytes: u64,
+    pub pids: u64,
+    pub oom_kills: u64,
+}
+
+/// One tenant's cgroup.
+pub trait TenantCgroup: Debug + Send + Sync {
+    /// Creates the cgroup (and its parents) if missing.
+    fn create(&self) -> Result<(), CgroupError>;
+    fn apply(&self, limits: &Limits) -> Result<(), CgroupError>;
+    /// Files a child writes `0` into before exec to join the cgroup, so even its first fork is
+    /// inside.
+    fn procs_files(&self) -> Vec<PathBuf>;
+    /// Every process in the cgroup.
+    fn pids(&self) -> Result<Vec<i32>, CgroupError>;
+    fn usage(&self) -> Result<Usage, CgroupError>;
+    /// SIGKILLs every process until the cgroup is empty.
+    fn kill_all(&self) -> Result<(), CgroupError>;
+    /// Removes the cgroup; it must be empty. Missing is fine.
+    fn delete(&self) -> Result<(), CgroupError>;
+    /// The path shown in logs and errors.
+    fn display_path(&self) -> PathBuf;
+}
+
+/// Opens tenants' cgroups on one host.
+pub trait CgroupDriver: Debug + Send + Sync {
+    /// `v1` or `v2`, as `node list` shows it.
+    fn name(&self) -> &'static str;
+    fn tenant(&self, name: &TenantName) -> Box<dyn TenantCgroup>;
+}
+
+pub(crate) fn read_file(path: &Path) -> Result<String, CgroupError> {
+    std::fs::read_to_string(path).map_err(|source| CgroupError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+pub(crate) fn write_file(path: &Path, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(path, value).map_err(|source| CgroupError::Write {
+        path: path.to_path_buf(),
+        value: value.to_string(),
+        source,
+    })
+}
+
+pub(crate) fn read_u64(path: &Path) -> Result<u64, CgroupError> {
+    let content = read_file(path)?;
+    content.trim().parse().map_err(|_| CgroupError::Parse {
+        path: path.to_path_buf(),
+        content,
+    })
+}
+
+/// Parses a `cgroup.procs` file.
+pub(crate) fn read_pids(path: &Path) -> Result<Vec<i32>, CgroupError> {
+    let content = match std::fs::read_to_string(path) {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(CgroupError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    content
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            l.trim().parse().map_err(|_| CgroupError::Parse {
+                path: path.to_path_buf(),
+                content: content.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Removes a cgroup directory; `rmdir` is the only way (its files cannot be unlinked).
+pub(crate) fn remove_dir(path: &Path) -> Result<(), CgroupError> {
+    match std::fs::remove_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(CgroupError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}

@@ -1,0 +1,185 @@
+//! The agent's settings: a TOML file (`--config`), with command-line flags taking precedence.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dormant_common::{Bytes, NodeName};
+use serde::Deserialize;
+
+/// The TOML file; every key optional, unknown keys refused.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub scheduler: Option<String>,
+    pub node_id: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub advertise: Option<String>,
+    pub listen_host: Option<IpAddr>,
+    /// Tenant ports, `START-END`.
+    pub ports: Option<String>,
+    pub heartbeat_interval_ms: Option<u64>,
+    pub cgroup_root: Option<PathBuf>,
+    pub cgroup_parent: Option<PathBuf>,
+    pub tenant_user: Option<String>,
+    pub postgres_bin_dir: Option<PathBuf>,
+    pub reserve_memory: Option<String>,
+    pub reserve_storage: Option<String>,
+    pub pids_max: Option<u64>,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub stop_tenants_on_exit: Option<bool>,
+    pub log_format: Option<dormant_common::telemetry::LogFormat>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub scheduler: String,
+    pub node_id: NodeName,
+    pub state_dir: PathBuf,
+    pub advertise: String,
+    pub listen_host: IpAddr,
+    pub ports: (u16, u16),
+    pub heartbeat_interval: Duration,
+    pub cgroup_root: PathBuf,
+    pub cgroup_parent: PathBuf,
+    pub tenant_user: String,
+    pub postgres_bin_dir: Option<PathBuf>,
+    pub reserve_memory: Bytes,
+    pub reserve_storage: Bytes,
+    pub pids_max: u64,
+    pub labels: BTreeMap<String, String>,
+    pub stop_tenants_on_exit: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{field}: required (flag --{flag} or key {field} in the config file)")]
+    Missing {
+        field: &'static str,
+        flag: &'static str,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Parses `START-END` (inclusive) into a port range.
+pub fn parse_ports(value: &str) -> Result<(u16, u16), SettingsError> {
+    let bad = || {
+        SettingsError::Invalid(format!(
+            "ports: {value:?} is not a range START-END of TCP ports (1-65535, START <= END)"
+        ))
+    };
+    let (a, b) = value.split_once('-').ok_or_else(bad)?;
+    let start: u16 = a.trim().parse().map_err(|_| bad())?;
+    let end: u16 = b.trim().parse().map_err(|_| bad())?;
+    if start == 0 || start > end {
+        return Err(bad());
+    }
+    Ok((start, end))
+}
+
+impl Settings {
+    pub fn merge(cli: FileConfig, file: FileConfig) -> Result<Self, SettingsError> {
+        macro_rules! pick {
+            ($f:ident) => {
+                cli.$f.clone().or(file.$f.clone())
+            };
+        }
+        let node_id = pick!(node_id).ok_or(SettingsError::Missing {
+            field: "node_id",
+            flag: "node-id",
+        })?;
+        let node_id =
+            NodeName::parse(&node_id).map_err(|e| SettingsError::Invalid(e.to_string()))?;
+        let bytes = |field: &'static str, v: Option<String>, default: u64| match v {
+            None => Ok(Bytes(default)),
+            Some(s) => Bytes::parse(field, &s).map_err(|e| SettingsError::Invalid(e.to_string())),
+        };
+        let ports = match pick!(ports) {
+            Some(p) => parse_ports(&p)?,
+            None => (20000, 20999),
+        };
+        let heartbeat_ms = pick!(heartbeat_interval_ms).unwrap_or(2000);
+        if heartbeat_ms == 0 {
+            return Err(SettingsError::Invalid(
+                "heartbeat_interval_ms: must be greater than 0".into(),
+            ));
+        }
+        let pids_max = pick!(pids_max).unwrap_or(512);
+        if pids_max < 16 {
+            return Err(SettingsError::Invalid(format!(
+                "pids_max: {pids_max} is too small for any engine (at least 16)"
+            )));
+        }
+        Ok(Settings {
+            scheduler: pick!(scheduler).unwrap_or_else(|| "http://127.0.0.1:7400".into()),
+            node_id,
+            state_dir: pick!(state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/dormant")),
+            advertise: pick!(advertise).ok_or(SettingsError::Missing {
+                field: "advertise",
+                flag: "advertise",
+            })?,
+            listen_host: pick!(listen_host).unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            ports,
+            heartbeat_interval: Duration::from_millis(heartbeat_ms),
+            cgroup_root: pick!(cgroup_root).unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup")),
+            cgroup_parent: pick!(cgroup_parent)
+                .unwrap_or_else(|| PathBuf::from("dormant/tenants")),
+            tenant_user: pick!(tenant_user).unwrap_or_else(|| "dormant-tenant".into()),
+            postgres_bin_dir: pick!(postgres_bin_dir),
+            reserve_memory: bytes("reserve_memory", pick!(reserve_memory), 512 << 20)?,
+            reserve_storage: bytes("reserve_storage", pick!(reserve_storage), 1 << 30)?,
+            pids_max,
+            labels: pick!(labels).unwrap_or_default(),
+            stop_tenants_on_exit: pick!(stop_tenants_on_exit).unwrap_or(false),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> FileConfig {
+        FileConfig {
+            node_id: Some("n1".into()),
+            advertise: Some("127.0.0.1".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ports_parse_and_bad_ranges_are_named() {
+        assert_eq!(parse_ports("20000-20099").unwrap(), (20000, 20099));
+        for bad in ["20000", "b-c", "0-10", "10-5", "1-70000"] {
+            let err = parse_ports(bad).unwrap_err().to_string();
+            assert!(err.starts_with("ports:"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file: FileConfig =
+            toml::from_str("node_id = \"file\"\nadvertise = \"h\"\nports = \"100-200\"\n").unwrap();
+        let cli = FileConfig {
+            node_id: Some("flag".into()),
+            ..Default::default()
+        };
+        let s = Settings::merge(cli, file).unwrap();
+        assert_eq!(s.node_id.as_str(), "flag");
+        assert_eq!(s.ports, (100, 200));
+    }
+
+    #[test]
+    fn bad_node_id_and_reserve_are_named() {
+        let mut cli = base();
+        cli.node_id = Some("Bad Name".into());
+        let err = Settings::merge(cli, FileConfig::default()).unwrap_err().to_string();
+        assert!(err.starts_with("node_id:"), "{err}");
+        let mut cli = base();
+        cli.reserve_memory = Some("lots".into());
+        let err = Settings::merge(cli, FileConfig::default()).unwrap_err().to_string();
+        assert!(err.starts_with("reserve_memory:"), "{err}");
+    }
+}

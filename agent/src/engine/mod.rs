@@ -1,0 +1,91 @@
+//! Engines as templates: how to initialise a tenant's data once, start the engine, stop it and
+//! tell when it is ready, with `{placeholders}` filled per tenant. PostgreSQL is built in; more
+//! engines (Redis, custom ones from the agent's config) are templates of the same shape.
+
+pub mod postgres;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+/// How the agent knows the engine is ready for clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// A PostgreSQL-style pid file whose 8th line reads `ready` (what `pg_ctl` waits for).
+    PidFileStatus(String),
+    /// The Unix socket accepts a connection.
+    SocketAccepts,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineTemplate {
+    pub name: String,
+    /// Files written (as the tenant's user, mode 0600) before `init` runs; removed after.
+    pub init_files: Vec<(String, String)>,
+    /// Runs once, when the tenant's data directory has never been initialised.
+    pub init: Vec<Vec<String>>,
+    pub start: Vec<String>,
+    pub stop_signal: Signal,
+    pub stop_timeout: Duration,
+    /// The Unix socket the proxy connects to.
+    pub socket: String,
+    pub readiness: Readiness,
+}
+
+/// The values a template's placeholders take for one tenant.
+#[derive(Debug, Clone)]
+pub struct TenantContext {
+    pub vars: BTreeMap<&'static str, String>,
+}
+
+impl TenantContext {
+    pub fn new(data: &Path, run: &Path, password: &str, memory_bytes: u64) -> Self {
+        let mib = memory_bytes >> 20;
+        // PostgreSQL sizing that follows the tenant's memory: a quarter for shared buffers,
+        // connections in proportion, so the smallest tier fits in 256 MiB.
+        let shared_buffers_mb = (mib / 4).clamp(8, 8192);
+        let max_connections = (mib / 8).clamp(20, 500);
+        let vars = BTreeMap::from([
+            ("data", data.display().to_string()),
+            ("run", run.display().to_string()),
+            ("password", password.to_string()),
+            ("memory_bytes", memory_bytes.to_string()),
+            ("shared_buffers_mb", shared_buffers_mb.to_string()),
+            ("max_connections", max_connections.to_string()),
+        ]);
+        Self { vars }
+    }
+
+    /// Replaces every `{name}` known to the context; unknown names are left as they are.
+    pub fn fill(&self, template: &str) -> String {
+        let mut out = template.to_string();
+        for (k, v) in &self.vars {
+            out = out.replace(&format!("{{{k}}}"), v);
+        }
+        out
+    }
+
+    pub fn fill_argv(&self, argv: &[String]) -> Vec<String> {
+        argv.iter().map(|a| self.fill(a)).collect()
+    }
+
+    pub fn fill_path(&self, template: &str) -> PathBuf {
+        PathBuf::from(self.fill(template))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_fills_placeholders_and_sizes_by_memory() {
+        let ctx = TenantContext::new(Path::new("/d"), Path::new("/r"), "pw", 256 << 20);
+        assert_eq!(ctx.fill("{data}/pgdata"), "/d/pgdata");
+        assert_eq!(ctx.fill("shared_buffers={shared_buffers_mb}MB"), "shared_buffers=64MB");
+        assert_eq!(ctx.fill("max_connections={max_connections}"), "max_connections=32");
+        assert_eq!(ctx.fill("{unknown}"), "{unknown}");
+    }
+}

@@ -1,0 +1,175 @@
+//! What every tenant on this host shares: the state directory layout, the cgroup driver, the
+//! engine templates, the unprivileged user tenants run as, and the host's capacity and usage.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use dormant_common::{Bytes, MilliCpu, Resources, TenantName};
+use nix::unistd::{Gid, Uid, User};
+
+use crate::cgroup::CgroupDriver;
+use crate::engine::EngineTemplate;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("tenant_user {user:?}: {why}")]
+    TenantUser { user: String, why: String },
+    #[error("state_dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state_dir {path}: the socket paths under it would be too long ({len} bytes, at most 90); choose a shorter state_dir")]
+    StateDirTooLong { path: PathBuf, len: usize },
+}
+
+#[derive(Debug)]
+pub struct Host {
+    pub state_dir: PathBuf,
+    pub cgroups: Arc<dyn CgroupDriver>,
+    pub engines: BTreeMap<String, EngineTemplate>,
+    pub tenant_uid: Uid,
+    pub tenant_gid: Gid,
+    pub listen_host: IpAddr,
+    pub pids_max: u64,
+}
+
+/// Where one tenant's files live.
+#[derive(Debug, Clone)]
+pub struct TenantPaths {
+    /// Root-owned: the record, the engine's pid file and log, the "initialised" marker.
+    pub dir: PathBuf,
+    /// The tenant user's: the engine's data.
+    pub data: PathBuf,
+    /// The tenant user's: the engine's Unix socket. Kept short (by uid) for the socket path limit.
+    pub run: PathBuf,
+}
+
+impl TenantPaths {
+    pub fn record(&self) -> PathBuf {
+        self.dir.join("tenant.json")
+    }
+    pub fn initialized_marker(&self) -> PathBuf {
+        self.dir.join("initialized")
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.join("engine.pid")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("engine.log")
+    }
+}
+
+impl Host {
+    pub fn tenants_dir(&self) -> PathBuf {
+        self.state_dir.join("tenants")
+    }
+
+    pub fn paths(&self, name: &TenantName, uid: u64) -> TenantPaths {
+        let dir = self.tenants_dir().join(name.as_str());
+        TenantPaths {
+            data: dir.join("data"),
+            dir,
+            run: self.state_dir.join("run").join(uid.to_string()),
+        }
+    }
+}
+
+/// Looks up the tenant user, creating it as a system user when missing.
+pub fn ensure_tenant_user(name: &str) -> Result<(Uid, Gid), HostError> {
+    let err = |why: String| HostError::TenantUser {
+        user: name.to_string(),
+        why,
+    };
+    if let Some(u) = User::from_name(name).map_err(|e| err(e.to_string()))? {
+        return Ok((u.uid, u.gid));
+    }
+    let status = std::process::Command::new("useradd")
+        .args(["--system", "--user-group", "--no-create-home"])
+        .args(["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name])
+        .status()
+        .map_err(|e| err(format!("not found, and running useradd failed: {e}")))?;
+    if !status.success() {
+        return Err(err(format!(
+            "not found, and useradd {status}; create it (useradd --system {name})"
+        )));
+    }
+    let u = User::from_name(name)
+        .map_err(|e| err(e.to_string()))?
+        .ok_or_else(|| err("still missing after useradd".into()))?;
+    Ok((u.uid, u.gid))
+}
+
+/// Creates the state directory and checks its socket paths will fit.
+pub fn prepare_state_dir(dir: &Path) -> Result<(), HostError> {
+    let io = |source| HostError::StateDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir.join("tenants")).map_err(io)?;
+    std::fs::create_dir_all(dir.join("run")).map_err(io)?;
+    // <state_dir>/run/<uid>/.s.PGSQL.5432 must fit in sockaddr_un (108 bytes).
+    let len = dir.as_os_str().len();
+    if len > 90 - "/run/18446744073709551615".len() {
+        return Err(HostError::StateDirTooLong {
+            path: dir.to_path_buf(),
+            len,
+        });
+    }
+    Ok(())
+}
+
+/// The host's capacity as registered: cores, memory less a reserve, and the state directory's
+/// free space less a reserve.
+pub fn capacity(state_dir: &Path, reserve_memory: Bytes, reserve_storage: Bytes) -> Resources {
+    let sys = sysinfo::System::new_with_specifics(
+        sysinfo::RefreshKind::nothing().with_memory(sysinfo::MemoryRefreshKind::everything()),
+    );
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .unwrap_or(1);
+    let free_storage = nix::sys::statvfs::statvfs(state_dir)
+        .map(|s| s.blocks_available() * s.fragment_size())
+        .unwrap_or(0);
+    Resources {
+        cpu: MilliCpu(cores * 1000),
+        memory: Bytes(sys.total_memory().saturating_sub(reserve_memory.0)),
+        storage: Bytes(free_storage.saturating_sub(reserve_storage.0)),
+    }
+}
+
+/// Node usage for heartbeats.
+#[derive(Debug)]
+pub struct NodeUsageProbe {
+    sys: sysinfo::System,
+}
+
+impl Default for NodeUsageProbe {
+    fn default() -> Self {
+        Self {
+            sys: sysinfo::System::new_with_specifics(
+                sysinfo::RefreshKind::nothing()
+                    .with_memory(sysinfo::MemoryRefreshKind::everything())
+                    .with_cpu(sysinfo::CpuRefreshKind::nothing().with_cpu_usage()),
+            ),
+        }
+    }
+}
+
+impl NodeUsageProbe {
+    pub fn sample(&mut self, state_dir: &Path) -> dormant_proto::v1::NodeUsage {
+        self.sys.refresh_memory();
+        self.sys.refresh_cpu_usage();
+        let cpus = self.sys.cpus().len() as f64;
+        let used_storage = nix::sys::statvfs::statvfs(state_dir)
+            .map(|s| (s.blocks() - s.blocks_free()) * s.fragment_size())
+            .unwrap_or(0);
+        dormant_proto::v1::NodeUsage {
+            cpu_usage_milli: (f64::from(self.sys.global_cpu_usage()) / 100.0 * cpus * 1000.0) as u64,
+            memory_used_bytes: self.sys.used_memory(),
+            storage_used_bytes: used_storage,
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The tenant's TCP endpoint: accepts on the tenant's port and copies bytes both ways to the
+//! engine's Unix socket. A connection that arrives while the engine is starting waits for it to be
+//! ready instead of being refused. (Hibernation will hook its wake-up in here.)
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tracing::{debug, warn};
+
+/// How long a client waits for a starting engine before its connection is closed.
+const READY_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+#[error("listen on {addr}: {source}")]
+pub struct ProxyError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+/// Connection counters, read by the reporter.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub open_connections: AtomicU64,
+    pub total_connections: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+/// A running proxy. Dropping it closes the port and every connection through it.
+#[derive(Debug)]
+pub struct ProxyHandle {
+    task: JoinHandle<()>,
+    pub stats: Arc<ProxyStats>,
+}
+
+impl Drop for ProxyHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binds the tenant's port; done before the engine starts so a port clash is reported early.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ProxyError { addr, source })
+}
+
+/// Serves `listener`, forwarding to `socket` whenever `ready` is true.
+pub fn serve(listener: TcpListener, socket: PathBuf, ready: watch::Receiver<bool>) -> ProxyHandle {
+    let stats = Arc::new(ProxyStats::default());
+    let task = tokio::spawn(accept_loop(listener, socket, ready, stats.clone()));
+    ProxyHandle { task, stats }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    socket: PathBuf,
+    ready: watch::Receiver<bool>,
+    stats: Arc<ProxyStats>,
+) {
+    // Connection tasks live in this set: aborting the accept loop drops it and ends them all.
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((client, peer)) => {
+                    let _ = client.set_nodelay(true);
+                    connections.spawn(forward(client, peer, socket.clone(), ready.clone(), stats.clone()));
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn forward(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    socket: PathBuf,
+    mut ready: watch::Receiver<bool>,
+    stats: Arc<ProxyStats>,
+) {
+    if tokio::time::timeout(READY_WAIT, ready.wait_for(|r| *r)).await.is_err() {
+        debug!(%peer, "engine not ready in time; closing client connection");
+        return;
+    }
+    let mut engine = match UnixStream::connect(&socket).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%peer, socket = %socket.display(), error = %e, "connect to engine socket");
+            return;
+        }
+    };
+    stats.open_connections.fetch_add(1, Ordering::Relaxed);
+    stats.total_connections.fetch_add(1, Ordering::Relaxed);
+    if let Ok((up, down)) = tokio::io::copy_bidirectional(&mut client, &mut engine).await {
+        stats.bytes_in.fetch_add(up, Ordering::Relaxed);
+        stats.bytes_out.fetch_add(down, Ordering::Relaxed);
+    }
+    stats.open_connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixListener;
+
+    use super::*;
+
+    /// Bytes flow both ways, and a client that connects before the engine is ready waits.
+    #[tokio::test]
+    async fn proxies_after_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let engine = UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = engine.accept().await.unwrap();
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(b"pong").await.unwrap();
+        });
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        let handle = serve(listener, sock, rx);
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"ping").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send(true).unwrap();
+        let mut buf = [0u8; 4];
+        client.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"pong");
+        drop(handle);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(TcpStream::connect(addr).await.is_err(), "port closed after drop");
+    }
+}

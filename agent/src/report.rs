@@ -1,0 +1,202 @@
+//! The agent's conversation with the scheduler: register with the host's capacity, then
+//! heartbeat on an interval with usage and observed tenant states; each answer carries the
+//! desired set, which goes to reconciliation.
+
+use std::sync::Arc;
+
+use dormant_common::TenantName;
+use dormant_proto::v1 as pb;
+use dormant_proto::v1::agent_api_client::AgentApiClient;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::host::{self, Host, NodeUsageProbe};
+use crate::reconcile::{Desired, Tenants, Want};
+use crate::tenant::TenantSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("scheduler URL {url:?}: {source}")]
+    Url {
+        url: String,
+        source: tonic::transport::Error,
+    },
+}
+
+pub struct Reporter {
+    settings: Settings,
+    host: Arc<Host>,
+    client: AgentApiClient<Channel>,
+    probe: NodeUsageProbe,
+    seen_version: u64,
+}
+
+fn to_pb(r: &dormant_common::Resources) -> pb::Resources {
+    pb::Resources {
+        milli_cpu: r.cpu.0,
+        memory_bytes: r.memory.0,
+        storage_bytes: r.storage.0,
+    }
+}
+
+impl Reporter {
+    pub fn new(settings: Settings, host: Arc<Host>) -> Result<Self, ReportError> {
+        let url = if settings.scheduler.contains("://") {
+            settings.scheduler.clone()
+        } else {
+            format!("http://{}", settings.scheduler)
+        };
+        let channel = Endpoint::from_shared(url.clone())
+            .map_err(|source| ReportError::Url {
+                url: url.clone(),
+                source,
+            })?
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .timeout(std::time::Duration::from_secs(10))
+            .connect_lazy();
+        Ok(Self {
+            settings,
+            host,
+            client: AgentApiClient::new(channel),
+            probe: NodeUsageProbe::default(),
+            seen_version: 0,
+        })
+    }
+
+    async fn register(&mut self) -> Result<(), tonic::Status> {
+        let s = &self.settings;
+        let capacity = host::capacity(&s.state_dir, s.reserve_memory, s.reserve_storage);
+        let req = pb::RegisterRequest {
+            node_id: s.node_id.to_string(),
+            address: s.advertise.clone(),
+            capacity: Some(to_pb(&capacity)),
+            engines: self.host.engines.keys().cloned().collect(),
+            cgroup_driver: self.host.cgroups.name().to_string(),
+            labels: s.labels.clone().into_iter().collect(),
+            port_range_start: u32::from(s.ports.0),
+            port_range_end: u32::from(s.ports.1),
+        };
+        self.client.register(req).await?;
+        info!(node_id = %s.node_id, cpu = %capacity.cpu, memory = %capacity.memory, storage = %capacity.storage, "registered with the scheduler");
+        Ok(())
+    }
+
+    fn heartbeat_request(&mut self, tenants: &Tenants) -> pb::HeartbeatRequest {
+        let observed = tenants
+            .handles
+            .iter()
+            .map(|(name, h)| {
+                let o = h.observed();
+                let state = if h.is_deleting() {
+                    dormant_common::TenantState::Deleting
+                } else {
+                    o.state
+                };
+                let usage = h.usage().unwrap_or_default();
+                pb::ObservedTenant {
+                    name: name.to_string(),
+                    uid: h.spec.uid,
+                    state: state.to_string(),
+                    reason: o.reason.unwrap_or_default(),
+                    usage: Some(pb::TenantUsage {
+                        cpu_usage_usec: usage.cpu_usage_usec,
+                        memory_bytes: usage.memory_bytes,
+                        storage_used_bytes: 0,
+                        pids: usage.pids,
+                        restarts: o.restarts,
+                        oom_kills: usage.oom_kills,
+                    }),
+                }
+            })
+            .collect();
+        pb::HeartbeatRequest {
+            node_id: self.settings.node_id.to_string(),
+            seen_version: self.seen_version,
+            tenants: observed,
+            usage: Some(self.probe.sample(&self.settings.state_dir)),
+        }
+    }
+
+    /// Registers, then heartbeats until `shutdown` resolves; reconciles after every answer.
+    pub async fn run(mut self, tenants: &mut Tenants, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut registered = false;
+        let mut interval = tokio::time::interval(self.settings.heartbeat_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = interval.tick() => {}
+            }
+            if !registered {
+                match self.register().await {
+                    Ok(()) => registered = true,
+                    Err(e) => {
+                        failures += 1;
+                        if failures == 1 || failures % 30 == 0 {
+                            warn!(error = %e.message(), "cannot register with the scheduler; retrying");
+                        }
+                        continue;
+                    }
+                }
+            }
+            let req = self.heartbeat_request(tenants);
+            match self.client.heartbeat(req).await {
+                Ok(reply) => {
+                    failures = 0;
+                    let reply = reply.into_inner();
+                    if reply.register_again {
+                        registered = false;
+                        continue;
+                    }
+                    self.seen_version = reply.version;
+                    tenants.reconcile(&desired_from(reply));
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures % 30 == 0 {
+                        warn!(error = %e.message(), "heartbeat failed; tenants keep running");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn desired_from(reply: pb::HeartbeatResponse) -> Desired {
+    let mut desired = Desired {
+        version: reply.version,
+        ..Default::default()
+    };
+    for t in reply.tenants {
+        let Ok(name) = TenantName::parse(&t.name) else {
+            warn!(name = %t.name, "scheduler sent an invalid tenant name; ignored");
+            continue;
+        };
+        let want = if t.desired_state == "deleted" {
+            Want::Deleted { uid: t.uid }
+        } else {
+            let r = t.resources.unwrap_or_default();
+            let Ok(port) = u16::try_from(t.port) else {
+                warn!(tenant_id = %name, port = t.port, "scheduler sent an invalid port; ignored");
+                continue;
+            };
+            Want::Running(TenantSpec {
+                name: name.clone(),
+                uid: t.uid,
+                engine: t.engine,
+                resources: dormant_common::Resources {
+                    cpu: dormant_common::MilliCpu(r.milli_cpu),
+                    memory: dormant_common::Bytes(r.memory_bytes),
+                    storage: dormant_common::Bytes(r.storage_bytes),
+                },
+                port,
+                password: t.password,
+            })
+        };
+        desired.tenants.insert(name, want);
+    }
+    desired
+}

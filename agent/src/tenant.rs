@@ -1,0 +1,553 @@
+//! One tenant on this host, as a task: prepare its directories, cgroup and data; open its port;
+//! start (or adopt) its engine and supervise it, restarting with exponential backoff until too
+//! many failures mark it `failed`; and on delete, stop everything and remove every trace.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dormant_common::{Resources, TenantName, TenantState};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{info, instrument, warn};
+
+use crate::cgroup::{CgroupError, Limits, TenantCgroup, Usage};
+use crate::engine::{postgres, EngineTemplate, Readiness, TenantContext};
+use crate::host::{Host, TenantPaths};
+use crate::process::{self, Exit, SpawnError, SpawnRequest, Watched};
+use crate::proxy::{self, ProxyHandle};
+
+/// Failures in a row (without a minute of healthy running between them) before `failed`.
+const MAX_FAILURES: u32 = 5;
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Running this long resets the failure count.
+const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What the scheduler wants this host to run, as the agent keeps it on disk (root-only).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantSpec {
+    pub name: TenantName,
+    pub uid: u64,
+    pub engine: String,
+    pub resources: Resources,
+    pub port: u16,
+    pub password: String,
+}
+
+/// The tenant as the agent sees it, reported in heartbeats.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    pub state: TenantState,
+    pub reason: Option<String>,
+    pub restarts: u64,
+    pub pid: Option<i32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TenantError {
+    #[error("engine {0:?} is not configured on this node")]
+    UnknownEngine(String),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error(transparent)]
+    Proxy(#[from] proxy::ProxyError),
+    #[error("initialising data: {program} {exit}; last log lines: {log_tail}")]
+    Init {
+        program: String,
+        exit: Exit,
+        log_tail: String,
+    },
+    #[error("engine {0} before it was ready")]
+    ExitedBeforeReady(Exit),
+    #[error("engine not ready after {0:?}")]
+    ReadyTimeout(Duration),
+}
+
+#[derive(Debug)]
+enum Request {
+    Delete,
+    Shutdown { stop_engine: bool },
+}
+
+/// The agent's handle on a tenant task.
+#[derive(Debug)]
+pub struct TenantHandle {
+    pub spec: TenantSpec,
+    pub status: watch::Receiver<Observed>,
+    requests: mpsc::UnboundedSender<Request>,
+    task: JoinHandle<()>,
+    cgroup: Box<dyn TenantCgroup>,
+    deleting: bool,
+}
+
+impl TenantHandle {
+    /// Starts the tenant's task; it adopts an engine already running in the tenant's cgroup.
+    pub fn start(host: Arc<Host>, spec: TenantSpec) -> Self {
+        let (status_tx, status) = watch::channel(Observed {
+            state: TenantState::Starting,
+            reason: None,
+            restarts: 0,
+            pid: None,
+        });
+        let (requests, rx) = mpsc::unbounded_channel();
+        let cgroup = host.cgroups.tenant(&spec.name);
+        let supervisor = Supervisor {
+            paths: host.paths(&spec.name, spec.uid),
+            cgroup: host.cgroups.tenant(&spec.name),
+            engine: host.engines.get(&spec.engine).cloned(),
+            host,
+            spec: spec.clone(),
+            status: status_tx,
+            proxy: None,
+            ready: watch::channel(false).0,
+        };
+        let task = tokio::spawn(supervisor.run(rx));
+        Self {
+            spec,
+            status,
+            requests,
+            task,
+            cgroup,
+            deleting: false,
+        }
+    }
+
+    pub fn delete(&mut self) {
+        if !self.deleting {
+            self.deleting = true;
+            let _ = self.requests.send(Request::Delete);
+        }
+    }
+
+    pub fn is_deleting(&self) -> bool {
+        self.deleting
+    }
+
+    /// True once the task has ended (after a delete: everything is gone).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    pub fn observed(&self) -> Observed {
+        self.status.borrow().clone()
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.cgroup.usage().ok()
+    }
+
+    /// Ends the task without deleting anything; the engine keeps running unless `stop_engine`.
+    pub async fn shutdown(self, stop_engine: bool) {
+        let _ = self.requests.send(Request::Shutdown { stop_engine });
+        let _ = self.task.await;
+    }
+}
+
+struct Supervisor {
+    host: Arc<Host>,
+    spec: TenantSpec,
+    paths: TenantPaths,
+    cgroup: Box<dyn TenantCgroup>,
+    engine: Option<EngineTemplate>,
+    status: watch::Sender<Observed>,
+    proxy: Option<ProxyHandle>,
+    /// True while the engine answers; the proxy holds clients until then.
+    ready: watch::Sender<bool>,
+}
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a std::path::Path,
+) -> impl FnOnce(std::io::Error) -> TenantError + 'a {
+    move |source| TenantError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Supervisor {
+    fn set(&self, state: TenantState, reason: Option<String>) {
+        self.status.send_modify(|o| {
+            if o.state != state {
+                info!(tenant_id = %self.spec.name, from = %o.state, to = %state, reason = reason.as_deref().unwrap_or(""), "tenant state");
+            }
+            o.state = state;
+            o.reason = reason;
+        });
+    }
+
+    fn context(&self) -> TenantContext {
+        TenantContext::new(
+            &self.paths.data,
+            &self.paths.run,
+            &self.spec.password,
+            self.spec.resources.memory.0,
+        )
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %self.spec.name, uid = self.spec.uid))]
+    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
+        let (request, engine) = self.supervise(&mut requests).await;
+        match request {
+            Request::Delete => {
+                self.set(TenantState::Deleting, None);
+                self.teardown(engine).await;
+                info!("tenant deleted from this host");
+            }
+            Request::Shutdown { stop_engine } => {
+                if stop_engine {
+                    self.stop_engine(engine).await;
+                }
+            }
+        }
+    }
+
+    /// Keeps the engine running until a request arrives; returns it with the engine, if any.
+    async fn supervise(
+        &mut self,
+        requests: &mut mpsc::UnboundedReceiver<Request>,
+    ) -> (Request, Option<Watched>) {
+        let mut failures = 0u32;
+        let mut restarts = 0u64;
+        let mut may_adopt = true;
+        loop {
+            let oom_before = self.cgroup.usage().map(|u| u.oom_kills).unwrap_or(0);
+            let started = tokio::select! {
+                r = self.start(may_adopt) => r,
+                req = requests.recv() => return (req.unwrap_or(Request::Shutdown { stop_engine: false }), None),
+            };
+            may_adopt = false;
+            let reason = match started {
+                Ok(engine) => {
+                    self.ready.send_replace(true);
+                    self.status.send_modify(|o| o.pid = Some(engine.pid()));
+                    self.set(TenantState::Running, None);
+                    let since = Instant::now();
+                    let exit = tokio::select! {
+                        exit = engine.exited() => exit,
+                        req = requests.recv() => {
+                            return (req.unwrap_or(Request::Shutdown { stop_engine: false }), Some(engine));
+                        }
+                    };
+                    self.ready.send_replace(false);
+                    if since.elapsed() >= HEALTHY_AFTER {
+                        failures = 0;
+                    }
+                    let oom_after = self.cgroup.usage().map(|u| u.oom_kills).unwrap_or(0);
+                    if oom_after > oom_before {
+                        format!(
+                            "engine OOM-killed at its memory limit ({})",
+                            self.spec.resources.memory
+                        )
+                    } else {
+                        format!("engine {exit}")
+                    }
+                }
+                Err(e) => e.to_string(),
+            };
+            self.ready.send_replace(false);
+            // Whatever is left of a failed engine goes before the next try.
+            let cgroup = self.cgroup.display_path();
+            if let Err(e) = self.kill_cgroup().await {
+                warn!(cgroup = %cgroup.display(), error = %e, "cleaning up after the engine");
+            }
+            failures += 1;
+            warn!(failures, reason = %reason, "engine failed");
+            if failures >= MAX_FAILURES {
+                self.set(
+                    TenantState::Failed,
+                    Some(format!("{reason} ({failures} failures in a row)")),
+                );
+                let req = requests.recv().await;
+                return (req.unwrap_or(Request::Shutdown { stop_engine: false }), None);
+            }
+            let backoff = BACKOFF_START
+                .saturating_mul(1 << (failures - 1).min(16))
+                .min(BACKOFF_MAX);
+            self.set(TenantState::Starting, Some(format!("restarting after: {reason}")));
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                req = requests.recv() => return (req.unwrap_or(Request::Shutdown { stop_engine: false }), None),
+            }
+            restarts += 1;
+            self.status.send_modify(|o| {
+                o.restarts = restarts;
+                o.pid = None;
+            });
+        }
+    }
+
+    /// Prepares the tenant and brings its engine to ready (adopting a running one if allowed).
+    async fn start(&mut self, may_adopt: bool) -> Result<Watched, TenantError> {
+        let engine = self
+            .engine
+            .clone()
+            .ok_or_else(|| TenantError::UnknownEngine(self.spec.engine.clone()))?;
+        self.prepare(&engine).await?;
+        let adopted = if may_adopt { self.adopt() } else { None };
+        let watched = match adopted {
+            Some(w) => {
+                info!(pid = w.pid(), "adopted running engine");
+                w
+            }
+            None => {
+                self.kill_cgroup().await?;
+                self.spawn_engine(&engine)?
+            }
+        };
+        match self.wait_ready(&engine, &watched).await {
+            Ok(()) => Ok(watched),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Directories, record, cgroup and limits, data initialised once, port open. Idempotent.
+    async fn prepare(&mut self, engine: &EngineTemplate) -> Result<(), TenantError> {
+        let p = &self.paths;
+        let (uid, gid) = (self.host.tenant_uid, self.host.tenant_gid);
+        std::fs::create_dir_all(&p.dir).map_err(io_err("create", &p.dir))?;
+        for dir in [&p.data, &p.run] {
+            std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+            nix::unistd::chown(dir.as_path(), Some(uid), Some(gid))
+                .map_err(|e| io_err("chown", dir)(e.into()))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err("chmod", dir))?;
+        }
+        let record = serde_json::to_vec(&self.spec).map_err(|e| io_err("encode", &p.dir)(std::io::Error::other(e)))?;
+        let record_path = p.record();
+        process::write_private_file(
+            &record_path,
+            &String::from_utf8_lossy(&record),
+            nix::unistd::Uid::from_raw(0),
+            nix::unistd::Gid::from_raw(0),
+        )
+        .map_err(io_err("write", &record_path))?;
+
+        self.cgroup.create()?;
+        self.cgroup.apply(&Limits {
+            milli_cpu: self.spec.resources.cpu.0,
+            memory_bytes: self.spec.resources.memory.0,
+            pids_max: self.host.pids_max,
+        })?;
+
+        if !p.initialized_marker().exists() {
+            self.initialize(engine).await?;
+        }
+
+        if self.proxy.is_none() {
+            let addr = std::net::SocketAddr::new(self.host.listen_host, self.spec.port);
+            let listener = proxy::bind(addr).await?;
+            let socket = self.context().fill_path(&engine.socket);
+            self.proxy = Some(proxy::serve(listener, socket, self.ready.subscribe()));
+        }
+        Ok(())
+    }
+
+    /// Runs the engine's init commands on an empty data directory, as the tenant, in its cgroup.
+    async fn initialize(&self, engine: &EngineTemplate) -> Result<(), TenantError> {
+        let p = &self.paths;
+        let ctx = self.context();
+        // A half-done earlier attempt leaves junk; start from empty.
+        for entry in std::fs::read_dir(&p.data).map_err(io_err("read", &p.data))? {
+            let path = entry.map_err(io_err("read", &p.data))?.path();
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.map_err(io_err("remove", &path))?;
+        }
+        let files: Vec<_> = engine
+            .init_files
+            .iter()
+            .map(|(path, content)| (ctx.fill_path(path), ctx.fill(content)))
+            .collect();
+        for (path, content) in &files {
+            process::write_private_file(path, content, self.host.tenant_uid, self.host.tenant_gid)
+                .map_err(io_err("write", path))?;
+        }
+        let result = self.run_init_commands(engine, &ctx).await;
+        for (path, _) in &files {
+            let _ = std::fs::remove_file(path);
+        }
+        result?;
+        let marker = p.initialized_marker();
+        std::fs::write(&marker, b"").map_err(io_err("write", &marker))?;
+        info!("data initialised");
+        Ok(())
+    }
+
+    async fn run_init_commands(&self, engine: &EngineTemplate, ctx: &TenantContext) -> Result<(), TenantError> {
+        for argv in &engine.init {
+            let argv = ctx.fill_argv(argv);
+            let child = process::spawn(&SpawnRequest {
+                argv: &argv,
+                cwd: &self.paths.data,
+                uid: self.host.tenant_uid,
+                gid: self.host.tenant_gid,
+                cgroup_procs: &self.cgroup.procs_files(),
+                log: &self.paths.log(),
+            })?;
+            let exit = Watched::child(child)?.exited().await;
+            if exit != Exit::Code(0) {
+                return Err(TenantError::Init {
+                    program: argv.first().cloned().unwrap_or_default(),
+                    exit,
+                    log_tail: log_tail(&self.paths.log()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The engine process left running by an earlier agent, if it is still in our cgroup.
+    fn adopt(&self) -> Option<Watched> {
+        let pid: i32 = std::fs::read_to_string(self.paths.pid_file()).ok()?.trim().parse().ok()?;
+        if !self.cgroup.pids().ok()?.contains(&pid) {
+            return None;
+        }
+        Watched::adopt(pid).ok()
+    }
+
+    fn spawn_engine(&self, engine: &EngineTemplate) -> Result<Watched, TenantError> {
+        let argv = self.context().fill_argv(&engine.start);
+        let child = process::spawn(&SpawnRequest {
+            argv: &argv,
+            cwd: &self.paths.data,
+            uid: self.host.tenant_uid,
+            gid: self.host.tenant_gid,
+            cgroup_procs: &self.cgroup.procs_files(),
+            log: &self.paths.log(),
+        })?;
+        let watched = Watched::child(child)?;
+        let pid_file = self.paths.pid_file();
+        std::fs::write(&pid_file, watched.pid().to_string()).map_err(io_err("write", &pid_file))?;
+        info!(pid = watched.pid(), engine = %engine.name, "engine started");
+        Ok(watched)
+    }
+
+    async fn wait_ready(&self, engine: &EngineTemplate, watched: &Watched) -> Result<(), TenantError> {
+        let ctx = self.context();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let ready = match &engine.readiness {
+                Readiness::PidFileStatus(path) => std::fs::read_to_string(ctx.fill_path(path))
+                    .map(|c| postgres::pid_file_says_ready(&c))
+                    .unwrap_or(false),
+                Readiness::SocketAccepts => tokio::net::UnixStream::connect(ctx.fill_path(&engine.socket))
+                    .await
+                    .is_ok(),
+            };
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(TenantError::ReadyTimeout(READY_TIMEOUT));
+            }
+            tokio::select! {
+                exit = watched.exited() => return Err(TenantError::ExitedBeforeReady(exit)),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    }
+
+    async fn kill_cgroup(&self) -> Result<(), CgroupError> {
+        if self.cgroup.pids()?.is_empty() {
+            return Ok(());
+        }
+        let cgroup = self.host.cgroups.tenant(&self.spec.name);
+        tokio::task::spawn_blocking(move || cgroup.kill_all())
+            .await
+            .unwrap_or_else(|e| Err(CgroupError::Io {
+                path: Default::default(),
+                source: std::io::Error::other(e),
+            }))
+    }
+
+    /// Graceful stop with the engine's signal, then SIGKILL for whatever is left.
+    async fn stop_engine(&self, engine: Option<Watched>) {
+        let template = self.engine.as_ref();
+        let engine = engine.or_else(|| self.adopt());
+        if let (Some(w), Some(t)) = (&engine, template) {
+            if w.signal(t.stop_signal).is_ok()
+                && tokio::time::timeout(t.stop_timeout, w.exited()).await.is_ok()
+            {
+                info!(pid = w.pid(), "engine stopped");
+            }
+        }
+        if let Err(e) = self.kill_cgroup().await {
+            warn!(error = %e, "killing what is left of the engine");
+        }
+    }
+
+    /// Removes everything the tenant had on this host, retrying until it is all gone.
+    async fn teardown(&mut self, engine: Option<Watched>) {
+        self.stop_engine(engine).await;
+        self.proxy = None;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.remove_everything() {
+                Ok(()) => return,
+                Err(e) => {
+                    warn!(error = %e, "removing tenant; will retry");
+                    self.set(TenantState::Deleting, Some(e.to_string()));
+                    let _ = self.kill_cgroup().await;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    fn remove_everything(&self) -> Result<(), TenantError> {
+        self.cgroup.delete()?;
+        for dir in [&self.paths.run, &self.paths.dir] {
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("remove", dir)(e)),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The last lines of an engine log, for error messages.
+fn log_tail(path: &std::path::Path) -> String {
+    let content = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = content.lines().rev().take(5).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// Tenant records left on disk by an earlier agent run.
+pub fn load_records(host: &Host) -> Vec<TenantSpec> {
+    let Ok(entries) = std::fs::read_dir(host.tenants_dir()) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let bytes = std::fs::read(e.path().join("tenant.json")).ok()?;
+            match serde_json::from_slice::<TenantSpec>(&bytes) {
+                Ok(spec) => Some(spec),
+                Err(err) => {
+                    warn!(path = %e.path().display(), error = %err, "unreadable tenant record");
+                    None
+                }
+            }
+        })
+        .collect()
+}

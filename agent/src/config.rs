@@ -124,8 +124,7 @@ impl Settings {
             ports,
             heartbeat_interval: Duration::from_millis(heartbeat_ms),
             cgroup_root: pick!(cgroup_root).unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup")),
-            cgroup_parent: pick!(cgroup_parent)
-                .unwrap_or_else(|| PathBuf::from("dormant/tenants")),
+            cgroup_parent: pick!(cgroup_parent).unwrap_or_else(|| PathBuf::from("dormant/tenants")),
             tenant_user: pick!(tenant_user).unwrap_or_else(|| "dormant-tenant".into()),
             postgres_bin_dir: pick!(postgres_bin_dir),
             reserve_memory: bytes("reserve_memory", pick!(reserve_memory), 512 << 20)?,
@@ -175,11 +174,15 @@ mod tests {
     fn bad_node_id_and_reserve_are_named() {
         let mut cli = base();
         cli.node_id = Some("Bad Name".into());
-        let err = Settings::merge(cli, FileConfig::default()).unwrap_err().to_string();
+        let err = Settings::merge(cli, FileConfig::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("node_id:"), "{err}");
         let mut cli = base();
         cli.reserve_memory = Some("lots".into());
-        let err = Settings::merge(cli, FileConfig::default()).unwrap_err().to_string();
+        let err = Settings::merge(cli, FileConfig::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("reserve_memory:"), "{err}");
     }
 }

@@ -34,6 +34,8 @@ pub struct Host {
     pub tenant_gid: Gid,
     pub listen_host: IpAddr,
     pub pids_max: u64,
+    /// Signalled when any tenant changes state, so the reporter tells the scheduler at once.
+    pub changed: tokio::sync::Notify,
 }
 
 /// Where one tenant's files live.
@@ -88,7 +90,13 @@ pub fn ensure_tenant_user(name: &str) -> Result<(Uid, Gid), HostError> {
     }
     let status = std::process::Command::new("useradd")
         .args(["--system", "--user-group", "--no-create-home"])
-        .args(["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", name])
+        .args([
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ])
         .status()
         .map_err(|e| err(format!("not found, and running useradd failed: {e}")))?;
     if !status.success() {
@@ -166,8 +174,14 @@ impl NodeUsageProbe {
         let used_storage = nix::sys::statvfs::statvfs(state_dir)
             .map(|s| (s.blocks() - s.blocks_free()) * s.fragment_size())
             .unwrap_or(0);
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a non-negative percentage of a few hundred cores fits u64"
+        )]
         dormant_proto::v1::NodeUsage {
-            cpu_usage_milli: (f64::from(self.sys.global_cpu_usage()) / 100.0 * cpus * 1000.0) as u64,
+            cpu_usage_milli: (f64::from(self.sys.global_cpu_usage()) / 100.0 * cpus * 1000.0)
+                as u64,
             memory_used_bytes: self.sys.used_memory(),
             storage_used_bytes: used_storage,
         }

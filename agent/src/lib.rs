@@ -56,18 +56,25 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
         tenant_gid,
         listen_host: settings.listen_host,
         pids_max: settings.pids_max,
+        changed: tokio::sync::Notify::new(),
     })
 }
 
 /// Runs the agent until `shutdown` resolves. Tenants keep running afterwards unless
 /// `stop_tenants_on_exit` is set: restarting the agent never restarts a tenant.
-pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+pub async fn run(
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
     let host = Arc::new(prepare_host(&settings)?);
     let mut tenants = reconcile::Tenants::new(host.clone());
     tenants.resume_from_disk();
     let reporter = report::Reporter::new(settings.clone(), host)?;
     reporter.run(&mut tenants, shutdown).await;
-    info!(stop_tenants = settings.stop_tenants_on_exit, "agent stopping");
+    info!(
+        stop_tenants = settings.stop_tenants_on_exit,
+        "agent stopping"
+    );
     tenants.shutdown(settings.stop_tenants_on_exit).await;
     Ok(())
 }

@@ -9,7 +9,10 @@ use dormant_agent::config::{FileConfig, Settings};
 use dormant_common::telemetry::{self, LogFormat};
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Dormant's host agent: runs and supervises this host's tenants")]
+#[command(
+    version,
+    about = "Dormant's host agent: runs and supervises this host's tenants"
+)]
 struct Args {
     /// TOML config file; flags override its keys.
     #[arg(long, env = "DORMANT_AGENT_CONFIG")]

@@ -192,12 +192,13 @@ impl Watched {
         let fd = pidfd_open(pid)?;
         // SAFETY: the OwnedFd moves into the AsyncFd, which owns it until dropped, so the
         // registered descriptor stays open and unchanged for the AsyncFd's whole life.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| {
-            SpawnError::PidFd {
-                pid,
-                source: std::io::Error::other(e.to_string()),
-            }
-        })?;
+        let fd =
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| {
+                SpawnError::PidFd {
+                    pid,
+                    source: std::io::Error::other(e.to_string()),
+                }
+            })?;
         Ok(Self {
             pid: Pid::from_raw(pid),
             fd,

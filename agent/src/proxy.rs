@@ -91,7 +91,10 @@ async fn forward(
     mut ready: watch::Receiver<bool>,
     stats: Arc<ProxyStats>,
 ) {
-    if tokio::time::timeout(READY_WAIT, ready.wait_for(|r| *r)).await.is_err() {
+    if tokio::time::timeout(READY_WAIT, ready.wait_for(|r| *r))
+        .await
+        .is_err()
+    {
         debug!(%peer, "engine not ready in time; closing client connection");
         return;
     }
@@ -143,6 +146,9 @@ mod tests {
         assert_eq!(&buf, b"pong");
         drop(handle);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(TcpStream::connect(addr).await.is_err(), "port closed after drop");
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "port closed after drop"
+        );
     }
 }

@@ -45,7 +45,8 @@ pub fn plan(desired: &Desired, present: &BTreeMap<TenantName, Present>) -> Vec<A
         if p.deleting {
             continue;
         }
-        let keep = matches!(desired.tenants.get(name), Some(Want::Running(spec)) if spec.uid == p.uid);
+        let keep =
+            matches!(desired.tenants.get(name), Some(Want::Running(spec)) if spec.uid == p.uid);
         if !keep {
             actions.push(Action::Delete(name.clone()));
         }
@@ -171,7 +172,10 @@ mod tests {
     #[test]
     fn plan_starts_missing_tenant() {
         let d = desired(vec![("a", Want::Running(spec("a", 1)))]);
-        assert_eq!(plan(&d, &present(vec![])), vec![Action::Start(spec("a", 1))]);
+        assert_eq!(
+            plan(&d, &present(vec![])),
+            vec![Action::Start(spec("a", 1))]
+        );
     }
 
     #[test]
@@ -199,8 +203,14 @@ mod tests {
     #[test]
     fn plan_replaces_a_recreated_tenant_only_after_the_old_one_is_gone() {
         let d = desired(vec![("a", Want::Running(spec("a", 2)))]);
-        assert_eq!(plan(&d, &present(vec![("a", 1, false)])), vec![Action::Delete(name("a"))]);
+        assert_eq!(
+            plan(&d, &present(vec![("a", 1, false)])),
+            vec![Action::Delete(name("a"))]
+        );
         assert!(plan(&d, &present(vec![("a", 1, true)])).is_empty());
-        assert_eq!(plan(&d, &present(vec![])), vec![Action::Start(spec("a", 2))]);
+        assert_eq!(
+            plan(&d, &present(vec![])),
+            vec![Action::Start(spec("a", 2))]
+        );
     }
 }

@@ -86,6 +86,7 @@ impl Reporter {
         let observed = tenants
             .handles
             .iter()
+            .filter(|(_, h)| !h.is_finished())
             .map(|(name, h)| {
                 let o = h.observed();
                 let state = if h.is_deleting() {
@@ -119,23 +120,29 @@ impl Reporter {
     }
 
     /// Registers, then heartbeats until `shutdown` resolves; reconciles after every answer.
-    pub async fn run(mut self, tenants: &mut Tenants, shutdown: impl std::future::Future<Output = ()>) {
+    pub async fn run(
+        mut self,
+        tenants: &mut Tenants,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
         tokio::pin!(shutdown);
         let mut registered = false;
         let mut interval = tokio::time::interval(self.settings.heartbeat_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures = 0u32;
         loop {
+            // A tenant changing state reports at once instead of waiting for the next tick.
             tokio::select! {
                 _ = &mut shutdown => return,
                 _ = interval.tick() => {}
+                _ = self.host.changed.notified() => {}
             }
             if !registered {
                 match self.register().await {
                     Ok(()) => registered = true,
                     Err(e) => {
                         failures += 1;
-                        if failures == 1 || failures % 30 == 0 {
+                        if failures == 1 || failures.is_multiple_of(30) {
                             warn!(error = %e.message(), "cannot register with the scheduler; retrying");
                         }
                         continue;
@@ -156,7 +163,7 @@ impl Reporter {
                 }
                 Err(e) => {
                     failures += 1;
-                    if failures == 1 || failures % 30 == 0 {
+                    if failures == 1 || failures.is_multiple_of(30) {
                         warn!(error = %e.message(), "heartbeat failed; tenants keep running");
                     }
                 }

@@ -44,6 +44,8 @@ pub struct Observed {
     pub reason: Option<String>,
     pub restarts: u64,
     pub pid: Option<i32>,
+    /// Deleted: nothing of the tenant is left on this host.
+    pub gone: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +101,7 @@ impl TenantHandle {
             reason: None,
             restarts: 0,
             pid: None,
+            gone: false,
         });
         let (requests, rx) = mpsc::unbounded_channel();
         let cgroup = host.cgroups.tenant(&spec.name);
@@ -134,9 +137,9 @@ impl TenantHandle {
         self.deleting
     }
 
-    /// True once the task has ended (after a delete: everything is gone).
+    /// True once a delete has removed everything, or the task has ended.
     pub fn is_finished(&self) -> bool {
-        self.task.is_finished()
+        self.status.borrow().gone || self.task.is_finished()
     }
 
     pub fn observed(&self) -> Observed {
@@ -179,13 +182,18 @@ fn io_err<'a>(
 
 impl Supervisor {
     fn set(&self, state: TenantState, reason: Option<String>) {
+        let mut changed = false;
         self.status.send_modify(|o| {
             if o.state != state {
                 info!(tenant_id = %self.spec.name, from = %o.state, to = %state, reason = reason.as_deref().unwrap_or(""), "tenant state");
+                changed = true;
             }
             o.state = state;
             o.reason = reason;
         });
+        if changed {
+            self.host.changed.notify_one();
+        }
     }
 
     fn context(&self) -> TenantContext {
@@ -205,6 +213,8 @@ impl Supervisor {
                 self.set(TenantState::Deleting, None);
                 self.teardown(engine).await;
                 info!("tenant deleted from this host");
+                self.status.send_modify(|o| o.gone = true);
+                self.host.changed.notify_one();
             }
             Request::Shutdown { stop_engine } => {
                 if stop_engine {
@@ -271,12 +281,18 @@ impl Supervisor {
                     Some(format!("{reason} ({failures} failures in a row)")),
                 );
                 let req = requests.recv().await;
-                return (req.unwrap_or(Request::Shutdown { stop_engine: false }), None);
+                return (
+                    req.unwrap_or(Request::Shutdown { stop_engine: false }),
+                    None,
+                );
             }
             let backoff = BACKOFF_START
                 .saturating_mul(1 << (failures - 1).min(16))
                 .min(BACKOFF_MAX);
-            self.set(TenantState::Starting, Some(format!("restarting after: {reason}")));
+            self.set(
+                TenantState::Starting,
+                Some(format!("restarting after: {reason}")),
+            );
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 req = requests.recv() => return (req.unwrap_or(Request::Shutdown { stop_engine: false }), None),
@@ -326,7 +342,8 @@ impl Supervisor {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(io_err("chmod", dir))?;
         }
-        let record = serde_json::to_vec(&self.spec).map_err(|e| io_err("encode", &p.dir)(std::io::Error::other(e)))?;
+        let record = serde_json::to_vec(&self.spec)
+            .map_err(|e| io_err("encode", &p.dir)(std::io::Error::other(e)))?;
         let record_path = p.record();
         process::write_private_file(
             &record_path,
@@ -390,7 +407,11 @@ impl Supervisor {
         Ok(())
     }
 
-    async fn run_init_commands(&self, engine: &EngineTemplate, ctx: &TenantContext) -> Result<(), TenantError> {
+    async fn run_init_commands(
+        &self,
+        engine: &EngineTemplate,
+        ctx: &TenantContext,
+    ) -> Result<(), TenantError> {
         for argv in &engine.init {
             let argv = ctx.fill_argv(argv);
             let child = process::spawn(&SpawnRequest {
@@ -415,7 +436,11 @@ impl Supervisor {
 
     /// The engine process left running by an earlier agent, if it is still in our cgroup.
     fn adopt(&self) -> Option<Watched> {
-        let pid: i32 = std::fs::read_to_string(self.paths.pid_file()).ok()?.trim().parse().ok()?;
+        let pid: i32 = std::fs::read_to_string(self.paths.pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         if !self.cgroup.pids().ok()?.contains(&pid) {
             return None;
         }
@@ -439,7 +464,11 @@ impl Supervisor {
         Ok(watched)
     }
 
-    async fn wait_ready(&self, engine: &EngineTemplate, watched: &Watched) -> Result<(), TenantError> {
+    async fn wait_ready(
+        &self,
+        engine: &EngineTemplate,
+        watched: &Watched,
+    ) -> Result<(), TenantError> {
         let ctx = self.context();
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -447,9 +476,11 @@ impl Supervisor {
                 Readiness::PidFileStatus(path) => std::fs::read_to_string(ctx.fill_path(path))
                     .map(|c| postgres::pid_file_says_ready(&c))
                     .unwrap_or(false),
-                Readiness::SocketAccepts => tokio::net::UnixStream::connect(ctx.fill_path(&engine.socket))
-                    .await
-                    .is_ok(),
+                Readiness::SocketAccepts => {
+                    tokio::net::UnixStream::connect(ctx.fill_path(&engine.socket))
+                        .await
+                        .is_ok()
+                }
             };
             if ready {
                 return Ok(());
@@ -471,10 +502,12 @@ impl Supervisor {
         let cgroup = self.host.cgroups.tenant(&self.spec.name);
         tokio::task::spawn_blocking(move || cgroup.kill_all())
             .await
-            .unwrap_or_else(|e| Err(CgroupError::Io {
-                path: Default::default(),
-                source: std::io::Error::other(e),
-            }))
+            .unwrap_or_else(|e| {
+                Err(CgroupError::Io {
+                    path: Default::default(),
+                    source: std::io::Error::other(e),
+                })
+            })
     }
 
     /// Graceful stop with the engine's signal, then SIGKILL for whatever is left.
@@ -483,7 +516,9 @@ impl Supervisor {
         let engine = engine.or_else(|| self.adopt());
         if let (Some(w), Some(t)) = (&engine, template) {
             if w.signal(t.stop_signal).is_ok()
-                && tokio::time::timeout(t.stop_timeout, w.exited()).await.is_ok()
+                && tokio::time::timeout(t.stop_timeout, w.exited())
+                    .await
+                    .is_ok()
             {
                 info!(pid = w.pid(), "engine stopped");
             }

@@ -21,7 +21,9 @@ pub enum QuantityError {
 }
 
 /// CPU in thousandths of a core: `500` is half a core.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct MilliCpu(pub u64);
 
 impl MilliCpu {
@@ -76,7 +78,7 @@ impl MilliCpu {
 
 impl fmt::Display for MilliCpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 % 1000 == 0 {
+        if self.0.is_multiple_of(1000) {
             write!(f, "{}", self.0 / 1000)
         } else {
             let s = format!("{}.{:03}", self.0 / 1000, self.0 % 1000);
@@ -86,7 +88,9 @@ impl fmt::Display for MilliCpu {
 }
 
 /// A size in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct Bytes(pub u64);
 
 const UNITS: &[(&str, u64)] = &[
@@ -145,12 +149,37 @@ impl Bytes {
 impl fmt::Display for Bytes {
     /// The largest binary unit that divides the size exactly, so `Display` then `parse` round-trips.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (unit, mult) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if self.0 >= mult && self.0 % mult == 0 {
+        for (unit, mult) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
+            if self.0 >= mult && self.0.is_multiple_of(mult) {
                 return write!(f, "{}{unit}", self.0 / mult);
             }
         }
         write!(f, "{}B", self.0)
+    }
+}
+
+impl Bytes {
+    /// A short size for people: `23.04GiB`, `512MiB`, `100B` (not meant to be parsed back).
+    pub fn human(self) -> String {
+        for (unit, mult) in [
+            ("TiB", 1u64 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ] {
+            if self.0 >= mult {
+                if self.0.is_multiple_of(mult) {
+                    return format!("{}{unit}", self.0 / mult);
+                }
+                return format!("{:.2}{unit}", self.0 as f64 / mult as f64);
+            }
+        }
+        format!("{}B", self.0)
     }
 }
 
@@ -208,15 +237,36 @@ mod tests {
 
     #[test]
     fn bytes_refuse_zero_negative_unknown_units_and_overflow() {
-        for bad in ["0", "0GiB", "-1GiB", "1XB", "GiB", "1.5GiB", "", "99999999999TiB"] {
+        for bad in [
+            "0",
+            "0GiB",
+            "-1GiB",
+            "1XB",
+            "GiB",
+            "1.5GiB",
+            "",
+            "99999999999TiB",
+        ] {
             let err = Bytes::parse("storage", bad).unwrap_err().to_string();
             assert!(err.starts_with("storage:"), "{bad}: {err}");
         }
     }
 
     #[test]
+    fn bytes_human_is_short() {
+        assert_eq!(Bytes(24159368 << 10).human(), "23.04GiB");
+        assert_eq!(Bytes(512 << 20).human(), "512MiB");
+        assert_eq!(Bytes(0).human(), "0B");
+    }
+
+    #[test]
     fn bytes_display_round_trips() {
-        for b in [Bytes(512 << 20), Bytes(10 << 30), Bytes(1000), Bytes(3 << 10)] {
+        for b in [
+            Bytes(512 << 20),
+            Bytes(10 << 30),
+            Bytes(1000),
+            Bytes(3 << 10),
+        ] {
             assert_eq!(Bytes::parse("x", &b.to_string()).unwrap(), b);
         }
     }

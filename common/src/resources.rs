@@ -34,6 +34,10 @@ impl Resources {
     }
 
     /// Each dimension scaled by `ratio` (the overcommit ratio), rounded down.
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "rounding down to whole units is the intent; ratios are small"
+    )]
     pub fn scaled(self, ratio: f64) -> Resources {
         let scale = |v: u64| (v as f64 * ratio) as u64;
         Resources {

@@ -63,10 +63,13 @@ impl Settings {
             .listen
             .or(file.listen)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7400)));
-        let data_dir = cli.data_dir.or(file.data_dir).ok_or(SettingsError::Missing {
-            field: "data_dir",
-            flag: "data-dir",
-        })?;
+        let data_dir = cli
+            .data_dir
+            .or(file.data_dir)
+            .ok_or(SettingsError::Missing {
+                field: "data_dir",
+                flag: "data-dir",
+            })?;
         let overcommit_ratio = cli
             .overcommit_ratio
             .or(file.overcommit_ratio)

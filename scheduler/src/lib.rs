@@ -11,6 +11,9 @@ pub mod liveness;
 pub mod network;
 pub mod placement;
 pub mod state;
+// openraft's storage traits fix the error type to its (large) `StorageError`; boxing it in our
+// helpers would only add a conversion at every trait boundary.
+#[allow(clippy::result_large_err)]
 pub mod store;
 
 use std::io::Cursor;

@@ -55,7 +55,10 @@ pub fn check(
     if !node.engines.contains(engine) {
         return Err(format!("{}: does not offer engine {engine}", node.id));
     }
-    let free = node.capacity.scaled(overcommit).saturating_sub(view.allocated);
+    let free = node
+        .capacity
+        .scaled(overcommit)
+        .saturating_sub(view.allocated);
     if resources.cpu > free.cpu {
         return Err(format!(
             "{}: {} CPU free, {} asked",
@@ -146,7 +149,10 @@ mod tests {
 
     #[test]
     fn place_binpack_prefers_the_fuller_node() {
-        let nodes = [node("a", res(2000, 4096, 100)), node("b", res(2000, 4096, 100))];
+        let nodes = [
+            node("a", res(2000, 4096, 100)),
+            node("b", res(2000, 4096, 100)),
+        ];
         let v = views(&nodes, &[res(0, 0, 0), res(1000, 0, 0)]);
         let chosen = place("postgres", &res(500, 512, 1), &v, Policy::BinPack, 1.0).unwrap();
         assert_eq!(chosen.as_str(), "b");
@@ -167,12 +173,21 @@ mod tests {
 
     #[test]
     fn place_explains_missing_engine_and_cpu() {
-        let nodes = [node("a", res(1000, 4096, 100)), node("b", res(1000, 4096, 100))];
+        let nodes = [
+            node("a", res(1000, 4096, 100)),
+            node("b", res(1000, 4096, 100)),
+        ];
         let v = views(&nodes, &[res(600, 0, 0), res(0, 0, 0)]);
         let err = place("redis", &res(500, 1, 1), &v, Policy::BinPack, 1.0).unwrap_err();
-        assert!(err.to_string().contains("a: does not offer engine redis"), "{err}");
+        assert!(
+            err.to_string().contains("a: does not offer engine redis"),
+            "{err}"
+        );
         let err = place("postgres", &res(1500, 1, 1), &v, Policy::BinPack, 1.0).unwrap_err();
-        assert!(err.to_string().contains("a: 0.4 CPU free, 1.5 asked"), "{err}");
+        assert!(
+            err.to_string().contains("a: 0.4 CPU free, 1.5 asked"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -94,7 +94,9 @@ pub enum Command {
         reason: String,
     },
     /// Mark a tenant for deletion; a pending one goes at once.
-    DeleteTenant { name: TenantName },
+    DeleteTenant {
+        name: TenantName,
+    },
     /// An agent reported a tenant's state changed.
     ObserveTenant {
         node: NodeName,
@@ -104,7 +106,10 @@ pub enum Command {
         reason: Option<String>,
     },
     /// The tenant's node confirmed it is gone.
-    RemoveTenant { name: TenantName, uid: u64 },
+    RemoveTenant {
+        name: TenantName,
+        uid: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,11 +148,15 @@ pub struct ClusterState {
 impl ClusterState {
     /// Resources reserved on `node` by the tenants placed there (deleting ones too, until gone).
     pub fn allocated(&self, node: &NodeName) -> Resources {
-        self.tenants_on(node)
-            .fold(Resources::default(), |acc, t| acc.saturating_add(t.resources))
+        self.tenants_on(node).fold(Resources::default(), |acc, t| {
+            acc.saturating_add(t.resources)
+        })
     }
 
-    pub fn tenants_on<'a>(&'a self, node: &'a NodeName) -> impl Iterator<Item = &'a TenantRecord> + 'a {
+    pub fn tenants_on<'a>(
+        &'a self,
+        node: &'a NodeName,
+    ) -> impl Iterator<Item = &'a TenantRecord> + 'a {
         self.tenants
             .values()
             .filter(move |t| t.node.as_ref() == Some(node))
@@ -387,9 +396,14 @@ mod tests {
     #[test]
     fn create_on_node_gets_lowest_free_port_and_starting_state() {
         let mut st = ClusterState::default();
-        st.apply(1, Command::RegisterNode(node("a", res(2000, 4096, 100)))).unwrap();
-        let Outcome::Tenant(t1) = create(&mut st, 2, "t1", Some("a")).unwrap() else { panic!() };
-        let Outcome::Tenant(t2) = create(&mut st, 3, "t2", Some("a")).unwrap() else { panic!() };
+        st.apply(1, Command::RegisterNode(node("a", res(2000, 4096, 100))))
+            .unwrap();
+        let Outcome::Tenant(t1) = create(&mut st, 2, "t1", Some("a")).unwrap() else {
+            panic!()
+        };
+        let Outcome::Tenant(t2) = create(&mut st, 3, "t2", Some("a")).unwrap() else {
+            panic!()
+        };
         assert_eq!((t1.port, t2.port), (Some(20000), Some(20001)));
         assert_eq!(t1.state, TenantState::Starting);
         assert_eq!(t1.uid, 2);
@@ -411,9 +425,12 @@ mod tests {
     #[test]
     fn stale_create_placement_leaves_tenant_pending_with_reason() {
         let mut st = ClusterState::default();
-        st.apply(1, Command::RegisterNode(node("a", res(500, 4096, 100)))).unwrap();
+        st.apply(1, Command::RegisterNode(node("a", res(500, 4096, 100))))
+            .unwrap();
         create(&mut st, 2, "t1", Some("a")).unwrap();
-        let Outcome::Tenant(t2) = create(&mut st, 3, "t2", Some("a")).unwrap() else { panic!() };
+        let Outcome::Tenant(t2) = create(&mut st, 3, "t2", Some("a")).unwrap() else {
+            panic!()
+        };
         assert_eq!(t2.state, TenantState::Pending);
         assert!(t2.reason.unwrap().contains("CPU"));
     }
@@ -422,7 +439,8 @@ mod tests {
     fn stale_assignment_is_refused_never_applied() {
         let mut st = ClusterState::default();
         create(&mut st, 1, "t1", None).unwrap();
-        st.apply(2, Command::RegisterNode(node("a", res(100, 4096, 100)))).unwrap();
+        st.apply(2, Command::RegisterNode(node("a", res(100, 4096, 100))))
+            .unwrap();
         let before = st.clone();
         let err = st
             .apply(
@@ -444,10 +462,17 @@ mod tests {
         let mut st = ClusterState::default();
         create(&mut st, 1, "p", None).unwrap();
         let name = |n: &str| TenantName::parse(n).unwrap();
-        assert_eq!(st.apply(2, Command::DeleteTenant { name: name("p") }), Ok(Outcome::Removed));
-        st.apply(3, Command::RegisterNode(node("a", res(2000, 4096, 100)))).unwrap();
+        assert_eq!(
+            st.apply(2, Command::DeleteTenant { name: name("p") }),
+            Ok(Outcome::Removed)
+        );
+        st.apply(3, Command::RegisterNode(node("a", res(2000, 4096, 100))))
+            .unwrap();
         create(&mut st, 4, "t", Some("a")).unwrap();
-        let Outcome::Tenant(t) = st.apply(5, Command::DeleteTenant { name: name("t") }).unwrap() else {
+        let Outcome::Tenant(t) = st
+            .apply(5, Command::DeleteTenant { name: name("t") })
+            .unwrap()
+        else {
             panic!()
         };
         assert_eq!((t.state, t.deleted_at), (TenantState::Deleting, Some(5)));
@@ -465,7 +490,13 @@ mod tests {
         .unwrap();
         assert_eq!(st.tenants[&name("t")].state, TenantState::Deleting);
         assert_eq!(
-            st.apply(7, Command::RemoveTenant { name: name("t"), uid: 4 }),
+            st.apply(
+                7,
+                Command::RemoveTenant {
+                    name: name("t"),
+                    uid: 4
+                }
+            ),
             Ok(Outcome::Removed)
         );
         assert!(st.tenants.is_empty());

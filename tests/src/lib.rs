@@ -1,1 +1,39 @@
-//! placeholder
+//! The end-to-end harness: runs the real `dormant-scheduler`, `dormant-agent` and `dormantctl`
+//! binaries as child processes, each test with its own state directory, ports and cgroup parent.
+//! Guards own everything a test starts and clean it up in `Drop`, also when the test fails:
+//! processes by PID (kill, then wait), tenant engines by the PIDs in the test's cgroups, cgroup
+//! directories, temporary directories.
+
+pub mod cluster;
+pub mod process;
+pub mod wait;
+
+pub use cluster::{Cluster, ClusterOptions, CtlOutput};
+pub use wait::wait_until;
+
+/// Whether the test can run: needs root. Under `CI=true` a missing root fails the test instead of
+/// skipping it.
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test} needs root (cgroups, tenant users) and CI=true forbids skipping");
+    }
+    eprintln!("SKIPPED {test}: needs root");
+    false
+}
+
+/// Runs `psql` (a real PostgreSQL client) against `uri`; returns its trimmed output or stderr.
+pub fn psql(uri: &str, sql: &str) -> Result<String, String> {
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", uri, "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .map_err(|e| format!("run psql: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}

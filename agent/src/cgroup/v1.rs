@@ -76,7 +76,13 @@ impl V1Cgroup {
     /// Each distinct directory once (co-mounted controllers share one).
     fn dirs(&self) -> Vec<&Path> {
         let mut dirs: Vec<&Path> = Vec::new();
-        for d in [&self.cpu, &self.cpuacct, &self.memory, &self.pids, &self.freezer] {
+        for d in [
+            &self.cpu,
+            &self.cpuacct,
+            &self.memory,
+            &self.pids,
+            &self.freezer,
+        ] {
             let canonical = std::fs::canonicalize(d).ok();
             let dup = dirs.iter().any(|seen| {
                 *seen == d.as_path()
@@ -102,7 +108,10 @@ impl TenantCgroup for V1Cgroup {
     }
 
     fn apply(&self, limits: &Limits) -> Result<(), CgroupError> {
-        write_file(&self.cpu.join("cpu.cfs_period_us"), &CFS_PERIOD_US.to_string())?;
+        write_file(
+            &self.cpu.join("cpu.cfs_period_us"),
+            &CFS_PERIOD_US.to_string(),
+        )?;
         let quota = (limits.milli_cpu * CFS_PERIOD_US / 1000).max(1000);
         write_file(&self.cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
         // memory+swap must stay >= memory: when lowering, set memory first; when raising,
@@ -130,7 +139,10 @@ impl TenantCgroup for V1Cgroup {
     }
 
     fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs().into_iter().map(|d| d.join("cgroup.procs")).collect()
+        self.dirs()
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
     }
 
     fn pids(&self) -> Result<Vec<i32>, CgroupError> {
@@ -208,7 +220,10 @@ mod tests {
         }
 
         fn tenant_dir(&self, controller: &str) -> PathBuf {
-            self.dir.path().join(controller).join("dormant/tenants/acme")
+            self.dir
+                .path()
+                .join(controller)
+                .join("dormant/tenants/acme")
         }
     }
 
@@ -227,7 +242,10 @@ mod tests {
         let read = |c: &str, f: &str| std::fs::read_to_string(fake.tenant_dir(c).join(f)).unwrap();
         assert_eq!(read("cpu", "cpu.cfs_period_us"), "100000");
         assert_eq!(read("cpu", "cpu.cfs_quota_us"), "50000");
-        assert_eq!(read("memory", "memory.limit_in_bytes"), (512u64 << 20).to_string());
+        assert_eq!(
+            read("memory", "memory.limit_in_bytes"),
+            (512u64 << 20).to_string()
+        );
         assert_eq!(read("pids", "pids.max"), "128");
         assert_eq!(cg.procs_files().len(), 5);
     }
@@ -246,8 +264,16 @@ mod tests {
         let driver = V1Driver::new(fake.dir.path(), Path::new("dormant/tenants")).unwrap();
         let cg = driver.tenant(&TenantName::parse("acme").unwrap());
         cg.create().unwrap();
-        std::fs::write(fake.tenant_dir("cpuacct").join("cpuacct.usage"), "2500000\n").unwrap();
-        std::fs::write(fake.tenant_dir("memory").join("memory.usage_in_bytes"), "4096\n").unwrap();
+        std::fs::write(
+            fake.tenant_dir("cpuacct").join("cpuacct.usage"),
+            "2500000\n",
+        )
+        .unwrap();
+        std::fs::write(
+            fake.tenant_dir("memory").join("memory.usage_in_bytes"),
+            "4096\n",
+        )
+        .unwrap();
         std::fs::write(
             fake.tenant_dir("memory").join("memory.oom_control"),
             "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
@@ -278,7 +304,8 @@ mod tests {
             pids_max: 1,
         })
         .unwrap();
-        let quota = std::fs::read_to_string(fake.dir.path().join("cpu/p/acme/cpu.cfs_quota_us")).unwrap();
+        let quota =
+            std::fs::read_to_string(fake.dir.path().join("cpu/p/acme/cpu.cfs_quota_us")).unwrap();
         assert_eq!(quota, "1000");
     }
 }

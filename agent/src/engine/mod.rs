@@ -84,8 +84,14 @@ mod tests {
     fn context_fills_placeholders_and_sizes_by_memory() {
         let ctx = TenantContext::new(Path::new("/d"), Path::new("/r"), "pw", 256 << 20);
         assert_eq!(ctx.fill("{data}/pgdata"), "/d/pgdata");
-        assert_eq!(ctx.fill("shared_buffers={shared_buffers_mb}MB"), "shared_buffers=64MB");
-        assert_eq!(ctx.fill("max_connections={max_connections}"), "max_connections=32");
+        assert_eq!(
+            ctx.fill("shared_buffers={shared_buffers_mb}MB"),
+            "shared_buffers=64MB"
+        );
+        assert_eq!(
+            ctx.fill("max_connections={max_connections}"),
+            "max_connections=32"
+        );
         assert_eq!(ctx.fill("{unknown}"), "{unknown}");
     }
 }

@@ -10,7 +10,10 @@ use dormant_scheduler::config::{FileConfig, Settings};
 use dormant_scheduler::placement::Policy;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Dormant's scheduler: one replica of the Raft cluster")]
+#[command(
+    version,
+    about = "Dormant's scheduler: one replica of the Raft cluster"
+)]
 struct Args {
     /// TOML config file; flags override its keys.
     #[arg(long, env = "DORMANT_SCHEDULER_CONFIG")]

@@ -12,7 +12,12 @@ use dormant_scheduler::ctl::{self, output, CtlError};
 #[command(version, about = "Operate a Dormant cluster")]
 struct Cli {
     /// Scheduler to talk to (any replica).
-    #[arg(long, global = true, env = "DORMANT_SCHEDULER", default_value = "http://127.0.0.1:7400")]
+    #[arg(
+        long,
+        global = true,
+        env = "DORMANT_SCHEDULER",
+        default_value = "http://127.0.0.1:7400"
+    )]
     scheduler: String,
     /// Output format of read commands.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
@@ -60,13 +65,13 @@ enum TenantCmd {
         #[arg(long)]
         engine: String,
         /// Cores: 0.5, 2, 250m.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         cpu: String,
         /// 512MiB, 2GiB.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         memory: String,
         /// 1GiB, 10GiB.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         storage: String,
         /// Return at once instead of waiting until the tenant runs.
         #[arg(long)]
@@ -158,11 +163,10 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             let creds = created.credentials.unwrap_or_default();
             let mut tenant = created.tenant.unwrap_or_default();
             if !no_wait && tenant.state != "pending" {
-                let done = |r: Result<&pb::Tenant, &tonic::Status>| {
-                    matches!(r, Ok(t) if t.state == "running" || t.state == "failed" || t.state == "pending")
-                };
+                let done = |r: Result<&pb::Tenant, &tonic::Status>| matches!(r, Ok(t) if t.state == "running" || t.state == "failed" || t.state == "pending");
                 if let Some(t) =
-                    ctl::wait_for_tenant(&mut client, &name, timeout, "the tenant to run", done).await?
+                    ctl::wait_for_tenant(&mut client, &name, timeout, "the tenant to run", done)
+                        .await?
                 {
                     tenant = t;
                 }
@@ -174,13 +178,19 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             } else {
                 println!("{}", output::tenants_table(std::slice::from_ref(&tenant)));
                 if creds.uri.is_empty() {
-                    println!("\npassword: {} (no endpoint yet: {})", creds.password, tenant.reason);
+                    println!(
+                        "\npassword: {} (no endpoint yet: {})",
+                        creds.password, tenant.reason
+                    );
                 } else {
                     println!("\nconnect: {}", creds.uri);
                 }
             }
             if tenant.state == "failed" {
-                return Err(CtlError::Other(format!("tenant {name} failed: {}", tenant.reason)));
+                return Err(CtlError::Other(format!(
+                    "tenant {name} failed: {}",
+                    tenant.reason
+                )));
             }
         }
         Top::Tenant(TenantCmd::Get { name }) => {
@@ -216,11 +226,15 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 .await?
                 .into_inner();
             if !no_wait && t.state != "deleted" {
-                let gone = |r: Result<&pb::Tenant, &tonic::Status>| {
-                    matches!(r, Err(s) if s.code() == tonic::Code::NotFound)
-                };
-                ctl::wait_for_tenant(&mut client, &name, timeout, "the tenant to be deleted", gone)
-                    .await?;
+                let gone = |r: Result<&pb::Tenant, &tonic::Status>| matches!(r, Err(s) if s.code() == tonic::Code::NotFound);
+                ctl::wait_for_tenant(
+                    &mut client,
+                    &name,
+                    timeout,
+                    "the tenant to be deleted",
+                    gone,
+                )
+                .await?;
             }
             if json {
                 print_json(&serde_json::json!({"name": name, "deleted": !no_wait}));
@@ -238,13 +252,19 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             if json {
                 print_json(&output::credentials_json(&c));
             } else if c.uri.is_empty() {
-                println!("user: {}\npassword: {}\n(no endpoint yet)", c.user, c.password);
+                println!(
+                    "user: {}\npassword: {}\n(no endpoint yet)",
+                    c.user, c.password
+                );
             } else {
                 println!("{}", c.uri);
             }
         }
         Top::Node(NodeCmd::List) => {
-            let list = client.list_nodes(pb::ListNodesRequest {}).await?.into_inner();
+            let list = client
+                .list_nodes(pb::ListNodesRequest {})
+                .await?
+                .into_inner();
             if json {
                 let v: Vec<_> = list.nodes.iter().map(output::node_json).collect();
                 print_json(&serde_json::Value::Array(v));

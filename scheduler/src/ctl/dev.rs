@@ -111,8 +111,15 @@ pub async fn run(opts: DevOptions) -> Result<(), CtlError> {
         )));
     }
 
-    println!("Dormant is running: one scheduler and one agent, state under {}", dir.display());
-    println!("Logs: {}/scheduler.log, {}/agent.log", dir.display(), dir.display());
+    println!(
+        "Dormant is running: one scheduler and one agent, state under {}",
+        dir.display()
+    );
+    println!(
+        "Logs: {}/scheduler.log, {}/agent.log",
+        dir.display(),
+        dir.display()
+    );
     println!();
     println!("In another terminal:");
     println!("  export DORMANT_SCHEDULER={url}");

@@ -115,8 +115,8 @@ fn res_cells(r: Option<&pb::Resources>) -> [String; 3] {
     let r = r.cloned().unwrap_or_default();
     [
         MilliCpu(r.milli_cpu).to_string(),
-        Bytes(r.memory_bytes).to_string(),
-        Bytes(r.storage_bytes).to_string(),
+        Bytes(r.memory_bytes).human(),
+        Bytes(r.storage_bytes).human(),
     ]
 }
 
@@ -139,7 +139,9 @@ pub fn tenants_table(tenants: &[pb::Tenant]) -> String {
         })
         .collect();
     table(
-        &["NAME", "ENGINE", "STATE", "NODE", "ENDPOINT", "CPU", "MEMORY", "STORAGE", "REASON"],
+        &[
+            "NAME", "ENGINE", "STATE", "NODE", "ENDPOINT", "CPU", "MEMORY", "STORAGE", "REASON",
+        ],
         &rows,
     )
 }
@@ -164,7 +166,9 @@ pub fn nodes_table(nodes: &[pb::Node]) -> String {
         })
         .collect();
     table(
-        &["ID", "ADDRESS", "STATUS", "CPU", "MEMORY", "STORAGE", "TENANTS", "ENGINES", "CGROUP"],
+        &[
+            "ID", "ADDRESS", "STATUS", "CPU", "MEMORY", "STORAGE", "TENANTS", "ENGINES", "CGROUP",
+        ],
         &rows,
     )
 }
@@ -182,9 +186,19 @@ pub fn cluster_table(c: &pb::ClusterStatusResponse) -> String {
     let rows: Vec<Vec<String>> = c
         .members
         .iter()
-        .map(|m| vec![m.id.to_string(), m.address.clone(), m.role.clone(), m.lag.to_string()])
+        .map(|m| {
+            vec![
+                m.id.to_string(),
+                m.address.clone(),
+                m.role.clone(),
+                m.lag.to_string(),
+            ]
+        })
         .collect();
-    format!("{head}\n{}", table(&["ID", "ADDRESS", "ROLE", "LAG"], &rows))
+    format!(
+        "{head}\n{}",
+        table(&["ID", "ADDRESS", "ROLE", "LAG"], &rows)
+    )
 }
 
 #[cfg(test)]

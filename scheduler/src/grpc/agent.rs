@@ -40,10 +40,9 @@ fn parse_registration(req: pb::RegisterRequest) -> Result<NodeRecord, Status> {
         ));
     }
     let port = |v: u32, field: &str| {
-        u16::try_from(v)
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| Status::invalid_argument(format!("{field}: {v} is not a TCP port (1-65535)")))
+        u16::try_from(v).ok().filter(|p| *p > 0).ok_or_else(|| {
+            Status::invalid_argument(format!("{field}: {v} is not a TCP port (1-65535)"))
+        })
     };
     let start = port(req.port_range_start, "port_range_start")?;
     let end = port(req.port_range_end, "port_range_end")?;
@@ -92,18 +91,27 @@ impl AgentApi for AgentService {
         }
         let mut observed = Vec::with_capacity(req.tenants.len());
         for t in &req.tenants {
-            let name = TenantName::parse(&t.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let state: TenantState = t
-                .state
-                .parse()
-                .map_err(|e: dormant_common::state::UnknownState| Status::invalid_argument(e.to_string()))?;
-            observed.push((name, t.uid, state, t.reason.clone(), t.usage.clone().unwrap_or_default()));
+            let name =
+                TenantName::parse(&t.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let state: TenantState =
+                t.state
+                    .parse()
+                    .map_err(|e: dormant_common::state::UnknownState| {
+                        Status::invalid_argument(e.to_string())
+                    })?;
+            observed.push((
+                name,
+                t.uid,
+                state,
+                t.reason.clone(),
+                t.usage.unwrap_or_default(),
+            ));
         }
         self.app.liveness().observe(
             &node,
             Instant::now(),
-            req.usage.clone().unwrap_or_default(),
-            observed.iter().map(|(n, _, _, _, u)| (n.clone(), u.clone())),
+            req.usage.unwrap_or_default(),
+            observed.iter().map(|(n, _, _, _, u)| (n.clone(), *u)),
         );
 
         // Work out the transitions to commit, from the applied state.
@@ -139,7 +147,10 @@ impl AgentApi for AgentService {
                 observed.iter().map(|(n, uid, ..)| (n, *uid)).collect();
             for rec in cluster.tenants_on(&node) {
                 let seen_delete = rec.deleted_at.is_some_and(|at| req.seen_version >= at);
-                if rec.desired == DesiredState::Deleted && seen_delete && !reported.contains(&(&rec.name, rec.uid)) {
+                if rec.desired == DesiredState::Deleted
+                    && seen_delete
+                    && !reported.contains(&(&rec.name, rec.uid))
+                {
                     commands.push(Command::RemoveTenant {
                         name: rec.name.clone(),
                         uid: rec.uid,

@@ -55,9 +55,18 @@ fn parse_spec(req: &pb::CreateTenantRequest) -> Result<TenantSpec, Status> {
 }
 
 /// Checks the rules that need the cluster state: a known engine, a size some node could hold.
-fn check_against_cluster(spec: &TenantSpec, cluster: &ClusterState, overcommit: f64) -> Result<(), Status> {
+fn check_against_cluster(
+    spec: &TenantSpec,
+    cluster: &ClusterState,
+    overcommit: f64,
+) -> Result<(), Status> {
     let mut known: BTreeSet<&str> = BUILTIN_ENGINES.into_iter().collect();
-    known.extend(cluster.nodes.values().flat_map(|n| n.engines.iter().map(String::as_str)));
+    known.extend(
+        cluster
+            .nodes
+            .values()
+            .flat_map(|n| n.engines.iter().map(String::as_str)),
+    );
     if !known.contains(spec.engine.as_str()) {
         let known: Vec<&str> = known.into_iter().collect();
         return Err(Status::invalid_argument(format!(
@@ -86,11 +95,20 @@ fn check_against_cluster(spec: &TenantSpec, cluster: &ClusterState, overcommit: 
         let max_sto = ready.iter().map(|c| c.storage).max().unwrap_or_default();
         let r = &spec.resources;
         let msg = if r.cpu > max_cpu {
-            format!("cpu: {} asked, more than any node's capacity ({} at most)", r.cpu, max_cpu)
+            format!(
+                "cpu: {} asked, more than any node's capacity ({} at most)",
+                r.cpu, max_cpu
+            )
         } else if r.memory > max_mem {
-            format!("memory: {} asked, more than any node's capacity ({} at most)", r.memory, max_mem)
+            format!(
+                "memory: {} asked, more than any node's capacity ({} at most)",
+                r.memory, max_mem
+            )
         } else if r.storage > max_sto {
-            format!("storage: {} asked, more than any node's capacity ({} at most)", r.storage, max_sto)
+            format!(
+                "storage: {} asked, more than any node's capacity ({} at most)",
+                r.storage, max_sto
+            )
         } else {
             "resources: no single node has this much cpu, memory and storage together".to_string()
         };
@@ -102,7 +120,9 @@ fn check_against_cluster(spec: &TenantSpec, cluster: &ClusterState, overcommit: 
 fn tenant_of(outcome: Outcome) -> Result<crate::state::TenantRecord, Status> {
     match outcome {
         Outcome::Tenant(t) => Ok(t),
-        other => Err(Status::internal(format!("unexpected apply outcome {other:?}"))),
+        other => Err(Status::internal(format!(
+            "unexpected apply outcome {other:?}"
+        ))),
     }
 }
 
@@ -153,16 +173,22 @@ impl Operator for OperatorService {
         }))
     }
 
-    async fn get_tenant(&self, req: Request<pb::GetTenantRequest>) -> Result<Response<pb::Tenant>, Status> {
+    async fn get_tenant(
+        &self,
+        req: Request<pb::GetTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
         let name = parse_name(&req.into_inner().name)?;
         linearizable(&self.app).await?;
         let sm = self.app.state.read();
-        let t = sm
-            .cluster
-            .tenants
-            .get(&name)
-            .ok_or_else(|| Status::not_found(format!("tenant {:?} not found", name.as_str())))?;
-        Ok(Response::new(tenant_to_pb(t, &sm.cluster, &self.app.liveness())))
+        let t =
+            sm.cluster.tenants.get(&name).ok_or_else(|| {
+                Status::not_found(format!("tenant {:?} not found", name.as_str()))
+            })?;
+        Ok(Response::new(tenant_to_pb(
+            t,
+            &sm.cluster,
+            &self.app.liveness(),
+        )))
     }
 
     async fn list_tenants(
@@ -208,11 +234,10 @@ impl Operator for OperatorService {
         let name = parse_name(&req.into_inner().name)?;
         linearizable(&self.app).await?;
         let sm = self.app.state.read();
-        let t = sm
-            .cluster
-            .tenants
-            .get(&name)
-            .ok_or_else(|| Status::not_found(format!("tenant {:?} not found", name.as_str())))?;
+        let t =
+            sm.cluster.tenants.get(&name).ok_or_else(|| {
+                Status::not_found(format!("tenant {:?} not found", name.as_str()))
+            })?;
         Ok(Response::new(credentials(t, &sm.cluster)))
     }
 
@@ -251,7 +276,12 @@ impl Operator for OperatorService {
                 pb::Member {
                     id: *id,
                     address: node.addr.clone(),
-                    role: if voters.contains(id) { "voter" } else { "learner" }.into(),
+                    role: if voters.contains(id) {
+                        "voter"
+                    } else {
+                        "learner"
+                    }
+                    .into(),
                     lag,
                 }
             })
@@ -278,7 +308,13 @@ mod tests {
     use super::*;
     use crate::state::test_utils::{node, res};
 
-    fn req(name: &str, engine: &str, cpu: &str, memory: &str, storage: &str) -> pb::CreateTenantRequest {
+    fn req(
+        name: &str,
+        engine: &str,
+        cpu: &str,
+        memory: &str,
+        storage: &str,
+    ) -> pb::CreateTenantRequest {
         pb::CreateTenantRequest {
             name: name.into(),
             engine: engine.into(),
@@ -311,9 +347,17 @@ mod tests {
         cluster.nodes.insert(n.id.clone(), n);
         let spec = parse_spec(&req("a", "mysql", "1", "1GiB", "1GiB")).unwrap();
         let err = check_against_cluster(&spec, &cluster, 1.0).unwrap_err();
-        assert!(err.message().starts_with("engine: unknown engine \"mysql\""), "{}", err.message());
+        assert!(
+            err.message()
+                .starts_with("engine: unknown engine \"mysql\""),
+            "{}",
+            err.message()
+        );
         let spec = parse_spec(&req("a", "postgres", "1", "64GiB", "1GiB")).unwrap();
         let err = check_against_cluster(&spec, &cluster, 1.0).unwrap_err();
-        assert_eq!(err.message(), "memory: 64GiB asked, more than any node's capacity (4GiB at most)");
+        assert_eq!(
+            err.message(),
+            "memory: 64GiB asked, more than any node's capacity (4GiB at most)"
+        );
     }
 }

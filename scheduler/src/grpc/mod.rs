@@ -25,7 +25,9 @@ fn not_leader(leader: Option<(u64, String)>) -> Status {
 pub fn apply_status(e: ApplyError) -> Status {
     match e {
         ApplyError::TenantExists(_) => Status::already_exists(e.to_string()),
-        ApplyError::TenantNotFound(_) | ApplyError::NodeNotFound(_) => Status::not_found(e.to_string()),
+        ApplyError::TenantNotFound(_) | ApplyError::NodeNotFound(_) => {
+            Status::not_found(e.to_string())
+        }
         ApplyError::StalePlacement { .. } => Status::aborted(e.to_string()),
     }
 }
@@ -34,9 +36,9 @@ pub fn apply_status(e: ApplyError) -> Status {
 pub async fn propose(app: &App, command: Command) -> Result<Outcome, Status> {
     match app.raft.client_write(command).await {
         Ok(reply) => reply.data.map_err(apply_status),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(not_leader(
-            f.leader_id.zip(f.leader_node.map(|n| n.addr)),
-        )),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(not_leader(f.leader_id.zip(f.leader_node.map(|n| n.addr))))
+        }
         Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
             Err(Status::failed_precondition(e.to_string()))
         }
@@ -48,9 +50,9 @@ pub async fn propose(app: &App, command: Command) -> Result<Outcome, Status> {
 pub async fn linearizable(app: &App) -> Result<(), Status> {
     match app.raft.ensure_linearizable().await {
         Ok(_) => Ok(()),
-        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(not_leader(
-            f.leader_id.zip(f.leader_node.map(|n| n.addr)),
-        )),
+        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+            Err(not_leader(f.leader_id.zip(f.leader_node.map(|n| n.addr))))
+        }
         Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
             Err(Status::unavailable(format!("no quorum: {e}")))
         }

@@ -35,7 +35,11 @@ impl LogStore {
     }
 
     fn get_meta<K: MetaKey>(&self) -> StoreResult<Option<K::Value>> {
-        let Some(bytes) = self.meta.get(K::KEY).map_err(|e| meta_err(ErrorVerb::Read, e))? else {
+        let Some(bytes) = self
+            .meta
+            .get(K::KEY)
+            .map_err(|e| meta_err(ErrorVerb::Read, e))?
+        else {
             return Ok(None);
         };
         serde_json::from_slice(&bytes)

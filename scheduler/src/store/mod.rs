@@ -16,7 +16,10 @@ pub enum StoreError {
     #[error("open store at {path}: {source}")]
     Open { path: String, source: sled::Error },
     #[error("store tree {tree}: {source}")]
-    Tree { tree: &'static str, source: sled::Error },
+    Tree {
+        tree: &'static str,
+        source: sled::Error,
+    },
     #[error("read snapshot: {0}")]
     Snapshot(String),
 }

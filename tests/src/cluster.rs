@@ -1,0 +1,351 @@
+//! A Dormant cluster of real processes for one test: a scheduler replica and agents on this host.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::process::{remove_cgroup_subtree, ProcGuard};
+use crate::wait::wait_until;
+
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Where cargo put the workspace's binaries: the test binary lives in `target/<profile>/deps`.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf();
+    for bin in ["dormant-scheduler", "dormant-agent", "dormantctl"] {
+        assert!(
+            dir.join(bin).exists(),
+            "{} missing: build the binaries first (cargo build --workspace --bins)",
+            dir.join(bin).display()
+        );
+    }
+    dir
+}
+
+/// A port free right now (bind to 0, read it, release it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind port 0")
+}
+
+/// A range of `n` consecutive ports that are all free right now.
+pub fn free_port_range(n: u16) -> (u16, u16) {
+    for _ in 0..200 {
+        let start = 30000 + (rand_u16() % 30000);
+        let end = start + n - 1;
+        let free = (start..=end).all(|p| TcpListener::bind(("0.0.0.0", p)).is_ok());
+        if free {
+            return (start, end);
+        }
+    }
+    panic!("no free port range of {n}");
+}
+
+fn rand_u16() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    ((nanos ^ std::process::id().wrapping_mul(2654435761)) % 65521) as u16
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Heartbeat interval of agents.
+    pub heartbeat_ms: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self { heartbeat_ms: 500 }
+    }
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    pub node_id: String,
+    pub state_dir: PathBuf,
+    pub ports: (u16, u16),
+    pub proc: Option<ProcGuard>,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct CtlOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CtlOutput {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "dormantctl output is not JSON ({e}): {}\nstderr: {}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// Field order matters for Drop: processes first, then cgroups, then the directory.
+pub struct Cluster {
+    pub agents: Vec<Agent>,
+    pub scheduler: Option<ProcGuard>,
+    scheduler_args: Vec<String>,
+    pub url: String,
+    pub cgroup_parent: PathBuf,
+    bins: PathBuf,
+    opts: ClusterOptions,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts one bootstrapped scheduler replica and waits until it leads.
+    pub fn start(test: &str) -> Self {
+        Self::start_with(test, ClusterOptions::default())
+    }
+
+    pub fn start_with(test: &str, opts: ClusterOptions) -> Self {
+        let bins = bin_dir();
+        // Short paths: tenants' Unix sockets live under the state dir.
+        let dir = tempfile::Builder::new()
+            .prefix("dt-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let unique = dir
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("x")
+            .to_lowercase();
+        let cgroup_parent = PathBuf::from("dormant-test").join(format!("{test}-{unique}"));
+        let scheduler_args = vec![
+            "--id".into(),
+            "1".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--data-dir".into(),
+            dir.path().join("scheduler").display().to_string(),
+            "--bootstrap".into(),
+        ];
+        let mut cluster = Self {
+            agents: Vec::new(),
+            scheduler: None,
+            scheduler_args,
+            url,
+            cgroup_parent,
+            bins,
+            opts,
+            dir,
+        };
+        cluster.start_scheduler();
+        cluster
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn start_scheduler(&mut self) {
+        let log = self.dir.path().join("scheduler.log");
+        self.scheduler = Some(ProcGuard::spawn(
+            &self.bins.join("dormant-scheduler"),
+            &self.scheduler_args,
+            &log,
+        ));
+        wait_until(Duration::from_secs(30), "the scheduler to lead", || {
+            let out = self.ctl(&["cluster", "status", "-o", "json"]);
+            (out.success && out.json()["leader_id"] == 1).then_some(())
+        });
+    }
+
+    pub fn kill_scheduler(&mut self) {
+        if let Some(mut s) = self.scheduler.take() {
+            s.kill();
+        }
+    }
+
+    /// Adds an agent with its own state dir and port range; waits until its node is ready.
+    pub fn add_agent(&mut self, node_id: &str) -> usize {
+        let state_dir = self.dir.path().join(format!("agent-{node_id}"));
+        let ports = free_port_range(10);
+        let args = vec![
+            "--scheduler".into(),
+            self.url.clone(),
+            "--node-id".into(),
+            node_id.into(),
+            "--state-dir".into(),
+            state_dir.display().to_string(),
+            "--advertise".into(),
+            "127.0.0.1".into(),
+            "--listen-host".into(),
+            "127.0.0.1".into(),
+            "--ports".into(),
+            format!("{}-{}", ports.0, ports.1),
+            "--heartbeat-interval-ms".into(),
+            self.opts.heartbeat_ms.to_string(),
+            "--cgroup-parent".into(),
+            self.cgroup_parent.join(node_id).display().to_string(),
+        ];
+        let log = self.dir.path().join(format!("agent-{node_id}.log"));
+        self.agents.push(Agent {
+            node_id: node_id.into(),
+            state_dir,
+            ports,
+            proc: None,
+            args,
+            log,
+        });
+        let i = self.agents.len() - 1;
+        self.start_agent(i);
+        i
+    }
+
+    pub fn start_agent(&mut self, i: usize) {
+        let a = &mut self.agents[i];
+        a.proc = Some(ProcGuard::spawn(
+            &self.bins.join("dormant-agent"),
+            &a.args,
+            &a.log,
+        ));
+        let node_id = a.node_id.clone();
+        wait_until(Duration::from_secs(30), "the node to be ready", || {
+            let nodes = self.ctl_json(&["node", "list"]);
+            nodes
+                .as_array()?
+                .iter()
+                .any(|n| n["id"] == node_id.as_str() && n["status"] == "ready")
+                .then_some(())
+        });
+    }
+
+    /// kill -9 the agent (its tenants keep running, by design).
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut p) = self.agents[i].proc.take() {
+            p.kill();
+        }
+    }
+
+    pub fn agent_log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.agents[i].log).unwrap_or_default()
+    }
+
+    /// Runs `dormantctl --scheduler <url> ARGS`.
+    pub fn ctl(&self, args: &[&str]) -> CtlOutput {
+        let out = Command::new(self.bins.join("dormantctl"))
+            .arg("--scheduler")
+            .arg(&self.url)
+            .args(args)
+            .output()
+            .expect("run dormantctl");
+        CtlOutput {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs a read command with `-o json` and parses it; panics if it fails.
+    pub fn ctl_json(&self, args: &[&str]) -> Value {
+        let mut full = args.to_vec();
+        full.extend(["-o", "json"]);
+        let out = self.ctl(&full);
+        assert!(out.success, "dormantctl {args:?} failed: {}", out.stderr);
+        out.json()
+    }
+
+    /// Creates a tenant and waits for it to run; returns its JSON (with `credentials`).
+    pub fn create_tenant(&self, name: &str, cpu: &str, memory: &str, storage: &str) -> Value {
+        let out = self.ctl(&[
+            "tenant",
+            "create",
+            name,
+            "--engine",
+            "postgres",
+            "--cpu",
+            cpu,
+            "--memory",
+            memory,
+            "--storage",
+            storage,
+            "-o",
+            "json",
+        ]);
+        assert!(out.success, "create {name} failed: {}", out.stderr);
+        let v = out.json();
+        assert_eq!(v["state"], "running", "tenant {name}: {v}");
+        v
+    }
+
+    pub fn tenant(&self, name: &str) -> Value {
+        self.ctl_json(&["tenant", "get", name])
+    }
+
+    pub fn wait_tenant_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
+        wait_until(timeout, &format!("tenant {name} to be {state}"), || {
+            let t = self.ctl(&["tenant", "get", name, "-o", "json"]);
+            if !t.success {
+                return None;
+            }
+            let v = t.json();
+            (v["state"] == state).then_some(v)
+        })
+    }
+
+    /// The tenant's v1 cgroup directory for `controller`.
+    pub fn tenant_cgroup(&self, node_id: &str, tenant: &str, controller: &str) -> PathBuf {
+        Path::new(CGROUP_ROOT)
+            .join(controller)
+            .join(&self.cgroup_parent)
+            .join(node_id)
+            .join(tenant)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            if let Some(mut p) = a.proc.take() {
+                p.kill();
+            }
+        }
+        self.kill_scheduler();
+        // Tenant engines outlive agents by design: kill them by the PIDs in the test's cgroups.
+        remove_cgroup_subtree(Path::new(CGROUP_ROOT), &self.cgroup_parent);
+        if std::thread::panicking() {
+            eprintln!(
+                "test failed; logs under {} follow",
+                self.dir.path().display()
+            );
+            for entry in std::fs::read_dir(self.dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let p = entry.path();
+                if p.extension().and_then(|e| e.to_str()) == Some("log") {
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                    eprintln!("--- {} (last 40 lines)", p.display());
+                    for l in tail.into_iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}

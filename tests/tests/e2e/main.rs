@@ -1,0 +1,11 @@
+//! End-to-end tests of the walking skeleton: real scheduler, agent and dormantctl processes, a
+//! real PostgreSQL per tenant, real cgroups. They need root (tenant users, cgroups).
+
+// This whole crate is tests: a failed unwrap is a failed test, and there is no non-test module.
+#![allow(clippy::tests_outside_test_module, clippy::unwrap_used)]
+
+mod t10_create_and_connect;
+mod t20_cgroup_limits;
+mod t30_restarts;
+mod t40_pending_until_room;
+mod t50_bad_input;

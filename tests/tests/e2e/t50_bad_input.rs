@@ -1,0 +1,122 @@
+//! Acceptance 5: each bad input gets a clear error naming the field and the rule, and leaves
+//! the cluster's state unchanged.
+
+use dormant_tests::{require_root, Cluster};
+
+#[test]
+fn bad_input_is_refused_with_the_field_named_and_changes_nothing() {
+    if !require_root("bad_input_is_refused_with_the_field_named_and_changes_nothing") {
+        return;
+    }
+    let mut cluster = Cluster::start("t50");
+    cluster.add_agent("n1");
+    cluster.create_tenant("taken", "0.25", "256MiB", "1GiB");
+    let before = cluster.ctl_json(&["tenant", "list"]);
+    let nodes_before = cluster.ctl_json(&["node", "list"]);
+
+    let create = |name: &str, engine: &str, cpu: &str, mem: &str, sto: &str| {
+        cluster.ctl(&[
+            "tenant",
+            "create",
+            name,
+            "--engine",
+            engine,
+            "--cpu",
+            cpu,
+            "--memory",
+            mem,
+            "--storage",
+            sto,
+            "--no-wait",
+        ])
+    };
+    let cases = [
+        (
+            create("../x", "postgres", "1", "1GiB", "1GiB"),
+            "name: \"../x\" may contain only lowercase letters",
+        ),
+        (
+            create("A B", "postgres", "1", "1GiB", "1GiB"),
+            "name: \"A B\" may contain only lowercase letters",
+        ),
+        (
+            create(&"a".repeat(64), "postgres", "1", "1GiB", "1GiB"),
+            "name: 64 characters, at most 63 allowed",
+        ),
+        (
+            create("ok", "postgres", "0", "1GiB", "1GiB"),
+            "cpu: must be greater than zero",
+        ),
+        (
+            create("ok", "postgres", "-1", "1GiB", "1GiB"),
+            "cpu: \"-1\" is not a number of cores",
+        ),
+        (
+            create("ok", "postgres", "1", "lots", "1GiB"),
+            "memory: \"lots\" is not a size",
+        ),
+        (
+            create("ok", "postgres", "1", "1GiB", "0GiB"),
+            "storage: must be greater than zero",
+        ),
+        (
+            create("ok", "mysql", "1", "1GiB", "1GiB"),
+            "engine: unknown engine \"mysql\"",
+        ),
+        (
+            create("taken", "postgres", "1", "1GiB", "1GiB"),
+            "name: tenant \"taken\" already exists",
+        ),
+        (
+            create("ok", "postgres", "1", "100TiB", "1GiB"),
+            "memory: 100TiB asked, more than any node's capacity",
+        ),
+        (
+            create("ok", "postgres", "512", "1GiB", "1GiB"),
+            "cpu: 512 asked, more than any node's capacity",
+        ),
+    ];
+    for (out, expected) in &cases {
+        assert!(
+            !out.success,
+            "accepted, expected {expected:?}: {}",
+            out.stdout
+        );
+        assert!(
+            out.stderr.contains(expected),
+            "expected {expected:?} in: {}",
+            out.stderr
+        );
+    }
+    for args in [["tenant", "get", "nope"], ["tenant", "delete", "nope"]] {
+        let out = cluster.ctl(&args);
+        assert!(!out.success);
+        assert!(
+            out.stderr.contains("tenant \"nope\" not found"),
+            "{}",
+            out.stderr
+        );
+    }
+    let out = cluster.ctl(&["tenant", "get", "Bad_Name"]);
+    assert!(out.stderr.contains("name: \"Bad_Name\""), "{}", out.stderr);
+
+    assert_eq!(
+        cluster
+            .ctl_json(&["tenant", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["name"].clone(), t["state"].clone()))
+            .collect::<Vec<_>>(),
+        before
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t["name"].clone(), t["state"].clone()))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        cluster.ctl_json(&["node", "list"])[0]["allocated"],
+        nodes_before[0]["allocated"]
+    );
+}

@@ -139,6 +139,7 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn base() -> FileConfig {
         FileConfig {
@@ -146,6 +147,16 @@ mod tests {
             advertise: Some("127.0.0.1".into()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/agent.toml");
+        let file: FileConfig = dormant_common::config::load(&path).unwrap();
+        let settings = Settings::merge(FileConfig::default(), file).unwrap();
+        assert_eq!(settings.node_id.as_str(), "host-a");
+        assert_eq!(settings.ports, (20000, 20999));
+        assert!(!settings.stop_tenants_on_exit);
     }
 
     #[test]

@@ -97,6 +97,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shipped_example_config_is_valid() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/scheduler.toml");
+        let file: FileConfig = dormant_common::config::load(&path).unwrap();
+        let settings = Settings::merge(FileConfig::default(), file).unwrap();
+        assert_eq!(settings.id, 1);
+        assert_eq!(settings.placement, crate::placement::Policy::BinPack);
+    }
+
+    #[test]
     fn flags_override_file_and_missing_fields_are_named() {
         let file: FileConfig =
             toml::from_str("id = 3\ndata_dir = \"/var/lib/x\"\nplacement = \"spread\"\n").unwrap();

@@ -121,11 +121,16 @@ pub async fn run(opts: DevOptions) -> Result<(), CtlError> {
         dir.display()
     );
     println!();
+    let ctl = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "dormantctl".into());
     println!("In another terminal:");
     println!("  export DORMANT_SCHEDULER={url}");
-    println!("  dormantctl tenant create acme --engine postgres --cpu 0.5 --memory 512MiB --storage 1GiB");
-    println!("  psql \"$(dormantctl tenant credentials acme -o json | jq -r .uri)\"");
-    println!("  dormantctl tenant delete acme");
+    println!(
+        "  {ctl} tenant create acme --engine postgres --cpu 0.5 --memory 512MiB --storage 1GiB"
+    );
+    println!("  psql \"$({ctl} tenant credentials acme)\"");
+    println!("  {ctl} tenant delete acme");
     println!();
     println!("Press Ctrl-C to stop (tenants stop too; their data stays for the next start).");
 

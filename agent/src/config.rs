@@ -20,6 +20,7 @@ pub struct FileConfig {
     /// Tenant ports, `START-END`.
     pub ports: Option<String>,
     pub heartbeat_interval_ms: Option<u64>,
+    pub cgroup_driver: Option<crate::cgroup::select::DriverChoice>,
     pub cgroup_root: Option<PathBuf>,
     pub cgroup_parent: Option<PathBuf>,
     pub tenant_user: Option<String>,
@@ -41,6 +42,7 @@ pub struct Settings {
     pub listen_host: IpAddr,
     pub ports: (u16, u16),
     pub heartbeat_interval: Duration,
+    pub cgroup_driver: crate::cgroup::select::DriverChoice,
     pub cgroup_root: PathBuf,
     pub cgroup_parent: PathBuf,
     pub tenant_user: String,
@@ -123,6 +125,7 @@ impl Settings {
             listen_host: pick!(listen_host).unwrap_or(IpAddr::from([0, 0, 0, 0])),
             ports,
             heartbeat_interval: Duration::from_millis(heartbeat_ms),
+            cgroup_driver: pick!(cgroup_driver).unwrap_or_default(),
             cgroup_root: pick!(cgroup_root).unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup")),
             cgroup_parent: pick!(cgroup_parent).unwrap_or_else(|| PathBuf::from("dormant/tenants")),
             tenant_user: pick!(tenant_user).unwrap_or_else(|| "dormant-tenant".into()),

@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use crate::cgroup::CgroupDriver;
 use crate::config::Settings;
 use crate::host::Host;
 
@@ -39,9 +38,18 @@ pub enum AgentError {
 pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
     host::prepare_state_dir(&settings.state_dir)?;
     let (tenant_uid, tenant_gid) = host::ensure_tenant_user(&settings.tenant_user)?;
-    let driver = cgroup::v1::V1Driver::new(&settings.cgroup_root, &settings.cgroup_parent)?;
-    info!(driver = "v1", root = %settings.cgroup_root.display(), parent = %settings.cgroup_parent.display(), "cgroup driver");
-    let cgroups: Arc<dyn CgroupDriver> = Arc::new(driver);
+    let (cgroups, reason) = cgroup::select::open(
+        settings.cgroup_driver,
+        &settings.cgroup_root,
+        &settings.cgroup_parent,
+    )?;
+    info!(
+        driver = cgroups.name(),
+        reason,
+        root = %settings.cgroup_root.display(),
+        parent = %settings.cgroup_parent.display(),
+        "cgroup driver"
+    );
     let pg_bin = match &settings.postgres_bin_dir {
         Some(dir) => dir.clone(),
         None => engine::postgres::find_bin_dir(std::path::Path::new("/usr/lib/postgresql"))

@@ -37,10 +37,14 @@ struct Args {
     ports: Option<String>,
     #[arg(long)]
     heartbeat_interval_ms: Option<u64>,
+    /// cgroup driver: auto (from how the cgroup root is mounted), v1 or v2.
+    #[arg(long, value_enum)]
+    cgroup_driver: Option<dormant_agent::cgroup::select::DriverChoice>,
     /// Where cgroup hierarchies are mounted (default /sys/fs/cgroup).
     #[arg(long)]
     cgroup_root: Option<PathBuf>,
-    /// Path inside each hierarchy the agent owns (default dormant/tenants).
+    /// Path below the cgroup root that the agent owns, in each v1 hierarchy or in the v2 tree
+    /// (default dormant/tenants).
     #[arg(long)]
     cgroup_parent: Option<PathBuf>,
     /// Unprivileged user tenants run as (created if missing).
@@ -75,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
         listen_host: args.listen_host,
         ports: args.ports,
         heartbeat_interval_ms: args.heartbeat_interval_ms,
+        cgroup_driver: args.cgroup_driver,
         cgroup_root: args.cgroup_root,
         cgroup_parent: args.cgroup_parent,
         tenant_user: args.tenant_user,

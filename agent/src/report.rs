@@ -95,6 +95,7 @@ impl Reporter {
                     o.state
                 };
                 let usage = h.usage().unwrap_or_default();
+                let pressure = usage.pressure.unwrap_or_default();
                 pb::ObservedTenant {
                     name: name.to_string(),
                     uid: h.spec.uid,
@@ -107,6 +108,14 @@ impl Reporter {
                         pids: usage.pids,
                         restarts: o.restarts,
                         oom_kills: usage.oom_kills,
+                        cpu_throttled_usec: usage.cpu_throttled_usec,
+                        cpu_nr_throttled: usage.cpu_nr_throttled,
+                        pressure_reported: usage.pressure.is_some(),
+                        cpu_pressure_some_usec: pressure.cpu_some_usec,
+                        memory_pressure_some_usec: pressure.memory_some_usec,
+                        memory_pressure_full_usec: pressure.memory_full_usec,
+                        io_pressure_some_usec: pressure.io_some_usec,
+                        io_pressure_full_usec: pressure.io_full_usec,
                     }),
                 }
             })

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::process::{remove_cgroup_subtree, ProcGuard};
 use crate::wait::wait_until;
+use crate::CgroupVersion;
 
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
@@ -181,9 +182,11 @@ impl Cluster {
 
     /// Adds an agent with its own state dir and port range; waits until its node is ready.
     pub fn add_agent(&mut self, node_id: &str) -> usize {
-        let state_dir = self.dir.path().join(format!("agent-{node_id}"));
-        let ports = free_port_range(10);
-        let args = vec![
+        self.add_agent_with(node_id, &[])
+    }
+
+    fn agent_args(&self, node_id: &str, state_dir: &Path, ports: (u16, u16)) -> Vec<String> {
+        vec![
             "--scheduler".into(),
             self.url.clone(),
             "--node-id".into(),
@@ -200,7 +203,32 @@ impl Cluster {
             self.opts.heartbeat_ms.to_string(),
             "--cgroup-parent".into(),
             self.cgroup_parent.join(node_id).display().to_string(),
-        ];
+        ]
+    }
+
+    /// Starts an agent that is expected to refuse to start; returns its exit status and log.
+    pub fn agent_refusing_to_start(
+        &self,
+        node_id: &str,
+        extra: &[&str],
+    ) -> (std::process::ExitStatus, String) {
+        let state_dir = self.dir.path().join(format!("agent-{node_id}"));
+        let mut args = self.agent_args(node_id, &state_dir, free_port_range(2));
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let log = self.dir.path().join(format!("agent-{node_id}.log"));
+        let mut agent = ProcGuard::spawn(&self.bins.join("dormant-agent"), &args, &log);
+        let status = wait_until(Duration::from_secs(30), "the agent to exit", || {
+            agent.try_wait()
+        });
+        (status, std::fs::read_to_string(&log).unwrap_or_default())
+    }
+
+    /// `add_agent` with extra flags for `dormant-agent`.
+    pub fn add_agent_with(&mut self, node_id: &str, extra: &[&str]) -> usize {
+        let state_dir = self.dir.path().join(format!("agent-{node_id}"));
+        let ports = free_port_range(10);
+        let mut args = self.agent_args(node_id, &state_dir, ports);
+        args.extend(extra.iter().map(|a| a.to_string()));
         let log = self.dir.path().join(format!("agent-{node_id}.log"));
         self.agents.push(Agent {
             node_id: node_id.into(),
@@ -306,13 +334,51 @@ impl Cluster {
         })
     }
 
-    /// The tenant's v1 cgroup directory for `controller`.
+    /// The tenant's cgroup directory: for `controller` on v1, the one directory on v2.
     pub fn tenant_cgroup(&self, node_id: &str, tenant: &str, controller: &str) -> PathBuf {
-        Path::new(CGROUP_ROOT)
-            .join(controller)
-            .join(&self.cgroup_parent)
-            .join(node_id)
+        let root = Path::new(CGROUP_ROOT);
+        let base = match CgroupVersion::of_host() {
+            CgroupVersion::V1 => root.join(controller),
+            CgroupVersion::V2 => root.to_path_buf(),
+        };
+        base.join(&self.cgroup_parent).join(node_id).join(tenant)
+    }
+
+    /// The cgroup of `tenant` on `node_id` as the agent's driver sees it, for calling the agent's
+    /// own cgroup code (freeze, thaw) from a test.
+    pub fn tenant_cgroup_handle(
+        &self,
+        node_id: &str,
+        tenant: &str,
+    ) -> Box<dyn dormant_agent::cgroup::TenantCgroup> {
+        use dormant_agent::cgroup::{v1::V1Driver, v2::V2Driver, CgroupDriver};
+        let root = Path::new(CGROUP_ROOT);
+        let parent = self.cgroup_parent.join(node_id);
+        let name = dormant_common::TenantName::parse(tenant).expect("tenant name");
+        match CgroupVersion::of_host() {
+            CgroupVersion::V1 => V1Driver::new(root, &parent)
+                .expect("v1 driver")
+                .tenant(&name),
+            // The parent exists and has its controllers already; the test process is not on its
+            // path, so preparing again changes nothing.
+            CgroupVersion::V2 => V2Driver::new(root, &parent)
+                .expect("v2 driver")
+                .tenant(&name),
+        }
+    }
+
+    /// Reads the tenant's engine PID from the agent's state directory.
+    pub fn engine_pid(&self, agent: usize, tenant: &str) -> i32 {
+        let path = self.agents[agent]
+            .state_dir
+            .join("tenants")
             .join(tenant)
+            .join("engine.pid");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 }
 

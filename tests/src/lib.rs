@@ -6,10 +6,38 @@
 
 pub mod cluster;
 pub mod process;
+pub mod session;
 pub mod wait;
 
 pub use cluster::{Cluster, ClusterOptions, CtlOutput};
+pub use session::PsqlSession;
 pub use wait::wait_until;
+
+/// Which cgroup layout this host (or the v2 VM) runs; tests assert on the files of that layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+impl CgroupVersion {
+    /// From how `/sys/fs/cgroup` is mounted, independently of the agent's own detection code.
+    pub fn of_host() -> Self {
+        use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
+        match statfs(cluster::CGROUP_ROOT) {
+            Ok(fs) if fs.filesystem_type() == CGROUP2_SUPER_MAGIC => Self::V2,
+            _ => Self::V1,
+        }
+    }
+
+    /// As `node list` shows the driver.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::V2 => "v2",
+        }
+    }
+}
 
 /// Whether the test can run: needs root. Under `CI=true` a missing root fails the test instead of
 /// skipping it.

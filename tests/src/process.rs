@@ -72,6 +72,13 @@ impl ProcGuard {
         }
     }
 
+    /// The exit status once the process has exited (reaped), `None` while it runs.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
@@ -91,9 +98,15 @@ impl Drop for ProcGuard {
 pub const V1_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
 
 /// Kills every process in the test's tenant cgroups (by PID, read from `cgroup.procs`) and
-/// removes the cgroups, deepest first. For cleanup after a test, pass or fail.
+/// removes the cgroups, deepest first, on v1 (each hierarchy) or v2 (the one tree). For cleanup
+/// after a test, pass or fail.
 pub fn remove_cgroup_subtree(root: &Path, parent: &Path) {
-    let pids_dir = root.join("pids").join(parent);
+    let unified = crate::CgroupVersion::of_host() == crate::CgroupVersion::V2;
+    let pids_dir = if unified {
+        root.join(parent)
+    } else {
+        root.join("pids").join(parent)
+    };
     for _ in 0..50 {
         let pids = pids_under(&pids_dir);
         if pids.is_empty() {
@@ -104,12 +117,16 @@ pub fn remove_cgroup_subtree(root: &Path, parent: &Path) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    for controller in V1_CONTROLLERS {
-        let dir = root.join(controller).join(parent);
-        remove_dirs_deepest_first(&dir);
-        // Also the per-test top directory (parent is "<top>/<test>").
+    let bases: Vec<std::path::PathBuf> = if unified {
+        vec![root.to_path_buf()]
+    } else {
+        V1_CONTROLLERS.iter().map(|c| root.join(c)).collect()
+    };
+    for base in bases {
+        remove_dirs_deepest_first(&base.join(parent));
+        // Also the shared top directory (parent is "<top>/<test>"), once no test uses it.
         if let Some(top) = parent.iter().next() {
-            let _ = std::fs::remove_dir(root.join(controller).join(top));
+            let _ = std::fs::remove_dir(base.join(top));
         }
     }
 }

@@ -3,7 +3,9 @@
 //! `TempDir`. We write the cgroup files ourselves instead of using `cgroups-rs`: the handful of
 //! files we touch are simpler to own than a library's API churn, and errors name the exact file.
 
+pub mod select;
 pub mod v1;
+pub mod v2;
 
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
@@ -25,7 +27,7 @@ pub enum CgroupError {
     },
     #[error("cgroup file {path}: cannot parse {content:?}")]
     Parse { path: PathBuf, content: String },
-    #[error("cgroup controller {controller} is not mounted under {root} ({hint})")]
+    #[error("cgroup controller {controller} is not available under {root} ({hint})")]
     MissingController {
         controller: &'static str,
         root: PathBuf,
@@ -33,6 +35,14 @@ pub enum CgroupError {
     },
     #[error("cgroup {path} still has processes after killing them: {pids:?}")]
     NotEmpty { path: PathBuf, pids: Vec<i32> },
+    #[error("cgroup {path}: {what} did not happen within {waited:?}")]
+    Timeout {
+        path: PathBuf,
+        what: &'static str,
+        waited: std::time::Duration,
+    },
+    #[error("cgroup driver: {0}")]
+    Unavailable(String),
 }
 
 /// The limits a tenant's cgroup enforces.
@@ -44,13 +54,29 @@ pub struct Limits {
     pub pids_max: u64,
 }
 
-/// What a tenant's cgroup has used.
+/// What a tenant's cgroup has used. Counters only grow; a dashboard takes their rate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub cpu_usage_usec: u64,
+    /// Time the tenant was held back by its CPU quota, and how many periods that happened in.
+    pub cpu_throttled_usec: u64,
+    pub cpu_nr_throttled: u64,
     pub memory_bytes: u64,
     pub pids: u64,
     pub oom_kills: u64,
+    /// Pressure stall time (v2 only; `None` on v1): time some or all of the tenant's tasks were
+    /// stalled waiting for the resource. This, not usage, tells an operator a tenant is starved.
+    pub pressure: Option<Pressure>,
+}
+
+/// Totals of the `some`/`full` lines of `cpu.pressure`, `memory.pressure`, `io.pressure`, in µs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pressure {
+    pub cpu_some_usec: u64,
+    pub memory_some_usec: u64,
+    pub memory_full_usec: u64,
+    pub io_some_usec: u64,
+    pub io_full_usec: u64,
 }
 
 /// One tenant's cgroup.
@@ -66,6 +92,11 @@ pub trait TenantCgroup: Debug + Send + Sync {
     fn usage(&self) -> Result<Usage, CgroupError>;
     /// SIGKILLs every process until the cgroup is empty.
     fn kill_all(&self) -> Result<(), CgroupError>;
+    /// Stops every process in the cgroup where it is (memory kept) and waits until the kernel
+    /// says the whole cgroup is frozen.
+    fn freeze(&self) -> Result<(), CgroupError>;
+    /// Undoes `freeze` and waits until the cgroup runs again.
+    fn thaw(&self) -> Result<(), CgroupError>;
     /// Removes the cgroup; it must be empty. Missing is fine.
     fn delete(&self) -> Result<(), CgroupError>;
     /// The path shown in logs and errors.
@@ -77,6 +108,42 @@ pub trait CgroupDriver: Debug + Send + Sync {
     /// `v1` or `v2`, as `node list` shows it.
     fn name(&self) -> &'static str;
     fn tenant(&self, name: &TenantName) -> Box<dyn TenantCgroup>;
+}
+
+/// How long freeze and thaw wait for the kernel to report the new state.
+pub(crate) const FREEZE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Polls `done` every few milliseconds until it is true or `timeout` passes.
+pub(crate) fn wait_until(
+    path: &Path,
+    what: &'static str,
+    timeout: std::time::Duration,
+    mut done: impl FnMut() -> Result<bool, CgroupError>,
+) -> Result<(), CgroupError> {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        if done()? {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            return Err(CgroupError::Timeout {
+                path: path.to_path_buf(),
+                what,
+                waited: timeout,
+            });
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The value of `key` in a flat keyed file (`cpu.stat`, `memory.events`, `cgroup.events`).
+pub(crate) fn keyed_value(content: &str, key: &str) -> Option<u64> {
+    content.lines().find_map(|line| {
+        let (k, v) = line.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
 }
 
 pub(crate) fn read_file(path: &Path) -> Result<String, CgroupError> {

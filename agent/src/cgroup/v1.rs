@@ -10,8 +10,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::{
-    read_file, read_pids, read_u64, remove_dir, write_file, CgroupDriver, CgroupError, Limits,
-    TenantCgroup, Usage,
+    keyed_value, read_file, read_pids, read_u64, remove_dir, wait_until, write_file, CgroupDriver,
+    CgroupError, Limits, TenantCgroup, Usage, FREEZE_TIMEOUT,
 };
 
 /// The controllers a tenant's cgroup uses on v1.
@@ -35,7 +35,7 @@ impl V1Driver {
                 return Err(CgroupError::MissingController {
                     controller,
                     root: root.to_path_buf(),
-                    hint: "mount the v1 hierarchy or run the agent with --cgroup-driver v2 on a unified host",
+                    hint: "this host has no v1 hierarchy for it; on a unified (cgroup2) host use --cgroup-driver v2 or auto",
                 });
             }
         }
@@ -156,11 +156,16 @@ impl TenantCgroup for V1Cgroup {
             .find_map(|l| l.strip_prefix("oom_kill "))
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
+        // cpu.stat: nr_throttled, throttled_time (ns). Missing on old kernels: report zero.
+        let cpu_stat = read_file(&self.cpu.join("cpu.stat")).unwrap_or_default();
         Ok(Usage {
             cpu_usage_usec: read_u64(&self.cpuacct.join("cpuacct.usage"))? / 1000,
+            cpu_throttled_usec: keyed_value(&cpu_stat, "throttled_time").unwrap_or(0) / 1000,
+            cpu_nr_throttled: keyed_value(&cpu_stat, "nr_throttled").unwrap_or(0),
             memory_bytes: read_u64(&self.memory.join("memory.usage_in_bytes"))?,
             pids: read_u64(&self.pids.join("pids.current"))?,
             oom_kills,
+            pressure: None,
         })
     }
 
@@ -185,6 +190,23 @@ impl TenantCgroup for V1Cgroup {
         Err(CgroupError::NotEmpty {
             path: self.pids.clone(),
             pids: self.pids()?,
+        })
+    }
+
+    fn freeze(&self) -> Result<(), CgroupError> {
+        let state = self.freezer.join("freezer.state");
+        write_file(&state, "FROZEN")?;
+        // The kernel says FREEZING until every task has stopped.
+        wait_until(&state, "freeze", FREEZE_TIMEOUT, || {
+            Ok(read_file(&state)?.trim() == "FROZEN")
+        })
+    }
+
+    fn thaw(&self) -> Result<(), CgroupError> {
+        let state = self.freezer.join("freezer.state");
+        write_file(&state, "THAWED")?;
+        wait_until(&state, "thaw", FREEZE_TIMEOUT, || {
+            Ok(read_file(&state)?.trim() == "THAWED")
         })
     }
 
@@ -287,7 +309,8 @@ mod tests {
                 cpu_usage_usec: 2500,
                 memory_bytes: 4096,
                 pids: 7,
-                oom_kills: 3
+                oom_kills: 3,
+                ..Usage::default()
             }
         );
     }

@@ -30,6 +30,15 @@ pub fn tenant_json(t: &pb::Tenant) -> Value {
             "pids": u.pids,
             "restarts": u.restarts,
             "oom_kills": u.oom_kills,
+            "cpu_throttled_usec": u.cpu_throttled_usec,
+            "cpu_nr_throttled": u.cpu_nr_throttled,
+            "pressure": u.pressure_reported.then(|| json!({
+                "cpu_some_usec": u.cpu_pressure_some_usec,
+                "memory_some_usec": u.memory_pressure_some_usec,
+                "memory_full_usec": u.memory_pressure_full_usec,
+                "io_some_usec": u.io_pressure_some_usec,
+                "io_full_usec": u.io_pressure_full_usec,
+            })),
         })
     });
     json!({

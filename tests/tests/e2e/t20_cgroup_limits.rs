@@ -1,9 +1,10 @@
-//! Acceptance 2: the tenant's cgroup holds exactly its processes, with the CPU quota, memory
-//! limit and pids limit asked for, read back from the cgroup files.
+//! The tenant's cgroup holds exactly its processes, with the CPU quota, memory limit (swap off)
+//! and pids limit asked for, read back from the cgroup files of the host's layout: the v1
+//! hierarchies here, the unified tree (`0::/...` in `/proc/PID/cgroup`) in the v2 VM.
 
 use std::collections::BTreeSet;
 
-use dormant_tests::{psql, require_root, Cluster};
+use dormant_tests::{psql, require_root, CgroupVersion, Cluster};
 
 /// PIDs of `root` and all its descendants, from /proc.
 fn process_tree(root: i32) -> BTreeSet<i32> {
@@ -58,15 +59,14 @@ fn tenant_cgroup_holds_exactly_its_processes_with_the_limits_asked() {
     let uri = t["credentials"]["uri"].as_str().unwrap();
     psql(uri, "SELECT 1").expect("query");
 
-    let engine_pid: i32 = read(
-        cluster.agents[0]
-            .state_dir
-            .join("tenants/limits/engine.pid"),
-    )
-    .parse()
-    .unwrap();
+    let engine_pid = cluster.engine_pid(0, "limits");
     let tree = process_tree(engine_pid);
-    for controller in ["cpu", "memory", "pids", "freezer", "cpuacct"] {
+    let version = CgroupVersion::of_host();
+    let controllers: &[&str] = match version {
+        CgroupVersion::V1 => &["cpu", "memory", "pids", "freezer", "cpuacct"],
+        CgroupVersion::V2 => &["unified"],
+    };
+    for controller in controllers {
         let procs: BTreeSet<i32> = read(
             cluster
                 .tenant_cgroup("n1", "limits", controller)
@@ -80,6 +80,12 @@ fn tenant_cgroup_holds_exactly_its_processes_with_the_limits_asked() {
             "{controller} cgroup.procs vs the engine's process tree"
         );
     }
+    if version == CgroupVersion::V2 {
+        // The kernel's view of where the postmaster lives.
+        let own = read(format!("/proc/{engine_pid}/cgroup").into());
+        let expected = format!("0::/{}", cluster.cgroup_parent.join("n1/limits").display());
+        assert_eq!(own, expected);
+    }
     // The postmaster runs as the unprivileged tenant user, not root.
     let status = read(format!("/proc/{engine_pid}/status").into());
     let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
@@ -89,13 +95,23 @@ fn tenant_cgroup_holds_exactly_its_processes_with_the_limits_asked() {
     );
 
     let cg = |c: &str, f: &str| read(cluster.tenant_cgroup("n1", "limits", c).join(f));
-    assert_eq!(cg("cpu", "cpu.cfs_period_us"), "100000");
-    assert_eq!(cg("cpu", "cpu.cfs_quota_us"), "25000");
-    assert_eq!(
-        cg("memory", "memory.limit_in_bytes"),
-        (300u64 << 20).to_string()
-    );
-    assert_eq!(cg("pids", "pids.max"), "512");
+    match version {
+        CgroupVersion::V1 => {
+            assert_eq!(cg("cpu", "cpu.cfs_period_us"), "100000");
+            assert_eq!(cg("cpu", "cpu.cfs_quota_us"), "25000");
+            assert_eq!(
+                cg("memory", "memory.limit_in_bytes"),
+                (300u64 << 20).to_string()
+            );
+            assert_eq!(cg("pids", "pids.max"), "512");
+        }
+        CgroupVersion::V2 => {
+            assert_eq!(cg("", "cpu.max"), "25000 100000");
+            assert_eq!(cg("", "memory.max"), (300u64 << 20).to_string());
+            assert_eq!(cg("", "memory.swap.max"), "0");
+            assert_eq!(cg("", "pids.max"), "512");
+        }
+    }
 
     // Usage comes back through heartbeats.
     let t = dormant_tests::wait_until(

@@ -1,9 +1,22 @@
 //! Polling instead of sleeping: wait until a condition holds, or fail with what was last seen.
+//! Timeouts here only stop a hung test; they are not performance goals. Under CPU emulation (the
+//! v2 VM) everything is several times slower, so `DORMANT_TEST_TIME_SCALE` stretches them.
 
 use std::time::{Duration, Instant};
 
-/// Polls `check` every 100 ms until it returns `Some`, or panics after `timeout` with `what`.
+/// How much longer than on native hardware waits may take (`DORMANT_TEST_TIME_SCALE`, default 1).
+pub fn time_scale() -> u32 {
+    std::env::var("DORMANT_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|s| *s >= 1)
+        .unwrap_or(1)
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics after `timeout` (times the
+/// time scale) with `what`.
 pub fn wait_until<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let timeout = timeout * time_scale();
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check() {

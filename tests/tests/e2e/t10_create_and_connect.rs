@@ -16,7 +16,7 @@ fn create_connect_query_delete_leaves_nothing() {
     let mut cluster = Cluster::start("t10");
     cluster.add_agent("n1");
 
-    let created = cluster.create_tenant("acme", "0.5", "256MiB", "1GiB");
+    let created = cluster.create_tenant("acme", "0.5", "256MiB", "256MiB");
     let uri = created["credentials"]["uri"]
         .as_str()
         .expect("uri")

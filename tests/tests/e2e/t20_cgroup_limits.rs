@@ -54,7 +54,7 @@ fn tenant_cgroup_holds_exactly_its_processes_with_the_limits_asked() {
     }
     let mut cluster = Cluster::start("t20");
     cluster.add_agent("n1");
-    let t = cluster.create_tenant("limits", "250m", "300MiB", "1GiB");
+    let t = cluster.create_tenant("limits", "250m", "300MiB", "256MiB");
     // A client connection adds a backend process; it must land in the cgroup too.
     let uri = t["credentials"]["uri"].as_str().unwrap();
     psql(uri, "SELECT 1").expect("query");

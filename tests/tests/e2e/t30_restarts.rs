@@ -12,7 +12,7 @@ fn scheduler_restart_keeps_tenants_and_nodes() {
     }
     let mut cluster = Cluster::start("t30s");
     cluster.add_agent("n1");
-    let t = cluster.create_tenant("keep", "0.25", "256MiB", "1GiB");
+    let t = cluster.create_tenant("keep", "0.25", "256MiB", "256MiB");
     let uri = t["credentials"]["uri"].as_str().unwrap().to_string();
     // A pending one too: it must survive as pending.
     let out = cluster.ctl(&[
@@ -26,7 +26,7 @@ fn scheduler_restart_keeps_tenants_and_nodes() {
         "--memory",
         "256MiB",
         "--storage",
-        "1GiB",
+        "256MiB",
         "-o",
         "json",
     ]);
@@ -61,7 +61,7 @@ fn agent_kill_9_keeps_the_tenant_running_and_reachable() {
     }
     let mut cluster = Cluster::start("t30a");
     cluster.add_agent("n1");
-    let t = cluster.create_tenant("survivor", "0.25", "256MiB", "1GiB");
+    let t = cluster.create_tenant("survivor", "0.25", "256MiB", "256MiB");
     let uri = t["credentials"]["uri"].as_str().unwrap().to_string();
     psql(
         &uri,

@@ -22,7 +22,7 @@ fn pending_tenant_is_placed_when_a_node_registers() {
         "--memory",
         "256MiB",
         "--storage",
-        "1GiB",
+        "256MiB",
         "-o",
         "json",
     ]);
@@ -51,7 +51,7 @@ fn pending_reason_names_the_short_resource() {
     cluster.add_agent("n1");
     // Fill the node's CPU with one tenant, then ask for more than is left.
     let cores = std::thread::available_parallelism().unwrap().get();
-    cluster.create_tenant("big", &cores.to_string(), "256MiB", "1GiB");
+    cluster.create_tenant("big", &cores.to_string(), "256MiB", "256MiB");
     let out = cluster.ctl(&[
         "tenant",
         "create",
@@ -63,7 +63,7 @@ fn pending_reason_names_the_short_resource() {
         "--memory",
         "256MiB",
         "--storage",
-        "1GiB",
+        "256MiB",
         "-o",
         "json",
     ]);

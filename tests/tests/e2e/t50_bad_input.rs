@@ -10,7 +10,7 @@ fn bad_input_is_refused_with_the_field_named_and_changes_nothing() {
     }
     let mut cluster = Cluster::start("t50");
     cluster.add_agent("n1");
-    cluster.create_tenant("taken", "0.25", "256MiB", "1GiB");
+    cluster.create_tenant("taken", "0.25", "256MiB", "256MiB");
     let before = cluster.ctl_json(&["tenant", "list"]);
     let nodes_before = cluster.ctl_json(&["node", "list"]);
 
@@ -32,27 +32,27 @@ fn bad_input_is_refused_with_the_field_named_and_changes_nothing() {
     };
     let cases = [
         (
-            create("../x", "postgres", "1", "1GiB", "1GiB"),
+            create("../x", "postgres", "1", "1GiB", "256MiB"),
             "name: \"../x\" may contain only lowercase letters",
         ),
         (
-            create("A B", "postgres", "1", "1GiB", "1GiB"),
+            create("A B", "postgres", "1", "1GiB", "256MiB"),
             "name: \"A B\" may contain only lowercase letters",
         ),
         (
-            create(&"a".repeat(64), "postgres", "1", "1GiB", "1GiB"),
+            create(&"a".repeat(64), "postgres", "1", "1GiB", "256MiB"),
             "name: 64 characters, at most 63 allowed",
         ),
         (
-            create("ok", "postgres", "0", "1GiB", "1GiB"),
+            create("ok", "postgres", "0", "1GiB", "256MiB"),
             "cpu: must be greater than zero",
         ),
         (
-            create("ok", "postgres", "-1", "1GiB", "1GiB"),
+            create("ok", "postgres", "-1", "1GiB", "256MiB"),
             "cpu: \"-1\" is not a number of cores",
         ),
         (
-            create("ok", "postgres", "1", "lots", "1GiB"),
+            create("ok", "postgres", "1", "lots", "256MiB"),
             "memory: \"lots\" is not a size",
         ),
         (
@@ -60,19 +60,19 @@ fn bad_input_is_refused_with_the_field_named_and_changes_nothing() {
             "storage: must be greater than zero",
         ),
         (
-            create("ok", "mysql", "1", "1GiB", "1GiB"),
+            create("ok", "mysql", "1", "1GiB", "256MiB"),
             "engine: unknown engine \"mysql\"",
         ),
         (
-            create("taken", "postgres", "1", "1GiB", "1GiB"),
+            create("taken", "postgres", "1", "1GiB", "256MiB"),
             "name: tenant \"taken\" already exists",
         ),
         (
-            create("ok", "postgres", "1", "100TiB", "1GiB"),
+            create("ok", "postgres", "1", "100TiB", "256MiB"),
             "memory: 100TiB asked, more than any node's capacity",
         ),
         (
-            create("ok", "postgres", "512", "1GiB", "1GiB"),
+            create("ok", "postgres", "512", "1GiB", "256MiB"),
             "cpu: 512 asked, more than any node's capacity",
         ),
     ];

@@ -30,12 +30,54 @@ pub enum AgentError {
     Cgroup(#[from] cgroup::CgroupError),
     #[error(transparent)]
     Report(#[from] report::ReportError),
-    #[error("postgres_bin_dir: no PostgreSQL found under /usr/lib/postgresql/*/bin; install postgresql or set postgres_bin_dir")]
-    NoPostgres,
+    #[error("postgres_bin_dir: {0} has no postgres and initdb")]
+    NoPostgres(String),
+    #[error("redis_server: {0} does not exist")]
+    NoRedis(String),
+    #[error(transparent)]
+    Engine(#[from] engine::custom::EngineConfigError),
+    #[error("engines: no engine is available: install postgresql or redis-server, or define [engines.NAME] in the config")]
+    NoEngines,
+}
+
+/// The engines this host offers: the built-in ones whose programs are installed (an explicitly
+/// configured path must exist), then the config's own, which may replace a built-in one.
+pub fn engines(
+    settings: &Settings,
+) -> Result<BTreeMap<String, engine::EngineTemplate>, AgentError> {
+    let mut engines = BTreeMap::new();
+    let pg_bin = match &settings.postgres_bin_dir {
+        Some(dir) if dir.join("postgres").exists() && dir.join("initdb").exists() => {
+            Some(dir.clone())
+        }
+        Some(dir) => return Err(AgentError::NoPostgres(dir.display().to_string())),
+        None => engine::postgres::find_bin_dir(std::path::Path::new("/usr/lib/postgresql")),
+    };
+    if let Some(bin) = pg_bin {
+        engines.insert("postgres".to_string(), engine::postgres::template(&bin));
+    }
+    let redis = match &settings.redis_server {
+        Some(path) if path.exists() => Some(path.clone()),
+        Some(path) => return Err(AgentError::NoRedis(path.display().to_string())),
+        None => engine::redis::find_server(),
+    };
+    if let Some(server) = redis {
+        engines.insert("redis".to_string(), engine::redis::template(&server));
+    }
+    for (name, config) in &settings.engines {
+        engines.insert(name.clone(), config.clone().into_template(name)?);
+    }
+    if engines.is_empty() {
+        return Err(AgentError::NoEngines);
+    }
+    Ok(engines)
 }
 
 /// Builds the host context from settings: state dir, tenant user, cgroup driver, engines.
 pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
+    // Checks that change nothing come first: a bad engine stops the agent before it touches
+    // the host.
+    let engines = engines(settings)?;
     host::prepare_state_dir(&settings.state_dir)?;
     let (tenant_uid, tenant_gid) = host::ensure_tenant_user(&settings.tenant_user)?;
     let (cgroups, reason) = cgroup::select::open(
@@ -50,12 +92,7 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
         parent = %settings.cgroup_parent.display(),
         "cgroup driver"
     );
-    let pg_bin = match &settings.postgres_bin_dir {
-        Some(dir) => dir.clone(),
-        None => engine::postgres::find_bin_dir(std::path::Path::new("/usr/lib/postgresql"))
-            .ok_or(AgentError::NoPostgres)?,
-    };
-    let engines = BTreeMap::from([("postgres".to_string(), engine::postgres::template(&pg_bin))]);
+    info!(engines = ?engines.keys().collect::<Vec<_>>(), "engines offered");
     Ok(Host {
         state_dir: settings.state_dir.clone(),
         cgroups,

@@ -70,8 +70,8 @@ pub enum TenantError {
         exit: Exit,
         log_tail: String,
     },
-    #[error("engine {0} before it was ready")]
-    ExitedBeforeReady(Exit),
+    #[error("engine {exit} before it was ready; last log lines: {log_tail}")]
+    ExitedBeforeReady { exit: Exit, log_tail: String },
     #[error("engine not ready after {0:?}")]
     ReadyTimeout(Duration),
 }
@@ -448,7 +448,18 @@ impl Supervisor {
     }
 
     fn spawn_engine(&self, engine: &EngineTemplate) -> Result<Watched, TenantError> {
-        let argv = self.context().fill_argv(&engine.start);
+        let ctx = self.context();
+        for (path, content) in &engine.files {
+            let path = ctx.fill_path(path);
+            process::write_private_file(
+                &path,
+                &ctx.fill(content),
+                self.host.tenant_uid,
+                self.host.tenant_gid,
+            )
+            .map_err(io_err("write", &path))?;
+        }
+        let argv = ctx.fill_argv(&engine.start);
         let child = process::spawn(&SpawnRequest {
             argv: &argv,
             cwd: &self.paths.data,
@@ -489,7 +500,12 @@ impl Supervisor {
                 return Err(TenantError::ReadyTimeout(READY_TIMEOUT));
             }
             tokio::select! {
-                exit = watched.exited() => return Err(TenantError::ExitedBeforeReady(exit)),
+                exit = watched.exited() => {
+                    return Err(TenantError::ExitedBeforeReady {
+                        exit,
+                        log_tail: log_tail(&self.paths.log()),
+                    })
+                }
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         }
@@ -561,9 +577,18 @@ impl Supervisor {
 }
 
 /// The last lines of an engine log, for error messages.
+/// The last lines of the engine's log (from its last 4 KiB), for a failure's reason.
 fn log_tail(path: &std::path::Path) -> String {
-    let content = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = content.lines().rev().take(5).collect();
+    use std::io::{Read, Seek, SeekFrom};
+    let mut content = String::new();
+    if let Ok(mut file) = std::fs::File::open(path) {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(4096)));
+        let mut bytes = Vec::new();
+        let _ = file.read_to_end(&mut bytes);
+        content = String::from_utf8_lossy(&bytes).into_owned();
+    }
+    let lines: Vec<&str> = content.lines().rev().take(3).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 

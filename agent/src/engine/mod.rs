@@ -2,7 +2,9 @@
 //! tell when it is ready, with `{placeholders}` filled per tenant. PostgreSQL is built in; more
 //! engines (Redis, custom ones from the agent's config) are templates of the same shape.
 
+pub mod custom;
 pub mod postgres;
+pub mod redis;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +28,9 @@ pub struct EngineTemplate {
     pub init_files: Vec<(String, String)>,
     /// Runs once, when the tenant's data directory has never been initialised.
     pub init: Vec<Vec<String>>,
+    /// Files written (as the tenant's user, mode 0600) before every start: configuration that
+    /// holds secrets, which must never appear on a command line.
+    pub files: Vec<(String, String)>,
     pub start: Vec<String>,
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
@@ -52,6 +57,10 @@ impl TenantContext {
             ("run", run.display().to_string()),
             ("password", password.to_string()),
             ("memory_bytes", memory_bytes.to_string()),
+            (
+                "memory_bytes_three_quarters",
+                (memory_bytes / 4 * 3).to_string(),
+            ),
             ("shared_buffers_mb", shared_buffers_mb.to_string()),
             ("max_connections", max_connections.to_string()),
         ]);

@@ -41,6 +41,7 @@ pub fn template(bin: &Path) -> EngineTemplate {
             s("--wal-segsize=1"),
             s("--no-instructions"),
         ]],
+        files: Vec::new(),
         start: vec![
             format!("{bin}/postgres"),
             s("-D"),

@@ -11,3 +11,4 @@ mod t40_pending_until_room;
 mod t50_bad_input;
 mod t60_limits;
 mod t70_cgroup_driver;
+mod t80_engines;

@@ -1,0 +1,219 @@
+//! Engines defined in the agent's config file (`[engines.NAME]`), checked at start so a mistake
+//! stops the agent with the field and the rule instead of failing each tenant later. A custom
+//! engine with the name of a built-in one replaces it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde::Deserialize;
+
+use super::{EngineTemplate, Readiness};
+
+/// One `[engines.NAME]` table.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Commands run once on an empty data directory (`{data}`), each an argv list.
+    #[serde(default)]
+    pub init: Vec<Vec<String>>,
+    /// Files written (mode 0600, as the tenant) before `init` runs and removed after.
+    #[serde(default)]
+    pub init_files: BTreeMap<String, String>,
+    /// Files written (mode 0600, as the tenant) before every start.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+    /// The engine's argv; it must stay in the foreground.
+    pub start: Vec<String>,
+    /// Signal for a graceful stop (default SIGTERM).
+    pub stop_signal: Option<String>,
+    /// How long a graceful stop may take before SIGKILL (default 30000).
+    pub stop_timeout_ms: Option<u64>,
+    /// The Unix socket clients are proxied to; must be under `{run}`.
+    pub socket: String,
+    /// Ready when this PostgreSQL-style pid file says so; otherwise when the socket accepts.
+    pub ready_pid_file: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("engines.{engine}.{field}: {rule}")]
+pub struct EngineConfigError {
+    pub engine: String,
+    pub field: &'static str,
+    pub rule: String,
+}
+
+impl EngineConfig {
+    pub fn into_template(self, name: &str) -> Result<EngineTemplate, EngineConfigError> {
+        let err = |field: &'static str, rule: String| EngineConfigError {
+            engine: name.to_string(),
+            field,
+            rule,
+        };
+        if dormant_common::TenantName::parse(name).is_err() {
+            return Err(err(
+                "name",
+                "an engine name is lowercase letters, digits and '-', at most 63".into(),
+            ));
+        }
+        let Some(program) = self.start.first() else {
+            return Err(err("start", "must name a program".into()));
+        };
+        if !program.contains('{') {
+            let path = Path::new(program);
+            if !path.is_absolute() {
+                return Err(err(
+                    "start",
+                    format!("{program:?} must be an absolute path"),
+                ));
+            }
+            if !path.exists() {
+                return Err(err("start", format!("{program} does not exist")));
+            }
+        }
+        if self.init.iter().any(Vec::is_empty) {
+            return Err(err("init", "every command must name a program".into()));
+        }
+        if !self.socket.starts_with("{run}/") {
+            return Err(err(
+                "socket",
+                format!(
+                    "{:?} must be under {{run}}/, the tenant's own socket directory",
+                    self.socket
+                ),
+            ));
+        }
+        let stop_signal = match &self.stop_signal {
+            None => Signal::SIGTERM,
+            Some(s) => Signal::from_str(s).map_err(|_| {
+                err(
+                    "stop_signal",
+                    format!("{s:?} is not a signal name like SIGTERM"),
+                )
+            })?,
+        };
+        let stop_timeout = Duration::from_millis(self.stop_timeout_ms.unwrap_or(30_000));
+        if stop_timeout.is_zero() {
+            return Err(err("stop_timeout_ms", "must be greater than 0".into()));
+        }
+        Ok(EngineTemplate {
+            name: name.to_string(),
+            init_files: self.init_files.into_iter().collect(),
+            init: self.init,
+            files: self.files.into_iter().collect(),
+            start: self.start,
+            stop_signal,
+            stop_timeout,
+            socket: self.socket,
+            readiness: match self.ready_pid_file {
+                Some(path) => Readiness::PidFileStatus(path),
+                None => Readiness::SocketAccepts,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(toml_text: &str) -> EngineConfig {
+        toml::from_str(toml_text).unwrap()
+    }
+
+    #[test]
+    fn a_custom_engine_from_toml_becomes_a_template() {
+        let t = parse(
+            r#"
+            start = ["/bin/sh", "-c", "exec my-db --socket {run}/db.sock"]
+            socket = "{run}/db.sock"
+            stop_signal = "SIGINT"
+            stop_timeout_ms = 5000
+            files = { "{data}/db.conf" = "password {password}\n" }
+            "#,
+        )
+        .into_template("mydb")
+        .unwrap();
+        assert_eq!(t.name, "mydb");
+        assert_eq!(t.stop_signal, Signal::SIGINT);
+        assert_eq!(t.stop_timeout, Duration::from_secs(5));
+        assert_eq!(t.readiness, Readiness::SocketAccepts);
+        assert_eq!(t.files.len(), 1);
+    }
+
+    #[test]
+    fn mistakes_name_the_field_and_the_rule() {
+        let base = || EngineConfig {
+            start: vec!["/bin/sh".into()],
+            socket: "{run}/s.sock".into(),
+            ..Default::default()
+        };
+        let cases = [
+            ("Bad Name", base(), "engines.Bad Name.name"),
+            (
+                "x",
+                EngineConfig {
+                    start: vec![],
+                    ..base()
+                },
+                "engines.x.start: must name a program",
+            ),
+            (
+                "x",
+                EngineConfig {
+                    start: vec!["sh".into()],
+                    ..base()
+                },
+                "must be an absolute path",
+            ),
+            (
+                "x",
+                EngineConfig {
+                    start: vec!["/nonexistent/db".into()],
+                    ..base()
+                },
+                "/nonexistent/db does not exist",
+            ),
+            (
+                "x",
+                EngineConfig {
+                    socket: "/tmp/s.sock".into(),
+                    ..base()
+                },
+                "engines.x.socket",
+            ),
+            (
+                "x",
+                EngineConfig {
+                    stop_signal: Some("SIGNOPE".into()),
+                    ..base()
+                },
+                "engines.x.stop_signal",
+            ),
+            (
+                "x",
+                EngineConfig {
+                    stop_timeout_ms: Some(0),
+                    ..base()
+                },
+                "engines.x.stop_timeout_ms",
+            ),
+        ];
+        for (name, config, expected) in cases {
+            let err = config.into_template(name).unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected:?} not in {err:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = toml::from_str::<EngineConfig>(
+            "start = [\"/bin/sh\"]\nsocket = \"{run}/s\"\nport = 5\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown field `port`"), "{err}");
+    }
+}

@@ -43,7 +43,7 @@ pub struct Host {
 pub struct TenantPaths {
     /// Root-owned: the record, the engine's pid file and log, the "initialised" marker.
     pub dir: PathBuf,
-    /// The tenant user's: the engine's data.
+    /// The tenant user's: the engine's data, the mounted volume.
     pub data: PathBuf,
     /// The tenant user's: the engine's Unix socket. Kept short (by uid) for the socket path limit.
     pub run: PathBuf,
@@ -61,6 +61,10 @@ impl TenantPaths {
     }
     pub fn log(&self) -> PathBuf {
         self.dir.join("engine.log")
+    }
+    /// The tenant's volume: a root-owned image beside the record, mounted as `data`.
+    pub fn volume(&self) -> crate::volume::Volume {
+        crate::volume::Volume::new(self.dir.join("volume.img"), self.data.clone())
     }
 }
 

@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod reconcile;
 pub mod report;
 pub mod tenant;
+pub mod volume;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -104,7 +104,7 @@ impl Reporter {
                     usage: Some(pb::TenantUsage {
                         cpu_usage_usec: usage.cpu_usage_usec,
                         memory_bytes: usage.memory_bytes,
-                        storage_used_bytes: 0,
+                        storage_used_bytes: h.volume_used_bytes().unwrap_or(0),
                         pids: usage.pids,
                         restarts: o.restarts,
                         oom_kills: usage.oom_kills,

@@ -61,6 +61,8 @@ pub enum TenantError {
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     #[error(transparent)]
+    Volume(#[from] crate::volume::VolumeError),
+    #[error(transparent)]
     Spawn(#[from] SpawnError),
     #[error(transparent)]
     Proxy(#[from] proxy::ProxyError),
@@ -90,6 +92,7 @@ pub struct TenantHandle {
     requests: mpsc::UnboundedSender<Request>,
     task: JoinHandle<()>,
     cgroup: Box<dyn TenantCgroup>,
+    volume: crate::volume::Volume,
     deleting: bool,
 }
 
@@ -105,6 +108,7 @@ impl TenantHandle {
         });
         let (requests, rx) = mpsc::unbounded_channel();
         let cgroup = host.cgroups.tenant(&spec.name);
+        let volume = host.paths(&spec.name, spec.uid).volume();
         let supervisor = Supervisor {
             paths: host.paths(&spec.name, spec.uid),
             cgroup: host.cgroups.tenant(&spec.name),
@@ -122,6 +126,7 @@ impl TenantHandle {
             requests,
             task,
             cgroup,
+            volume,
             deleting: false,
         }
     }
@@ -148,6 +153,11 @@ impl TenantHandle {
 
     pub fn usage(&self) -> Option<Usage> {
         self.cgroup.usage().ok()
+    }
+
+    /// Bytes used on the tenant's volume (`None` while it is not mounted).
+    pub fn volume_used_bytes(&self) -> Option<u64> {
+        self.volume.usage().map(|u| u.used_bytes)
     }
 
     /// Ends the task without deleting anything; the engine keeps running unless `stop_engine`.
@@ -334,6 +344,13 @@ impl Supervisor {
         let p = &self.paths;
         let (uid, gid) = (self.host.tenant_uid, self.host.tenant_gid);
         std::fs::create_dir_all(&p.dir).map_err(io_err("create", &p.dir))?;
+        // The tenant's storage limit: its data directory is its own filesystem of that size.
+        let volume = p.volume();
+        let size = self.spec.resources.storage.0;
+        let initialised = p.initialized_marker().exists();
+        tokio::task::spawn_blocking(move || volume.ensure_mounted(size, initialised))
+            .await
+            .map_err(|e| io_err("mount volume", &p.data)(std::io::Error::other(e)))??;
         for dir in [&p.data, &p.run] {
             std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
             nix::unistd::chown(dir.as_path(), Some(uid), Some(gid))
@@ -377,9 +394,12 @@ impl Supervisor {
     async fn initialize(&self, engine: &EngineTemplate) -> Result<(), TenantError> {
         let p = &self.paths;
         let ctx = self.context();
-        // A half-done earlier attempt leaves junk; start from empty.
+        // A half-done earlier attempt leaves junk; start from empty (ext4's lost+found stays).
         for entry in std::fs::read_dir(&p.data).map_err(io_err("read", &p.data))? {
             let path = entry.map_err(io_err("read", &p.data))?.path();
+            if path.file_name().is_some_and(|n| n == "lost+found") {
+                continue;
+            }
             let removed = if path.is_dir() {
                 std::fs::remove_dir_all(&path)
             } else {
@@ -565,6 +585,7 @@ impl Supervisor {
 
     fn remove_everything(&self) -> Result<(), TenantError> {
         self.cgroup.delete()?;
+        self.paths.volume().destroy()?;
         for dir in [&self.paths.run, &self.paths.dir] {
             match std::fs::remove_dir_all(dir) {
                 Ok(()) => {}
@@ -576,7 +597,6 @@ impl Supervisor {
     }
 }
 
-/// The last lines of an engine log, for error messages.
 /// The last lines of the engine's log (from its last 4 KiB), for a failure's reason.
 fn log_tail(path: &std::path::Path) -> String {
     use std::io::{Read, Seek, SeekFrom};

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::process::{remove_cgroup_subtree, ProcGuard};
+use crate::process::{remove_cgroup_subtree, remove_mounts_and_loops, ProcGuard};
 use crate::wait::wait_until;
 use crate::CgroupVersion;
 
@@ -392,6 +392,7 @@ impl Drop for Cluster {
         self.kill_scheduler();
         // Tenant engines outlive agents by design: kill them by the PIDs in the test's cgroups.
         remove_cgroup_subtree(Path::new(CGROUP_ROOT), &self.cgroup_parent);
+        remove_mounts_and_loops(self.dir.path());
         if std::thread::panicking() {
             eprintln!(
                 "test failed; logs under {} follow",

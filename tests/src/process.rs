@@ -169,3 +169,35 @@ pub fn pid_alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Unmounts every mount under `dir` (deepest first) and detaches every loop device whose backing
+/// file is under `dir`: tenant volumes a test left behind, pass or fail.
+pub fn remove_mounts_and_loops(dir: &Path) {
+    let prefix = dir.display().to_string();
+    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| m.starts_with(&prefix))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+    let Ok(devices) = std::fs::read_dir("/sys/block") else {
+        return;
+    };
+    for dev in devices.flatten() {
+        let name = dev.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let backing =
+            std::fs::read_to_string(dev.path().join("loop/backing_file")).unwrap_or_default();
+        if backing.trim().starts_with(&prefix) {
+            let _ = Command::new("losetup")
+                .args(["--detach", &format!("/dev/{name}")])
+                .status();
+        }
+    }
+}

@@ -12,3 +12,4 @@ mod t50_bad_input;
 mod t60_limits;
 mod t70_cgroup_driver;
 mod t80_engines;
+mod t90_storage;

@@ -1,0 +1,241 @@
+//! Each tenant's storage as a hard limit: a sparse ext4 image the size of the tenant's storage,
+//! attached to a loop device and mounted (`nodev,nosuid,noexec`) as the tenant's data directory.
+//! A write past the size gets ENOSPC in that tenant only, and the host's disk gives up only the
+//! blocks actually written. Used bytes come from `statvfs`; growing is online (`resize2fs`).
+//!
+//! The loop device and ext4 tools (`losetup`, `mkfs.ext4`, `resize2fs` from util-linux and
+//! e2fsprogs) are run as commands: they are the reference implementations every operator knows,
+//! and their messages go into our errors as they are.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("volume {path}: {what}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("volume {path}: {program} failed: {message}")]
+    Tool {
+        program: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("volume {path}: the image is missing but the tenant was initialised; refusing to start on an empty volume")]
+    ImageLost { path: PathBuf },
+    #[error("volume {path}: shrinking from {from} to {to} bytes is not supported")]
+    Shrink { path: PathBuf, from: u64, to: u64 },
+}
+
+/// One tenant's volume: the image file and where it is mounted.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pub image: PathBuf,
+    pub mountpoint: PathBuf,
+}
+
+/// What `statvfs` says of a mounted volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeUsage {
+    pub used_bytes: u64,
+    pub size_bytes: u64,
+}
+
+fn run(program: &'static str, args: &[&str], path: &Path) -> Result<String, VolumeError> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| VolumeError::Tool {
+            program,
+            path: path.to_path_buf(),
+            message: format!("cannot run it: {e} (install util-linux and e2fsprogs)"),
+        })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(VolumeError::Tool {
+            program,
+            path: path.to_path_buf(),
+            message: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        })
+    }
+}
+
+impl Volume {
+    pub fn new(image: PathBuf, mountpoint: PathBuf) -> Self {
+        Self { image, mountpoint }
+    }
+
+    fn io(&self, what: &'static str) -> impl FnOnce(std::io::Error) -> VolumeError + '_ {
+        move |source| VolumeError::Io {
+            what,
+            path: self.image.clone(),
+            source,
+        }
+    }
+
+    /// Creates (if missing), attaches and mounts the volume; does nothing that is already done.
+    /// `initialised` says whether the tenant's data was ever written: then a missing image is an
+    /// error, never silently replaced by an empty one.
+    pub fn ensure_mounted(&self, size_bytes: u64, initialised: bool) -> Result<(), VolumeError> {
+        if self.is_mounted()? {
+            return Ok(());
+        }
+        if !self.image.exists() {
+            if initialised {
+                return Err(VolumeError::ImageLost {
+                    path: self.image.clone(),
+                });
+            }
+            self.create_image(size_bytes)?;
+        }
+        std::fs::create_dir_all(&self.mountpoint).map_err(self.io("create mountpoint"))?;
+        let device = match self.attached_device()? {
+            Some(device) => device,
+            None => run(
+                "losetup",
+                &["--find", "--show", &self.image.display().to_string()],
+                &self.image,
+            )?,
+        };
+        mount(
+            Some(Path::new(&device)),
+            &self.mountpoint,
+            Some("ext4"),
+            MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .map_err(|e| self.io("mount")(e.into()))?;
+        Ok(())
+    }
+
+    /// A sparse file of `size_bytes` with ext4 on it; no blocks reserved for root (the tenant
+    /// gets all of its size).
+    fn create_image(&self, size_bytes: u64) -> Result<(), VolumeError> {
+        let partial = self.image.with_extension("img.partial");
+        let file = std::fs::File::create(&partial).map_err(self.io("create image"))?;
+        file.set_len(size_bytes).map_err(self.io("size image"))?;
+        drop(file);
+        run(
+            "mkfs.ext4",
+            &[
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-E",
+                "lazy_itable_init=1,lazy_journal_init=1",
+                &partial.display().to_string(),
+            ],
+            &self.image,
+        )?;
+        // Only a complete image gets the final name: a crash mid-mkfs leaves no half volume.
+        std::fs::rename(&partial, &self.image).map_err(self.io("rename image"))
+    }
+
+    /// The loop device already backed by this image, if any.
+    fn attached_device(&self) -> Result<Option<String>, VolumeError> {
+        let out = run(
+            "losetup",
+            &["--associated", &self.image.display().to_string()],
+            &self.image,
+        )?;
+        // "/dev/loop3: []: (/path/volume.img)"
+        Ok(out
+            .lines()
+            .next()
+            .and_then(|l| l.split_once(':'))
+            .map(|(dev, _)| dev.to_string()))
+    }
+
+    pub fn is_mounted(&self) -> Result<bool, VolumeError> {
+        let mounts =
+            std::fs::read_to_string("/proc/self/mountinfo").map_err(self.io("read mountinfo"))?;
+        let target = self.mountpoint.display().to_string();
+        // Field 5 is the mount point (spaces escaped as \040; our paths have none).
+        Ok(mounts
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(target.as_str())))
+    }
+
+    pub fn usage(&self) -> Option<VolumeUsage> {
+        if !self.is_mounted().ok()? {
+            return None;
+        }
+        let s = nix::sys::statvfs::statvfs(&self.mountpoint).ok()?;
+        let size = s.blocks() * s.fragment_size();
+        let free = s.blocks_free() * s.fragment_size();
+        Some(VolumeUsage {
+            used_bytes: size.saturating_sub(free),
+            size_bytes: size,
+        })
+    }
+
+    /// Grows the image and the filesystem while mounted. Shrinking is refused.
+    pub fn grow(&self, size_bytes: u64) -> Result<(), VolumeError> {
+        let current = std::fs::metadata(&self.image)
+            .map_err(self.io("stat image"))?
+            .len();
+        if size_bytes < current {
+            return Err(VolumeError::Shrink {
+                path: self.image.clone(),
+                from: current,
+                to: size_bytes,
+            });
+        }
+        if size_bytes == current {
+            return Ok(());
+        }
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.image)
+            .map_err(self.io("open image"))?;
+        file.set_len(size_bytes).map_err(self.io("grow image"))?;
+        drop(file);
+        if let Some(device) = self.attached_device()? {
+            run("losetup", &["--set-capacity", &device], &self.image)?;
+            run("resize2fs", &[&device], &self.image)?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts and detaches; the image stays.
+    pub fn unmount(&self) -> Result<(), VolumeError> {
+        if self.is_mounted()? {
+            match umount2(&self.mountpoint, MntFlags::empty()) {
+                Ok(()) => {}
+                // Something still holds a file open (a process outside the tenant's cgroup, an
+                // operator's shell): detach now, the kernel frees it when the last user goes.
+                Err(nix::errno::Errno::EBUSY) => umount2(&self.mountpoint, MntFlags::MNT_DETACH)
+                    .map_err(|e| self.io("unmount")(e.into()))?,
+                Err(e) => return Err(self.io("unmount")(e.into())),
+            }
+        }
+        if let Some(device) = self.attached_device()? {
+            run("losetup", &["--detach", &device], &self.image)?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts, detaches and removes the image: the tenant's data is gone.
+    pub fn destroy(&self) -> Result<(), VolumeError> {
+        self.unmount()?;
+        for path in [&self.image, &self.image.with_extension("img.partial")] {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(self.io("remove image")(e)),
+            }
+        }
+        Ok(())
+    }
+}

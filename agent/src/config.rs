@@ -23,7 +23,8 @@ pub struct FileConfig {
     pub cgroup_driver: Option<crate::cgroup::select::DriverChoice>,
     pub cgroup_root: Option<PathBuf>,
     pub cgroup_parent: Option<PathBuf>,
-    pub tenant_user: Option<String>,
+    /// Uids (and gids) tenants get one each from, START-END.
+    pub tenant_uids: Option<String>,
     pub postgres_bin_dir: Option<PathBuf>,
     pub redis_server: Option<PathBuf>,
     /// Custom engines, `[engines.NAME]` tables (see `engine::custom`).
@@ -48,7 +49,7 @@ pub struct Settings {
     pub cgroup_driver: crate::cgroup::select::DriverChoice,
     pub cgroup_root: PathBuf,
     pub cgroup_parent: PathBuf,
-    pub tenant_user: String,
+    pub tenant_uids: (u32, u32),
     pub postgres_bin_dir: Option<PathBuf>,
     pub redis_server: Option<PathBuf>,
     pub engines: BTreeMap<String, crate::engine::custom::EngineConfig>,
@@ -71,6 +72,22 @@ pub enum SettingsError {
 }
 
 /// Parses `START-END` (inclusive) into a port range.
+/// `START-END` for `tenant_uids`: unprivileged (at least 1000), START <= END.
+pub fn parse_uids(value: &str) -> Result<(u32, u32), SettingsError> {
+    let bad = || {
+        SettingsError::Invalid(format!(
+            "tenant_uids: {value:?} must be START-END with 1000 <= START <= END < 4294967295"
+        ))
+    };
+    let (a, b) = value.split_once('-').ok_or_else(bad)?;
+    let start: u32 = a.trim().parse().map_err(|_| bad())?;
+    let end: u32 = b.trim().parse().map_err(|_| bad())?;
+    if start < 1000 || start > end || end == u32::MAX {
+        return Err(bad());
+    }
+    Ok((start, end))
+}
+
 pub fn parse_ports(value: &str) -> Result<(u16, u16), SettingsError> {
     let bad = || {
         SettingsError::Invalid(format!(
@@ -133,7 +150,10 @@ impl Settings {
             cgroup_driver: pick!(cgroup_driver).unwrap_or_default(),
             cgroup_root: pick!(cgroup_root).unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup")),
             cgroup_parent: pick!(cgroup_parent).unwrap_or_else(|| PathBuf::from("dormant/tenants")),
-            tenant_user: pick!(tenant_user).unwrap_or_else(|| "dormant-tenant".into()),
+            tenant_uids: match pick!(tenant_uids) {
+                Some(range) => parse_uids(&range)?,
+                None => (200_000, 299_999),
+            },
             postgres_bin_dir: pick!(postgres_bin_dir),
             redis_server: pick!(redis_server),
             engines: pick!(engines).unwrap_or_default(),
@@ -175,6 +195,15 @@ mod tests {
         for bad in ["20000", "b-c", "0-10", "10-5", "1-70000"] {
             let err = parse_ports(bad).unwrap_err().to_string();
             assert!(err.starts_with("ports:"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn tenant_uids_must_be_an_unprivileged_range() {
+        assert_eq!(parse_uids("200000-299999").unwrap(), (200000, 299999));
+        for bad in ["0-10", "999-2000", "5000-4000", "x-y", "5000"] {
+            let err = parse_uids(bad).unwrap_err().to_string();
+            assert!(err.starts_with("tenant_uids:"), "{bad}: {err}");
         }
     }
 

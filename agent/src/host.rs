@@ -1,5 +1,6 @@
 //! What every tenant on this host shares: the state directory layout, the cgroup driver, the
-//! engine templates, the unprivileged user tenants run as, and the host's capacity and usage.
+//! engine templates, the range of uids tenants get one each from, and the host's capacity and
+//! usage.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -7,20 +8,30 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dormant_common::{Bytes, MilliCpu, Resources, TenantName};
-use nix::unistd::{Gid, Uid, User};
+use nix::unistd::{Gid, Uid};
 
 use crate::cgroup::CgroupDriver;
 use crate::engine::EngineTemplate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    #[error("tenant_user {user:?}: {why}")]
-    TenantUser { user: String, why: String },
+    #[error("cannot become the child subreaper: {0}")]
+    Subreaper(std::io::Error),
+    #[error("tenant_uids {start}-{end}: every uid is taken by a tenant on this host")]
+    UidsExhausted { start: u32, end: u32 },
+    #[error("tenant {name}: uid file {path}: {why}")]
+    UidFile {
+        name: String,
+        path: PathBuf,
+        why: String,
+    },
     #[error("state_dir {path}: {source}")]
     StateDir {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("state_dir {path}: must be an absolute path outside /tmp (each tenant gets a private /tmp, which would hide it from the tenant)")]
+    StateDirPlace { path: PathBuf },
     #[error("state_dir {path}: the socket paths under it would be too long ({len} bytes, at most 90); choose a shorter state_dir")]
     StateDirTooLong { path: PathBuf, len: usize },
 }
@@ -30,8 +41,10 @@ pub struct Host {
     pub state_dir: PathBuf,
     pub cgroups: Arc<dyn CgroupDriver>,
     pub engines: BTreeMap<String, EngineTemplate>,
-    pub tenant_uid: Uid,
-    pub tenant_gid: Gid,
+    /// Each tenant gets a uid (and a gid of the same number) of its own from this range.
+    pub tenant_uids: (u32, u32),
+    /// Serialises uid assignment across tenant tasks.
+    pub uid_lock: std::sync::Mutex<()>,
     pub listen_host: IpAddr,
     pub pids_max: u64,
     /// Signalled when any tenant changes state, so the reporter tells the scheduler at once.
@@ -62,6 +75,17 @@ impl TenantPaths {
     pub fn log(&self) -> PathBuf {
         self.dir.join("engine.log")
     }
+    /// The uid this host gave the tenant.
+    pub fn uid_file(&self) -> PathBuf {
+        self.dir.join("uid")
+    }
+    /// Bound over /etc/passwd and /etc/group in the tenant's mount namespace.
+    pub fn passwd(&self) -> PathBuf {
+        self.dir.join("passwd")
+    }
+    pub fn group(&self) -> PathBuf {
+        self.dir.join("group")
+    }
     /// The tenant's volume: a root-owned image beside the record, mounted as `data`.
     pub fn volume(&self) -> crate::volume::Volume {
         crate::volume::Volume::new(self.dir.join("volume.img"), self.data.clone())
@@ -83,35 +107,48 @@ impl Host {
     }
 }
 
-/// Looks up the tenant user, creating it as a system user when missing.
-pub fn ensure_tenant_user(name: &str) -> Result<(Uid, Gid), HostError> {
-    let err = |why: String| HostError::TenantUser {
-        user: name.to_string(),
-        why,
-    };
-    if let Some(u) = User::from_name(name).map_err(|e| err(e.to_string()))? {
-        return Ok((u.uid, u.gid));
+impl Host {
+    /// The tenant's own uid and gid: the one recorded in its directory, or the lowest number of
+    /// the range that no other tenant on this host has, recorded before it is returned.
+    pub fn tenant_identity(
+        &self,
+        name: &TenantName,
+        paths: &TenantPaths,
+    ) -> Result<(Uid, Gid), HostError> {
+        let _guard = self
+            .uid_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let file = paths.uid_file();
+        let bad = |why: String| HostError::UidFile {
+            name: name.to_string(),
+            path: file.clone(),
+            why,
+        };
+        let uid = match std::fs::read_to_string(&file) {
+            Ok(text) => text
+                .trim()
+                .parse::<u32>()
+                .map_err(|_| bad(format!("{:?} is not a uid", text.trim())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let used: std::collections::BTreeSet<u32> = std::fs::read_dir(self.tenants_dir())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path().join("uid")).ok())
+                    .filter_map(|t| t.trim().parse().ok())
+                    .collect();
+                let (start, end) = self.tenant_uids;
+                let uid = (start..=end)
+                    .find(|u| !used.contains(u))
+                    .ok_or(HostError::UidsExhausted { start, end })?;
+                std::fs::write(&file, uid.to_string()).map_err(|e| bad(e.to_string()))?;
+                uid
+            }
+            Err(e) => return Err(bad(e.to_string())),
+        };
+        Ok((Uid::from_raw(uid), Gid::from_raw(uid)))
     }
-    let status = std::process::Command::new("useradd")
-        .args(["--system", "--user-group", "--no-create-home"])
-        .args([
-            "--home-dir",
-            "/nonexistent",
-            "--shell",
-            "/usr/sbin/nologin",
-            name,
-        ])
-        .status()
-        .map_err(|e| err(format!("not found, and running useradd failed: {e}")))?;
-    if !status.success() {
-        return Err(err(format!(
-            "not found, and useradd {status}; create it (useradd --system {name})"
-        )));
-    }
-    let u = User::from_name(name)
-        .map_err(|e| err(e.to_string()))?
-        .ok_or_else(|| err("still missing after useradd".into()))?;
-    Ok((u.uid, u.gid))
 }
 
 /// Creates the state directory and checks its socket paths will fit.
@@ -120,8 +157,18 @@ pub fn prepare_state_dir(dir: &Path) -> Result<(), HostError> {
         path: dir.to_path_buf(),
         source,
     };
-    std::fs::create_dir_all(dir.join("tenants")).map_err(io)?;
-    std::fs::create_dir_all(dir.join("run")).map_err(io)?;
+    if !dir.is_absolute() || dir.starts_with("/tmp") {
+        return Err(HostError::StateDirPlace {
+            path: dir.to_path_buf(),
+        });
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for sub in ["tenants", "run"] {
+        let path = dir.join(sub);
+        std::fs::create_dir_all(&path).map_err(io)?;
+        // Tenants pass through to their own directories; none may list the others.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o711)).map_err(io)?;
+    }
     // <state_dir>/run/<uid>/.s.PGSQL.5432 must fit in sockaddr_un (108 bytes).
     let len = dir.as_os_str().len();
     if len > 90 - "/run/18446744073709551615".len() {

@@ -12,6 +12,7 @@ pub mod process;
 pub mod proxy;
 pub mod reconcile;
 pub mod report;
+pub mod spawn;
 pub mod tenant;
 pub mod volume;
 
@@ -80,7 +81,6 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
     // the host.
     let engines = engines(settings)?;
     host::prepare_state_dir(&settings.state_dir)?;
-    let (tenant_uid, tenant_gid) = host::ensure_tenant_user(&settings.tenant_user)?;
     let (cgroups, reason) = cgroup::select::open(
         settings.cgroup_driver,
         &settings.cgroup_root,
@@ -98,8 +98,8 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
         state_dir: settings.state_dir.clone(),
         cgroups,
         engines,
-        tenant_uid,
-        tenant_gid,
+        tenant_uids: settings.tenant_uids,
+        uid_lock: std::sync::Mutex::new(()),
         listen_host: settings.listen_host,
         pids_max: settings.pids_max,
         changed: tokio::sync::Notify::new(),
@@ -113,6 +113,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let host = Arc::new(prepare_host(&settings)?);
+    // Engines start as grandchildren (PID 1 of their pid namespace); as the subreaper we become
+    // their parent and can read how they exit.
+    spawn::become_subreaper().map_err(host::HostError::Subreaper)?;
     let mut tenants = reconcile::Tenants::new(host.clone());
     tenants.resume_from_disk();
     let reporter = report::Reporter::new(settings.clone(), host)?;

@@ -47,9 +47,9 @@ struct Args {
     /// (default dormant/tenants).
     #[arg(long)]
     cgroup_parent: Option<PathBuf>,
-    /// Unprivileged user tenants run as (created if missing).
+    /// Uids tenants get one each from, START-END (default 200000-299999).
     #[arg(long)]
-    tenant_user: Option<String>,
+    tenant_uids: Option<String>,
     #[arg(long)]
     postgres_bin_dir: Option<PathBuf>,
     /// Stop tenants' engines when the agent exits (for `dormantctl dev`; never in production).
@@ -82,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
         cgroup_driver: args.cgroup_driver,
         cgroup_root: args.cgroup_root,
         cgroup_parent: args.cgroup_parent,
-        tenant_user: args.tenant_user,
+        tenant_uids: args.tenant_uids,
         postgres_bin_dir: args.postgres_bin_dir,
         stop_tenants_on_exit: args.stop_tenants_on_exit.then_some(true),
         ..Default::default()

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dormant_common::{Resources, TenantName, TenantState};
+use nix::unistd::{Gid, Uid};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -15,8 +16,9 @@ use tracing::{info, instrument, warn};
 use crate::cgroup::{CgroupError, Limits, TenantCgroup, Usage};
 use crate::engine::{postgres, EngineTemplate, Readiness, TenantContext};
 use crate::host::{Host, TenantPaths};
-use crate::process::{self, Exit, SpawnError, SpawnRequest, Watched};
+use crate::process::{self, Exit, WatchError, Watched};
 use crate::proxy::{self, ProxyHandle};
+use crate::spawn::{self, Isolation, SpawnError, SpawnRequest};
 
 /// Failures in a row (without a minute of healthy running between them) before `failed`.
 const MAX_FAILURES: u32 = 5;
@@ -64,6 +66,10 @@ pub enum TenantError {
     Volume(#[from] crate::volume::VolumeError),
     #[error(transparent)]
     Spawn(#[from] SpawnError),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
     #[error(transparent)]
     Proxy(#[from] proxy::ProxyError),
     #[error("initialising data: {program} {exit}; last log lines: {log_tail}")]
@@ -113,6 +119,7 @@ impl TenantHandle {
             paths: host.paths(&spec.name, spec.uid),
             cgroup: host.cgroups.tenant(&spec.name),
             engine: host.engines.get(&spec.engine).cloned(),
+            identity: None,
             host,
             spec: spec.clone(),
             status: status_tx,
@@ -173,6 +180,8 @@ struct Supervisor {
     paths: TenantPaths,
     cgroup: Box<dyn TenantCgroup>,
     engine: Option<EngineTemplate>,
+    /// The tenant's own uid and gid on this host, known once `prepare` ran.
+    identity: Option<(Uid, Gid)>,
     status: watch::Sender<Observed>,
     proxy: Option<ProxyHandle>,
     /// True while the engine answers; the proxy holds clients until then.
@@ -342,8 +351,24 @@ impl Supervisor {
     /// Directories, record, cgroup and limits, data initialised once, port open. Idempotent.
     async fn prepare(&mut self, engine: &EngineTemplate) -> Result<(), TenantError> {
         let p = &self.paths;
-        let (uid, gid) = (self.host.tenant_uid, self.host.tenant_gid);
         std::fs::create_dir_all(&p.dir).map_err(io_err("create", &p.dir))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Root's: other tenants may pass through (to nothing they can read), not list.
+            std::fs::set_permissions(&p.dir, std::fs::Permissions::from_mode(0o711))
+                .map_err(io_err("chmod", &p.dir))?;
+        }
+        let (uid, gid) = self.host.tenant_identity(&self.spec.name, p)?;
+        self.identity = Some((uid, gid));
+        // The only users the tenant's namespace knows: root and itself.
+        let name = self.spec.name.as_str();
+        let passwd = format!(
+            "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n{name}:x:{uid}:{gid}:dormant tenant:/tmp:/usr/sbin/nologin\n"
+        );
+        let group = format!("root:x:0:\n{name}:x:{gid}:\n");
+        for (path, content) in [(p.passwd(), passwd), (p.group(), group)] {
+            std::fs::write(&path, content).map_err(io_err("write", &path))?;
+        }
         // The tenant's storage limit: its data directory is its own filesystem of that size.
         let volume = p.volume();
         let size = self.spec.resources.storage.0;
@@ -413,8 +438,8 @@ impl Supervisor {
             .map(|(path, content)| (ctx.fill_path(path), ctx.fill(content)))
             .collect();
         for (path, content) in &files {
-            process::write_private_file(path, content, self.host.tenant_uid, self.host.tenant_gid)
-                .map_err(io_err("write", path))?;
+            let (uid, gid) = self.identity()?;
+            process::write_private_file(path, content, uid, gid).map_err(io_err("write", path))?;
         }
         let result = self.run_init_commands(engine, &ctx).await;
         for (path, _) in &files {
@@ -434,15 +459,8 @@ impl Supervisor {
     ) -> Result<(), TenantError> {
         for argv in &engine.init {
             let argv = ctx.fill_argv(argv);
-            let child = process::spawn(&SpawnRequest {
-                argv: &argv,
-                cwd: &self.paths.data,
-                uid: self.host.tenant_uid,
-                gid: self.host.tenant_gid,
-                cgroup_procs: &self.cgroup.procs_files(),
-                log: &self.paths.log(),
-            })?;
-            let exit = Watched::child(child)?.exited().await;
+            let pid = self.spawn(&argv)?;
+            let exit = Watched::new(pid)?.exited().await;
             if exit != Exit::Code(0) {
                 return Err(TenantError::Init {
                     program: argv.first().cloned().unwrap_or_default(),
@@ -464,31 +482,49 @@ impl Supervisor {
         if !self.cgroup.pids().ok()?.contains(&pid) {
             return None;
         }
-        Watched::adopt(pid).ok()
+        Watched::new(pid).ok()
+    }
+
+    fn identity(&self) -> Result<(Uid, Gid), TenantError> {
+        self.identity.ok_or_else(|| TenantError::Io {
+            what: "identity",
+            path: self.paths.uid_file(),
+            source: std::io::Error::other("the tenant was not prepared"),
+        })
+    }
+
+    /// Starts `argv` isolated: the tenant's cgroup, namespaces, uid.
+    fn spawn(&self, argv: &[String]) -> Result<i32, TenantError> {
+        let (uid, gid) = self.identity()?;
+        let (passwd, group) = (self.paths.passwd(), self.paths.group());
+        Ok(spawn::spawn(&SpawnRequest {
+            argv,
+            cwd: &self.paths.data,
+            cgroup_procs: &self.cgroup.procs_files(),
+            log: &self.paths.log(),
+            isolation: Isolation {
+                hostname: self.spec.name.as_str(),
+                uid: uid.as_raw(),
+                gid: gid.as_raw(),
+                passwd: &passwd,
+                group: &group,
+                // A private /tmp in memory, counted against the tenant's own limit.
+                tmp_bytes: (self.spec.resources.memory.0 / 4).clamp(1 << 20, 256 << 20),
+                max_open_files: 65_536,
+            },
+        })?)
     }
 
     fn spawn_engine(&self, engine: &EngineTemplate) -> Result<Watched, TenantError> {
         let ctx = self.context();
         for (path, content) in &engine.files {
             let path = ctx.fill_path(path);
-            process::write_private_file(
-                &path,
-                &ctx.fill(content),
-                self.host.tenant_uid,
-                self.host.tenant_gid,
-            )
-            .map_err(io_err("write", &path))?;
+            let (uid, gid) = self.identity()?;
+            process::write_private_file(&path, &ctx.fill(content), uid, gid)
+                .map_err(io_err("write", &path))?;
         }
         let argv = ctx.fill_argv(&engine.start);
-        let child = process::spawn(&SpawnRequest {
-            argv: &argv,
-            cwd: &self.paths.data,
-            uid: self.host.tenant_uid,
-            gid: self.host.tenant_gid,
-            cgroup_procs: &self.cgroup.procs_files(),
-            log: &self.paths.log(),
-        })?;
-        let watched = Watched::child(child)?;
+        let watched = Watched::new(self.spawn(&argv)?)?;
         let pid_file = self.paths.pid_file();
         std::fs::write(&pid_file, watched.pid().to_string()).map_err(io_err("write", &pid_file))?;
         info!(pid = watched.pid(), engine = %engine.name, "engine started");

@@ -99,6 +99,12 @@ impl Volume {
             self.create_image(size_bytes)?;
         }
         std::fs::create_dir_all(&self.mountpoint).map_err(self.io("create mountpoint"))?;
+        // The directory under the mount: root's and closed, for any namespace that sees it bare.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.mountpoint, std::fs::Permissions::from_mode(0o700))
+                .map_err(self.io("chmod mountpoint"))?;
+        }
         let device = match self.attached_device()? {
             Some(device) => device,
             None => run(

@@ -120,10 +120,11 @@ impl Cluster {
 
     pub fn start_with(test: &str, opts: ClusterOptions) -> Self {
         let bins = bin_dir();
-        // Short paths: tenants' Unix sockets live under the state dir.
+        // Short paths: tenants' Unix sockets live under the state dir. Not /tmp: every tenant gets
+        // a private /tmp, so the agent refuses a state dir there.
         let dir = tempfile::Builder::new()
             .prefix("dt-")
-            .tempdir_in("/tmp")
+            .tempdir_in("/var/tmp")
             .expect("tempdir");
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");

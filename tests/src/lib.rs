@@ -65,3 +65,16 @@ pub fn psql(uri: &str, sql: &str) -> Result<String, String> {
         Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
 }
+
+/// Runs `script` with `/bin/sh` inside a PostgreSQL tenant, as the tenant's engine would run a
+/// program (its superuser's `COPY ... FROM PROGRAM`): in its cgroup, its namespaces, as its uid.
+/// Returns the script's output (stdout; redirect stderr into it where it matters).
+pub fn run_in_postgres_tenant(uri: &str, script: &str) -> Result<String, String> {
+    let sql = format!(
+        "CREATE TEMP TABLE out(line text); \
+         COPY out FROM PROGRAM '{}'; \
+         SELECT string_agg(line, E'\\n') FROM out",
+        script.replace('\'', "''")
+    );
+    psql(uri, &sql)
+}

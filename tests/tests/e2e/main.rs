@@ -9,6 +9,7 @@ mod t20_cgroup_limits;
 mod t30_restarts;
 mod t40_pending_until_room;
 mod t50_bad_input;
+mod t55_isolation;
 mod t60_limits;
 mod t70_cgroup_driver;
 mod t80_engines;

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use dormant_common::TenantName;
+use dormant_common::{Resources, TenantName};
 use tracing::info;
 
 use crate::host::Host;
@@ -30,12 +30,15 @@ pub struct Desired {
 pub struct Present {
     pub uid: u64,
     pub deleting: bool,
+    pub resources: Resources,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     Start(TenantSpec),
     Delete(TenantName),
+    /// New resources for a running tenant (applied in place).
+    Resize(TenantName, Resources),
 }
 
 /// The actions that move `present` towards `desired`.
@@ -53,8 +56,14 @@ pub fn plan(desired: &Desired, present: &BTreeMap<TenantName, Present>) -> Vec<A
     }
     for (name, want) in &desired.tenants {
         // A tenant of the same name with another uid must be gone before the new one starts.
-        if let (Want::Running(spec), None) = (want, present.get(name)) {
-            actions.push(Action::Start(spec.clone()));
+        match (want, present.get(name)) {
+            (Want::Running(spec), None) => actions.push(Action::Start(spec.clone())),
+            (Want::Running(spec), Some(p))
+                if p.uid == spec.uid && !p.deleting && p.resources != spec.resources =>
+            {
+                actions.push(Action::Resize(name.clone(), spec.resources));
+            }
+            _ => {}
         }
     }
     actions
@@ -95,6 +104,7 @@ impl Tenants {
                     Present {
                         uid: h.spec.uid,
                         deleting: h.is_deleting(),
+                        resources: h.spec.resources,
                     },
                 )
             })
@@ -116,6 +126,11 @@ impl Tenants {
                     if let Some(h) = self.handles.get_mut(&name) {
                         info!(tenant_id = %name, "deleting tenant");
                         h.delete();
+                    }
+                }
+                Action::Resize(name, resources) => {
+                    if let Some(h) = self.handles.get_mut(&name) {
+                        h.resize(resources);
                     }
                 }
             }
@@ -165,8 +180,35 @@ mod tests {
     fn present(items: Vec<(&str, u64, bool)>) -> BTreeMap<TenantName, Present> {
         items
             .into_iter()
-            .map(|(n, uid, deleting)| (name(n), Present { uid, deleting }))
+            .map(|(n, uid, deleting)| {
+                (
+                    name(n),
+                    Present {
+                        uid,
+                        deleting,
+                        resources: spec(n, uid).resources,
+                    },
+                )
+            })
             .collect()
+    }
+
+    #[test]
+    fn plan_resizes_a_running_tenant_whose_resources_changed() {
+        let mut bigger = spec("a", 1);
+        bigger.resources.storage = Bytes(2 << 30);
+        let d = desired(vec![("a", Want::Running(bigger.clone()))]);
+        assert_eq!(
+            plan(&d, &present(vec![("a", 1, false)])),
+            vec![Action::Resize(name("a"), bigger.resources)]
+        );
+        // Not while it is being deleted, and not for another tenant of the same name.
+        assert!(plan(&d, &present(vec![("a", 1, true)])).is_empty());
+        let d2 = desired(vec![("a", Want::Running(spec("a", 2)))]);
+        assert_eq!(
+            plan(&d2, &present(vec![("a", 1, false)])),
+            vec![Action::Delete(name("a"))]
+        );
     }
 
     #[test]

@@ -99,6 +99,11 @@ pub struct TenantHandle {
     task: JoinHandle<()>,
     cgroup: Box<dyn TenantCgroup>,
     volume: crate::volume::Volume,
+    paths: TenantPaths,
+    pids_max: u64,
+    resources: watch::Sender<Resources>,
+    /// The last resize failure, logged once rather than on every reconcile.
+    resize_error: Option<String>,
     deleting: bool,
 }
 
@@ -114,12 +119,16 @@ impl TenantHandle {
         });
         let (requests, rx) = mpsc::unbounded_channel();
         let cgroup = host.cgroups.tenant(&spec.name);
-        let volume = host.paths(&spec.name, spec.uid).volume();
+        let paths = host.paths(&spec.name, spec.uid);
+        let volume = paths.volume();
+        let (resources, resources_rx) = watch::channel(spec.resources);
+        let pids_max = host.pids_max;
         let supervisor = Supervisor {
             paths: host.paths(&spec.name, spec.uid),
             cgroup: host.cgroups.tenant(&spec.name),
             engine: host.engines.get(&spec.engine).cloned(),
             identity: None,
+            resources: resources_rx,
             host,
             spec: spec.clone(),
             status: status_tx,
@@ -134,6 +143,10 @@ impl TenantHandle {
             task,
             cgroup,
             volume,
+            pids_max,
+            paths,
+            resources,
+            resize_error: None,
             deleting: false,
         }
     }
@@ -162,6 +175,44 @@ impl TenantHandle {
         self.cgroup.usage().ok()
     }
 
+    /// Applies new resources while the engine runs: the volume grows online, the cgroup limits
+    /// change in place, the record on disk follows. On failure nothing is recorded as applied,
+    /// so the next reconcile tries again.
+    pub fn resize(&mut self, resources: Resources) {
+        match self.try_resize(resources) {
+            Ok(()) => self.resize_error = None,
+            Err(e) => {
+                let message = e.to_string();
+                if self.resize_error.as_ref() != Some(&message) {
+                    warn!(tenant_id = %self.spec.name, error = %message, "resizing tenant; will retry");
+                    self.resize_error = Some(message);
+                }
+            }
+        }
+    }
+
+    fn try_resize(&mut self, resources: Resources) -> Result<(), TenantError> {
+        let grow = resources.storage > self.spec.resources.storage;
+        tokio::task::block_in_place(|| -> Result<(), TenantError> {
+            if grow && self.volume.is_mounted()? {
+                self.volume.grow(resources.storage.0)?;
+            }
+            if self.cgroup.pids().is_ok() {
+                self.cgroup.apply(&Limits {
+                    milli_cpu: resources.cpu.0,
+                    memory_bytes: resources.memory.0,
+                    pids_max: self.pids_max,
+                })?;
+            }
+            Ok(())
+        })?;
+        self.spec.resources = resources;
+        write_record(&self.paths, &self.spec)?;
+        self.resources.send_replace(resources);
+        info!(tenant_id = %self.spec.name, cpu = %resources.cpu, memory = %resources.memory, storage = %resources.storage, "tenant resized");
+        Ok(())
+    }
+
     /// Bytes used on the tenant's volume (`None` while it is not mounted).
     pub fn volume_used_bytes(&self) -> Option<u64> {
         self.volume.usage().map(|u| u.used_bytes)
@@ -182,6 +233,8 @@ struct Supervisor {
     engine: Option<EngineTemplate>,
     /// The tenant's own uid and gid on this host, known once `prepare` ran.
     identity: Option<(Uid, Gid)>,
+    /// The resources in force; a resize while the engine runs changes them (see `TenantHandle`).
+    resources: watch::Receiver<Resources>,
     status: watch::Sender<Observed>,
     proxy: Option<ProxyHandle>,
     /// True while the engine answers; the proxy holds clients until then.
@@ -220,7 +273,7 @@ impl Supervisor {
             &self.paths.data,
             &self.paths.run,
             &self.spec.password,
-            self.spec.resources.memory.0,
+            self.resources.borrow().memory.0,
         )
     }
 
@@ -278,7 +331,7 @@ impl Supervisor {
                     if oom_after > oom_before {
                         format!(
                             "engine OOM-killed at its memory limit ({})",
-                            self.spec.resources.memory
+                            self.resources.borrow().memory
                         )
                     } else {
                         format!("engine {exit}")
@@ -371,7 +424,7 @@ impl Supervisor {
         }
         // The tenant's storage limit: its data directory is its own filesystem of that size.
         let volume = p.volume();
-        let size = self.spec.resources.storage.0;
+        let size = self.resources.borrow().storage.0;
         let initialised = p.initialized_marker().exists();
         tokio::task::spawn_blocking(move || volume.ensure_mounted(size, initialised))
             .await
@@ -384,21 +437,14 @@ impl Supervisor {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(io_err("chmod", dir))?;
         }
-        let record = serde_json::to_vec(&self.spec)
-            .map_err(|e| io_err("encode", &p.dir)(std::io::Error::other(e)))?;
-        let record_path = p.record();
-        process::write_private_file(
-            &record_path,
-            &String::from_utf8_lossy(&record),
-            nix::unistd::Uid::from_raw(0),
-            nix::unistd::Gid::from_raw(0),
-        )
-        .map_err(io_err("write", &record_path))?;
+        let mut spec = self.spec.clone();
+        spec.resources = *self.resources.borrow();
+        write_record(p, &spec)?;
 
         self.cgroup.create()?;
         self.cgroup.apply(&Limits {
-            milli_cpu: self.spec.resources.cpu.0,
-            memory_bytes: self.spec.resources.memory.0,
+            milli_cpu: self.resources.borrow().cpu.0,
+            memory_bytes: self.resources.borrow().memory.0,
             pids_max: self.host.pids_max,
         })?;
 
@@ -509,7 +555,7 @@ impl Supervisor {
                 passwd: &passwd,
                 group: &group,
                 // A private /tmp in memory, counted against the tenant's own limit.
-                tmp_bytes: (self.spec.resources.memory.0 / 4).clamp(1 << 20, 256 << 20),
+                tmp_bytes: (self.resources.borrow().memory.0 / 4).clamp(1 << 20, 256 << 20),
                 max_open_files: 65_536,
             },
         })?)
@@ -631,6 +677,20 @@ impl Supervisor {
         }
         Ok(())
     }
+}
+
+/// The tenant's record (root-only: it holds the password), read back by `load_records`.
+fn write_record(paths: &TenantPaths, spec: &TenantSpec) -> Result<(), TenantError> {
+    let record = serde_json::to_vec(spec)
+        .map_err(|e| io_err("encode", &paths.dir)(std::io::Error::other(e)))?;
+    let record_path = paths.record();
+    process::write_private_file(
+        &record_path,
+        &String::from_utf8_lossy(&record),
+        Uid::from_raw(0),
+        Gid::from_raw(0),
+    )
+    .map_err(io_err("write", &record_path))
 }
 
 /// The last lines of the engine's log (from its last 4 KiB), for a failure's reason.

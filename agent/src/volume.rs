@@ -88,7 +88,8 @@ impl Volume {
     /// error, never silently replaced by an empty one.
     pub fn ensure_mounted(&self, size_bytes: u64, initialised: bool) -> Result<(), VolumeError> {
         if self.is_mounted()? {
-            return Ok(());
+            // A resize recorded while the volume was not ours to grow (agent down) lands now.
+            return self.grow(size_bytes);
         }
         if !self.image.exists() {
             if initialised {
@@ -121,7 +122,7 @@ impl Volume {
             None::<&str>,
         )
         .map_err(|e| self.io("mount")(e.into()))?;
-        Ok(())
+        self.grow(size_bytes)
     }
 
     /// A sparse file of `size_bytes` with ext4 on it; no blocks reserved for root (the tenant
@@ -186,7 +187,8 @@ impl Volume {
         })
     }
 
-    /// Grows the image and the filesystem while mounted. Shrinking is refused.
+    /// Grows the image and the filesystem while mounted. Shrinking is refused. Safe to repeat:
+    /// each part is done only if it is not done yet, so a failed attempt is finished by the next.
     pub fn grow(&self, size_bytes: u64) -> Result<(), VolumeError> {
         let current = std::fs::metadata(&self.image)
             .map_err(self.io("stat image"))?
@@ -198,20 +200,52 @@ impl Volume {
                 to: size_bytes,
             });
         }
-        if size_bytes == current {
+        if size_bytes > current {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.image)
+                .map_err(self.io("open image"))?;
+            file.set_len(size_bytes).map_err(self.io("grow image"))?;
+        }
+        let Some(device) = self.attached_device()? else {
+            return Ok(());
+        };
+        if self.filesystem_bytes(&device)? >= size_bytes {
             return Ok(());
         }
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.image)
-            .map_err(self.io("open image"))?;
-        file.set_len(size_bytes).map_err(self.io("grow image"))?;
-        drop(file);
-        if let Some(device) = self.attached_device()? {
-            run("losetup", &["--set-capacity", &device], &self.image)?;
-            run("resize2fs", &[&device], &self.image)?;
-        }
+        run("losetup", &["--set-capacity", &device], &self.image)?;
+        run("resize2fs", &[&device], &self.image).map_err(|e| match e {
+            VolumeError::Tool { message, .. } if message.contains("Permission denied") => {
+                VolumeError::Tool {
+                    program: "resize2fs",
+                    path: self.image.clone(),
+                    message: format!(
+                        "{message} (growing a mounted ext4 needs CAP_SYS_RESOURCE, which this \
+                         agent does not have; the volume keeps its size until it does)"
+                    ),
+                }
+            }
+            other => other,
+        })?;
         Ok(())
+    }
+
+    /// The size the ext4 superblock gives (block count times block size).
+    fn filesystem_bytes(&self, device: &str) -> Result<u64, VolumeError> {
+        let out = run("dumpe2fs", &["-h", device], &self.image)?;
+        let field = |name: &str| -> Option<u64> {
+            out.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        match (field("Block count:"), field("Block size:")) {
+            (Some(count), Some(size)) => Ok(count * size),
+            _ => Err(VolumeError::Tool {
+                program: "dumpe2fs",
+                path: self.image.clone(),
+                message: "no block count or block size in its output".into(),
+            }),
+        }
     }
 
     /// Unmounts and detaches; the image stays.

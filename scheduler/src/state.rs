@@ -93,6 +93,13 @@ pub enum Command {
         uid: u64,
         reason: String,
     },
+    /// Change a tenant's resources. On its node they must still fit; storage only grows.
+    UpdateTenant {
+        name: TenantName,
+        uid: u64,
+        resources: Resources,
+        overcommit: f64,
+    },
     /// Mark a tenant for deletion; a pending one goes at once.
     DeleteTenant {
         name: TenantName,
@@ -129,6 +136,12 @@ pub enum ApplyError {
     TenantNotFound(String),
     #[error("node {0:?} not found")]
     NodeNotFound(String),
+    #[error("tenant {0:?} is being deleted")]
+    Deleting(String),
+    #[error("storage: {asked} asked, less than the {has} the tenant has; volumes only grow")]
+    Shrink { asked: String, has: String },
+    #[error("tenant {tenant} does not fit its node at the new size: {why}")]
+    DoesNotFit { tenant: String, why: String },
     #[error("placement of {tenant} on {node} is stale: {why}")]
     StalePlacement {
         tenant: String,
@@ -277,6 +290,44 @@ impl ClusterState {
                     return Ok(Outcome::Nothing);
                 }
                 tenant.reason = Some(reason);
+                Ok(Outcome::Tenant(tenant.clone()))
+            }
+            Command::UpdateTenant {
+                name,
+                uid,
+                resources,
+                overcommit,
+            } => {
+                let tenant = self.tenant_with_uid(&name, uid)?;
+                if tenant.desired == DesiredState::Deleted {
+                    return Err(ApplyError::Deleting(name.to_string()));
+                }
+                if resources.storage < tenant.resources.storage {
+                    return Err(ApplyError::Shrink {
+                        asked: resources.storage.human(),
+                        has: tenant.resources.storage.human(),
+                    });
+                }
+                if let Some(node) = &tenant.node {
+                    let record = self
+                        .nodes
+                        .get(node)
+                        .ok_or_else(|| ApplyError::NodeNotFound(node.to_string()))?;
+                    // Room as if the tenant's current reservation were already released.
+                    let view = placement::NodeView {
+                        node: record,
+                        allocated: self.allocated(node).saturating_sub(tenant.resources),
+                        has_free_port: true,
+                    };
+                    placement::check(&view, &tenant.engine, &resources, overcommit).map_err(
+                        |why| ApplyError::DoesNotFit {
+                            tenant: name.to_string(),
+                            why,
+                        },
+                    )?;
+                }
+                let tenant = self.tenant_with_uid_mut(&name, uid)?;
+                tenant.resources = resources;
                 Ok(Outcome::Tenant(tenant.clone()))
             }
             Command::DeleteTenant { name } => {

@@ -80,6 +80,16 @@ enum TenantCmd {
         #[arg(long, default_value = "120s", value_parser = humantime_duration)]
         timeout: Duration,
     },
+    /// Change a tenant's CPU, memory or storage while it runs (storage only grows, online).
+    Update {
+        name: String,
+        #[arg(long, allow_hyphen_values = true)]
+        cpu: Option<String>,
+        #[arg(long, allow_hyphen_values = true)]
+        memory: Option<String>,
+        #[arg(long, allow_hyphen_values = true)]
+        storage: Option<String>,
+    },
     /// Show one tenant.
     Get { name: String },
     /// List all tenants.
@@ -201,7 +211,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             if json {
                 print_json(&output::tenant_json(&t));
             } else {
-                println!("{}", output::tenants_table(&[t]));
+                println!("{}", output::tenant_detail(&t));
             }
         }
         Top::Tenant(TenantCmd::List) => {
@@ -214,6 +224,28 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 print_json(&serde_json::Value::Array(v));
             } else {
                 println!("{}", output::tenants_table(&list.tenants));
+            }
+        }
+        Top::Tenant(TenantCmd::Update {
+            name,
+            cpu,
+            memory,
+            storage,
+        }) => {
+            let t = client
+                .update_tenant(pb::UpdateTenantRequest {
+                    name,
+                    cpu: cpu.unwrap_or_default(),
+                    memory: memory.unwrap_or_default(),
+                    storage: storage.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&output::tenant_json(&t));
+            } else {
+                println!("{}", output::tenants_table(&[t]));
+                println!("\n(the tenant's node applies the change with its next heartbeat)");
             }
         }
         Top::Tenant(TenantCmd::Delete {

@@ -155,6 +155,67 @@ pub fn tenants_table(tenants: &[pb::Tenant]) -> String {
     )
 }
 
+fn seconds(usec: u64) -> String {
+    format!("{:.1}s", usec as f64 / 1e6)
+}
+
+/// `tenant get`: the table row, then what the tenant uses (from its node's last heartbeat).
+pub fn tenant_detail(t: &pb::Tenant) -> String {
+    let mut out = tenants_table(std::slice::from_ref(t));
+    let Some(u) = t.usage.as_ref() else {
+        return out;
+    };
+    let r = t.resources.unwrap_or_default();
+    let mut rows = vec![
+        (
+            "cpu",
+            format!(
+                "{} used, throttled {} in {} periods",
+                seconds(u.cpu_usage_usec),
+                seconds(u.cpu_throttled_usec),
+                u.cpu_nr_throttled
+            ),
+        ),
+        (
+            "memory",
+            format!(
+                "{} of {}",
+                Bytes(u.memory_bytes).human(),
+                Bytes(r.memory_bytes).human()
+            ),
+        ),
+        (
+            "storage",
+            format!(
+                "{} of {}",
+                Bytes(u.storage_used_bytes).human(),
+                Bytes(r.storage_bytes).human()
+            ),
+        ),
+        ("pids", u.pids.to_string()),
+        ("restarts", u.restarts.to_string()),
+        ("oom kills", u.oom_kills.to_string()),
+    ];
+    if u.pressure_reported {
+        rows.push((
+            "stalled",
+            format!(
+                "cpu {}, memory {} (all tasks {}), io {} (all tasks {})",
+                seconds(u.cpu_pressure_some_usec),
+                seconds(u.memory_pressure_some_usec),
+                seconds(u.memory_pressure_full_usec),
+                seconds(u.io_pressure_some_usec),
+                seconds(u.io_pressure_full_usec)
+            ),
+        ));
+    }
+    out.push_str("\n\nUSAGE");
+    for (k, v) in rows {
+        out.push_str(&format!("\n  {k:<10} {v}"));
+    }
+    out
+}
+
 pub fn nodes_table(nodes: &[pb::Node]) -> String {
     let rows: Vec<Vec<String>> = nodes
         .iter()
@@ -234,6 +295,42 @@ mod tests {
         assert_eq!(v["resources"]["memory_bytes"], json!(512u64 << 20));
         assert_eq!(v["endpoint"], json!("127.0.0.1:20000"));
         assert_eq!(v["reason"], Value::Null);
+    }
+
+    #[test]
+    fn tenant_detail_shows_usage() {
+        let t = pb::Tenant {
+            name: "acme".into(),
+            engine: "postgres".into(),
+            state: "running".into(),
+            resources: Some(pb::Resources {
+                milli_cpu: 500,
+                memory_bytes: 512 << 20,
+                storage_bytes: 1 << 30,
+            }),
+            usage: Some(pb::TenantUsage {
+                cpu_usage_usec: 2_500_000,
+                memory_bytes: 64 << 20,
+                storage_used_bytes: 100 << 20,
+                pids: 7,
+                restarts: 1,
+                oom_kills: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let out = tenant_detail(&t);
+        for expected in [
+            "cpu        2.5s used",
+            "memory     64MiB of 512MiB",
+            "storage    100MiB of 1GiB",
+            "pids       7",
+            "restarts   1",
+            "oom kills  2",
+        ] {
+            assert!(out.contains(expected), "{expected:?} not in:\n{out}");
+        }
+        assert!(!out.contains("stalled"), "no pressure on v1: {out}");
     }
 
     #[test]

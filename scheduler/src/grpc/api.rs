@@ -173,6 +173,63 @@ impl Operator for OperatorService {
         }))
     }
 
+    async fn update_tenant(
+        &self,
+        req: Request<pb::UpdateTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let req = req.into_inner();
+        let name = parse_name(&req.name)?;
+        if req.cpu.is_empty() && req.memory.is_empty() && req.storage.is_empty() {
+            return Err(Status::invalid_argument(
+                "resources: give at least one of cpu, memory, storage",
+            ));
+        }
+        linearizable(&self.app).await?;
+        let (uid, current) = {
+            let sm = self.app.state.read();
+            let t = sm.cluster.tenants.get(&name).ok_or_else(|| {
+                Status::not_found(format!("tenant {:?} not found", name.as_str()))
+            })?;
+            (t.uid, t.resources)
+        };
+        let resources = Resources {
+            cpu: if req.cpu.is_empty() {
+                current.cpu
+            } else {
+                MilliCpu::parse("cpu", &req.cpu).map_err(invalid)?
+            },
+            memory: if req.memory.is_empty() {
+                current.memory
+            } else {
+                Bytes::parse("memory", &req.memory).map_err(invalid)?
+            },
+            storage: if req.storage.is_empty() {
+                current.storage
+            } else {
+                Bytes::parse("storage", &req.storage).map_err(invalid)?
+            },
+        };
+        let tenant = tenant_of(
+            propose(
+                &self.app,
+                Command::UpdateTenant {
+                    name,
+                    uid,
+                    resources,
+                    overcommit: self.app.settings.overcommit_ratio,
+                },
+            )
+            .await?,
+        )?;
+        info!(tenant_id = %tenant.name, uid = tenant.uid, cpu = %tenant.resources.cpu, memory = %tenant.resources.memory, storage = %tenant.resources.storage, "tenant updated");
+        let sm = self.app.state.read();
+        Ok(Response::new(tenant_to_pb(
+            &tenant,
+            &sm.cluster,
+            &self.app.liveness(),
+        )))
+    }
+
     async fn get_tenant(
         &self,
         req: Request<pb::GetTenantRequest>,

@@ -60,24 +60,26 @@ fn tenant_cgroup_holds_exactly_its_processes_with_the_limits_asked() {
     psql(uri, "SELECT 1").expect("query");
 
     let engine_pid = cluster.engine_pid(0, "limits");
-    let tree = process_tree(engine_pid);
     let version = CgroupVersion::of_host();
     let controllers: &[&str] = match version {
         CgroupVersion::V1 => &["cpu", "memory", "pids", "freezer", "cpuacct"],
         CgroupVersion::V2 => &["unified"],
     };
     for controller in controllers {
-        let procs: BTreeSet<i32> = read(
-            cluster
-                .tenant_cgroup("n1", "limits", controller)
-                .join("cgroup.procs"),
-        )
-        .lines()
-        .filter_map(|l| l.parse().ok())
-        .collect();
-        assert_eq!(
-            procs, tree,
-            "{controller} cgroup.procs vs the engine's process tree"
+        let procs_file = cluster
+            .tenant_cgroup("n1", "limits", controller)
+            .join("cgroup.procs");
+        // Backends come and go between two reads; the sets must agree once they hold still.
+        dormant_tests::wait_until(
+            std::time::Duration::from_secs(20),
+            &format!("{controller} cgroup.procs to equal the engine's process tree"),
+            || {
+                let procs: BTreeSet<i32> = read(procs_file.clone())
+                    .lines()
+                    .filter_map(|l| l.parse().ok())
+                    .collect();
+                (procs == process_tree(engine_pid)).then_some(())
+            },
         );
     }
     if version == CgroupVersion::V2 {
@@ -112,6 +114,38 @@ fn tenant_cgroup_holds_exactly_its_processes_with_the_limits_asked() {
             assert_eq!(cg("", "pids.max"), "512");
         }
     }
+
+    // A resize changes the limits in place: same engine, new numbers in the cgroup files.
+    let out = cluster.ctl(&[
+        "tenant", "update", "limits", "--cpu", "0.5", "--memory", "400MiB",
+    ]);
+    assert!(out.success, "{}", out.stderr);
+    let (quota_file, quota, memory_file) = match version {
+        CgroupVersion::V1 => (
+            cluster
+                .tenant_cgroup("n1", "limits", "cpu")
+                .join("cpu.cfs_quota_us"),
+            "50000",
+            cluster
+                .tenant_cgroup("n1", "limits", "memory")
+                .join("memory.limit_in_bytes"),
+        ),
+        CgroupVersion::V2 => (
+            cluster.tenant_cgroup("n1", "limits", "").join("cpu.max"),
+            "50000 100000",
+            cluster.tenant_cgroup("n1", "limits", "").join("memory.max"),
+        ),
+    };
+    dormant_tests::wait_until(std::time::Duration::from_secs(20), "the new limits", || {
+        (read(quota_file.clone()) == quota
+            && read(memory_file.clone()) == (400u64 << 20).to_string())
+        .then_some(())
+    });
+    assert_eq!(
+        cluster.engine_pid(0, "limits"),
+        engine_pid,
+        "the engine restarted"
+    );
 
     // Usage comes back through heartbeats.
     let t = dormant_tests::wait_until(

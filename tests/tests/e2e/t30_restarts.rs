@@ -68,18 +68,38 @@ fn agent_kill_9_keeps_the_tenant_running_and_reachable() {
         "CREATE TABLE kept(v text); INSERT INTO kept VALUES ('before')",
     )
     .unwrap();
-    let pid_file = cluster.agents[0]
-        .state_dir
-        .join("tenants/survivor/engine.pid");
-    let pid_before = std::fs::read_to_string(&pid_file).unwrap();
+    // A second tenant of another engine: every tenant must survive, not just one.
+    let out = cluster.ctl(&[
+        "tenant",
+        "create",
+        "cache",
+        "--engine",
+        "redis",
+        "--cpu",
+        "0.25",
+        "--memory",
+        "128MiB",
+        "--storage",
+        "256MiB",
+        "-o",
+        "json",
+    ]);
+    assert!(out.success, "{}", out.stderr);
+    let cache = out.json();
+    let cache_endpoint = cache["endpoint"].as_str().unwrap().to_string();
+    let pids_before = [
+        cluster.engine_pid(0, "survivor"),
+        cluster.engine_pid(0, "cache"),
+    ];
 
     cluster.kill_agent(0);
-    // The engine outlives the agent.
-    let pid: i32 = pid_before.trim().parse().unwrap();
-    assert!(
-        dormant_tests::process::pid_alive(pid),
-        "engine died with the agent"
-    );
+    // The engines outlive the agent.
+    for pid in pids_before {
+        assert!(
+            dormant_tests::process::pid_alive(pid),
+            "engine {pid} died with the agent"
+        );
+    }
 
     cluster.start_agent(0);
     let out = wait_until(
@@ -88,11 +108,26 @@ fn agent_kill_9_keeps_the_tenant_running_and_reachable() {
         || psql(&uri, "SELECT v FROM kept").ok(),
     );
     assert_eq!(out, "before");
+    // The redis endpoint answers again too (the proxy is the agent's; the engine never stopped).
+    wait_until(Duration::from_secs(30), "redis to answer again", || {
+        let (host, port) = cache_endpoint.rsplit_once(':')?;
+        let out = std::process::Command::new("redis-cli")
+            .args(["--no-auth-warning", "-h", host, "-p", port])
+            .args(["-a", cache["credentials"]["password"].as_str()?, "PING"])
+            .output()
+            .ok()?;
+        (String::from_utf8_lossy(&out.stdout).trim() == "PONG").then_some(())
+    });
     assert_eq!(
-        std::fs::read_to_string(&pid_file).unwrap(),
-        pid_before,
-        "engine was restarted"
+        [
+            cluster.engine_pid(0, "survivor"),
+            cluster.engine_pid(0, "cache"),
+        ],
+        pids_before,
+        "an engine was restarted"
     );
-    assert!(cluster.agent_log(0).contains("adopted running engine"));
+    let log = cluster.agent_log(0);
+    assert_eq!(log.matches("adopted running engine").count(), 2, "{log}");
     assert_eq!(cluster.tenant("survivor")["state"], "running");
+    assert_eq!(cluster.tenant("cache")["state"], "running");
 }

@@ -1,11 +1,26 @@
 //! Storage as a hard limit: each tenant's data directory is its own sparse ext4 volume on a loop
 //! device. Filling it gets ENOSPC in that tenant only, the host gives up no more than the
-//! tenant's size, the engine still serves reads, and the neighbour writes on.
+//! tenant's size, the engine still serves reads, and the neighbour writes on. `tenant update
+//! --storage` grows the volume online, without restarting the engine; shrinking is refused.
 
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use dormant_tests::{psql, require_root, wait_until, Cluster};
+
+/// Whether this process (and so the agent it starts) has CAP_SYS_RESOURCE in effect.
+fn has_cap_sys_resource() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    eff & (1 << CAP_SYS_RESOURCE) != 0
+}
+
+/// The capability's number in <linux/capability.h>.
+const CAP_SYS_RESOURCE: u32 = 24;
 
 fn host_free_bytes(path: &std::path::Path) -> u64 {
     let s = nix::sys::statvfs::statvfs(path).unwrap();
@@ -90,13 +105,76 @@ fn filling_the_volume_gets_enospc_in_that_tenant_only() {
         "{t}"
     );
 
-    // Freeing space makes writes work again.
-    psql(
-        &full,
-        "CREATE TEMP TABLE o(l text); COPY o FROM PROGRAM 'rm -f fill; echo removed'",
-    )
-    .unwrap();
-    psql(&full, "INSERT INTO kept VALUES ('after')").unwrap();
+    // Growing the volume online makes room without a restart. The kernel lets only a process
+    // with CAP_SYS_RESOURCE grow a mounted ext4; some sandboxes (this project's dev hosts among
+    // them) take it from root. There the agent must say so and keep the old size; the v2 VM
+    // (scripts/test-v2) has it and checks the growth itself.
+    let pid_before = cluster.engine_pid(0, "full");
+    let out = cluster.ctl(&["tenant", "update", "full", "--storage", "256MiB"]);
+    assert!(out.success, "{}", out.stderr);
+    let data_dir = tenant_dir.join("data");
+    let fs_bytes = || {
+        let s = nix::sys::statvfs::statvfs(&data_dir).unwrap();
+        s.blocks() * s.fragment_size()
+    };
+    if has_cap_sys_resource() {
+        wait_until(Duration::from_secs(30), "the volume to grow", || {
+            (fs_bytes() > 200 << 20).then_some(())
+        });
+        psql(&full, "INSERT INTO kept VALUES ('after growing')").unwrap();
+        assert_eq!(psql(&full, "SELECT count(*) FROM kept").unwrap(), "2");
+    } else {
+        eprintln!("no CAP_SYS_RESOURCE here: online growth is checked in the v2 VM");
+        wait_until(Duration::from_secs(30), "the agent to explain", || {
+            cluster
+                .agent_log(0)
+                .contains("needs CAP_SYS_RESOURCE")
+                .then_some(())
+        });
+        assert!(
+            fs_bytes() < SIZE,
+            "the filesystem changed size without resize2fs"
+        );
+    }
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 256 << 20);
+    assert_eq!(
+        cluster.engine_pid(0, "full"),
+        pid_before,
+        "the engine restarted"
+    );
+    assert_eq!(
+        cluster.tenant("full")["resources"]["storage_bytes"],
+        256u64 << 20
+    );
+
+    // Shrinking and sizes past the node are refused with the rule, and change nothing.
+    let out = cluster.ctl(&["tenant", "update", "full", "--storage", "64MiB"]);
+    assert!(!out.success);
+    assert!(
+        out.stderr
+            .contains("storage: 64MiB asked, less than the 256MiB the tenant has"),
+        "{}",
+        out.stderr
+    );
+    let out = cluster.ctl(&["tenant", "update", "full", "--storage", "100TiB"]);
+    assert!(!out.success);
+    assert!(
+        out.stderr.contains("does not fit its node"),
+        "{}",
+        out.stderr
+    );
+    let out = cluster.ctl(&["tenant", "update", "full"]);
+    assert!(!out.success);
+    assert!(
+        out.stderr
+            .contains("give at least one of cpu, memory, storage"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        cluster.tenant("full")["resources"]["storage_bytes"],
+        256u64 << 20
+    );
 
     // Delete removes the mount, the loop device and the image.
     assert!(cluster.ctl(&["tenant", "delete", "full"]).success);

@@ -30,7 +30,7 @@ pub enum HostError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("state_dir {path}: must be an absolute path outside /tmp (each tenant gets a private /tmp, which would hide it from the tenant)")]
+    #[error("state_dir {path}: must be an absolute path outside /tmp, /var/tmp and /dev/shm (each tenant gets private ones, which would hide it from the tenant)")]
     StateDirPlace { path: PathBuf },
     #[error("state_dir {path}: the socket paths under it would be too long ({len} bytes, at most 90); choose a shorter state_dir")]
     StateDirTooLong { path: PathBuf, len: usize },
@@ -142,7 +142,8 @@ impl Host {
                 let uid = (start..=end)
                     .find(|u| !used.contains(u))
                     .ok_or(HostError::UidsExhausted { start, end })?;
-                std::fs::write(&file, uid.to_string()).map_err(|e| bad(e.to_string()))?;
+                crate::tenant_fs::write_atomic(&file, uid.to_string().as_bytes())
+                    .map_err(|e| bad(e.to_string()))?;
                 uid
             }
             Err(e) => return Err(bad(e.to_string())),
@@ -151,13 +152,25 @@ impl Host {
     }
 }
 
-/// Creates the state directory and checks its socket paths will fit.
-pub fn prepare_state_dir(dir: &Path) -> Result<(), HostError> {
+/// Directories every tenant gets a private tmpfs over: a state directory there would be hidden
+/// from the tenants.
+pub const PRIVATE_IN_TENANTS: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
+
+/// Creates the state directory, checks its socket paths will fit, and returns its canonical path
+/// (mount points are compared as strings with /proc's, so no symlink may hide in it).
+pub fn prepare_state_dir(dir: &Path) -> Result<PathBuf, HostError> {
     let io = |source| HostError::StateDir {
         path: dir.to_path_buf(),
         source,
     };
-    if !dir.is_absolute() || dir.starts_with("/tmp") {
+    if !dir.is_absolute() || PRIVATE_IN_TENANTS.iter().any(|p| dir.starts_with(p)) {
+        return Err(HostError::StateDirPlace {
+            path: dir.to_path_buf(),
+        });
+    }
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let dir = &std::fs::canonicalize(dir).map_err(io)?;
+    if PRIVATE_IN_TENANTS.iter().any(|p| dir.starts_with(p)) {
         return Err(HostError::StateDirPlace {
             path: dir.to_path_buf(),
         });
@@ -169,6 +182,7 @@ pub fn prepare_state_dir(dir: &Path) -> Result<(), HostError> {
         // Tenants pass through to their own directories; none may list the others.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o711)).map_err(io)?;
     }
+    share_tenant_mounts(&dir.join("tenants"))?;
     // <state_dir>/run/<uid>/.s.PGSQL.5432 must fit in sockaddr_un (108 bytes).
     let len = dir.as_os_str().len();
     if len > 90 - "/run/18446744073709551615".len() {
@@ -177,7 +191,39 @@ pub fn prepare_state_dir(dir: &Path) -> Result<(), HostError> {
             len,
         });
     }
-    Ok(())
+    Ok(dir.to_path_buf())
+}
+
+/// Makes `tenants` a shared mount (binding it onto itself first if it is not a mount point), so
+/// that each tenant's mount namespace, a slave of it, sees other tenants' volumes go when they are
+/// unmounted here instead of keeping them (and their disk space) alive until its engine restarts.
+fn share_tenant_mounts(tenants: &Path) -> Result<(), HostError> {
+    use nix::mount::{mount, MsFlags};
+    let err = |source: nix::Error| HostError::StateDir {
+        path: tenants.to_path_buf(),
+        source: source.into(),
+    };
+    if !crate::volume::is_mount_point(tenants).map_err(|e| HostError::StateDir {
+        path: tenants.to_path_buf(),
+        source: e,
+    })? {
+        mount(
+            Some(tenants),
+            tenants,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(err)?;
+    }
+    mount(
+        None::<&str>,
+        tenants,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .map_err(err)
 }
 
 /// The host's capacity as registered: cores, memory less a reserve, and the state directory's

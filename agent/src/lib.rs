@@ -14,6 +14,7 @@ pub mod reconcile;
 pub mod report;
 pub mod spawn;
 pub mod tenant;
+pub mod tenant_fs;
 pub mod volume;
 
 use std::collections::BTreeMap;
@@ -80,7 +81,7 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
     // Checks that change nothing come first: a bad engine stops the agent before it touches
     // the host.
     let engines = engines(settings)?;
-    host::prepare_state_dir(&settings.state_dir)?;
+    let state_dir = host::prepare_state_dir(&settings.state_dir)?;
     let (cgroups, reason) = cgroup::select::open(
         settings.cgroup_driver,
         &settings.cgroup_root,
@@ -95,7 +96,7 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
     );
     info!(engines = ?engines.keys().collect::<Vec<_>>(), "engines offered");
     Ok(Host {
-        state_dir: settings.state_dir.clone(),
+        state_dir,
         cgroups,
         engines,
         tenant_uids: settings.tenant_uids,

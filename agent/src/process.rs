@@ -4,14 +4,11 @@
 
 #![allow(unsafe_code)]
 
-use std::fs::File;
-use std::io::Write as _;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::Path;
 
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
-use nix::unistd::{Gid, Pid, Uid};
+use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
@@ -130,18 +127,4 @@ impl Watched {
             Err(std::io::Error::last_os_error())
         }
     }
-}
-
-/// Writes `content` to `path` owned by `uid`/`gid` with mode 0600.
-pub fn write_private_file(path: &Path, content: &str, uid: Uid, gid: Gid) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = File::options()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(content.as_bytes())?;
-    nix::unistd::fchown(&f, Some(uid), Some(gid)).map_err(std::io::Error::from)?;
-    Ok(())
 }

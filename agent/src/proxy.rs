@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, warn};
@@ -53,15 +53,22 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
 }
 
 /// Serves `listener`, forwarding to `socket` whenever `ready` is true.
-pub fn serve(listener: TcpListener, socket: PathBuf, ready: watch::Receiver<bool>) -> ProxyHandle {
+/// The socket must be owned by `owner` (the tenant's uid) and is never reached through a symlink.
+pub fn serve(
+    listener: TcpListener,
+    socket: PathBuf,
+    owner: nix::unistd::Uid,
+    ready: watch::Receiver<bool>,
+) -> ProxyHandle {
     let stats = Arc::new(ProxyStats::default());
-    let task = tokio::spawn(accept_loop(listener, socket, ready, stats.clone()));
+    let task = tokio::spawn(accept_loop(listener, socket, owner, ready, stats.clone()));
     ProxyHandle { task, stats }
 }
 
 async fn accept_loop(
     listener: TcpListener,
     socket: PathBuf,
+    owner: nix::unistd::Uid,
     ready: watch::Receiver<bool>,
     stats: Arc<ProxyStats>,
 ) {
@@ -72,7 +79,7 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((client, peer)) => {
                     let _ = client.set_nodelay(true);
-                    connections.spawn(forward(client, peer, socket.clone(), ready.clone(), stats.clone()));
+                    connections.spawn(forward(client, peer, socket.clone(), owner, ready.clone(), stats.clone()));
                 }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
@@ -88,6 +95,7 @@ async fn forward(
     mut client: TcpStream,
     peer: SocketAddr,
     socket: PathBuf,
+    owner: nix::unistd::Uid,
     mut ready: watch::Receiver<bool>,
     stats: Arc<ProxyStats>,
 ) {
@@ -98,7 +106,7 @@ async fn forward(
         debug!(%peer, "engine not ready in time; closing client connection");
         return;
     }
-    let mut engine = match UnixStream::connect(&socket).await {
+    let mut engine = match crate::tenant_fs::connect_socket(&socket, owner).await {
         Ok(s) => s,
         Err(e) => {
             warn!(%peer, socket = %socket.display(), error = %e, "connect to engine socket");
@@ -136,7 +144,7 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = watch::channel(false);
-        let handle = serve(listener, sock, rx);
+        let handle = serve(listener, sock, nix::unistd::Uid::current(), rx);
         let mut client = TcpStream::connect(addr).await.unwrap();
         client.write_all(b"ping").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -16,9 +16,10 @@ use tracing::{info, instrument, warn};
 use crate::cgroup::{CgroupError, Limits, TenantCgroup, Usage};
 use crate::engine::{postgres, EngineTemplate, Readiness, TenantContext};
 use crate::host::{Host, TenantPaths};
-use crate::process::{self, Exit, WatchError, Watched};
+use crate::process::{Exit, WatchError, Watched};
 use crate::proxy::{self, ProxyHandle};
 use crate::spawn::{self, Isolation, SpawnError, SpawnRequest};
+use crate::tenant_fs;
 
 /// Failures in a row (without a minute of healthy running between them) before `failed`.
 const MAX_FAILURES: u32 = 5;
@@ -129,6 +130,7 @@ impl TenantHandle {
             engine: host.engines.get(&spec.engine).cloned(),
             identity: None,
             resources: resources_rx,
+            children: Default::default(),
             host,
             spec: spec.clone(),
             status: status_tx,
@@ -197,7 +199,8 @@ impl TenantHandle {
             if grow && self.volume.is_mounted()? {
                 self.volume.grow(resources.storage.0)?;
             }
-            if self.cgroup.pids().is_ok() {
+            // Not created yet: `prepare` applies the new limits when it creates it.
+            if self.cgroup.display_path().exists() {
                 self.cgroup.apply(&Limits {
                     milli_cpu: resources.cpu.0,
                     memory_bytes: resources.memory.0,
@@ -206,9 +209,10 @@ impl TenantHandle {
             }
             Ok(())
         })?;
+        // The supervisor reads the new values before the record says so, never after.
+        self.resources.send_replace(resources);
         self.spec.resources = resources;
         write_record(&self.paths, &self.spec)?;
-        self.resources.send_replace(resources);
         info!(tenant_id = %self.spec.name, cpu = %resources.cpu, memory = %resources.memory, storage = %resources.storage, "tenant resized");
         Ok(())
     }
@@ -235,6 +239,8 @@ struct Supervisor {
     identity: Option<(Uid, Gid)>,
     /// The resources in force; a resize while the engine runs changes them (see `TenantHandle`).
     resources: watch::Receiver<Resources>,
+    /// Processes this supervisor started: our children (we are the subreaper) until reaped.
+    children: std::sync::Mutex<std::collections::BTreeSet<i32>>,
     status: watch::Sender<Observed>,
     proxy: Option<ProxyHandle>,
     /// True while the engine answers; the proxy holds clients until then.
@@ -420,7 +426,11 @@ impl Supervisor {
         );
         let group = format!("root:x:0:\n{name}:x:{gid}:\n");
         for (path, content) in [(p.passwd(), passwd), (p.group(), group)] {
-            std::fs::write(&path, content).map_err(io_err("write", &path))?;
+            tenant_fs::write_atomic(&path, content.as_bytes()).map_err(io_err("write", &path))?;
+            // Read inside the tenant's namespace, by the tenant.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+                .map_err(io_err("chmod", &path))?;
         }
         // The tenant's storage limit: its data directory is its own filesystem of that size.
         let volume = p.volume();
@@ -456,7 +466,7 @@ impl Supervisor {
             let addr = std::net::SocketAddr::new(self.host.listen_host, self.spec.port);
             let listener = proxy::bind(addr).await?;
             let socket = self.context().fill_path(&engine.socket);
-            self.proxy = Some(proxy::serve(listener, socket, self.ready.subscribe()));
+            self.proxy = Some(proxy::serve(listener, socket, uid, self.ready.subscribe()));
         }
         Ok(())
     }
@@ -485,7 +495,7 @@ impl Supervisor {
             .collect();
         for (path, content) in &files {
             let (uid, gid) = self.identity()?;
-            process::write_private_file(path, content, uid, gid).map_err(io_err("write", path))?;
+            tenant_fs::write_private(path, content, uid, gid).map_err(io_err("write", path))?;
         }
         let result = self.run_init_commands(engine, &ctx).await;
         for (path, _) in &files {
@@ -493,7 +503,8 @@ impl Supervisor {
         }
         result?;
         let marker = p.initialized_marker();
-        std::fs::write(&marker, b"").map_err(io_err("write", &marker))?;
+        // Durable: a lost marker would make the next start wipe the data as half-initialised.
+        tenant_fs::write_atomic(&marker, b"").map_err(io_err("write", &marker))?;
         info!("data initialised");
         Ok(())
     }
@@ -543,7 +554,7 @@ impl Supervisor {
     fn spawn(&self, argv: &[String]) -> Result<i32, TenantError> {
         let (uid, gid) = self.identity()?;
         let (passwd, group) = (self.paths.passwd(), self.paths.group());
-        Ok(spawn::spawn(&SpawnRequest {
+        let pid = spawn::spawn(&SpawnRequest {
             argv,
             cwd: &self.paths.data,
             cgroup_procs: &self.cgroup.procs_files(),
@@ -558,7 +569,12 @@ impl Supervisor {
                 tmp_bytes: (self.resources.borrow().memory.0 / 4).clamp(1 << 20, 256 << 20),
                 max_open_files: 65_536,
             },
-        })?)
+        })?;
+        self.children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(pid);
+        Ok(pid)
     }
 
     fn spawn_engine(&self, engine: &EngineTemplate) -> Result<Watched, TenantError> {
@@ -566,7 +582,7 @@ impl Supervisor {
         for (path, content) in &engine.files {
             let path = ctx.fill_path(path);
             let (uid, gid) = self.identity()?;
-            process::write_private_file(&path, &ctx.fill(content), uid, gid)
+            tenant_fs::write_private(&path, &ctx.fill(content), uid, gid)
                 .map_err(io_err("write", &path))?;
         }
         let argv = ctx.fill_argv(&engine.start);
@@ -586,11 +602,12 @@ impl Supervisor {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             let ready = match &engine.readiness {
-                Readiness::PidFileStatus(path) => std::fs::read_to_string(ctx.fill_path(path))
+                Readiness::PidFileStatus(path) => tenant_fs::read_small(&ctx.fill_path(path), 4096)
                     .map(|c| postgres::pid_file_says_ready(&c))
                     .unwrap_or(false),
                 Readiness::SocketAccepts => {
-                    tokio::net::UnixStream::connect(ctx.fill_path(&engine.socket))
+                    let (uid, _) = self.identity()?;
+                    tenant_fs::connect_socket(&ctx.fill_path(&engine.socket), uid)
                         .await
                         .is_ok()
                 }
@@ -614,18 +631,35 @@ impl Supervisor {
     }
 
     async fn kill_cgroup(&self) -> Result<(), CgroupError> {
-        if self.cgroup.pids()?.is_empty() {
-            return Ok(());
+        if !self.cgroup.pids()?.is_empty() {
+            let cgroup = self.host.cgroups.tenant(&self.spec.name);
+            tokio::task::spawn_blocking(move || cgroup.kill_all())
+                .await
+                .unwrap_or_else(|e| {
+                    Err(CgroupError::Io {
+                        path: Default::default(),
+                        source: std::io::Error::other(e),
+                    })
+                })?;
         }
-        let cgroup = self.host.cgroups.tenant(&self.spec.name);
-        tokio::task::spawn_blocking(move || cgroup.kill_all())
-            .await
-            .unwrap_or_else(|e| {
-                Err(CgroupError::Io {
-                    path: Default::default(),
-                    source: std::io::Error::other(e),
-                })
-            })
+        self.reap_children();
+        Ok(())
+    }
+
+    /// Reaps the processes we started that have exited and that no `Watched` reaped (one dropped
+    /// on a timeout or an error), so none stays a zombie of the agent.
+    fn reap_children(&self) {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        let mut children = self
+            .children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        children.retain(|pid| {
+            !matches!(
+                waitpid(nix::unistd::Pid::from_raw(*pid), Some(WaitPidFlag::WNOHANG)),
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_)
+            )
+        });
     }
 
     /// Graceful stop with the engine's signal, then SIGKILL for whatever is left.
@@ -684,13 +718,7 @@ fn write_record(paths: &TenantPaths, spec: &TenantSpec) -> Result<(), TenantErro
     let record = serde_json::to_vec(spec)
         .map_err(|e| io_err("encode", &paths.dir)(std::io::Error::other(e)))?;
     let record_path = paths.record();
-    process::write_private_file(
-        &record_path,
-        &String::from_utf8_lossy(&record),
-        Uid::from_raw(0),
-        Gid::from_raw(0),
-    )
-    .map_err(io_err("write", &record_path))
+    tenant_fs::write_atomic(&record_path, &record).map_err(io_err("write", &record_path))
 }
 
 /// The last lines of the engine's log (from its last 4 KiB), for a failure's reason.

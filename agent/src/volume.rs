@@ -7,6 +7,7 @@
 //! e2fsprogs) are run as commands: they are the reference implementations every operator knows,
 //! and their messages go into our errors as they are.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -70,6 +71,17 @@ fn run(program: &'static str, args: &[&str], path: &Path) -> Result<String, Volu
     }
 }
 
+/// Whether `path` (canonical: the agent canonicalises its state directory) is a mount point in
+/// this mount namespace.
+pub fn is_mount_point(path: &Path) -> std::io::Result<bool> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let target = path.display().to_string();
+    // Field 5 is the mount point (spaces escaped as \040; our paths have none).
+    Ok(mounts
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(target.as_str())))
+}
+
 impl Volume {
     pub fn new(image: PathBuf, mountpoint: PathBuf) -> Self {
         Self { image, mountpoint }
@@ -89,9 +101,13 @@ impl Volume {
     pub fn ensure_mounted(&self, size_bytes: u64, initialised: bool) -> Result<(), VolumeError> {
         if self.is_mounted()? {
             // A resize recorded while the volume was not ours to grow (agent down) lands now.
-            return self.grow(size_bytes);
+            return self.grow_to_at_least(size_bytes);
         }
-        if !self.image.exists() {
+        if self.image.exists() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&self.image, std::fs::Permissions::from_mode(0o600))
+                .map_err(self.io("chmod image"))?;
+        } else {
             if initialised {
                 return Err(VolumeError::ImageLost {
                     path: self.image.clone(),
@@ -122,14 +138,29 @@ impl Volume {
             None::<&str>,
         )
         .map_err(|e| self.io("mount")(e.into()))?;
-        self.grow(size_bytes)
+        self.grow_to_at_least(size_bytes)
+    }
+
+    /// `grow`, but an image already larger (a resize that raced this start) is left as it is.
+    fn grow_to_at_least(&self, size_bytes: u64) -> Result<(), VolumeError> {
+        let current = std::fs::metadata(&self.image)
+            .map_err(self.io("stat image"))?
+            .len();
+        self.grow(size_bytes.max(current))
     }
 
     /// A sparse file of `size_bytes` with ext4 on it; no blocks reserved for root (the tenant
     /// gets all of its size).
     fn create_image(&self, size_bytes: u64) -> Result<(), VolumeError> {
         let partial = self.image.with_extension("img.partial");
-        let file = std::fs::File::create(&partial).map_err(self.io("create image"))?;
+        // Root's alone: the raw image holds every byte of the tenant's data.
+        let file = std::fs::File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)
+            .map_err(self.io("create image"))?;
         file.set_len(size_bytes).map_err(self.io("size image"))?;
         drop(file);
         run(

@@ -13,6 +13,9 @@ use crate::CgroupVersion;
 
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
+/// Where each test's scheduler and agents keep their state.
+pub const TEST_ROOT: &str = "/var/lib/dormant-test";
+
 /// Where cargo put the workspace's binaries: the test binary lives in `target/<profile>/deps`.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
@@ -120,11 +123,12 @@ impl Cluster {
 
     pub fn start_with(test: &str, opts: ClusterOptions) -> Self {
         let bins = bin_dir();
-        // Short paths: tenants' Unix sockets live under the state dir. Not /tmp: every tenant gets
-        // a private /tmp, so the agent refuses a state dir there.
+        // Short paths: tenants' Unix sockets live under the state dir. Not /tmp or /var/tmp: every
+        // tenant gets private ones, so the agent refuses a state dir there.
+        std::fs::create_dir_all(TEST_ROOT).expect("create test root");
         let dir = tempfile::Builder::new()
             .prefix("dt-")
-            .tempdir_in("/var/tmp")
+            .tempdir_in(TEST_ROOT)
             .expect("tempdir");
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");

@@ -112,7 +112,7 @@ impl TenantCgroup for V1Cgroup {
             &self.cpu.join("cpu.cfs_period_us"),
             &CFS_PERIOD_US.to_string(),
         )?;
-        let quota = (limits.milli_cpu * CFS_PERIOD_US / 1000).max(1000);
+        let quota = (limits.milli_cpu.saturating_mul(CFS_PERIOD_US) / 1000).max(1000);
         write_file(&self.cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
         // memory+swap must stay >= memory: when lowering, set memory first; when raising,
         // memory+swap first. Trying one order and then the other covers both.

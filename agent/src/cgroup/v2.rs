@@ -72,6 +72,13 @@ impl V2Driver {
             }
         }
 
+        if own.as_os_str() != "" && parent == own {
+            return Err(CgroupError::Unavailable(format!(
+                "cgroup_parent {:?} is the agent's own cgroup; use a child of it, such as {:?}",
+                parent.display().to_string(),
+                own.join("tenants").display().to_string()
+            )));
+        }
         // The agent may not stay in a cgroup that is about to delegate controllers to children.
         if own.as_os_str() != "" && parent.starts_with(own) {
             let leaf = root.join(own).join(AGENT_LEAF);
@@ -219,7 +226,7 @@ impl TenantCgroup for V2Cgroup {
     }
 
     fn apply(&self, limits: &Limits) -> Result<(), CgroupError> {
-        let quota = (limits.milli_cpu * CPU_PERIOD_US / 1000).max(1000);
+        let quota = (limits.milli_cpu.saturating_mul(CPU_PERIOD_US) / 1000).max(1000);
         write_file(&self.file("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
         write_file(&self.file("memory.max"), &limits.memory_bytes.to_string())?;
         // Swap off: a tenant over its memory is OOM-killed, it does not slow the host by swapping.
@@ -448,6 +455,19 @@ mod tests {
             fake.read("system.slice/dormant-agent.service/cgroup.subtree_control"),
             "+cpu +memory +pids"
         );
+    }
+
+    #[test]
+    fn v2_tenants_directly_in_the_agents_own_cgroup_are_refused() {
+        let fake = FakeCgroupfsV2::new("cpu memory pids");
+        let own = Path::new("system.slice/dormant-agent.service");
+        FakeCgroupfsV2::add_cgroup_files(&fake.root().join(own), "cpu memory pids");
+        let err = V2Driver::prepare(fake.root(), own, own, 4242).unwrap_err();
+        assert!(
+            err.to_string().contains("is the agent's own cgroup"),
+            "{err}"
+        );
+        assert!(!fake.root().join(own).join("agent").exists());
     }
 
     #[test]

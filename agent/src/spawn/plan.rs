@@ -28,8 +28,9 @@ pub enum Step {
     ForkIntoPidNamespace {
         report_fd: RawFd,
     },
-    /// Nothing mounted in the tenant's namespace propagates back to the host.
-    MakeMountsPrivate,
+    /// Nothing mounted in the tenant's namespace propagates back to the host; unmounts on the host
+    /// (another tenant's volume going) still reach it.
+    MakeMountsSlave,
     /// A fresh /proc for the pid namespace: only the tenant's own processes are visible.
     MountProc,
     /// A private tmpfs (counted against the tenant's memory cgroup).
@@ -103,7 +104,7 @@ pub fn isolated(
     steps.push(Step::Unshare(TENANT_NAMESPACES));
     steps.push(Step::ForkIntoPidNamespace { report_fd });
     steps.extend([
-        Step::MakeMountsPrivate,
+        Step::MakeMountsSlave,
         Step::MountProc,
         Step::BindReadOnly {
             source: c_path("passwd", iso.passwd)?,
@@ -113,11 +114,16 @@ pub fn isolated(
             source: c_path("group", iso.group)?,
             target: c("group", "/etc/group")?,
         },
-        // After the binds: their sources must not be hidden under the new /tmp.
-        Step::MountTmpfs {
-            target: c("tmp", "/tmp")?,
+    ]);
+    // After the binds: their sources must not be hidden under the new tmpfs. Each is the
+    // tenant's own, in memory charged to its cgroup; nothing is shared between tenants.
+    for dir in crate::host::PRIVATE_IN_TENANTS {
+        steps.push(Step::MountTmpfs {
+            target: c("tmp", dir)?,
             options: c("tmp", &format!("size={},mode=1777", iso.tmp_bytes))?,
-        },
+        });
+    }
+    steps.extend([
         Step::SetHostname(c("hostname", iso.hostname)?),
         Step::LoopbackUp,
         Step::SetRlimit {
@@ -165,7 +171,7 @@ mod tests {
         let join = position(&steps, |s| matches!(s, Step::JoinCgroup(_)));
         let unshare = position(&steps, |s| matches!(s, Step::Unshare(_)));
         let fork = position(&steps, |s| matches!(s, Step::ForkIntoPidNamespace { .. }));
-        let private = position(&steps, |s| matches!(s, Step::MakeMountsPrivate));
+        let private = position(&steps, |s| matches!(s, Step::MakeMountsSlave));
         let proc_ = position(&steps, |s| matches!(s, Step::MountProc));
         let nnp = position(&steps, |s| matches!(s, Step::NoNewPrivs));
         let setuid = position(&steps, |s| matches!(s, Step::SetUid(_)));

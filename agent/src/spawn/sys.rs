@@ -79,9 +79,7 @@ fn run_step(step: &Step, sys: &mut impl Sys) -> io::Result<()> {
             }
             None => Ok(()),
         },
-        Step::MakeMountsPrivate => {
-            sys.mount(None, ROOT, None, libc::MS_REC | libc::MS_PRIVATE, None)
-        }
+        Step::MakeMountsSlave => sys.mount(None, ROOT, None, libc::MS_REC | libc::MS_SLAVE, None),
         Step::MountProc => sys.mount(
             Some(PROC),
             PROC_DIR,
@@ -382,7 +380,7 @@ mod tests {
             "write(7, [48])",
             "unshare(",
             "fork",
-            "mount(None, \"/\", None, 0x44000, None)",
+            "mount(None, \"/\", None, 0x84000, None)",
             "mount(Some(\"proc\"), \"/proc\", Some(\"proc\"), 0xe, None)",
             "mount(Some(\"/t/passwd\"), \"/etc/passwd\", None, 0x1000, None)",
             "mount(Some(\"tmpfs\"), \"/tmp\", Some(\"tmpfs\"), 0x6, Some(\"size=1048576,mode=1777\"))",

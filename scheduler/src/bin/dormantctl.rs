@@ -46,7 +46,7 @@ enum Top {
     /// Run a single-host cluster (scheduler + agent) for trying Dormant.
     Dev {
         /// Directory for all state and logs.
-        #[arg(long, default_value = "/var/tmp/dormant-dev")]
+        #[arg(long, default_value = "/var/lib/dormant-dev")]
         dir: PathBuf,
         /// Scheduler gRPC address.
         #[arg(long, default_value = "127.0.0.1:7400")]

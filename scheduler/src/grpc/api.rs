@@ -304,11 +304,12 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         linearizable(&self.app).await?;
         let sm = self.app.state.read();
+        let live = self.app.liveness();
         let nodes = sm
             .cluster
             .nodes
             .values()
-            .map(|n| node_to_pb(n, &sm.cluster))
+            .map(|n| node_to_pb(n, &sm.cluster, &live))
             .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }

@@ -42,8 +42,9 @@ pub fn tenant_to_pb(t: &TenantRecord, cluster: &ClusterState, live: &Liveness) -
     }
 }
 
-pub fn node_to_pb(n: &NodeRecord, cluster: &ClusterState) -> pb::Node {
+pub fn node_to_pb(n: &NodeRecord, cluster: &ClusterState, live: &Liveness) -> pb::Node {
     pb::Node {
+        used: live.node(&n.id).map(|seen| seen.usage),
         id: n.id.to_string(),
         address: n.address.clone(),
         status: n.status.to_string(),

@@ -157,4 +157,11 @@ fn tenant_cgroup_holds_exactly_its_processes_with_the_limits_asked() {
         },
     );
     assert!(t["usage"]["pids"].as_u64().unwrap() >= 1, "{t}");
+    // And the node's own usage, from the same heartbeats.
+    let node = &cluster.ctl_json(&["node", "list"])[0];
+    assert!(node["used"]["memory_bytes"].as_u64().unwrap() > 0, "{node}");
+    assert!(
+        node["used"]["storage_bytes"].as_u64().unwrap() > 0,
+        "{node}"
+    );
 }

@@ -54,6 +54,7 @@ fn a_tenant_cannot_see_other_tenants_read_their_files_or_reach_the_network() {
          echo read_bob=$(cat {bob}/data/pgdata/PG_VERSION 2>&1)
          echo list_bob=$(ls {bob}/data 2>&1)
          echo record_bob=$(cat {bob}/tenant.json 2>&1)
+         echo image_bob=$(head -c 16 {bob}/volume.img 2>&1)
          echo list_tenants=$(ls {tenants} 2>&1)
          echo ifaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,)
          if timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' 2>/dev/null; then echo net_scheduler=open; else echo net_scheduler=closed; fi
@@ -86,7 +87,13 @@ fn a_tenant_cannot_see_other_tenants_read_their_files_or_reach_the_network() {
     // Every process it can see is its own: bob's (and the host's) are invisible. Bob's files are
     // unreadable, the tenant list unlistable.
     assert_eq!(get("visible_uids"), format!("{alice_uid},"), "{out}");
-    for key in ["read_bob", "list_bob", "record_bob", "list_tenants"] {
+    for key in [
+        "read_bob",
+        "list_bob",
+        "record_bob",
+        "image_bob",
+        "list_tenants",
+    ] {
         assert!(get(key).contains("Permission denied"), "{key}: {out}");
     }
     // Only loopback, and nothing of the host's behind it.

@@ -1,0 +1,160 @@
+//! Touching paths inside directories a tenant controls, as root, without letting the tenant
+//! redirect us: a tenant that runs code (PostgreSQL's superuser can) may replace its socket or
+//! config file with a symlink to a host file or another tenant's socket. Everything here refuses
+//! to follow a final symlink and checks what it opened before using it. Also root's own files that
+//! must survive a crash, written atomically.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use nix::unistd::{Gid, Uid};
+
+fn refused(path: &Path, why: &str) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        format!("{}: {why}", path.display()),
+    )
+}
+
+/// Connects to the engine's Unix socket at `path`, which must be a socket owned by `owner`, not
+/// a symlink: the socket is opened with `O_PATH | O_NOFOLLOW` and connected to through that
+/// descriptor, so what was checked is what is connected to.
+pub async fn connect_socket(path: &Path, owner: Uid) -> std::io::Result<tokio::net::UnixStream> {
+    let handle = File::options()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    let meta = handle.metadata()?;
+    if meta.mode() & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(refused(path, "not a socket"));
+    }
+    if meta.uid() != owner.as_raw() {
+        return Err(refused(path, "socket not owned by the tenant"));
+    }
+    let via = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    let stream = tokio::net::UnixStream::connect(&via).await;
+    drop(handle);
+    stream
+}
+
+/// Reads at most `max` bytes of a regular file in a tenant's directory (not a symlink, not a
+/// FIFO or device that could block or never end).
+pub fn read_small(path: &Path, max: u64) -> std::io::Result<String> {
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(refused(path, "not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(max).read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Writes a fresh file (mode 0600) owned by `uid`/`gid` into a tenant's directory. Whatever is
+/// at `path` is unlinked first (a symlink is removed, never followed) and the new file is created
+/// exclusively, so root never writes through a link the tenant planted.
+pub fn write_private(path: &Path, content: &str, uid: Uid, gid: Gid) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut file = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    file.write_all(content.as_bytes())?;
+    nix::unistd::fchown(&file, Some(uid), Some(gid)).map_err(std::io::Error::from)?;
+    Ok(())
+}
+
+/// Replaces root's file at `path` (mode 0600) so that after a crash it holds either the old
+/// content or the new, never a torn mix: temp file, fsync, rename, fsync the directory.
+pub fn write_atomic(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| refused(path, "has no parent directory"))?;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    file.write_all(content)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> (Uid, Gid) {
+        (Uid::current(), Gid::current())
+    }
+
+    #[test]
+    fn write_private_replaces_a_planted_symlink_instead_of_following_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let conf = dir.path().join("redis.conf");
+        std::os::unix::fs::symlink(&victim, &conf).unwrap();
+        let (uid, gid) = me();
+        write_private(&conf, "requirepass x\n", uid, gid).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(!std::fs::symlink_metadata(&conf).unwrap().is_symlink());
+        assert_eq!(std::fs::read_to_string(&conf).unwrap(), "requirepass x\n");
+        assert_eq!(std::fs::metadata(&conf).unwrap().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn read_small_refuses_symlinks_and_fifos_and_caps_the_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        std::fs::write(&big, "x".repeat(10_000)).unwrap();
+        assert_eq!(read_small(&big, 100).unwrap().len(), 100);
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&big, &link).unwrap();
+        assert!(read_small(&link, 100).is_err());
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(read_small(&fifo, 100).is_err());
+    }
+
+    #[tokio::test]
+    async fn connect_socket_refuses_a_symlink_and_a_foreign_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.sock");
+        let _listener = tokio::net::UnixListener::bind(&real).unwrap();
+        let (uid, _) = me();
+        assert!(connect_socket(&real, uid).await.is_ok());
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(connect_socket(&link, uid).await.is_err());
+        let other = Uid::from_raw(uid.as_raw().wrapping_add(1));
+        let err = connect_socket(&real, other).await.unwrap_err();
+        assert!(err.to_string().contains("not owned by the tenant"), "{err}");
+    }
+
+    #[test]
+    fn write_atomic_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tenant.json");
+        write_atomic(&path, b"{}").unwrap();
+        write_atomic(&path, b"{\"a\":1}").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}");
+        assert!(!dir.path().join("tenant.tmp").exists());
+    }
+}

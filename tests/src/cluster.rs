@@ -257,6 +257,13 @@ impl Cluster {
         ));
         let node_id = a.node_id.clone();
         wait_until(Duration::from_secs(30), "the node to be ready", || {
+            // An agent that refused to start fails the test now, with its reason.
+            if let Some(status) = self.agents[i].proc.as_mut().and_then(ProcGuard::try_wait) {
+                panic!(
+                    "dormant-agent {node_id} exited at start ({status}):\n{}",
+                    std::fs::read_to_string(&self.agents[i].log).unwrap_or_default()
+                );
+            }
             let nodes = self.ctl_json(&["node", "list"]);
             nodes
                 .as_array()?

@@ -309,13 +309,21 @@ impl Cluster {
     }
 
     /// Creates a tenant and waits for it to run; returns its JSON (with `credentials`).
-    pub fn create_tenant(&self, name: &str, cpu: &str, memory: &str, storage: &str) -> Value {
-        let out = self.ctl(&[
+    /// `dormantctl tenant create NAME --engine E --cpu C --memory M --storage S -o json EXTRA..`,
+    /// as it came back (success or not).
+    pub fn create(
+        &self,
+        name: &str,
+        engine: &str,
+        [cpu, memory, storage]: [&str; 3],
+        extra: &[&str],
+    ) -> CtlOutput {
+        let mut args = vec![
             "tenant",
             "create",
             name,
             "--engine",
-            "postgres",
+            engine,
             "--cpu",
             cpu,
             "--memory",
@@ -324,7 +332,19 @@ impl Cluster {
             storage,
             "-o",
             "json",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        self.ctl(&args)
+    }
+
+    /// Creates a PostgreSQL tenant and waits for it to run; returns its JSON (with `credentials`).
+    pub fn create_tenant(&self, name: &str, cpu: &str, memory: &str, storage: &str) -> Value {
+        self.create_running(name, "postgres", [cpu, memory, storage])
+    }
+
+    /// Creates a tenant of `engine` and waits for it to run; returns its JSON.
+    pub fn create_running(&self, name: &str, engine: &str, sizes: [&str; 3]) -> Value {
+        let out = self.create(name, engine, sizes, &[]);
         assert!(out.success, "create {name} failed: {}", out.stderr);
         let v = out.json();
         assert_eq!(v["state"], "running", "tenant {name}: {v}");

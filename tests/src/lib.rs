@@ -78,3 +78,25 @@ pub fn run_in_postgres_tenant(uri: &str, script: &str) -> Result<String, String>
     );
     psql(uri, &sql)
 }
+
+/// `redis-cli` against an endpoint `host:port` with a password; returns trimmed stdout, or the
+/// server's error (redis-cli exits 0 for those) or stderr.
+pub fn redis_cli(endpoint: &str, password: &str, args: &[&str]) -> Result<String, String> {
+    let (host, port) = endpoint
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{endpoint:?} is not host:port"))?;
+    let out = std::process::Command::new("redis-cli")
+        .args(["--no-auth-warning", "-h", host, "-p", port, "-a", password])
+        .args(args)
+        .output()
+        .map_err(|e| format!("run redis-cli: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if out.status.success() && !stdout.contains("ERR") && !stdout.contains("NOAUTH") {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "{stdout} {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}

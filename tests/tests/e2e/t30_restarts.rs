@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use dormant_tests::{psql, require_root, wait_until, Cluster};
+use dormant_tests::{psql, redis_cli, require_root, wait_until, Cluster};
 
 #[test]
 fn scheduler_restart_keeps_tenants_and_nodes() {
@@ -15,21 +15,7 @@ fn scheduler_restart_keeps_tenants_and_nodes() {
     let t = cluster.create_tenant("keep", "0.25", "256MiB", "256MiB");
     let uri = t["credentials"]["uri"].as_str().unwrap().to_string();
     // A pending one too: it must survive as pending.
-    let out = cluster.ctl(&[
-        "tenant",
-        "create",
-        "waits",
-        "--engine",
-        "postgres",
-        "--cpu",
-        "2",
-        "--memory",
-        "256MiB",
-        "--storage",
-        "256MiB",
-        "-o",
-        "json",
-    ]);
+    let out = cluster.create("waits", "postgres", ["2", "256MiB", "256MiB"], &[]);
     assert!(out.success, "{}", out.stderr);
     let before_tenants = cluster.ctl_json(&["tenant", "list"]);
     let before_nodes = cluster.ctl_json(&["node", "list"]);
@@ -75,23 +61,7 @@ fn agent_kill_9_keeps_the_tenant_running_and_reachable() {
     )
     .unwrap();
     // A second tenant of another engine: every tenant must survive, not just one.
-    let out = cluster.ctl(&[
-        "tenant",
-        "create",
-        "cache",
-        "--engine",
-        "redis",
-        "--cpu",
-        "0.25",
-        "--memory",
-        "128MiB",
-        "--storage",
-        "256MiB",
-        "-o",
-        "json",
-    ]);
-    assert!(out.success, "{}", out.stderr);
-    let cache = out.json();
+    let cache = cluster.create_running("cache", "redis", ["0.25", "128MiB", "256MiB"]);
     let cache_endpoint = cache["endpoint"].as_str().unwrap().to_string();
     let pids_before = [
         cluster.engine_pid(0, "survivor"),
@@ -115,14 +85,9 @@ fn agent_kill_9_keeps_the_tenant_running_and_reachable() {
     );
     assert_eq!(out, "before");
     // The redis endpoint answers again too (the proxy is the agent's; the engine never stopped).
+    let password = cache["credentials"]["password"].as_str().unwrap();
     wait_until(Duration::from_secs(30), "redis to answer again", || {
-        let (host, port) = cache_endpoint.rsplit_once(':')?;
-        let out = std::process::Command::new("redis-cli")
-            .args(["--no-auth-warning", "-h", host, "-p", port])
-            .args(["-a", cache["credentials"]["password"].as_str()?, "PING"])
-            .output()
-            .ok()?;
-        (String::from_utf8_lossy(&out.stdout).trim() == "PONG").then_some(())
+        (redis_cli(&cache_endpoint, password, &["PING"]).ok()? == "PONG").then_some(())
     });
     assert_eq!(
         [

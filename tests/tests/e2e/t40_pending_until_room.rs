@@ -11,21 +11,7 @@ fn pending_tenant_is_placed_when_a_node_registers() {
         return;
     }
     let mut cluster = Cluster::start("t40");
-    let out = cluster.ctl(&[
-        "tenant",
-        "create",
-        "early",
-        "--engine",
-        "postgres",
-        "--cpu",
-        "0.25",
-        "--memory",
-        "256MiB",
-        "--storage",
-        "256MiB",
-        "-o",
-        "json",
-    ]);
+    let out = cluster.create("early", "postgres", ["0.25", "256MiB", "256MiB"], &[]);
     assert!(out.success, "{}", out.stderr);
     let t = out.json();
     assert_eq!(t["state"], "pending");
@@ -52,21 +38,7 @@ fn pending_reason_names_the_short_resource() {
     // Fill the node's CPU with one tenant, then ask for more than is left.
     let cores = std::thread::available_parallelism().unwrap().get();
     cluster.create_tenant("big", &cores.to_string(), "256MiB", "256MiB");
-    let out = cluster.ctl(&[
-        "tenant",
-        "create",
-        "small",
-        "--engine",
-        "postgres",
-        "--cpu",
-        "0.5",
-        "--memory",
-        "256MiB",
-        "--storage",
-        "256MiB",
-        "-o",
-        "json",
-    ]);
+    let out = cluster.create("small", "postgres", ["0.5", "256MiB", "256MiB"], &[]);
     assert!(out.success, "{}", out.stderr);
     let t = out.json();
     assert_eq!(t["state"], "pending");

@@ -2,30 +2,9 @@
 //! agent's config alone (one that works, one that exits at once and must end `failed` after
 //! backoff with its exit reason).
 
-use std::process::Command;
 use std::time::Duration;
 
-use dormant_tests::{require_root, wait_until, Cluster};
-
-/// `redis-cli` against host:port with a password; returns trimmed stdout, or stderr on failure.
-fn redis_cli(endpoint: &str, password: &str, args: &[&str]) -> Result<String, String> {
-    let (host, port) = endpoint.rsplit_once(':').expect("host:port");
-    let out = Command::new("redis-cli")
-        .args(["--no-auth-warning", "-h", host, "-p", port, "-a", password])
-        .args(args)
-        .output()
-        .map_err(|e| format!("run redis-cli: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    // redis-cli exits 0 even for server errors; they come back as "(error) ..." or "ERR ...".
-    if out.status.success() && !stdout.contains("ERR") && !stdout.contains("NOAUTH") {
-        Ok(stdout)
-    } else {
-        Err(format!(
-            "{stdout} {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
+use dormant_tests::{redis_cli, require_root, wait_until, Cluster};
 
 #[test]
 fn a_redis_tenant_works_end_to_end() {
@@ -36,21 +15,7 @@ fn a_redis_tenant_works_end_to_end() {
     cluster.add_agent("n1");
     let nodes = cluster.ctl_json(&["node", "list"]);
     assert!(nodes[0]["engines"].to_string().contains("redis"), "{nodes}");
-    let out = cluster.ctl(&[
-        "tenant",
-        "create",
-        "cache",
-        "--engine",
-        "redis",
-        "--cpu",
-        "0.25",
-        "--memory",
-        "128MiB",
-        "--storage",
-        "256MiB",
-        "-o",
-        "json",
-    ]);
+    let out = cluster.create("cache", "redis", ["0.25", "128MiB", "256MiB"], &[]);
     assert!(out.success, "{}", out.stderr);
     let t = out.json();
     assert_eq!(t["state"], "running", "{t}");
@@ -142,21 +107,7 @@ fn custom_engines_come_from_config_and_a_crashing_one_ends_failed_with_its_reaso
     );
 
     // The working custom engine.
-    let out = cluster.ctl(&[
-        "tenant",
-        "create",
-        "mine",
-        "--engine",
-        "kv",
-        "--cpu",
-        "0.25",
-        "--memory",
-        "128MiB",
-        "--storage",
-        "256MiB",
-        "-o",
-        "json",
-    ]);
+    let out = cluster.create("mine", "kv", ["0.25", "128MiB", "256MiB"], &[]);
     assert!(out.success, "{}", out.stderr);
     let t = out.json();
     let endpoint = t["endpoint"].as_str().unwrap();
@@ -164,20 +115,12 @@ fn custom_engines_come_from_config_and_a_crashing_one_ends_failed_with_its_reaso
     assert_eq!(redis_cli(endpoint, password, &["PING"]), Ok("PONG".into()));
 
     // The crashing one: create does not wait for it.
-    let out = cluster.ctl(&[
-        "tenant",
-        "create",
+    let out = cluster.create(
         "broken",
-        "--engine",
         "crashy",
-        "--cpu",
-        "0.25",
-        "--memory",
-        "64MiB",
-        "--storage",
-        "256MiB",
-        "--no-wait",
-    ]);
+        ["0.25", "64MiB", "256MiB"],
+        &["--no-wait"],
+    );
     assert!(out.success, "{}", out.stderr);
     // On the way it is seen restarting with the reason.
     let mut seen_restarting = false;

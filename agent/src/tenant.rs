@@ -274,9 +274,21 @@ impl Supervisor {
         }
     }
 
+    /// Placeholders as the agent sees the tenant's files (paths it reads and writes itself).
     fn context(&self) -> TenantContext {
         TenantContext::new(
             &self.paths.data,
+            &self.paths.run,
+            &self.spec.password,
+            self.resources.borrow().memory.0,
+        )
+    }
+
+    /// Placeholders as the engine sees them, inside its mount namespace: the volume is at the
+    /// fixed path `TENANT_DATA_PATH` whatever the host's layout (command lines, config contents).
+    fn engine_context(&self) -> TenantContext {
+        TenantContext::new(
+            std::path::Path::new(spawn::TENANT_DATA_PATH),
             &self.paths.run,
             &self.spec.password,
             self.resources.borrow().memory.0,
@@ -491,13 +503,13 @@ impl Supervisor {
         let files: Vec<_> = engine
             .init_files
             .iter()
-            .map(|(path, content)| (ctx.fill_path(path), ctx.fill(content)))
+            .map(|(path, content)| (ctx.fill_path(path), self.engine_context().fill(content)))
             .collect();
         for (path, content) in &files {
             let (uid, gid) = self.identity()?;
             tenant_fs::write_private(path, content, uid, gid).map_err(io_err("write", path))?;
         }
-        let result = self.run_init_commands(engine, &ctx).await;
+        let result = self.run_init_commands(engine, &self.engine_context()).await;
         for (path, _) in &files {
             let _ = std::fs::remove_file(path);
         }
@@ -561,6 +573,7 @@ impl Supervisor {
             log: &self.paths.log(),
             isolation: Isolation {
                 hostname: self.spec.name.as_str(),
+                volume: &self.paths.data,
                 uid: uid.as_raw(),
                 gid: gid.as_raw(),
                 passwd: &passwd,
@@ -582,10 +595,10 @@ impl Supervisor {
         for (path, content) in &engine.files {
             let path = ctx.fill_path(path);
             let (uid, gid) = self.identity()?;
-            tenant_fs::write_private(&path, &ctx.fill(content), uid, gid)
+            tenant_fs::write_private(&path, &self.engine_context().fill(content), uid, gid)
                 .map_err(io_err("write", &path))?;
         }
-        let argv = ctx.fill_argv(&engine.start);
+        let argv = self.engine_context().fill_argv(&engine.start);
         let watched = Watched::new(self.spawn(&argv)?)?;
         let pid_file = self.paths.pid_file();
         std::fs::write(&pid_file, watched.pid().to_string()).map_err(io_err("write", &pid_file))?;

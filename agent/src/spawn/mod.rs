@@ -20,7 +20,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-pub use plan::{Isolation, PlanError, Step};
+pub use plan::{Isolation, PlanError, Step, TENANT_DATA_PATH};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {

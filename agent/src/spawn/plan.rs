@@ -15,6 +15,11 @@ pub const TENANT_NAMESPACES: libc::c_int = libc::CLONE_NEWNS
     | libc::CLONE_NEWIPC
     | libc::CLONE_NEWNET;
 
+/// Where a tenant sees its own volume, whatever the host's state directory: engine command lines
+/// and configs say `{data}` and get this path. `/srv` is in every Debian base system and is
+/// meant for a site's data.
+pub const TENANT_DATA_PATH: &str = "/srv";
+
 /// One step after fork. Paths and strings are NUL-terminated already.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
@@ -38,6 +43,11 @@ pub enum Step {
         target: CString,
         options: CString,
     },
+    /// Binds the tenant's volume at `target`, writable but `nosuid,nodev,noexec`.
+    BindVolume {
+        source: CString,
+        target: CString,
+    },
     /// Binds `source` over `target`, read-only.
     BindReadOnly {
         source: CString,
@@ -60,6 +70,8 @@ pub enum Step {
 #[derive(Debug, Clone)]
 pub struct Isolation<'a> {
     pub hostname: &'a str,
+    /// The tenant's mounted volume on the host, bound at `TENANT_DATA_PATH`.
+    pub volume: &'a Path,
     pub uid: u32,
     pub gid: u32,
     /// Files bound over `/etc/passwd` and `/etc/group`: the tenant's own user, nobody else.
@@ -106,6 +118,10 @@ pub fn isolated(
     steps.extend([
         Step::MakeMountsSlave,
         Step::MountProc,
+        Step::BindVolume {
+            source: c_path("volume", iso.volume)?,
+            target: c("volume", TENANT_DATA_PATH)?,
+        },
         Step::BindReadOnly {
             source: c_path("passwd", iso.passwd)?,
             target: c("passwd", "/etc/passwd")?,
@@ -152,6 +168,7 @@ mod tests {
     fn iso() -> Isolation<'static> {
         Isolation {
             hostname: "acme",
+            volume: Path::new("/s/tenants/acme/data"),
             uid: 200_001,
             gid: 200_001,
             passwd: Path::new("/s/tenants/acme/passwd"),
@@ -211,6 +228,10 @@ mod tests {
         assert!(steps.contains(&Step::SetUid(200_001)));
         assert!(steps.contains(&Step::SetGid(200_001)));
         assert!(steps.contains(&Step::SetHostname(CString::new("acme").unwrap())));
+        assert!(steps.contains(&Step::BindVolume {
+            source: CString::new("/s/tenants/acme/data").unwrap(),
+            target: CString::new("/srv").unwrap(),
+        }));
         assert!(steps.contains(&Step::BindReadOnly {
             source: CString::new("/s/tenants/acme/passwd").unwrap(),
             target: CString::new("/etc/passwd").unwrap(),

@@ -108,6 +108,20 @@ fn run_step(step: &Step, sys: &mut impl Sys) -> io::Result<()> {
                 None,
             )
         }
+        Step::BindVolume { source, target } => {
+            sys.mount(Some(source), target, None, libc::MS_BIND, None)?;
+            sys.mount(
+                None,
+                target,
+                None,
+                libc::MS_BIND
+                    | libc::MS_REMOUNT
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | libc::MS_NOEXEC,
+                None,
+            )
+        }
         Step::SetHostname(name) => sys.sethostname(name),
         Step::LoopbackUp => sys.loopback_up(),
         Step::SetRlimit {
@@ -359,6 +373,7 @@ mod tests {
             9,
             &Isolation {
                 hostname: "acme",
+                volume: Path::new("/t/data"),
                 uid: 200_001,
                 gid: 200_002,
                 passwd: Path::new("/t/passwd"),
@@ -382,6 +397,7 @@ mod tests {
             "fork",
             "mount(None, \"/\", None, 0x84000, None)",
             "mount(Some(\"proc\"), \"/proc\", Some(\"proc\"), 0xe, None)",
+            "mount(Some(\"/t/data\"), \"/srv\", None, 0x1000, None)",
             "mount(Some(\"/t/passwd\"), \"/etc/passwd\", None, 0x1000, None)",
             "mount(Some(\"tmpfs\"), \"/tmp\", Some(\"tmpfs\"), 0x6, Some(\"size=1048576,mode=1777\"))",
             "sethostname(\"acme\")",

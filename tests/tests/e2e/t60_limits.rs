@@ -216,9 +216,11 @@ fn a_fork_bomb_stops_at_pids_max_and_the_neighbour_is_unaffected() {
     let current: u64 = read(&pids_dir.join("pids.current")).trim().parse().unwrap();
     let refused = keyed(&read(&pids_dir.join("pids.events")), "max");
     assert!(current <= pids_max, "{current} > {pids_max}");
+    // The shell stops at its first refused fork; a few of the tenant's own processes may have
+    // exited since.
     assert!(
-        current + 8 >= pids_max,
-        "the bomb stopped at {current}, well below {pids_max}"
+        current >= pids_max * 9 / 10,
+        "the bomb stopped at {current}, well below {pids_max}: {result:?}"
     );
     assert!(refused > 0, "the kernel refused no fork");
 

@@ -49,6 +49,8 @@ fn a_tenant_cannot_see_other_tenants_read_their_files_or_reach_the_network() {
         "echo host=$(hostname)
          echo uid=$(id -u)
          echo user=$(id -un)
+         echo cwd=$(pwd)
+         echo srv_owner=$(stat -c %u /srv)
          echo pid1=$(tr '\\0' ' ' < /proc/1/cmdline)
          echo visible_uids=$(cat /proc/[0-9]*/status 2>/dev/null | grep '^Uid:' | awk '{{print $2}}' | sort -u | tr '\\n' ,)
          echo read_bob=$(cat {bob}/data/pgdata/PG_VERSION 2>&1)
@@ -78,12 +80,15 @@ fn a_tenant_cannot_see_other_tenants_read_their_files_or_reach_the_network() {
     assert_eq!(get("host"), "alice", "{out}");
     assert_eq!(get("user"), "alice", "{out}");
     assert!(get("pid1").contains("postgres"), "{out}");
+    // Its volume at the fixed path, whatever the host's state directory: PGDATA is /srv/pgdata.
+    assert_eq!(get("cwd"), "/srv/pgdata", "{out}");
     // Its own uid, not bob's, not root.
     let alice_uid: u32 = get("uid").parse().unwrap();
     let bob_uid = uid_of(cluster.engine_pid(0, "bob"));
     assert_ne!(alice_uid, 0);
     assert_ne!(alice_uid, bob_uid, "{out}");
     assert_eq!(alice_uid, uid_of(cluster.engine_pid(0, "alice")));
+    assert_eq!(get("srv_owner"), alice_uid.to_string(), "{out}");
     // Every process it can see is its own: bob's (and the host's) are invisible. Bob's files are
     // unreadable, the tenant list unlistable.
     assert_eq!(get("visible_uids"), format!("{alice_uid},"), "{out}");

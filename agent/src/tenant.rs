@@ -500,16 +500,17 @@ impl Supervisor {
             };
             removed.map_err(io_err("remove", &path))?;
         }
+        let engine_ctx = self.engine_context();
         let files: Vec<_> = engine
             .init_files
             .iter()
-            .map(|(path, content)| (ctx.fill_path(path), self.engine_context().fill(content)))
+            .map(|(path, content)| (ctx.fill_path(path), engine_ctx.fill(content)))
             .collect();
+        let (uid, gid) = self.identity()?;
         for (path, content) in &files {
-            let (uid, gid) = self.identity()?;
             tenant_fs::write_private(path, content, uid, gid).map_err(io_err("write", path))?;
         }
-        let result = self.run_init_commands(engine, &self.engine_context()).await;
+        let result = self.run_init_commands(engine, &engine_ctx).await;
         for (path, _) in &files {
             let _ = std::fs::remove_file(path);
         }
@@ -592,13 +593,14 @@ impl Supervisor {
 
     fn spawn_engine(&self, engine: &EngineTemplate) -> Result<Watched, TenantError> {
         let ctx = self.context();
+        let engine_ctx = self.engine_context();
+        let (uid, gid) = self.identity()?;
         for (path, content) in &engine.files {
             let path = ctx.fill_path(path);
-            let (uid, gid) = self.identity()?;
-            tenant_fs::write_private(&path, &self.engine_context().fill(content), uid, gid)
+            tenant_fs::write_private(&path, &engine_ctx.fill(content), uid, gid)
                 .map_err(io_err("write", &path))?;
         }
-        let argv = self.engine_context().fill_argv(&engine.start);
+        let argv = engine_ctx.fill_argv(&engine.start);
         let watched = Watched::new(self.spawn(&argv)?)?;
         let pid_file = self.paths.pid_file();
         std::fs::write(&pid_file, watched.pid().to_string()).map_err(io_err("write", &pid_file))?;

@@ -43,15 +43,12 @@ pub enum Step {
         target: CString,
         options: CString,
     },
-    /// Binds the tenant's volume at `target`, writable but `nosuid,nodev,noexec`.
-    BindVolume {
+    /// Binds `source` over `target`.
+    Bind {
         source: CString,
         target: CString,
-    },
-    /// Binds `source` over `target`, read-only.
-    BindReadOnly {
-        source: CString,
-        target: CString,
+        /// Read-only (passwd, group), or writable (the volume); always `nosuid,nodev,noexec`.
+        read_only: bool,
     },
     SetHostname(CString),
     LoopbackUp,
@@ -118,17 +115,20 @@ pub fn isolated(
     steps.extend([
         Step::MakeMountsSlave,
         Step::MountProc,
-        Step::BindVolume {
+        Step::Bind {
             source: c_path("volume", iso.volume)?,
             target: c("volume", TENANT_DATA_PATH)?,
+            read_only: false,
         },
-        Step::BindReadOnly {
+        Step::Bind {
             source: c_path("passwd", iso.passwd)?,
             target: c("passwd", "/etc/passwd")?,
+            read_only: true,
         },
-        Step::BindReadOnly {
+        Step::Bind {
             source: c_path("group", iso.group)?,
             target: c("group", "/etc/group")?,
+            read_only: true,
         },
     ]);
     // After the binds: their sources must not be hidden under the new tmpfs. Each is the
@@ -228,13 +228,15 @@ mod tests {
         assert!(steps.contains(&Step::SetUid(200_001)));
         assert!(steps.contains(&Step::SetGid(200_001)));
         assert!(steps.contains(&Step::SetHostname(CString::new("acme").unwrap())));
-        assert!(steps.contains(&Step::BindVolume {
+        assert!(steps.contains(&Step::Bind {
             source: CString::new("/s/tenants/acme/data").unwrap(),
             target: CString::new("/srv").unwrap(),
+            read_only: false,
         }));
-        assert!(steps.contains(&Step::BindReadOnly {
+        assert!(steps.contains(&Step::Bind {
             source: CString::new("/s/tenants/acme/passwd").unwrap(),
             target: CString::new("/etc/passwd").unwrap(),
+            read_only: true,
         }));
         assert!(steps.contains(&Step::SetRlimit {
             resource: libc::RLIMIT_CORE,

@@ -94,33 +94,22 @@ fn run_step(step: &Step, sys: &mut impl Sys) -> io::Result<()> {
             libc::MS_NOSUID | libc::MS_NODEV,
             Some(options),
         ),
-        Step::BindReadOnly { source, target } => {
+        Step::Bind {
+            source,
+            target,
+            read_only,
+        } => {
             sys.mount(Some(source), target, None, libc::MS_BIND, None)?;
-            sys.mount(
-                None,
-                target,
-                None,
-                libc::MS_BIND
-                    | libc::MS_REMOUNT
-                    | libc::MS_RDONLY
-                    | libc::MS_NOSUID
-                    | libc::MS_NODEV,
-                None,
-            )
-        }
-        Step::BindVolume { source, target } => {
-            sys.mount(Some(source), target, None, libc::MS_BIND, None)?;
-            sys.mount(
-                None,
-                target,
-                None,
-                libc::MS_BIND
-                    | libc::MS_REMOUNT
-                    | libc::MS_NOSUID
-                    | libc::MS_NODEV
-                    | libc::MS_NOEXEC,
-                None,
-            )
+            // Flags other than MS_BIND take effect only on a remount of the bind.
+            let mut flags = libc::MS_BIND
+                | libc::MS_REMOUNT
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | libc::MS_NOEXEC;
+            if *read_only {
+                flags |= libc::MS_RDONLY;
+            }
+            sys.mount(None, target, None, flags, None)
         }
         Step::SetHostname(name) => sys.sethostname(name),
         Step::LoopbackUp => sys.loopback_up(),

@@ -15,20 +15,7 @@ fn bad_input_is_refused_with_the_field_named_and_changes_nothing() {
     let nodes_before = cluster.ctl_json(&["node", "list"]);
 
     let create = |name: &str, engine: &str, cpu: &str, mem: &str, sto: &str| {
-        cluster.ctl(&[
-            "tenant",
-            "create",
-            name,
-            "--engine",
-            engine,
-            "--cpu",
-            cpu,
-            "--memory",
-            mem,
-            "--storage",
-            sto,
-            "--no-wait",
-        ])
+        cluster.create(name, engine, [cpu, mem, sto], &["--no-wait"])
     };
     let cases = [
         (

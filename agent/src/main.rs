@@ -17,7 +17,8 @@ struct Args {
     /// TOML config file; flags override its keys.
     #[arg(long, env = "DORMANT_AGENT_CONFIG")]
     config: Option<PathBuf>,
-    /// Scheduler URL (any replica), e.g. http://10.0.0.1:7400.
+    /// Scheduler replicas, comma-separated (any replica answers; the agent moves to the next
+    /// when one stops answering), e.g. http://10.0.0.1:7400,http://10.0.0.2:7400.
     #[arg(long)]
     scheduler: Option<String>,
     /// This host's node id (lowercase letters, digits, '-').

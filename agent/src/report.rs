@@ -1,6 +1,7 @@
 //! The agent's conversation with the scheduler: register with the host's capacity, then
 //! heartbeat on an interval with usage and observed tenant states; each answer carries the
-//! desired set, which goes to reconciliation.
+//! desired set, which goes to reconciliation. Any replica will do (followers forward to the
+//! leader); when the one in use stops answering, the agent moves to the next in its list.
 
 use std::sync::Arc;
 
@@ -22,12 +23,17 @@ pub enum ReportError {
         url: String,
         source: tonic::transport::Error,
     },
+    #[error("scheduler: no address given")]
+    NoScheduler,
 }
 
 pub struct Reporter {
     settings: Settings,
     host: Arc<Host>,
-    client: AgentApiClient<Channel>,
+    /// One client per scheduler replica in `settings.scheduler`, in order.
+    clients: Vec<(String, AgentApiClient<Channel>)>,
+    /// The replica in use.
+    current: usize,
     probe: NodeUsageProbe,
     seen_version: u64,
 }
@@ -42,26 +48,56 @@ fn to_pb(r: &dormant_common::Resources) -> pb::Resources {
 
 impl Reporter {
     pub fn new(settings: Settings, host: Arc<Host>) -> Result<Self, ReportError> {
-        let url = if settings.scheduler.contains("://") {
-            settings.scheduler.clone()
-        } else {
-            format!("http://{}", settings.scheduler)
-        };
-        let channel = Endpoint::from_shared(url.clone())
-            .map_err(|source| ReportError::Url {
-                url: url.clone(),
-                source,
-            })?
-            .connect_timeout(std::time::Duration::from_secs(3))
-            .timeout(std::time::Duration::from_secs(10))
-            .connect_lazy();
+        let mut clients = Vec::new();
+        for url in settings
+            .scheduler
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        {
+            let url = if url.contains("://") {
+                url.to_string()
+            } else {
+                format!("http://{url}")
+            };
+            let channel = Endpoint::from_shared(url.clone())
+                .map_err(|source| ReportError::Url {
+                    url: url.clone(),
+                    source,
+                })?
+                .connect_timeout(std::time::Duration::from_secs(3))
+                .timeout(std::time::Duration::from_secs(10))
+                .connect_lazy();
+            clients.push((url, AgentApiClient::new(channel)));
+        }
+        if clients.is_empty() {
+            return Err(ReportError::NoScheduler);
+        }
         Ok(Self {
             settings,
             host,
-            client: AgentApiClient::new(channel),
+            clients,
+            current: 0,
             probe: NodeUsageProbe::default(),
             seen_version: 0,
         })
+    }
+
+    fn client(&self) -> AgentApiClient<Channel> {
+        self.clients[self.current % self.clients.len()].1.clone()
+    }
+
+    /// Moves to the next replica when the one in use did not answer (or has no leader to
+    /// forward to); an answer that refuses the request is not the replica's fault.
+    fn next_replica_if_unreachable(&mut self, e: &tonic::Status) {
+        let unreachable = matches!(
+            e.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+        );
+        if unreachable && self.clients.len() > 1 {
+            self.current = (self.current + 1) % self.clients.len();
+            info!(scheduler = %self.clients[self.current].0, "trying the next scheduler replica");
+        }
     }
 
     async fn register(&mut self) -> Result<(), tonic::Status> {
@@ -77,7 +113,7 @@ impl Reporter {
             port_range_start: u32::from(s.ports.0),
             port_range_end: u32::from(s.ports.1),
         };
-        self.client.register(req).await?;
+        self.client().register(req).await?;
         info!(node_id = %s.node_id, cpu = %capacity.cpu, memory = %capacity.memory, storage = %capacity.storage, "registered with the scheduler");
         Ok(())
     }
@@ -154,12 +190,13 @@ impl Reporter {
                         if failures == 1 || failures.is_multiple_of(30) {
                             warn!(error = %e.message(), "cannot register with the scheduler; retrying");
                         }
+                        self.next_replica_if_unreachable(&e);
                         continue;
                     }
                 }
             }
             let req = self.heartbeat_request(tenants);
-            match self.client.heartbeat(req).await {
+            match self.client().heartbeat(req).await {
                 Ok(reply) => {
                     failures = 0;
                     let reply = reply.into_inner();
@@ -175,6 +212,7 @@ impl Reporter {
                     if failures == 1 || failures.is_multiple_of(30) {
                         warn!(error = %e.message(), "heartbeat failed; tenants keep running");
                     }
+                    self.next_replica_if_unreachable(&e);
                 }
             }
         }

@@ -1,12 +1,13 @@
-//! Wires one scheduler replica together: the store, openraft, the gRPC services and the placer
-//! task that finds room for pending tenants, then serves until told to stop.
+//! Wires one scheduler replica together: the store, openraft, the gRPC services, and the leader's
+//! two background tasks (the placer, which finds room for pending tenants, and the liveness
+//! watch, which marks silent nodes down), then serves until told to stop.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use dormant_common::TenantState;
+use dormant_common::{NodeStatus, TenantState};
 use openraft::BasicNode;
 use tokio::sync::Notify;
 use tonic::transport::Server;
@@ -51,6 +52,10 @@ pub struct App {
     pub liveness: Mutex<Liveness>,
     /// Wakes the placer (a node registered or a tenant went pending).
     pub placer: Notify,
+    /// Channels to peers, shared with openraft; also used to forward requests to the leader.
+    pub network: PeerNetwork,
+    /// Held for the whole of a membership change: one at a time.
+    pub membership: tokio::sync::Mutex<()>,
 }
 
 impl App {
@@ -61,16 +66,26 @@ impl App {
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.settings.id)
     }
+
+    /// The leader's id and address as this replica knows them.
+    pub fn leader(&self) -> Option<(u64, String)> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id)?;
+        Some((id, node.addr.clone()))
+    }
 }
 
-fn raft_config() -> Result<openraft::Config, AppError> {
+fn raft_config(settings: &Settings) -> Result<openraft::Config, AppError> {
     let config = openraft::Config {
         cluster_name: "dormant".into(),
         heartbeat_interval: 250,
         election_timeout_min: 1000,
         election_timeout_max: 2000,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
-        max_in_snapshot_log_to_keep: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
+        // Keep some entries past the snapshot so a follower a little behind needs no snapshot.
+        max_in_snapshot_log_to_keep: (settings.snapshot_every / 5).min(1000),
         ..Default::default()
     };
     config
@@ -86,10 +101,11 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     })?;
     let (log_store, sm_store) = store::open(&settings.data_dir.join("raft"))?;
     let state = sm_store.shared();
+    let network = PeerNetwork::default();
     let raft = Raft::new(
         settings.id,
-        Arc::new(raft_config()?),
-        PeerNetwork::default(),
+        Arc::new(raft_config(&settings)?),
+        network.clone(),
         log_store,
         sm_store,
     )
@@ -121,9 +137,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         state,
         liveness: Mutex::new(Liveness::default()),
         placer: Notify::new(),
+        network,
+        membership: tokio::sync::Mutex::new(()),
     });
 
     let placer = tokio::spawn(place_pending_loop(app.clone()));
+    let liveness = tokio::spawn(watch_liveness_loop(app.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -144,6 +163,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         .serve_with_shutdown(settings.listen, shutdown);
     let served = server.await;
     placer.abort();
+    liveness.abort();
     if let Err(e) = raft.shutdown().await {
         warn!(error = %e, "raft shutdown");
     }
@@ -168,6 +188,52 @@ async fn place_pending_loop(app: Arc<App>) {
     }
 }
 
+/// On the leader: marks nodes silent for the grace period down. Heartbeats live only in the
+/// leader's memory, so a replica that just became leader first gives every node a fresh grace
+/// period (it has not heard from any of them yet).
+async fn watch_liveness_loop(app: Arc<App>) {
+    let mut led_term = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let term = app.raft.metrics().borrow().current_term;
+        if !app.is_leader() {
+            led_term = None;
+            continue;
+        }
+        let now = std::time::Instant::now();
+        if led_term != Some(term) {
+            led_term = Some(term);
+            let nodes: Vec<_> = app.state.read().cluster.nodes.keys().cloned().collect();
+            app.liveness().grant_grace(nodes, now);
+            info!(term, "leading: every node gets a fresh grace period");
+            continue;
+        }
+        let silent: Vec<_> = {
+            let sm = app.state.read();
+            let mut live = app.liveness();
+            sm.cluster
+                .nodes
+                .values()
+                .filter(|n| n.status == NodeStatus::Ready)
+                .filter(|n| live.silent_for(&n.id, now) >= app.settings.node_grace_period)
+                .map(|n| n.id.clone())
+                .collect()
+        };
+        for node in silent {
+            warn!(node_id = %node, grace = ?app.settings.node_grace_period, "node silent past its grace period: marking it down, its tenants lost");
+            let down = Command::SetNodeStatus {
+                node,
+                status: NodeStatus::Down,
+            };
+            if let Err(status) = grpc::propose(&app, down).await {
+                warn!(error = %status.message(), "marking a node down");
+            }
+        }
+    }
+}
+
 /// The commands that place pending tenants, or refresh why they still wait.
 fn pending_placements(app: &App) -> Vec<Command> {
     let sm = app.state.read();
@@ -179,8 +245,7 @@ fn pending_placements(app: &App) -> Vec<Command> {
             continue;
         }
         let choice = placement::place(
-            &t.engine,
-            &t.resources,
+            &t.ask(),
             &views,
             app.settings.placement,
             app.settings.overcommit_ratio,

@@ -18,6 +18,10 @@ pub struct FileConfig {
     pub bootstrap: Option<bool>,
     pub overcommit_ratio: Option<f64>,
     pub placement: Option<Policy>,
+    /// A node silent this long is marked down (its tenants lost).
+    pub node_grace_period_ms: Option<u64>,
+    /// Build a snapshot (and compact the log) every this many applied entries.
+    pub snapshot_every: Option<u64>,
     pub log_format: Option<dormant_common::telemetry::LogFormat>,
 }
 
@@ -34,6 +38,8 @@ pub struct Settings {
     pub bootstrap: bool,
     pub overcommit_ratio: f64,
     pub placement: Policy,
+    pub node_grace_period: std::time::Duration,
+    pub snapshot_every: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +53,12 @@ pub enum SettingsError {
     ZeroId,
     #[error("overcommit_ratio: {0} must be a number of at least 1.0")]
     Overcommit(f64),
+    #[error(
+        "node_grace_period_ms: {0} must be at least 1000 (heartbeats come every second or two)"
+    )]
+    GracePeriod(u64),
+    #[error("snapshot_every: {0} must be at least 10 entries")]
+    SnapshotEvery(u64),
 }
 
 impl Settings {
@@ -77,7 +89,20 @@ impl Settings {
         if !(overcommit_ratio.is_finite() && overcommit_ratio >= 1.0) {
             return Err(SettingsError::Overcommit(overcommit_ratio));
         }
+        let grace_ms = cli
+            .node_grace_period_ms
+            .or(file.node_grace_period_ms)
+            .unwrap_or(10_000);
+        if grace_ms < 1000 {
+            return Err(SettingsError::GracePeriod(grace_ms));
+        }
+        let snapshot_every = cli.snapshot_every.or(file.snapshot_every).unwrap_or(5000);
+        if snapshot_every < 10 {
+            return Err(SettingsError::SnapshotEvery(snapshot_every));
+        }
         Ok(Settings {
+            node_grace_period: std::time::Duration::from_millis(grace_ms),
+            snapshot_every,
             id,
             listen,
             advertise: cli

@@ -2,7 +2,7 @@
 //! and the latest usage it reported. Heartbeats never become Raft entries; only transitions do.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dormant_common::{NodeName, TenantName};
 use dormant_proto::v1::{NodeUsage, TenantUsage};
@@ -10,7 +10,8 @@ use dormant_proto::v1::{NodeUsage, TenantUsage};
 #[derive(Debug, Clone)]
 pub struct NodeSeen {
     pub at: Instant,
-    pub usage: NodeUsage,
+    /// Absent until the node's first heartbeat (registration and grace carry none).
+    pub usage: Option<NodeUsage>,
 }
 
 #[derive(Debug, Default)]
@@ -28,8 +29,36 @@ impl Liveness {
         usage: NodeUsage,
         tenants: impl IntoIterator<Item = (TenantName, TenantUsage)>,
     ) {
-        self.nodes.insert(node.clone(), NodeSeen { at, usage });
+        self.nodes.insert(
+            node.clone(),
+            NodeSeen {
+                at,
+                usage: Some(usage),
+            },
+        );
         self.tenants.extend(tenants);
+    }
+
+    /// Counts `node` as heard from at `at` without usage (it registered).
+    pub fn touch(&mut self, node: &NodeName, at: Instant) {
+        let usage = self.nodes.get(node).and_then(|s| s.usage);
+        self.nodes.insert(node.clone(), NodeSeen { at, usage });
+    }
+
+    /// A new leader has heard from no one: every node counts as heard from `now`.
+    pub fn grant_grace(&mut self, nodes: impl IntoIterator<Item = NodeName>, now: Instant) {
+        for node in nodes {
+            self.touch(&node, now);
+        }
+    }
+
+    /// How long `node` has been silent; a node never heard from starts its grace period now.
+    pub fn silent_for(&mut self, node: &NodeName, now: Instant) -> Duration {
+        let seen = self.nodes.entry(node.clone()).or_insert(NodeSeen {
+            at: now,
+            usage: None,
+        });
+        now.saturating_duration_since(seen.at)
     }
 
     pub fn node(&self, node: &NodeName) -> Option<&NodeSeen> {
@@ -42,5 +71,30 @@ impl Liveness {
 
     pub fn forget_tenant(&mut self, tenant: &TenantName) {
         self.tenants.remove(tenant);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_counts_from_the_last_heartbeat_or_the_grace_given() {
+        let mut live = Liveness::default();
+        let a = NodeName::parse("a").unwrap();
+        let t0 = Instant::now();
+        assert_eq!(live.silent_for(&a, t0), Duration::ZERO);
+        let t5 = t0 + Duration::from_secs(5);
+        assert_eq!(live.silent_for(&a, t5), Duration::from_secs(5));
+        live.observe(&a, t5, NodeUsage::default(), []);
+        assert_eq!(
+            live.silent_for(&a, t5 + Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+        let t20 = t0 + Duration::from_secs(20);
+        live.grant_grace([a.clone()], t20);
+        assert_eq!(live.silent_for(&a, t20), Duration::ZERO);
+        // The grace keeps the usage the node last reported.
+        assert!(live.node(&a).unwrap().usage.is_some());
     }
 }

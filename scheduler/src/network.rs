@@ -30,7 +30,7 @@ pub struct PeerNetwork {
 }
 
 impl PeerNetwork {
-    fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         let mut cache = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(ch) = cache.get(addr) {
             return Ok(ch.clone());

@@ -1,8 +1,11 @@
 //! Placement: which node a tenant goes to. Pure functions, no I/O, no clock, no Raft: filter the
-//! nodes that can take the tenant, then score them (bin-pack by dominant resource, or spread).
-//! The state machine calls [`check`] again at apply time, so a stale choice is refused.
+//! nodes that can take the tenant (ready, not cordoned, engine offered, labels matching the
+//! tenant's constraints, room under capacity × overcommit, a free port), then score them
+//! (bin-pack by dominant resource, or spread). The state machine calls [`check`] again at apply
+//! time, so a stale choice is refused.
 
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
 
 use dormant_common::{Bytes, NodeName, NodeStatus, Resources};
 use serde::Deserialize;
@@ -18,6 +21,15 @@ pub enum Policy {
     BinPack,
     /// Use the emptiest node first.
     Spread,
+}
+
+/// What a tenant asks of its node.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub engine: &'a str,
+    pub resources: &'a Resources,
+    /// Labels the node must carry with these values.
+    pub constraints: &'a BTreeMap<String, String>,
 }
 
 /// What placement needs to know of one node.
@@ -41,19 +53,27 @@ fn gib(b: Bytes) -> String {
     format!("{:.2}GiB", b.0 as f64 / (1u64 << 30) as f64)
 }
 
-/// Whether `view` can take a tenant of `engine` and `resources`; the error says why not.
-pub fn check(
-    view: &NodeView<'_>,
-    engine: &str,
-    resources: &Resources,
-    overcommit: f64,
-) -> Result<(), String> {
+/// Whether `view` can take the tenant; the error says why not.
+pub fn check(view: &NodeView<'_>, ask: &Ask<'_>, overcommit: f64) -> Result<(), String> {
     let node = view.node;
+    let (engine, resources) = (ask.engine, ask.resources);
     if node.status != NodeStatus::Ready {
         return Err(format!("{}: {}", node.id, node.status));
     }
+    if node.cordoned {
+        return Err(format!("{}: cordoned", node.id));
+    }
     if !node.engines.contains(engine) {
         return Err(format!("{}: does not offer engine {engine}", node.id));
+    }
+    for (key, wanted) in ask.constraints {
+        match node.labels.get(key) {
+            Some(value) if value == wanted => {}
+            Some(value) => {
+                return Err(format!("{}: label {key}={value}, wanted {wanted}", node.id))
+            }
+            None => return Err(format!("{}: no label {key}, wanted {wanted}", node.id)),
+        }
     }
     let free = node
         .capacity
@@ -100,8 +120,7 @@ fn dominant_share(view: &NodeView<'_>, resources: &Resources, overcommit: f64) -
 
 /// Chooses a node for a tenant, or explains why none fits.
 pub fn place(
-    engine: &str,
-    resources: &Resources,
+    ask: &Ask<'_>,
     nodes: &[NodeView<'_>],
     policy: Policy,
     overcommit: f64,
@@ -112,8 +131,8 @@ pub fn place(
     let mut reasons = Vec::new();
     let mut fits = Vec::new();
     for view in nodes {
-        match check(view, engine, resources, overcommit) {
-            Ok(()) => fits.push((dominant_share(view, resources, overcommit), view)),
+        match check(view, ask, overcommit) {
+            Ok(()) => fits.push((dominant_share(view, ask.resources, overcommit), view)),
             Err(why) => reasons.push(why),
         }
     }
@@ -135,6 +154,16 @@ mod tests {
     use super::*;
     use crate::state::test_utils::{node, res};
 
+    static NO_CONSTRAINTS: BTreeMap<String, String> = BTreeMap::new();
+
+    fn ask<'a>(engine: &'a str, resources: &'a Resources) -> Ask<'a> {
+        Ask {
+            engine,
+            resources,
+            constraints: &NO_CONSTRAINTS,
+        }
+    }
+
     fn views<'a>(nodes: &'a [NodeRecord], allocated: &[Resources]) -> Vec<NodeView<'a>> {
         nodes
             .iter()
@@ -154,9 +183,15 @@ mod tests {
             node("b", res(2000, 4096, 100)),
         ];
         let v = views(&nodes, &[res(0, 0, 0), res(1000, 0, 0)]);
-        let chosen = place("postgres", &res(500, 512, 1), &v, Policy::BinPack, 1.0).unwrap();
+        let chosen = place(
+            &ask("postgres", &res(500, 512, 1)),
+            &v,
+            Policy::BinPack,
+            1.0,
+        )
+        .unwrap();
         assert_eq!(chosen.as_str(), "b");
-        let chosen = place("postgres", &res(500, 512, 1), &v, Policy::Spread, 1.0).unwrap();
+        let chosen = place(&ask("postgres", &res(500, 512, 1)), &v, Policy::Spread, 1.0).unwrap();
         assert_eq!(chosen.as_str(), "a");
     }
 
@@ -164,7 +199,13 @@ mod tests {
     fn place_rejects_when_no_node_has_memory_and_says_why() {
         let nodes = [node("a", res(2000, 1024, 100))];
         let v = views(&nodes, &[res(0, 768, 0)]);
-        let err = place("postgres", &res(100, 512, 1), &v, Policy::BinPack, 1.0).unwrap_err();
+        let err = place(
+            &ask("postgres", &res(100, 512, 1)),
+            &v,
+            Policy::BinPack,
+            1.0,
+        )
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             "no node has room: a: 0.25GiB memory free, 0.50GiB asked"
@@ -178,12 +219,12 @@ mod tests {
             node("b", res(1000, 4096, 100)),
         ];
         let v = views(&nodes, &[res(600, 0, 0), res(0, 0, 0)]);
-        let err = place("redis", &res(500, 1, 1), &v, Policy::BinPack, 1.0).unwrap_err();
+        let err = place(&ask("redis", &res(500, 1, 1)), &v, Policy::BinPack, 1.0).unwrap_err();
         assert!(
             err.to_string().contains("a: does not offer engine redis"),
             "{err}"
         );
-        let err = place("postgres", &res(1500, 1, 1), &v, Policy::BinPack, 1.0).unwrap_err();
+        let err = place(&ask("postgres", &res(1500, 1, 1)), &v, Policy::BinPack, 1.0).unwrap_err();
         assert!(
             err.to_string().contains("a: 0.4 CPU free, 1.5 asked"),
             "{err}"
@@ -194,8 +235,8 @@ mod tests {
     fn overcommit_ratio_raises_room() {
         let nodes = [node("a", res(1000, 1024, 10))];
         let v = views(&nodes, &[res(1000, 0, 0)]);
-        assert!(place("postgres", &res(500, 1, 1), &v, Policy::BinPack, 1.0).is_err());
-        assert!(place("postgres", &res(500, 1, 1), &v, Policy::BinPack, 1.5).is_ok());
+        assert!(place(&ask("postgres", &res(500, 1, 1)), &v, Policy::BinPack, 1.0).is_err());
+        assert!(place(&ask("postgres", &res(500, 1, 1)), &v, Policy::BinPack, 1.5).is_ok());
     }
 
     #[test]
@@ -204,7 +245,67 @@ mod tests {
         n.status = NodeStatus::Down;
         let nodes = [n];
         let v = views(&nodes, &[res(0, 0, 0)]);
-        let err = place("postgres", &res(1, 1, 1), &v, Policy::BinPack, 1.0).unwrap_err();
+        let err = place(&ask("postgres", &res(1, 1, 1)), &v, Policy::BinPack, 1.0).unwrap_err();
         assert_eq!(err.to_string(), "no node has room: a: down");
+    }
+
+    #[test]
+    fn binpack_fills_one_node_before_the_next_and_spread_alternates() {
+        let nodes = [
+            node("a", res(1000, 4096, 100)),
+            node("b", res(1000, 4096, 100)),
+        ];
+        for (policy, expected) in [
+            (Policy::BinPack, ["a", "a", "a", "a", "b", "b"]),
+            (Policy::Spread, ["a", "b", "a", "b", "a", "b"]),
+        ] {
+            let mut allocated = [res(0, 0, 0), res(0, 0, 0)];
+            let mut chosen = Vec::new();
+            for _ in 0..6 {
+                let v = views(&nodes, &allocated);
+                let n = place(&ask("postgres", &res(250, 256, 1)), &v, policy, 1.0).unwrap();
+                let i = usize::from(n.as_str() == "b");
+                allocated[i] = allocated[i].saturating_add(res(250, 256, 1));
+                chosen.push(n.to_string());
+            }
+            assert_eq!(chosen, expected, "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn constraints_filter_by_label_and_say_which() {
+        let mut eu = node("a", res(1000, 4096, 100));
+        eu.labels.insert("zone".into(), "eu-1".into());
+        let mut us = node("b", res(1000, 4096, 100));
+        us.labels.insert("zone".into(), "us-1".into());
+        let bare = node("c", res(1000, 4096, 100));
+        let nodes = [eu, us, bare];
+        let v = views(&nodes, &[res(900, 0, 0), res(0, 0, 0), res(0, 0, 0)]);
+        let wanted: BTreeMap<String, String> = [("zone".to_string(), "eu-1".to_string())].into();
+        let r = res(100, 1, 1);
+        let a = Ask {
+            engine: "postgres",
+            resources: &r,
+            constraints: &wanted,
+        };
+        // Spread would pick the emptier b or c; the constraint leaves only a.
+        assert_eq!(place(&a, &v, Policy::Spread, 1.0).unwrap().as_str(), "a");
+        let r = res(200, 1, 1);
+        let a = Ask { resources: &r, ..a };
+        assert_eq!(
+            place(&a, &v, Policy::Spread, 1.0).unwrap_err().to_string(),
+            "no node has room: a: 0.1 CPU free, 0.2 asked; b: label zone=us-1, wanted eu-1; \
+             c: no label zone, wanted eu-1"
+        );
+    }
+
+    #[test]
+    fn cordoned_nodes_take_nothing_new() {
+        let mut n = node("a", res(1000, 1024, 10));
+        n.cordoned = true;
+        let nodes = [n];
+        let v = views(&nodes, &[res(0, 0, 0)]);
+        let err = place(&ask("postgres", &res(1, 1, 1)), &v, Policy::BinPack, 1.0).unwrap_err();
+        assert_eq!(err.to_string(), "no node has room: a: cordoned");
     }
 }

@@ -21,7 +21,11 @@ pub struct NodeRecord {
     pub cgroup_driver: String,
     /// Inclusive range of TCP ports the agent may give tenants.
     pub port_range: (u16, u16),
+    /// Ready, or down when the leader stopped hearing from it for the grace period.
     pub status: NodeStatus,
+    /// An operator stopped new placements here; the node's tenants keep running.
+    #[serde(default)]
+    pub cordoned: bool,
 }
 
 /// What the scheduler wants for a tenant.
@@ -59,6 +63,22 @@ pub struct TenantRecord {
     pub reason: Option<String>,
     /// Log index of the delete request, so a heartbeat can prove the agent saw it.
     pub deleted_at: Option<u64>,
+    /// Labels the tenant's node must carry.
+    #[serde(default)]
+    pub constraints: BTreeMap<String, String>,
+    /// While `Lost`: the state it had when its node went down, restored when the node returns.
+    #[serde(default)]
+    pub lost_from: Option<TenantState>,
+}
+
+impl TenantRecord {
+    pub fn ask(&self) -> placement::Ask<'_> {
+        placement::Ask {
+            engine: &self.engine,
+            resources: &self.resources,
+            constraints: &self.constraints,
+        }
+    }
 }
 
 /// A tenant as the operator asked for it, already validated.
@@ -67,6 +87,18 @@ pub struct TenantSpec {
     pub name: TenantName,
     pub engine: String,
     pub resources: Resources,
+    #[serde(default)]
+    pub constraints: BTreeMap<String, String>,
+}
+
+impl TenantSpec {
+    pub fn ask(&self) -> placement::Ask<'_> {
+        placement::Ask {
+            engine: &self.engine,
+            resources: &self.resources,
+            constraints: &self.constraints,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -116,6 +148,17 @@ pub enum Command {
     RemoveTenant {
         name: TenantName,
         uid: u64,
+    },
+    /// The leader stopped hearing from a node (`Down`: its tenants become lost) or heard from it
+    /// again (`Ready`: its tenants return to the state they had).
+    SetNodeStatus {
+        node: NodeName,
+        status: NodeStatus,
+    },
+    /// An operator stops or resumes new placements on a node.
+    SetNodeCordon {
+        node: NodeName,
+        cordoned: bool,
     },
 }
 
@@ -192,12 +235,11 @@ impl ClusterState {
         (node.port_range.0..=node.port_range.1).find(|p| !used.contains(p))
     }
 
-    /// Checks that `tenant` still fits on `node` and returns the port it gets there.
+    /// Checks that `ask` still fits on `node` and returns the port it gets there.
     fn recheck(
         &self,
         node: &NodeName,
-        engine: &str,
-        resources: Resources,
+        ask: &placement::Ask<'_>,
         overcommit: f64,
     ) -> Result<u16, String> {
         let Some(record) = self.nodes.get(node) else {
@@ -208,7 +250,7 @@ impl ClusterState {
             allocated: self.allocated(node),
             has_free_port: true,
         };
-        placement::check(&view, engine, &resources, overcommit)?;
+        placement::check(&view, ask, overcommit)?;
         self.free_port(record)
             .ok_or_else(|| format!("{node}: no free port in its range"))
     }
@@ -217,9 +259,33 @@ impl ClusterState {
     pub fn apply(&mut self, index: u64, command: Command) -> ApplyResult {
         match command {
             Command::RegisterNode(mut node) => {
+                // Cordoning is the operator's, not the agent's: a re-registration keeps it.
+                node.cordoned = self.nodes.get(&node.id).is_some_and(|n| n.cordoned);
                 node.status = NodeStatus::Ready;
                 self.nodes.insert(node.id.clone(), node.clone());
+                self.set_tenants_lost(&node.id, false);
                 Ok(Outcome::Node(node))
+            }
+            Command::SetNodeStatus { node, status } => {
+                let record = self
+                    .nodes
+                    .get_mut(&node)
+                    .ok_or_else(|| ApplyError::NodeNotFound(node.to_string()))?;
+                if record.status == status {
+                    return Ok(Outcome::Nothing);
+                }
+                record.status = status;
+                let record = record.clone();
+                self.set_tenants_lost(&node, status == NodeStatus::Down);
+                Ok(Outcome::Node(record))
+            }
+            Command::SetNodeCordon { node, cordoned } => {
+                let record = self
+                    .nodes
+                    .get_mut(&node)
+                    .ok_or_else(|| ApplyError::NodeNotFound(node.to_string()))?;
+                record.cordoned = cordoned;
+                Ok(Outcome::Node(record.clone()))
             }
             Command::CreateTenant {
                 spec,
@@ -243,10 +309,12 @@ impl ClusterState {
                     port: None,
                     reason: pending_reason,
                     deleted_at: None,
+                    constraints: spec.constraints,
+                    lost_from: None,
                 };
                 if let Some(node) = node {
                     // A placement that went stale leaves the tenant pending: the placer tries again.
-                    match self.recheck(&node, &record.engine, record.resources, overcommit) {
+                    match self.recheck(&node, &record.ask(), overcommit) {
                         Ok(port) => {
                             record.state = TenantState::Starting;
                             record.node = Some(node);
@@ -269,9 +337,8 @@ impl ClusterState {
                 if tenant.state != TenantState::Pending || tenant.desired != DesiredState::Running {
                     return Ok(Outcome::Nothing);
                 }
-                let (engine, resources) = (tenant.engine.clone(), tenant.resources);
                 let port = self
-                    .recheck(&node, &engine, resources, overcommit)
+                    .recheck(&node, &tenant.ask(), overcommit)
                     .map_err(|why| ApplyError::StalePlacement {
                         tenant: name.to_string(),
                         node: node.to_string(),
@@ -319,12 +386,16 @@ impl ClusterState {
                         allocated: self.allocated(node).saturating_sub(tenant.resources),
                         has_free_port: true,
                     };
-                    placement::check(&view, &tenant.engine, &resources, overcommit).map_err(
-                        |why| ApplyError::DoesNotFit {
+                    let ask = placement::Ask {
+                        resources: &resources,
+                        ..tenant.ask()
+                    };
+                    placement::check(&view, &ask, overcommit).map_err(|why| {
+                        ApplyError::DoesNotFit {
                             tenant: name.to_string(),
                             why,
-                        },
-                    )?;
+                        }
+                    })?;
                 }
                 let tenant = self.tenant_with_uid_mut(&name, uid)?;
                 tenant.resources = resources;
@@ -361,12 +432,31 @@ impl ClusterState {
                 }
                 tenant.state = state;
                 tenant.reason = reason;
+                tenant.lost_from = None;
                 Ok(Outcome::Tenant(tenant.clone()))
             }
             Command::RemoveTenant { name, uid } => {
                 self.tenant_with_uid(&name, uid)?;
                 self.tenants.remove(&name);
                 Ok(Outcome::Removed)
+            }
+        }
+    }
+
+    /// Marks the running tenants of `node` lost (remembering their state), or restores them.
+    fn set_tenants_lost(&mut self, node: &NodeName, lost: bool) {
+        let on_node = self
+            .tenants
+            .values_mut()
+            .filter(|t| t.node.as_ref() == Some(node) && t.desired == DesiredState::Running);
+        for t in on_node {
+            if lost && t.state != TenantState::Lost {
+                t.lost_from = Some(t.state);
+                t.state = TenantState::Lost;
+            } else if !lost {
+                if let Some(previous) = t.lost_from.take() {
+                    t.state = previous;
+                }
             }
         }
     }
@@ -414,6 +504,7 @@ pub(crate) mod test_utils {
             cgroup_driver: "v1".into(),
             port_range: (20000, 20009),
             status: NodeStatus::Ready,
+            cordoned: false,
         }
     }
 
@@ -422,6 +513,7 @@ pub(crate) mod test_utils {
             name: TenantName::parse(name).unwrap(),
             engine: "postgres".into(),
             resources,
+            constraints: BTreeMap::new(),
         }
     }
 }
@@ -568,5 +660,82 @@ mod tests {
             .unwrap_err();
         assert_eq!(err, ApplyError::TenantNotFound("t".into()));
         assert_eq!(st.tenants.len(), 1);
+    }
+
+    #[test]
+    fn a_down_node_loses_its_tenants_and_its_return_restores_them() {
+        let mut st = ClusterState::default();
+        st.apply(1, Command::RegisterNode(node("a", res(2000, 4096, 100))))
+            .unwrap();
+        create(&mut st, 2, "t", Some("a")).unwrap();
+        let name = TenantName::parse("t").unwrap();
+        let a = NodeName::parse("a").unwrap();
+        st.apply(
+            3,
+            Command::ObserveTenant {
+                node: a.clone(),
+                name: name.clone(),
+                uid: 2,
+                state: TenantState::Running,
+                reason: None,
+            },
+        )
+        .unwrap();
+        let down = Command::SetNodeStatus {
+            node: a.clone(),
+            status: NodeStatus::Down,
+        };
+        st.apply(4, down.clone()).unwrap();
+        assert_eq!(st.nodes[&a].status, NodeStatus::Down);
+        assert_eq!(st.tenants[&name].state, TenantState::Lost);
+        // Down twice changes nothing, and does not forget the state to restore.
+        assert_eq!(st.apply(5, down), Ok(Outcome::Nothing));
+        // Nothing new lands on a down node, but the tenant keeps its place.
+        assert_eq!(st.tenants[&name].node.as_ref(), Some(&a));
+        st.apply(
+            6,
+            Command::SetNodeStatus {
+                node: a.clone(),
+                status: NodeStatus::Ready,
+            },
+        )
+        .unwrap();
+        assert_eq!(st.tenants[&name].state, TenantState::Running);
+        assert_eq!(st.tenants[&name].lost_from, None);
+    }
+
+    #[test]
+    fn re_registration_keeps_the_cordon_and_brings_lost_tenants_back() {
+        let mut st = ClusterState::default();
+        st.apply(1, Command::RegisterNode(node("a", res(2000, 4096, 100))))
+            .unwrap();
+        create(&mut st, 2, "t", Some("a")).unwrap();
+        let a = NodeName::parse("a").unwrap();
+        st.apply(
+            3,
+            Command::SetNodeCordon {
+                node: a.clone(),
+                cordoned: true,
+            },
+        )
+        .unwrap();
+        st.apply(
+            4,
+            Command::SetNodeStatus {
+                node: a.clone(),
+                status: NodeStatus::Down,
+            },
+        )
+        .unwrap();
+        st.apply(5, Command::RegisterNode(node("a", res(2000, 4096, 100))))
+            .unwrap();
+        assert!(st.nodes[&a].cordoned);
+        assert_eq!(st.nodes[&a].status, NodeStatus::Ready);
+        let t = &st.tenants[&TenantName::parse("t").unwrap()];
+        assert_eq!(t.state, TenantState::Starting);
+        let err = create(&mut st, 6, "u", Some("a")).unwrap();
+        let Outcome::Tenant(u) = err else { panic!() };
+        assert_eq!(u.state, TenantState::Pending);
+        assert_eq!(u.reason.as_deref(), Some("a: cordoned"));
     }
 }

@@ -39,6 +39,12 @@ struct Args {
     /// binpack (default) or spread.
     #[arg(long, value_parser = parse_policy)]
     placement: Option<Policy>,
+    /// A node silent this long is marked down and its tenants lost (default 10000).
+    #[arg(long)]
+    node_grace_period_ms: Option<u64>,
+    /// Snapshot and compact the Raft log every this many entries (default 5000).
+    #[arg(long)]
+    snapshot_every: Option<u64>,
     /// Log as JSON lines instead of plain text.
     #[arg(long)]
     log_json: bool,
@@ -73,6 +79,8 @@ async fn main() -> anyhow::Result<()> {
         bootstrap: args.bootstrap.then_some(true),
         overcommit_ratio: args.overcommit_ratio,
         placement: args.placement,
+        node_grace_period_ms: args.node_grace_period_ms,
+        snapshot_every: args.snapshot_every,
         log_format: None,
     };
     let settings = Settings::merge(cli, file)?;

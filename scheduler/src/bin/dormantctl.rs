@@ -11,7 +11,8 @@ use dormant_scheduler::ctl::{self, output, CtlError};
 #[derive(Debug, Parser)]
 #[command(version, about = "Operate a Dormant cluster")]
 struct Cli {
-    /// Scheduler to talk to (any replica).
+    /// Scheduler replicas to talk to, comma-separated; the first that answers is used (any
+    /// replica will do: followers forward to the leader).
     #[arg(
         long,
         global = true,
@@ -22,6 +23,9 @@ struct Cli {
     /// Output format of read commands.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Read from the replica answering, without asking the leader: fast, possibly behind.
+    #[arg(long, global = true)]
+    stale: bool,
     #[command(subcommand)]
     command: Top,
 }
@@ -73,6 +77,9 @@ enum TenantCmd {
         /// 1GiB, 10GiB.
         #[arg(long, allow_hyphen_values = true)]
         storage: String,
+        /// Only on nodes with this label, KEY=VALUE (repeatable).
+        #[arg(long = "constraint", value_name = "KEY=VALUE")]
+        constraints: Vec<String>,
         /// Return at once instead of waiting until the tenant runs.
         #[arg(long)]
         no_wait: bool,
@@ -111,12 +118,28 @@ enum TenantCmd {
 enum NodeCmd {
     /// List nodes with capacity and allocation.
     List,
+    /// Place nothing new on a node; its tenants keep running.
+    Cordon { id: String },
+    /// Allow new placements on a node again.
+    Uncordon { id: String },
 }
 
 #[derive(Debug, Subcommand)]
 enum ClusterCmd {
-    /// Leader, term, indexes, members.
+    /// Leader, term, indexes, members with their roles and lag.
     Status,
+    /// Add a replica (started without --bootstrap, empty data dir) as a learner; waits until it
+    /// has caught up.
+    AddLearner {
+        /// Its --id: never used by any replica before.
+        id: u64,
+        /// host:port the other replicas reach it at.
+        address: String,
+    },
+    /// Make a learner a voter.
+    Promote { id: u64 },
+    /// Remove a learner or a voter (never the last voter).
+    Remove { id: u64 },
 }
 
 fn humantime_duration(s: &str) -> Result<Duration, String> {
@@ -148,7 +171,8 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
     if let Top::Dev { dir, listen, ports } = cli.command {
         return ctl::dev::run(ctl::dev::DevOptions { dir, listen, ports }).await;
     }
-    let mut client = ctl::connect(&cli.scheduler).await?;
+    let mut client = ctl::connect_any(&cli.scheduler).await?;
+    let stale = cli.stale;
     match cli.command {
         Top::Dev { .. } => unreachable!("handled above"),
         Top::Tenant(TenantCmd::Create {
@@ -157,19 +181,23 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             cpu,
             memory,
             storage,
+            constraints,
             no_wait,
             timeout,
         }) => {
-            let created = client
-                .create_tenant(pb::CreateTenantRequest {
-                    name: name.clone(),
-                    engine,
-                    cpu,
-                    memory,
-                    storage,
-                })
-                .await?
-                .into_inner();
+            let req = pb::CreateTenantRequest {
+                name: name.clone(),
+                engine,
+                cpu,
+                memory,
+                storage,
+                constraints,
+            };
+            let created = ctl::with_leader_retry(false, || {
+                let (mut c, r) = (client.clone(), req.clone());
+                async move { c.create_tenant(r).await }
+            })
+            .await?;
             let creds = created.credentials.unwrap_or_default();
             let mut tenant = created.tenant.unwrap_or_default();
             if !no_wait && tenant.state != "pending" {
@@ -204,10 +232,12 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Top::Tenant(TenantCmd::Get { name }) => {
-            let t = client
-                .get_tenant(pb::GetTenantRequest { name })
-                .await?
-                .into_inner();
+            let req = pb::GetTenantRequest { name, stale };
+            let t = ctl::with_leader_retry(true, || {
+                let (mut c, r) = (client.clone(), req.clone());
+                async move { c.get_tenant(r).await }
+            })
+            .await?;
             if json {
                 print_json(&output::tenant_json(&t));
             } else {
@@ -215,10 +245,11 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Top::Tenant(TenantCmd::List) => {
-            let list = client
-                .list_tenants(pb::ListTenantsRequest {})
-                .await?
-                .into_inner();
+            let list = ctl::with_leader_retry(true, || {
+                let mut c = client.clone();
+                async move { c.list_tenants(pb::ListTenantsRequest { stale }).await }
+            })
+            .await?;
             if json {
                 let v: Vec<_> = list.tenants.iter().map(output::tenant_json).collect();
                 print_json(&serde_json::Value::Array(v));
@@ -232,15 +263,17 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             memory,
             storage,
         }) => {
-            let t = client
-                .update_tenant(pb::UpdateTenantRequest {
-                    name,
-                    cpu: cpu.unwrap_or_default(),
-                    memory: memory.unwrap_or_default(),
-                    storage: storage.unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
+            let req = pb::UpdateTenantRequest {
+                name,
+                cpu: cpu.unwrap_or_default(),
+                memory: memory.unwrap_or_default(),
+                storage: storage.unwrap_or_default(),
+            };
+            let t = ctl::with_leader_retry(false, || {
+                let (mut c, r) = (client.clone(), req.clone());
+                async move { c.update_tenant(r).await }
+            })
+            .await?;
             if json {
                 print_json(&output::tenant_json(&t));
             } else {
@@ -253,10 +286,13 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             no_wait,
             timeout,
         }) => {
-            let t = client
-                .delete_tenant(pb::DeleteTenantRequest { name: name.clone() })
-                .await?
-                .into_inner();
+            let req = pb::DeleteTenantRequest { name: name.clone() };
+            // Deleting twice is harmless: the second finds the tenant deleting, or gone.
+            let t = ctl::with_leader_retry(true, || {
+                let (mut c, r) = (client.clone(), req.clone());
+                async move { c.delete_tenant(r).await }
+            })
+            .await?;
             if !no_wait && t.state != "deleted" {
                 let gone = |r: Result<&pb::Tenant, &tonic::Status>| matches!(r, Err(s) if s.code() == tonic::Code::NotFound);
                 ctl::wait_for_tenant(
@@ -277,10 +313,12 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Top::Tenant(TenantCmd::Credentials { name }) => {
-            let c = client
-                .get_credentials(pb::GetCredentialsRequest { name })
-                .await?
-                .into_inner();
+            let req = pb::GetCredentialsRequest { name };
+            let c = ctl::with_leader_retry(true, || {
+                let (mut c, r) = (client.clone(), req.clone());
+                async move { c.get_credentials(r).await }
+            })
+            .await?;
             if json {
                 print_json(&output::credentials_json(&c));
             } else if c.uri.is_empty() {
@@ -293,10 +331,11 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Top::Node(NodeCmd::List) => {
-            let list = client
-                .list_nodes(pb::ListNodesRequest {})
-                .await?
-                .into_inner();
+            let list = ctl::with_leader_retry(true, || {
+                let mut c = client.clone();
+                async move { c.list_nodes(pb::ListNodesRequest { stale }).await }
+            })
+            .await?;
             if json {
                 let v: Vec<_> = list.nodes.iter().map(output::node_json).collect();
                 print_json(&serde_json::Value::Array(v));
@@ -304,11 +343,46 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 println!("{}", output::nodes_table(&list.nodes));
             }
         }
-        Top::Cluster(ClusterCmd::Status) => {
-            let s = client
-                .cluster_status(pb::ClusterStatusRequest {})
-                .await?
-                .into_inner();
+        Top::Node(cmd @ (NodeCmd::Cordon { .. } | NodeCmd::Uncordon { .. })) => {
+            let (id, cordoned) = match cmd {
+                NodeCmd::Cordon { id } => (id, true),
+                NodeCmd::Uncordon { id } => (id, false),
+                NodeCmd::List => unreachable!("matched above"),
+            };
+            let req = pb::SetNodeCordonRequest { id, cordoned };
+            let node = ctl::with_leader_retry(true, || {
+                let (mut c, r) = (client.clone(), req.clone());
+                async move { c.set_node_cordon(r).await }
+            })
+            .await?;
+            if json {
+                print_json(&output::node_json(&node));
+            } else {
+                println!("{}", output::nodes_table(&[node]));
+            }
+        }
+        Top::Cluster(cmd) => {
+            let s =
+                match cmd {
+                    ClusterCmd::Status => ctl::with_leader_retry(true, || {
+                        let mut c = client.clone();
+                        async move { c.cluster_status(pb::ClusterStatusRequest { stale }).await }
+                    })
+                    .await?,
+                    // Membership changes are not retried: the operator reads the error and decides.
+                    ClusterCmd::AddLearner { id, address } => client
+                        .add_learner(pb::AddLearnerRequest { id, address })
+                        .await?
+                        .into_inner(),
+                    ClusterCmd::Promote { id } => client
+                        .promote_member(pb::PromoteMemberRequest { id })
+                        .await?
+                        .into_inner(),
+                    ClusterCmd::Remove { id } => client
+                        .remove_member(pb::RemoveMemberRequest { id })
+                        .await?
+                        .into_inner(),
+                };
             if json {
                 print_json(&output::cluster_json(&s));
             } else {

@@ -154,7 +154,7 @@ async fn wait_for_node(url: &str, scheduler: &mut Child, agent: &mut Child) -> R
             return Err(format!("dormant-agent exited at start ({status})"));
         }
         if let Ok(mut client) = super::connect(url).await {
-            if let Ok(nodes) = client.list_nodes(pb::ListNodesRequest {}).await {
+            if let Ok(nodes) = client.list_nodes(pb::ListNodesRequest::default()).await {
                 if nodes.into_inner().nodes.iter().any(|n| n.status == "ready") {
                     return Ok(());
                 }

@@ -1,5 +1,6 @@
 //! `dormantctl`: the operator's command line over the operator API. Tables for people, `-o json`
-//! for scripts; every error names what was wrong.
+//! for scripts; every error names what was wrong. Any replica answers (followers forward to the
+//! leader); while a leader is being elected, calls that were certainly not applied are retried.
 
 pub mod dev;
 pub mod output;
@@ -33,6 +34,63 @@ pub fn normalize_url(url: &str) -> String {
     }
 }
 
+/// Connects to the first replica in the comma-separated `urls` that answers.
+pub async fn connect_any(urls: &str) -> Result<OperatorClient<Channel>, CtlError> {
+    let mut last = None;
+    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        match connect(url).await {
+            Ok(client) => return Ok(client),
+            Err(e @ CtlError::BadUrl { .. }) => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| CtlError::BadUrl {
+        url: urls.to_string(),
+        why: "no address given".into(),
+    }))
+}
+
+/// How long calls keep retrying while the cluster has no reachable leader.
+pub const LEADER_WAIT: Duration = Duration::from_secs(20);
+
+/// Whether a failed call certainly changed nothing, so sending it again is safe even for a write:
+/// the replica refused it before proposing, or could not reach the leader to forward it.
+pub fn refused_before_proposing(status: &tonic::Status) -> bool {
+    let m = status.message();
+    status.code() == tonic::Code::Unavailable
+        && (m.starts_with("no leader is elected yet")
+            || m.starts_with("this replica is not the leader")
+            || m.contains("which is not the leader either")
+            || m.contains("is unreachable")
+            || m.contains("tcp connect error"))
+}
+
+/// Runs `call` until it succeeds, fails for good, or [`LEADER_WAIT`] passes. Reads
+/// (`idempotent`) retry on any `Unavailable`; writes only when nothing was applied.
+pub async fn with_leader_retry<T, F, Fut>(idempotent: bool, mut call: F) -> Result<T, CtlError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    loop {
+        match call().await {
+            Ok(reply) => return Ok(reply.into_inner()),
+            Err(s) => {
+                let retry = if idempotent {
+                    s.code() == tonic::Code::Unavailable
+                } else {
+                    refused_before_proposing(&s)
+                };
+                if !retry || tokio::time::Instant::now() >= deadline {
+                    return Err(s.into());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 pub async fn connect(url: &str) -> Result<OperatorClient<Channel>, CtlError> {
     let url = normalize_url(url);
     let endpoint = Endpoint::from_shared(url.clone())
@@ -62,7 +120,10 @@ pub async fn wait_for_tenant(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let reply = client
-            .get_tenant(pb::GetTenantRequest { name: name.into() })
+            .get_tenant(pb::GetTenantRequest {
+                name: name.into(),
+                stale: false,
+            })
             .await
             .map(|r| r.into_inner());
         if done(reply.as_ref()) {

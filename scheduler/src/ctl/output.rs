@@ -49,6 +49,7 @@ pub fn tenant_json(t: &pb::Tenant) -> Value {
         "node": none_if_empty(&t.node),
         "endpoint": none_if_empty(&t.endpoint),
         "reason": none_if_empty(&t.reason),
+        "constraints": t.constraints,
         "resources": resources_json(t.resources.as_ref()),
         "usage": usage,
     })
@@ -89,6 +90,10 @@ pub fn cluster_json(c: &pb::ClusterStatusResponse) -> Value {
         "term": c.term,
         "commit_index": c.commit_index,
         "applied_index": c.applied_index,
+        "last_log_index": c.last_log_index,
+        "snapshot_index": c.snapshot_index,
+        "purged_index": c.purged_index,
+        "leader_address": none_if_empty(&c.leader_address),
         "members": members,
     })
 }
@@ -167,6 +172,9 @@ fn seconds(usec: u64) -> String {
 /// `tenant get`: the table row, then what the tenant uses (from its node's last heartbeat).
 pub fn tenant_detail(t: &pb::Tenant) -> String {
     let mut out = tenants_table(std::slice::from_ref(t));
+    if !t.constraints.is_empty() {
+        out.push_str(&format!("\nconstraints: {}", t.constraints.join(", ")));
+    }
     let Some(u) = t.usage.as_ref() else {
         return out;
     };
@@ -255,8 +263,9 @@ pub fn cluster_table(c: &pb::ClusterStatusResponse) -> String {
         c.leader_id.to_string()
     };
     let head = format!(
-        "leader: {leader}  term: {}  commit: {}  applied: {}  (answered by {})",
-        c.term, c.commit_index, c.applied_index, c.this_id
+        "leader: {leader}  term: {}  commit: {}  applied: {}  snapshot: {}  purged: {}  \
+         (answered by {})",
+        c.term, c.commit_index, c.applied_index, c.snapshot_index, c.purged_index, c.this_id
     );
     let rows: Vec<Vec<String>> = c
         .members

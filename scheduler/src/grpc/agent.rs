@@ -1,5 +1,6 @@
-//! The agent API: hosts register, then heartbeat. A heartbeat records liveness and usage in memory,
-//! commits only *changes* of tenant state, and answers with the node's desired tenant set.
+//! The agent API: hosts register, then heartbeat. A heartbeat records liveness and usage in the
+//! leader's memory (a follower forwards it), commits only *changes* (a down node back, a tenant's
+//! new state), and answers with the node's desired tenant set.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -7,12 +8,13 @@ use std::time::Instant;
 
 use dormant_common::{NodeName, NodeStatus, TenantName, TenantState};
 use dormant_proto::v1 as pb;
+use dormant_proto::v1::agent_api_client::AgentApiClient;
 use dormant_proto::v1::agent_api_server::{AgentApi, AgentApiServer};
 use tonic::{Request, Response, Status};
 use tracing::{debug, info};
 
 use super::convert::{resources_from_pb, resources_to_pb};
-use super::propose;
+use super::{forward, propose};
 use crate::app::App;
 use crate::state::{Command, DesiredState, NodeRecord};
 
@@ -60,6 +62,8 @@ fn parse_registration(req: pb::RegisterRequest) -> Result<NodeRecord, Status> {
         cgroup_driver: req.cgroup_driver,
         port_range: (start, end),
         status: NodeStatus::Ready,
+        // The operator's; apply keeps the stored value.
+        cordoned: false,
     })
 }
 
@@ -67,13 +71,30 @@ fn parse_registration(req: pb::RegisterRequest) -> Result<NodeRecord, Status> {
 impl AgentApi for AgentService {
     async fn register(
         &self,
-        req: Request<pb::RegisterRequest>,
+        mut req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        if let Some(leader) = forward::to_leader(&self.app, &mut req, false)? {
+            return AgentApiClient::new(leader).register(req).await;
+        }
         let record = parse_registration(req.into_inner())?;
-        let unchanged = self.app.state.read().cluster.nodes.get(&record.id) == Some(&record);
+        // Unchanged apart from the cordon (which the agent does not know): nothing to commit.
+        let unchanged = self
+            .app
+            .state
+            .read()
+            .cluster
+            .nodes
+            .get(&record.id)
+            .is_some_and(|n| {
+                *n == NodeRecord {
+                    cordoned: n.cordoned,
+                    ..record.clone()
+                }
+            });
         if !unchanged {
             propose(&self.app, Command::RegisterNode(record.clone())).await?;
         }
+        self.app.liveness().touch(&record.id, Instant::now());
         info!(node_id = %record.id, address = %record.address, "node registered");
         self.app.placer.notify_one();
         Ok(Response::new(pb::RegisterResponse {}))
@@ -81,14 +102,13 @@ impl AgentApi for AgentService {
 
     async fn heartbeat(
         &self,
-        req: Request<pb::HeartbeatRequest>,
+        mut req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        if let Some(leader) = forward::to_leader(&self.app, &mut req, false)? {
+            return AgentApiClient::new(leader).heartbeat(req).await;
+        }
         let req = req.into_inner();
         let node = parse_node(&req.node_id)?;
-        if !self.app.is_leader() {
-            // Only the leader keeps liveness; the agent retries (another replica, in later versions).
-            super::linearizable(&self.app).await?;
-        }
         let mut observed = Vec::with_capacity(req.tenants.len());
         for t in &req.tenants {
             let name =
@@ -119,11 +139,18 @@ impl AgentApi for AgentService {
         {
             let sm = self.app.state.read();
             let cluster = &sm.cluster;
-            if !cluster.nodes.contains_key(&node) {
+            let Some(record) = cluster.nodes.get(&node) else {
                 return Ok(Response::new(pb::HeartbeatResponse {
                     register_again: true,
                     ..Default::default()
                 }));
+            };
+            if record.status == NodeStatus::Down {
+                // Back first, so the tenants' lost state is restored before new reports land.
+                commands.push(Command::SetNodeStatus {
+                    node: node.clone(),
+                    status: NodeStatus::Ready,
+                });
             }
             for (name, uid, state, reason, _) in &observed {
                 let Some(rec) = cluster.tenants.get(name).filter(|r| r.uid == *uid) else {
@@ -160,6 +187,10 @@ impl AgentApi for AgentService {
         }
         for command in commands {
             debug!(node_id = %node, ?command, "heartbeat transition");
+            if let Command::SetNodeStatus { .. } = &command {
+                info!(node_id = %node, "node heard from again: ready, its tenants back");
+                self.app.placer.notify_one();
+            }
             if let Command::RemoveTenant { name, .. } = &command {
                 self.app.liveness().forget_tenant(name);
                 info!(tenant_id = %name, node_id = %node, "tenant removed from its node");

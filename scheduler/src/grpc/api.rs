@@ -1,18 +1,21 @@
-//! The operator API: create, read and delete tenants, list nodes, show the cluster.
-//! Validation happens before anything is proposed, so a refused request changes nothing.
+//! The operator API: create, read, update and delete tenants, list and cordon nodes, show and
+//! change the scheduler's membership. A follower forwards every call to the leader unless the
+//! read asks for `stale`. Validation happens before anything is proposed, so a refused request
+//! changes nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use dormant_common::{Bytes, MilliCpu, NodeStatus, Resources, TenantName};
+use dormant_common::{Bytes, MilliCpu, NodeName, NodeStatus, Resources, TenantName};
 use dormant_proto::v1 as pb;
+use dormant_proto::v1::operator_client::OperatorClient;
 use dormant_proto::v1::operator_server::{Operator, OperatorServer};
 use rand::distr::{Alphanumeric, SampleString};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
 use super::convert::{credentials, node_to_pb, tenant_to_pb};
-use super::{linearizable, propose};
+use super::{forward, linearizable, membership, propose};
 use crate::app::App;
 use crate::placement;
 use crate::state::{ClusterState, Command, Outcome, TenantSpec};
@@ -36,6 +39,33 @@ fn parse_name(name: &str) -> Result<TenantName, Status> {
     TenantName::parse(name).map_err(invalid)
 }
 
+/// Parses `key=value` label constraints; keys are label names, values non-empty.
+fn parse_constraints(raw: &[String]) -> Result<BTreeMap<String, String>, Status> {
+    let mut constraints = BTreeMap::new();
+    for c in raw {
+        let Some((key, value)) = c.split_once('=') else {
+            return Err(invalid(format!("constraints: {c:?} is not key=value")));
+        };
+        let label_char = |ch: char| ch.is_ascii_alphanumeric() || "-_./".contains(ch);
+        if key.is_empty() || key.len() > 63 || !key.chars().all(label_char) {
+            return Err(invalid(format!(
+                "constraints: key {key:?} must be 1-63 letters, digits, '-', '_', '.' or '/'"
+            )));
+        }
+        if value.is_empty() {
+            return Err(invalid(format!("constraints: {c:?} has an empty value")));
+        }
+        if let Some(other) = constraints.insert(key.to_string(), value.to_string()) {
+            if other != value {
+                return Err(invalid(format!(
+                    "constraints: {key} asked to be both {other} and {value}"
+                )));
+            }
+        }
+    }
+    Ok(constraints)
+}
+
 /// Parses and checks a create request against the rules that need no cluster state.
 fn parse_spec(req: &pb::CreateTenantRequest) -> Result<TenantSpec, Status> {
     let name = parse_name(&req.name)?;
@@ -51,6 +81,7 @@ fn parse_spec(req: &pb::CreateTenantRequest) -> Result<TenantSpec, Status> {
         name,
         engine: req.engine.clone(),
         resources,
+        constraints: parse_constraints(&req.constraints)?,
     })
 }
 
@@ -126,12 +157,22 @@ fn tenant_of(outcome: Outcome) -> Result<crate::state::TenantRecord, Status> {
     }
 }
 
+/// Answers the call on the leader: a follower returns the leader's answer.
+macro_rules! on_leader {
+    ($self:ident, $req:ident, $stale:expr, $method:ident) => {
+        if let Some(leader) = forward::to_leader(&$self.app, &mut $req, $stale)? {
+            return OperatorClient::new(leader).$method($req).await;
+        }
+    };
+}
+
 #[tonic::async_trait]
 impl Operator for OperatorService {
     async fn create_tenant(
         &self,
-        req: Request<pb::CreateTenantRequest>,
+        mut req: Request<pb::CreateTenantRequest>,
     ) -> Result<Response<pb::CreateTenantResponse>, Status> {
+        on_leader!(self, req, false, create_tenant);
         let req = req.into_inner();
         let spec = parse_spec(&req)?;
         linearizable(&self.app).await?;
@@ -140,8 +181,7 @@ impl Operator for OperatorService {
             let sm = self.app.state.read();
             check_against_cluster(&spec, &sm.cluster, settings.overcommit_ratio)?;
             match placement::place(
-                &spec.engine,
-                &spec.resources,
+                &spec.ask(),
                 &sm.cluster.node_views(),
                 settings.placement,
                 settings.overcommit_ratio,
@@ -175,8 +215,9 @@ impl Operator for OperatorService {
 
     async fn update_tenant(
         &self,
-        req: Request<pb::UpdateTenantRequest>,
+        mut req: Request<pb::UpdateTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
+        on_leader!(self, req, false, update_tenant);
         let req = req.into_inner();
         let name = parse_name(&req.name)?;
         if req.cpu.is_empty() && req.memory.is_empty() && req.storage.is_empty() {
@@ -232,10 +273,14 @@ impl Operator for OperatorService {
 
     async fn get_tenant(
         &self,
-        req: Request<pb::GetTenantRequest>,
+        mut req: Request<pb::GetTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
+        let stale = req.get_ref().stale;
+        on_leader!(self, req, stale, get_tenant);
         let name = parse_name(&req.into_inner().name)?;
-        linearizable(&self.app).await?;
+        if !stale {
+            linearizable(&self.app).await?;
+        }
         let sm = self.app.state.read();
         let t =
             sm.cluster.tenants.get(&name).ok_or_else(|| {
@@ -250,9 +295,13 @@ impl Operator for OperatorService {
 
     async fn list_tenants(
         &self,
-        _req: Request<pb::ListTenantsRequest>,
+        mut req: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
-        linearizable(&self.app).await?;
+        let stale = req.get_ref().stale;
+        on_leader!(self, req, stale, list_tenants);
+        if !stale {
+            linearizable(&self.app).await?;
+        }
         let sm = self.app.state.read();
         let live = self.app.liveness();
         let tenants = sm
@@ -266,8 +315,9 @@ impl Operator for OperatorService {
 
     async fn delete_tenant(
         &self,
-        req: Request<pb::DeleteTenantRequest>,
+        mut req: Request<pb::DeleteTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
+        on_leader!(self, req, false, delete_tenant);
         let name = parse_name(&req.into_inner().name)?;
         let outcome = propose(&self.app, Command::DeleteTenant { name: name.clone() }).await?;
         info!(tenant_id = %name, "tenant delete requested");
@@ -286,8 +336,9 @@ impl Operator for OperatorService {
 
     async fn get_credentials(
         &self,
-        req: Request<pb::GetCredentialsRequest>,
+        mut req: Request<pb::GetCredentialsRequest>,
     ) -> Result<Response<pb::Credentials>, Status> {
+        on_leader!(self, req, false, get_credentials);
         let name = parse_name(&req.into_inner().name)?;
         linearizable(&self.app).await?;
         let sm = self.app.state.read();
@@ -300,9 +351,13 @@ impl Operator for OperatorService {
 
     async fn list_nodes(
         &self,
-        _req: Request<pb::ListNodesRequest>,
+        mut req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        linearizable(&self.app).await?;
+        let stale = req.get_ref().stale;
+        on_leader!(self, req, stale, list_nodes);
+        if !stale {
+            linearizable(&self.app).await?;
+        }
         let sm = self.app.state.read();
         let live = self.app.liveness();
         let nodes = sm
@@ -316,48 +371,71 @@ impl Operator for OperatorService {
 
     async fn cluster_status(
         &self,
-        _req: Request<pb::ClusterStatusRequest>,
+        mut req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        let m = self.app.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership();
-        let voters: BTreeSet<u64> = membership.voter_ids().collect();
-        let last_index = m.last_log_index.unwrap_or(0);
-        let members = membership
-            .nodes()
-            .map(|(id, node)| {
-                let lag = m
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(id))
-                    .map(|matched| last_index.saturating_sub(matched.map(|l| l.index).unwrap_or(0)))
-                    .unwrap_or(0);
-                pb::Member {
-                    id: *id,
-                    address: node.addr.clone(),
-                    role: if voters.contains(id) {
-                        "voter"
-                    } else {
-                        "learner"
-                    }
-                    .into(),
-                    lag,
-                }
-            })
-            .collect();
-        let committed = self
-            .app
-            .raft
-            .with_raft_state(|st| st.committed.map(|l| l.index).unwrap_or(0))
-            .await
-            .map_err(|e| Status::internal(format!("raft stopped: {e}")))?;
-        Ok(Response::new(pb::ClusterStatusResponse {
-            leader_id: m.current_leader.unwrap_or(0),
-            term: m.current_term,
-            commit_index: committed,
-            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
-            members,
-            this_id: self.app.settings.id,
-        }))
+        let stale = req.get_ref().stale;
+        on_leader!(self, req, stale, cluster_status);
+        Ok(Response::new(membership::status(&self.app).await?))
+    }
+
+    async fn add_learner(
+        &self,
+        mut req: Request<pb::AddLearnerRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        on_leader!(self, req, false, add_learner);
+        let req = req.into_inner();
+        membership::add_learner(&self.app, req.id, req.address).await?;
+        Ok(Response::new(membership::status(&self.app).await?))
+    }
+
+    async fn promote_member(
+        &self,
+        mut req: Request<pb::PromoteMemberRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        on_leader!(self, req, false, promote_member);
+        membership::promote(&self.app, req.into_inner().id).await?;
+        Ok(Response::new(membership::status(&self.app).await?))
+    }
+
+    async fn remove_member(
+        &self,
+        mut req: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        on_leader!(self, req, false, remove_member);
+        membership::remove(&self.app, req.into_inner().id).await?;
+        Ok(Response::new(membership::status(&self.app).await?))
+    }
+
+    async fn set_node_cordon(
+        &self,
+        mut req: Request<pb::SetNodeCordonRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        on_leader!(self, req, false, set_node_cordon);
+        let req = req.into_inner();
+        let node = NodeName::parse(&req.id).map_err(invalid)?;
+        let outcome = propose(
+            &self.app,
+            Command::SetNodeCordon {
+                node: node.clone(),
+                cordoned: req.cordoned,
+            },
+        )
+        .await?;
+        info!(node_id = %node, cordoned = req.cordoned, "node cordon changed");
+        if !req.cordoned {
+            self.app.placer.notify_one();
+        }
+        let Outcome::Node(record) = outcome else {
+            return Err(Status::internal(format!(
+                "unexpected apply outcome {outcome:?}"
+            )));
+        };
+        let sm = self.app.state.read();
+        Ok(Response::new(node_to_pb(
+            &record,
+            &sm.cluster,
+            &self.app.liveness(),
+        )))
     }
 }
 
@@ -379,6 +457,7 @@ mod tests {
             cpu: cpu.into(),
             memory: memory.into(),
             storage: storage.into(),
+            constraints: Vec::new(),
         }
     }
 
@@ -417,5 +496,26 @@ mod tests {
             err.message(),
             "memory: 64GiB asked, more than any node's capacity (4GiB at most)"
         );
+    }
+
+    #[test]
+    fn constraints_must_be_key_value() {
+        let mut r = req("a", "postgres", "1", "1GiB", "1GiB");
+        r.constraints = vec!["zone=eu-1".into(), "rack=r2".into()];
+        let spec = parse_spec(&r).unwrap();
+        assert_eq!(spec.constraints["zone"], "eu-1");
+        for (bad, message) in [
+            ("zone", "constraints: \"zone\" is not key=value"),
+            ("=eu", "constraints: key \"\" must be 1-63"),
+            ("zone=", "constraints: \"zone=\" has an empty value"),
+        ] {
+            r.constraints = vec![bad.into()];
+            let err = parse_spec(&r).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().starts_with(message), "{}", err.message());
+        }
+        r.constraints = vec!["zone=a".into(), "zone=b".into()];
+        let err = parse_spec(&r).unwrap_err();
+        assert_eq!(err.message(), "constraints: zone asked to be both a and b");
     }
 }

@@ -1,6 +1,6 @@
 //! Conversions between the replicated records and their protobuf messages.
 
-use dormant_common::{Bytes, MilliCpu, Resources};
+use dormant_common::{Bytes, MilliCpu, NodeStatus, Resources};
 use dormant_proto::v1 as pb;
 
 use crate::liveness::Liveness;
@@ -39,15 +39,25 @@ pub fn tenant_to_pb(t: &TenantRecord, cluster: &ClusterState, live: &Liveness) -
         reason: t.reason.clone().unwrap_or_default(),
         uid: t.uid,
         usage: live.tenant_usage(&t.name).cloned(),
+        constraints: t
+            .constraints
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect(),
     }
 }
 
 pub fn node_to_pb(n: &NodeRecord, cluster: &ClusterState, live: &Liveness) -> pb::Node {
     pb::Node {
-        used: live.node(&n.id).map(|seen| seen.usage),
+        used: live.node(&n.id).and_then(|seen| seen.usage),
         id: n.id.to_string(),
         address: n.address.clone(),
-        status: n.status.to_string(),
+        // Down says more than cordoned; `cordoned` is shown for a ready node only.
+        status: if n.cordoned && n.status == NodeStatus::Ready {
+            "cordoned".to_string()
+        } else {
+            n.status.to_string()
+        },
         capacity: Some(resources_to_pb(&n.capacity)),
         allocated: Some(resources_to_pb(&cluster.allocated(&n.id))),
         engines: n.engines.iter().cloned().collect(),

@@ -1,9 +1,12 @@
-//! The scheduler's gRPC services: `api` for operators, `agent` for hosts, `raft` for peers.
+//! The scheduler's gRPC services: `api` for operators, `agent` for hosts, `raft` for peers;
+//! `forward` sends what a follower cannot answer to the leader.
 //! Errors become `tonic::Status` here, in one place, with deliberate codes.
 
 pub mod agent;
 pub mod api;
 pub mod convert;
+pub mod forward;
+pub mod membership;
 pub mod raft;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
@@ -13,7 +16,7 @@ use crate::app::App;
 use crate::state::{ApplyError, Command, Outcome};
 
 /// `Unavailable` naming the leader, for a replica that is not it.
-fn not_leader(leader: Option<(u64, String)>) -> Status {
+pub(crate) fn not_leader(leader: Option<(u64, String)>) -> Status {
     match leader {
         Some((id, addr)) => Status::unavailable(format!(
             "this replica is not the leader; the leader is {id} at {addr}"
@@ -36,9 +39,19 @@ pub fn apply_status(e: ApplyError) -> Status {
     }
 }
 
+/// How long a write waits to be committed before the caller is told there is no quorum.
+const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Commits `command` through Raft and returns what applying it produced.
 pub async fn propose(app: &App, command: Command) -> Result<Outcome, Status> {
-    match app.raft.client_write(command).await {
+    let Ok(written) = tokio::time::timeout(COMMIT_WAIT, app.raft.client_write(command)).await
+    else {
+        return Err(Status::unavailable(format!(
+            "no quorum: the write was not committed within {COMMIT_WAIT:?} (too few replicas \
+             answer); it commits only if they come back before another leader is elected"
+        )));
+    };
+    match written {
         Ok(reply) => reply.data.map_err(apply_status),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
             Err(not_leader(f.leader_id.zip(f.leader_node.map(|n| n.addr))))

@@ -2,6 +2,7 @@
 //! the committed log (openraft re-applies it). Snapshots are written to sled and flushed before
 //! openraft is told about them.
 
+use std::collections::BTreeSet;
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -25,6 +26,9 @@ type StoreResult<T> = Result<T, StorageError<u64>>;
 pub struct StateMachineData {
     pub last_applied: Option<LogId<u64>>,
     pub last_membership: StoredMembership<u64, BasicNode>,
+    /// Every replica id that was ever in a membership: ids are never reused, even after removal.
+    #[serde(default)]
+    pub member_ids_ever: BTreeSet<u64>,
     pub cluster: ClusterState,
 }
 
@@ -158,6 +162,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Blank => Ok(Outcome::Nothing),
                 EntryPayload::Normal(command) => sm.cluster.apply(entry.log_id.index, command),
                 EntryPayload::Membership(m) => {
+                    let ids: Vec<u64> = m.nodes().map(|(id, _)| *id).collect();
+                    sm.member_ids_ever.extend(ids);
                     sm.last_membership = StoredMembership::new(Some(entry.log_id), m);
                     Ok(Outcome::Nothing)
                 }
@@ -193,6 +199,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // The snapshot's metadata is authoritative for what it covers.
         sm.last_applied = meta.last_log_id;
         sm.last_membership = meta.last_membership.clone();
+        tracing::info!(snapshot = %meta.snapshot_id, last_log = ?meta.last_log_id.map(|l| l.index), "installed a snapshot from the leader");
         Ok(())
     }
 

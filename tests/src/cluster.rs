@@ -67,11 +67,16 @@ fn rand_u16() -> u16 {
 pub struct ClusterOptions {
     /// Heartbeat interval of agents.
     pub heartbeat_ms: u64,
+    /// Extra flags for `dormant-scheduler`.
+    pub scheduler_flags: Vec<String>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { heartbeat_ms: 500 }
+        Self {
+            heartbeat_ms: 500,
+            scheduler_flags: Vec::new(),
+        }
     }
 }
 
@@ -83,6 +88,21 @@ pub struct Agent {
     pub proc: Option<ProcGuard>,
     args: Vec<String>,
     log: PathBuf,
+}
+
+/// Runs `dormantctl --scheduler <urls> ARGS` from `bins`.
+pub fn run_ctl(bins: &Path, urls: &str, args: &[&str]) -> CtlOutput {
+    let out = Command::new(bins.join("dormantctl"))
+        .arg("--scheduler")
+        .arg(urls)
+        .args(args)
+        .output()
+        .expect("run dormantctl");
+    CtlOutput {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }
 
 #[derive(Debug)]
@@ -139,7 +159,7 @@ impl Cluster {
             .unwrap_or("x")
             .to_lowercase();
         let cgroup_parent = PathBuf::from("dormant-test").join(format!("{test}-{unique}"));
-        let scheduler_args = vec![
+        let mut scheduler_args = vec![
             "--id".into(),
             "1".into(),
             "--listen".into(),
@@ -148,6 +168,7 @@ impl Cluster {
             dir.path().join("scheduler").display().to_string(),
             "--bootstrap".into(),
         ];
+        scheduler_args.extend(opts.scheduler_flags.iter().cloned());
         let mut cluster = Self {
             agents: Vec::new(),
             scheduler: None,
@@ -286,17 +307,7 @@ impl Cluster {
 
     /// Runs `dormantctl --scheduler <url> ARGS`.
     pub fn ctl(&self, args: &[&str]) -> CtlOutput {
-        let out = Command::new(self.bins.join("dormantctl"))
-            .arg("--scheduler")
-            .arg(&self.url)
-            .args(args)
-            .output()
-            .expect("run dormantctl");
-        CtlOutput {
-            success: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        run_ctl(&self.bins, &self.url, args)
     }
 
     /// Runs a read command with `-o json` and parses it; panics if it fails.

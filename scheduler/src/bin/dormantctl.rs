@@ -369,19 +369,29 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                         async move { c.cluster_status(pb::ClusterStatusRequest { stale }).await }
                     })
                     .await?,
-                    // Membership changes are not retried: the operator reads the error and decides.
-                    ClusterCmd::AddLearner { id, address } => client
-                        .add_learner(pb::AddLearnerRequest { id, address })
+                    // Membership changes retry only while no leader could take them.
+                    ClusterCmd::AddLearner { id, address } => {
+                        let req = pb::AddLearnerRequest { id, address };
+                        ctl::with_leader_retry(false, || {
+                            let (mut c, r) = (client.clone(), req.clone());
+                            async move { c.add_learner(r).await }
+                        })
                         .await?
-                        .into_inner(),
-                    ClusterCmd::Promote { id } => client
-                        .promote_member(pb::PromoteMemberRequest { id })
+                    }
+                    ClusterCmd::Promote { id } => {
+                        ctl::with_leader_retry(false, || {
+                            let mut c = client.clone();
+                            async move { c.promote_member(pb::PromoteMemberRequest { id }).await }
+                        })
                         .await?
-                        .into_inner(),
-                    ClusterCmd::Remove { id } => client
-                        .remove_member(pb::RemoveMemberRequest { id })
+                    }
+                    ClusterCmd::Remove { id } => {
+                        ctl::with_leader_retry(false, || {
+                            let mut c = client.clone();
+                            async move { c.remove_member(pb::RemoveMemberRequest { id }).await }
+                        })
                         .await?
-                        .into_inner(),
+                    }
                 };
             if json {
                 print_json(&output::cluster_json(&s));

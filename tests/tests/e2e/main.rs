@@ -4,6 +4,7 @@
 // This whole crate is tests: a failed unwrap is a failed test, and there is no non-test module.
 #![allow(clippy::tests_outside_test_module, clippy::unwrap_used)]
 
+mod t100_raft;
 mod t10_create_and_connect;
 mod t20_cgroup_limits;
 mod t30_restarts;

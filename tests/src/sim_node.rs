@@ -1,0 +1,163 @@
+//! Simulated nodes: a thread that registers a node through the agent API and heartbeats for it,
+//! with no agent, cgroups or engines behind it. For tests of the scheduler alone (placement,
+//! liveness at scale), where what a node runs does not matter. Named as the fake it is.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use dormant_proto::v1 as pb;
+use dormant_proto::v1::agent_api_client::AgentApiClient;
+
+#[derive(Debug, Clone)]
+pub struct SimNodeSpec {
+    pub id: String,
+    pub milli_cpu: u64,
+    pub memory_mib: u64,
+    pub storage_gib: u64,
+    pub engines: Vec<String>,
+    pub labels: Vec<(String, String)>,
+    pub heartbeat: Duration,
+}
+
+impl SimNodeSpec {
+    pub fn new(id: &str, milli_cpu: u64, memory_mib: u64, storage_gib: u64) -> Self {
+        Self {
+            id: id.into(),
+            milli_cpu,
+            memory_mib,
+            storage_gib,
+            engines: vec!["postgres".into(), "redis".into()],
+            labels: Vec::new(),
+            heartbeat: Duration::from_millis(500),
+        }
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// Heartbeats until dropped (or [`SimNode::silence`]d).
+pub struct SimNode {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SimNode {
+    /// Registers the node with the first of the comma-separated `urls` that answers (waiting up
+    /// to 30 s), then heartbeats in the background.
+    pub fn start(urls: &str, spec: SimNodeSpec) -> Self {
+        let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_string()).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (registered, wait) = mpsc::channel();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(run(urls, spec, flag, registered));
+        });
+        match wait.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("simulated node could not register: {e}"),
+            Err(_) => panic!("simulated node could not register within 30 s"),
+        }
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops heartbeating, as a host that died would.
+    pub fn silence(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for SimNode {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+async fn client(url: &str) -> Option<AgentApiClient<tonic::transport::Channel>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .ok()?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10));
+    Some(AgentApiClient::new(endpoint.connect_lazy()))
+}
+
+async fn run(
+    urls: Vec<String>,
+    spec: SimNodeSpec,
+    stop: Arc<AtomicBool>,
+    registered: mpsc::Sender<Result<(), String>>,
+) {
+    let mut clients = Vec::new();
+    for u in &urls {
+        match client(u).await {
+            Some(c) => clients.push(c),
+            None => {
+                let _ = registered.send(Err(format!("bad URL {u}")));
+                return;
+            }
+        }
+    }
+    let register = pb::RegisterRequest {
+        node_id: spec.id.clone(),
+        address: "127.0.0.1".into(),
+        capacity: Some(pb::Resources {
+            milli_cpu: spec.milli_cpu,
+            memory_bytes: spec.memory_mib << 20,
+            storage_bytes: spec.storage_gib << 30,
+        }),
+        engines: spec.engines.clone(),
+        cgroup_driver: "simulated".into(),
+        labels: spec.labels.iter().cloned().collect(),
+        port_range_start: 20000,
+        port_range_end: 29999,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut current = 0;
+    while let Err(s) = clients[current].register(register.clone()).await {
+        if tokio::time::Instant::now() > deadline {
+            let _ = registered.send(Err(s.message().to_string()));
+            return;
+        }
+        current = (current + 1) % clients.len();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = registered.send(Ok(()));
+    let mut seen_version = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let req = pb::HeartbeatRequest {
+            node_id: spec.id.clone(),
+            seen_version,
+            tenants: Vec::new(),
+            usage: Some(pb::NodeUsage::default()),
+        };
+        match clients[current].heartbeat(req).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                if reply.register_again {
+                    let _ = clients[current].register(register.clone()).await;
+                }
+                seen_version = reply.version;
+            }
+            Err(_) => current = (current + 1) % clients.len(),
+        }
+        tokio::time::sleep(spec.heartbeat).await;
+    }
+}

@@ -71,7 +71,19 @@ pub async fn linearizable(app: &App) -> Result<(), Status> {
             Err(not_leader(f.leader_id.zip(f.leader_node.map(|n| n.addr))))
         }
         Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
-            Err(Status::unavailable(format!("no quorum: {e}")))
+            let voters: Vec<u64> = app
+                .raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect();
+            Err(Status::unavailable(format!(
+                "no quorum: only replicas {:?} of the voters {voters:?} answer; nothing was \
+                 written, and writes wait until a majority is back",
+                e.got
+            )))
         }
         Err(RaftError::Fatal(e)) => Err(Status::internal(format!("raft stopped: {e}"))),
     }

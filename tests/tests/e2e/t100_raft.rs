@@ -158,6 +158,7 @@ fn t102_a_minority_cannot_commit_and_applies_nothing() {
         "unclear error: {}",
         out.stderr
     );
+    eprintln!("refused as expected: {}", out.stderr.trim());
     for f in &followers {
         set.resume(*f);
     }

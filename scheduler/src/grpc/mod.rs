@@ -80,8 +80,8 @@ pub async fn linearizable(app: &App) -> Result<(), Status> {
                 .voter_ids()
                 .collect();
             Err(Status::unavailable(format!(
-                "no quorum: only replicas {:?} of the voters {voters:?} answer; nothing was \
-                 written, and writes wait until a majority is back",
+                "no quorum: only replicas {:?} of the voters {voters:?} answer; nothing is \
+                 read or written until a majority is back",
                 e.got
             )))
         }

@@ -218,14 +218,28 @@ impl ClusterState {
             .filter(move |t| t.node.as_ref() == Some(node))
     }
 
-    /// The view of every node that placement needs.
+    /// The view of every node that placement needs, in one pass over the tenants (placement runs
+    /// for every create: a pass per node would cost nodes × tenants).
     pub fn node_views(&self) -> Vec<placement::NodeView<'_>> {
+        let mut per_node: BTreeMap<&NodeName, (Resources, BTreeSet<u16>)> = BTreeMap::new();
+        for t in self.tenants.values() {
+            if let Some(node) = &t.node {
+                let entry = per_node.entry(node).or_default();
+                entry.0 = entry.0.saturating_add(t.resources);
+                entry.1.extend(t.port);
+            }
+        }
         self.nodes
             .values()
-            .map(|n| placement::NodeView {
-                node: n,
-                allocated: self.allocated(&n.id),
-                has_free_port: self.free_port(n).is_some(),
+            .map(|n| {
+                let (allocated, used) = per_node.remove(&n.id).unwrap_or_default();
+                let (first, last) = n.port_range;
+                let in_range = used.range(first..=last).count();
+                placement::NodeView {
+                    node: n,
+                    allocated,
+                    has_free_port: in_range < usize::from(last - first) + 1,
+                }
             })
             .collect()
     }
@@ -737,5 +751,29 @@ mod tests {
         let Outcome::Tenant(u) = err else { panic!() };
         assert_eq!(u.state, TenantState::Pending);
         assert_eq!(u.reason.as_deref(), Some("a: cordoned"));
+    }
+
+    #[test]
+    fn node_views_agree_with_per_node_accounting() {
+        let mut st = ClusterState::default();
+        let mut small = node("a", res(8000, 8192, 100));
+        small.port_range = (20000, 20001);
+        st.apply(1, Command::RegisterNode(small)).unwrap();
+        st.apply(2, Command::RegisterNode(node("b", res(8000, 8192, 100))))
+            .unwrap();
+        create(&mut st, 3, "t1", Some("a")).unwrap();
+        create(&mut st, 4, "t2", Some("b")).unwrap();
+        let views = st.node_views();
+        assert_eq!(
+            views[0].allocated,
+            st.allocated(&NodeName::parse("a").unwrap())
+        );
+        assert!(views[0].has_free_port);
+        create(&mut st, 5, "t3", Some("a")).unwrap();
+        let views = st.node_views();
+        assert_eq!(views[0].allocated, res(1000, 1024, 2));
+        assert!(!views[0].has_free_port, "both ports of a are taken");
+        assert!(views[1].has_free_port);
+        assert_eq!(views[1].allocated, res(500, 512, 1));
     }
 }

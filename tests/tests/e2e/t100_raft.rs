@@ -310,3 +310,51 @@ fn t103_membership_grows_1_3_5_and_shrinks_to_3_from_the_cli() {
         assert!(missing.is_empty(), "replica {id} lacks {missing:?}");
     }
 }
+
+#[test]
+fn t104_any_replica_answers_and_stale_reads_stay_local() {
+    let set = Replicas::start(3, &[]);
+    let leader = set.leader();
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let (a, b) = (followers[0], followers[1]);
+    // A write sent to one follower is forwarded; a default (linearizable) read at the other
+    // follower sees it at once.
+    let out = set.ctl_at(a, &create_args("via-follower"));
+    assert!(out.success, "{}", out.stderr);
+    let out = set.ctl_at(b, &["tenant", "get", "via-follower", "-o", "json"]);
+    assert!(out.success, "{}", out.stderr);
+    assert_eq!(out.json()["name"], "via-follower");
+    // Cluster status at a follower is the leader's view (it knows the lag); --stale is its own.
+    let forwarded = set.ctl_at(b, &["cluster", "status", "-o", "json"]).json();
+    assert_eq!(forwarded["this_id"], set.replicas[leader].id);
+    let own = set.status(b).unwrap();
+    assert_eq!(own["this_id"], set.replicas[b].id);
+    assert_eq!(own["leader_id"], set.replicas[leader].id);
+    // A node talking only to a follower registers and stays ready: its heartbeats reach the
+    // leader, which alone keeps liveness.
+    let _node = dormant_tests::SimNode::start(
+        &set.url(a),
+        dormant_tests::SimNodeSpec::new("via-follower-node", 1000, 1024, 10),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let nodes = set.ctl_at(leader, &["node", "list", "-o", "json"]).json();
+    let node = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == "via-follower-node")
+        .cloned()
+        .unwrap();
+    assert_eq!(node["status"], "ready");
+    assert!(
+        !node["used"].is_null(),
+        "the leader has the node's heartbeat usage: {node}"
+    );
+    // A stale read at a paused leader's follower still answers (no leader needed).
+    let mut set = set;
+    set.pause(leader);
+    let out = set.ctl_at(a, &["tenant", "list", "--stale", "-o", "json"]);
+    assert!(out.success, "{}", out.stderr);
+    assert!(out.stdout.contains("via-follower"));
+    set.resume(leader);
+}

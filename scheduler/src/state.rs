@@ -195,58 +195,143 @@ pub enum ApplyError {
 
 pub type ApplyResult = Result<Outcome, ApplyError>;
 
+/// The replicated state. Only `apply` changes it (the fields are public for reading), which keeps
+/// the per-node index in step with the tenants.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StoredClusterState", into = "StoredClusterState")]
 pub struct ClusterState {
     pub nodes: BTreeMap<NodeName, NodeRecord>,
     pub tenants: BTreeMap<TenantName, TenantRecord>,
+    /// Derived from `tenants`, never stored: what each node holds. Placement asks it on every
+    /// create; scanning every tenant for every node instead dominated the leader's CPU.
+    by_node: BTreeMap<NodeName, NodeLoad>,
+}
+
+/// What the tenants placed on one node reserve and use.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct NodeLoad {
+    allocated: Resources,
+    ports: BTreeSet<u16>,
+    tenants: BTreeSet<TenantName>,
+}
+
+/// `ClusterState` as it is written to snapshots: without the derived index, which is rebuilt
+/// whenever a state is read back.
+#[derive(Serialize, Deserialize)]
+struct StoredClusterState {
+    nodes: BTreeMap<NodeName, NodeRecord>,
+    tenants: BTreeMap<TenantName, TenantRecord>,
+}
+
+impl From<StoredClusterState> for ClusterState {
+    fn from(stored: StoredClusterState) -> Self {
+        let mut state = ClusterState {
+            nodes: stored.nodes,
+            tenants: BTreeMap::new(),
+            by_node: BTreeMap::new(),
+        };
+        for (name, t) in stored.tenants {
+            state.insert_tenant(name, t);
+        }
+        state
+    }
+}
+
+impl From<ClusterState> for StoredClusterState {
+    fn from(state: ClusterState) -> Self {
+        StoredClusterState {
+            nodes: state.nodes,
+            tenants: state.tenants,
+        }
+    }
 }
 
 impl ClusterState {
     /// Resources reserved on `node` by the tenants placed there (deleting ones too, until gone).
     pub fn allocated(&self, node: &NodeName) -> Resources {
-        self.tenants_on(node).fold(Resources::default(), |acc, t| {
-            acc.saturating_add(t.resources)
-        })
+        self.by_node
+            .get(node)
+            .map(|l| l.allocated)
+            .unwrap_or_default()
     }
 
     pub fn tenants_on<'a>(
         &'a self,
         node: &'a NodeName,
     ) -> impl Iterator<Item = &'a TenantRecord> + 'a {
-        self.tenants
-            .values()
-            .filter(move |t| t.node.as_ref() == Some(node))
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flat_map(|l| l.tenants.iter())
+            .filter_map(|name| self.tenants.get(name))
     }
 
-    /// The view of every node that placement needs, in one pass over the tenants (placement runs
-    /// for every create: a pass per node would cost nodes × tenants).
+    /// The view of every node that placement needs.
     pub fn node_views(&self) -> Vec<placement::NodeView<'_>> {
-        let mut per_node: BTreeMap<&NodeName, (Resources, BTreeSet<u16>)> = BTreeMap::new();
-        for t in self.tenants.values() {
-            if let Some(node) = &t.node {
-                let entry = per_node.entry(node).or_default();
-                entry.0 = entry.0.saturating_add(t.resources);
-                entry.1.extend(t.port);
-            }
-        }
         self.nodes
             .values()
-            .map(|n| {
-                let (allocated, used) = per_node.remove(&n.id).unwrap_or_default();
-                let (first, last) = n.port_range;
-                let in_range = used.range(first..=last).count();
-                placement::NodeView {
-                    node: n,
-                    allocated,
-                    has_free_port: in_range < usize::from(last - first) + 1,
-                }
+            .map(|n| placement::NodeView {
+                node: n,
+                allocated: self.allocated(&n.id),
+                has_free_port: self.free_port(n).is_some(),
             })
             .collect()
     }
 
     fn free_port(&self, node: &NodeRecord) -> Option<u16> {
-        let used: BTreeSet<u16> = self.tenants_on(&node.id).filter_map(|t| t.port).collect();
-        (node.port_range.0..=node.port_range.1).find(|p| !used.contains(p))
+        let (first, last) = node.port_range;
+        let Some(load) = self.by_node.get(&node.id) else {
+            return Some(first);
+        };
+        // The used ports in order: the first gap in the range is the lowest free port.
+        let mut candidate = first;
+        for &used in load.ports.range(first..=last) {
+            if used != candidate {
+                return Some(candidate);
+            }
+            candidate = candidate.checked_add(1)?;
+        }
+        (candidate <= last).then_some(candidate)
+    }
+
+    /// Adds a tenant, counting it on its node.
+    fn insert_tenant(&mut self, name: TenantName, t: TenantRecord) {
+        if let Some(node) = &t.node {
+            let load = self.by_node.entry(node.clone()).or_default();
+            load.allocated = load.allocated.saturating_add(t.resources);
+            load.ports.extend(t.port);
+            load.tenants.insert(name.clone());
+        }
+        self.tenants.insert(name, t);
+    }
+
+    /// Removes a tenant and what it held on its node.
+    fn remove_tenant(&mut self, name: &TenantName) {
+        let Some(t) = self.tenants.remove(name) else {
+            return;
+        };
+        if let Some(node) = &t.node {
+            if let Some(load) = self.by_node.get_mut(node) {
+                load.allocated = load.allocated.saturating_sub(t.resources);
+                if let Some(port) = t.port {
+                    load.ports.remove(&port);
+                }
+                load.tenants.remove(name);
+                if load.tenants.is_empty() {
+                    self.by_node.remove(node);
+                }
+            }
+        }
+    }
+
+    /// The index rebuilt from the tenants: what `by_node` must always equal.
+    #[cfg(test)]
+    fn recomputed_index(&self) -> BTreeMap<NodeName, NodeLoad> {
+        let mut fresh = ClusterState::default();
+        for (name, t) in &self.tenants {
+            fresh.insert_tenant(name.clone(), t.clone());
+        }
+        fresh.by_node
     }
 
     /// Checks that `ask` still fits on `node` and returns the port it gets there.
@@ -271,6 +356,17 @@ impl ClusterState {
 
     /// Applies one command at log index `index`.
     pub fn apply(&mut self, index: u64, command: Command) -> ApplyResult {
+        let result = self.apply_inner(index, command);
+        #[cfg(test)]
+        assert_eq!(
+            self.by_node,
+            self.recomputed_index(),
+            "per-node index drifted"
+        );
+        result
+    }
+
+    fn apply_inner(&mut self, index: u64, command: Command) -> ApplyResult {
         match command {
             Command::RegisterNode(mut node) => {
                 // Cordoning is the operator's, not the agent's: a re-registration keeps it.
@@ -338,7 +434,7 @@ impl ClusterState {
                         Err(why) => record.reason = Some(why),
                     }
                 }
-                self.tenants.insert(spec.name, record.clone());
+                self.insert_tenant(spec.name, record.clone());
                 Ok(Outcome::Tenant(record))
             }
             Command::AssignTenant {
@@ -358,12 +454,15 @@ impl ClusterState {
                         node: node.to_string(),
                         why,
                     })?;
-                let tenant = self.tenant_with_uid_mut(&name, uid)?;
+                let mut tenant = self.tenant_with_uid(&name, uid)?.clone();
                 tenant.state = TenantState::Starting;
                 tenant.node = Some(node);
                 tenant.port = Some(port);
                 tenant.reason = None;
-                Ok(Outcome::Tenant(tenant.clone()))
+                // Out and in again, so its node counts it.
+                self.remove_tenant(&name);
+                self.insert_tenant(name, tenant.clone());
+                Ok(Outcome::Tenant(tenant))
             }
             Command::SetPendingReason { name, uid, reason } => {
                 let tenant = self.tenant_with_uid_mut(&name, uid)?;
@@ -411,9 +510,11 @@ impl ClusterState {
                         }
                     })?;
                 }
-                let tenant = self.tenant_with_uid_mut(&name, uid)?;
+                let mut tenant = self.tenant_with_uid(&name, uid)?.clone();
                 tenant.resources = resources;
-                Ok(Outcome::Tenant(tenant.clone()))
+                self.remove_tenant(&name);
+                self.insert_tenant(name, tenant.clone());
+                Ok(Outcome::Tenant(tenant))
             }
             Command::DeleteTenant { name } => {
                 let tenant = self
@@ -421,7 +522,7 @@ impl ClusterState {
                     .get_mut(&name)
                     .ok_or_else(|| ApplyError::TenantNotFound(name.to_string()))?;
                 if tenant.node.is_none() {
-                    self.tenants.remove(&name);
+                    self.remove_tenant(&name);
                     return Ok(Outcome::Removed);
                 }
                 if tenant.desired != DesiredState::Deleted {
@@ -451,7 +552,7 @@ impl ClusterState {
             }
             Command::RemoveTenant { name, uid } => {
                 self.tenant_with_uid(&name, uid)?;
-                self.tenants.remove(&name);
+                self.remove_tenant(&name);
                 Ok(Outcome::Removed)
             }
         }
@@ -459,11 +560,14 @@ impl ClusterState {
 
     /// Marks the running tenants of `node` lost (remembering their state), or restores them.
     fn set_tenants_lost(&mut self, node: &NodeName, lost: bool) {
-        let on_node = self
-            .tenants
-            .values_mut()
-            .filter(|t| t.node.as_ref() == Some(node) && t.desired == DesiredState::Running);
-        for t in on_node {
+        let names: Vec<TenantName> = self.tenants_on(node).map(|t| t.name.clone()).collect();
+        for name in &names {
+            let Some(t) = self.tenants.get_mut(name) else {
+                continue;
+            };
+            if t.desired != DesiredState::Running {
+                continue;
+            }
             if lost && t.state != TenantState::Lost {
                 t.lost_from = Some(t.state);
                 t.state = TenantState::Lost;
@@ -775,5 +879,46 @@ mod tests {
         assert!(!views[0].has_free_port, "both ports of a are taken");
         assert!(views[1].has_free_port);
         assert_eq!(views[1].allocated, res(500, 512, 1));
+    }
+
+    #[test]
+    fn the_index_survives_a_snapshot_round_trip() {
+        let mut st = ClusterState::default();
+        st.apply(1, Command::RegisterNode(node("a", res(8000, 8192, 100))))
+            .unwrap();
+        create(&mut st, 2, "t1", Some("a")).unwrap();
+        create(&mut st, 3, "t2", Some("a")).unwrap();
+        let json = serde_json::to_string(&st).unwrap();
+        assert!(
+            !json.contains("by_node"),
+            "the index is derived, never stored"
+        );
+        let back: ClusterState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, st);
+        assert_eq!(
+            back.allocated(&NodeName::parse("a").unwrap()),
+            res(1000, 1024, 2)
+        );
+    }
+
+    #[test]
+    fn freed_ports_are_given_again_lowest_first() {
+        let mut st = ClusterState::default();
+        st.apply(1, Command::RegisterNode(node("a", res(8000, 8192, 100))))
+            .unwrap();
+        for (i, name) in ["t1", "t2", "t3"].iter().enumerate() {
+            create(&mut st, 2 + i as u64, name, Some("a")).unwrap();
+        }
+        let t2 = TenantName::parse("t2").unwrap();
+        st.apply(10, Command::RemoveTenant { name: t2, uid: 3 })
+            .unwrap();
+        let Outcome::Tenant(t4) = create(&mut st, 11, "t4", Some("a")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(t4.port, Some(20001));
+        let Outcome::Tenant(t5) = create(&mut st, 12, "t5", Some("a")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(t5.port, Some(20003));
     }
 }

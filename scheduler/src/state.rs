@@ -273,9 +273,27 @@ impl ClusterState {
             .map(|n| placement::NodeView {
                 node: n,
                 allocated: self.allocated(&n.id),
-                has_free_port: self.free_port(n).is_some(),
+                has_free_port: self.has_free_port(n),
             })
             .collect()
+    }
+
+    /// Whether `node` has a port left, without searching for it (placement asks for every node).
+    fn has_free_port(&self, node: &NodeRecord) -> bool {
+        let (first, last) = node.port_range;
+        let Some(load) = self.by_node.get(&node.id) else {
+            return true;
+        };
+        let size = usize::from(last - first) + 1;
+        let all_in_range = load.ports.first().is_some_and(|p| *p >= first)
+            && load.ports.last().is_some_and(|p| *p <= last);
+        if all_in_range {
+            // Ports in a set are distinct: fewer of them than the range holds leaves a gap.
+            load.ports.len() < size
+        } else {
+            // The range changed since they were given (the agent registered again).
+            load.ports.range(first..=last).count() < size
+        }
     }
 
     fn free_port(&self, node: &NodeRecord) -> Option<u16> {
@@ -920,5 +938,26 @@ mod tests {
             panic!()
         };
         assert_eq!(t5.port, Some(20003));
+    }
+
+    #[test]
+    fn a_node_with_every_port_taken_is_full_even_after_its_range_moved() {
+        let mut st = ClusterState::default();
+        let mut a = node("a", res(8000, 8192, 100));
+        a.port_range = (20000, 20001);
+        st.apply(1, Command::RegisterNode(a.clone())).unwrap();
+        create(&mut st, 2, "t1", Some("a")).unwrap();
+        assert!(st.node_views()[0].has_free_port);
+        create(&mut st, 3, "t2", Some("a")).unwrap();
+        assert!(!st.node_views()[0].has_free_port);
+        // The agent came back with a range that keeps one of the used ports.
+        a.port_range = (20001, 20002);
+        st.apply(4, Command::RegisterNode(a)).unwrap();
+        assert!(st.node_views()[0].has_free_port);
+        let Outcome::Tenant(t3) = create(&mut st, 5, "t3", Some("a")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(t3.port, Some(20002));
+        assert!(!st.node_views()[0].has_free_port);
     }
 }

@@ -18,6 +18,7 @@ use crate::grpc;
 use crate::liveness::Liveness;
 use crate::network::PeerNetwork;
 use crate::placement;
+use crate::read_index::ReadIndex;
 use crate::state::{Command, DesiredState};
 use crate::store::{self, SharedState};
 use crate::Raft;
@@ -56,6 +57,8 @@ pub struct App {
     pub network: PeerNetwork,
     /// Held for the whole of a membership change: one at a time.
     pub membership: tokio::sync::Mutex<()>,
+    /// Batched leadership confirmations for linearizable reads and checked writes.
+    pub read_index: ReadIndex,
 }
 
 impl App {
@@ -139,6 +142,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         placer: Notify::new(),
         network,
         membership: tokio::sync::Mutex::new(()),
+        read_index: ReadIndex::spawn(raft.clone()),
     });
 
     let placer = tokio::spawn(place_pending_loop(app.clone()));

@@ -10,6 +10,7 @@ pub mod grpc;
 pub mod liveness;
 pub mod network;
 pub mod placement;
+pub mod read_index;
 pub mod state;
 // openraft's storage traits fix the error type to its (large) `StorageError`; boxing it in our
 // helpers would only add a conversion at every trait boundary.

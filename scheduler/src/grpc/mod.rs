@@ -63,16 +63,21 @@ pub async fn propose(app: &App, command: Command) -> Result<Outcome, Status> {
     }
 }
 
-/// Waits until this replica's state reflects every write committed before the call.
+/// Waits until this replica's state reflects every write committed before the call (batched
+/// with concurrent callers, see `read_index`).
 pub async fn linearizable(app: &App) -> Result<(), Status> {
-    match app.raft.ensure_linearizable().await {
+    app.read_index.confirm().await
+}
+
+/// One leadership confirmation with a quorum, then waiting for the state machine to catch up.
+pub async fn linearizable_now(raft: &crate::Raft) -> Result<(), Status> {
+    match raft.ensure_linearizable().await {
         Ok(_) => Ok(()),
         Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
             Err(not_leader(f.leader_id.zip(f.leader_node.map(|n| n.addr))))
         }
         Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
-            let voters: Vec<u64> = app
-                .raft
+            let voters: Vec<u64> = raft
                 .metrics()
                 .borrow()
                 .membership_config

@@ -178,15 +178,25 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 }
 
 /// On the leader: tries to place every pending tenant whenever woken, and every few seconds.
+/// Each pass places at most one tenant (the next must see its reservation), so passes repeat at
+/// once while they place something: a burst of creates that went stale drains in milliseconds.
 async fn place_pending_loop(app: Arc<App>) {
     loop {
         let _ = tokio::time::timeout(Duration::from_secs(3), app.placer.notified()).await;
-        if !app.is_leader() {
-            continue;
-        }
-        for command in pending_placements(&app) {
-            if let Err(status) = grpc::propose(&app, command).await {
-                warn!(error = %status.message(), "placing a pending tenant");
+        loop {
+            if !app.is_leader() {
+                break;
+            }
+            let mut placed = false;
+            for command in pending_placements(&app) {
+                let assigns = matches!(command, Command::AssignTenant { .. });
+                match grpc::propose(&app, command).await {
+                    Ok(_) => placed |= assigns,
+                    Err(status) => warn!(error = %status.message(), "placing a pending tenant"),
+                }
+            }
+            if !placed {
+                break;
             }
         }
     }

@@ -197,8 +197,8 @@ pub type ApplyResult = Result<Outcome, ApplyError>;
 
 /// The replicated state. Only `apply` changes it (the fields are public for reading), which keeps
 /// the per-node index in step with the tenants.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(from = "StoredClusterState", into = "StoredClusterState")]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(from = "StoredClusterState")]
 pub struct ClusterState {
     pub nodes: BTreeMap<NodeName, NodeRecord>,
     pub tenants: BTreeMap<TenantName, TenantRecord>,
@@ -215,9 +215,8 @@ struct NodeLoad {
     tenants: BTreeSet<TenantName>,
 }
 
-/// `ClusterState` as it is written to snapshots: without the derived index, which is rebuilt
-/// whenever a state is read back.
-#[derive(Serialize, Deserialize)]
+/// `ClusterState` as it is read from snapshots: without the derived index, which is rebuilt.
+#[derive(Deserialize)]
 struct StoredClusterState {
     nodes: BTreeMap<NodeName, NodeRecord>,
     tenants: BTreeMap<TenantName, TenantRecord>,
@@ -237,12 +236,20 @@ impl From<StoredClusterState> for ClusterState {
     }
 }
 
-impl From<ClusterState> for StoredClusterState {
-    fn from(state: ClusterState) -> Self {
-        StoredClusterState {
-            nodes: state.nodes,
-            tenants: state.tenants,
+/// Serializes the stored fields in place: a snapshot is taken under the state's read lock, and
+/// copying the whole state first would hold that lock (and the applies waiting on it) longer.
+impl Serialize for ClusterState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Stored<'a> {
+            nodes: &'a BTreeMap<NodeName, NodeRecord>,
+            tenants: &'a BTreeMap<TenantName, TenantRecord>,
         }
+        Stored {
+            nodes: &self.nodes,
+            tenants: &self.tenants,
+        }
+        .serialize(serializer)
     }
 }
 
@@ -301,7 +308,17 @@ impl ClusterState {
         let Some(load) = self.by_node.get(&node.id) else {
             return Some(first);
         };
-        // The used ports in order: the first gap in the range is the lowest free port.
+        // Ports are given lowest first, so they are usually first..first+len: then the next one
+        // is free, without walking them all.
+        let len = u16::try_from(load.ports.len()).unwrap_or(u16::MAX);
+        let packed = load.ports.first() == Some(&first)
+            && first
+                .checked_add(len - 1)
+                .is_some_and(|end| load.ports.last() == Some(&end));
+        if packed {
+            return first.checked_add(len).filter(|p| *p <= last);
+        }
+        // Otherwise the first gap in the range is the lowest free port.
         let mut candidate = first;
         for &used in load.ports.range(first..=last) {
             if used != candidate {

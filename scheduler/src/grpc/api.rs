@@ -205,6 +205,10 @@ impl Operator for OperatorService {
             .await?,
         )?;
         info!(tenant_id = %tenant.name, uid = tenant.uid, state = %tenant.state, node = ?tenant.node, "tenant created");
+        if tenant.node.is_none() {
+            // Pending: perhaps only because concurrent creates made our choice stale.
+            self.app.placer.notify_one();
+        }
         let sm = self.app.state.read();
         let live = self.app.liveness();
         Ok(Response::new(pb::CreateTenantResponse {

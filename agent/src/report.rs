@@ -27,6 +27,9 @@ pub enum ReportError {
     NoScheduler,
 }
 
+/// How long one heartbeat may take before the agent tries the next replica.
+const HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub struct Reporter {
     settings: Settings,
     host: Arc<Host>,
@@ -195,13 +198,26 @@ impl Reporter {
                     }
                 }
             }
-            let req = self.heartbeat_request(tenants);
+            let mut req = tonic::Request::new(self.heartbeat_request(tenants));
+            // Well inside the scheduler's grace period, so a replica that hangs is left for the
+            // next before the node is judged silent.
+            req.set_timeout(HEARTBEAT_TIMEOUT);
             match self.client().heartbeat(req).await {
                 Ok(reply) => {
                     failures = 0;
                     let reply = reply.into_inner();
                     if reply.register_again {
                         registered = false;
+                        continue;
+                    }
+                    if reply.version < self.seen_version {
+                        // An answer older than one already acted on: acting on it could remove
+                        // tenants created since. The next heartbeat brings a current one.
+                        warn!(
+                            version = reply.version,
+                            seen = self.seen_version,
+                            "ignoring an out-of-date desired set"
+                        );
                         continue;
                     }
                     self.seen_version = reply.version;

@@ -180,22 +180,23 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 /// On the leader: tries to place every pending tenant whenever woken, and every few seconds.
 /// Each pass places at most one tenant (the next must see its reservation), so passes repeat at
 /// once while they place something: a burst of creates that went stale drains in milliseconds.
+/// Why the others still wait is written once, after the last pass (reasons name free amounts,
+/// which change with every placement).
 async fn place_pending_loop(app: Arc<App>) {
     loop {
         let _ = tokio::time::timeout(Duration::from_secs(3), app.placer.notified()).await;
-        loop {
-            if !app.is_leader() {
-                break;
-            }
-            let mut placed = false;
-            for command in pending_placements(&app) {
-                let assigns = matches!(command, Command::AssignTenant { .. });
-                match grpc::propose(&app, command).await {
-                    Ok(_) => placed |= assigns,
-                    Err(status) => warn!(error = %status.message(), "placing a pending tenant"),
+        while app.is_leader() {
+            let (assign, reasons) = pending_placements(&app);
+            let Some(assign) = assign else {
+                for command in reasons {
+                    if let Err(status) = grpc::propose(&app, command).await {
+                        warn!(error = %status.message(), "recording why a tenant waits");
+                    }
                 }
-            }
-            if !placed {
+                break;
+            };
+            if let Err(status) = grpc::propose(&app, assign).await {
+                warn!(error = %status.message(), "placing a pending tenant");
                 break;
             }
         }
@@ -236,6 +237,12 @@ async fn watch_liveness_loop(app: Arc<App>) {
                 .collect()
         };
         for node in silent {
+            // Heard from while the previous nodes were being marked? Then it is not silent.
+            if app.liveness().silent_for(&node, std::time::Instant::now())
+                < app.settings.node_grace_period
+            {
+                continue;
+            }
             warn!(node_id = %node, grace = ?app.settings.node_grace_period, "node silent past its grace period: marking it down, its tenants lost");
             let down = Command::SetNodeStatus {
                 node,
@@ -248,8 +255,8 @@ async fn watch_liveness_loop(app: Arc<App>) {
     }
 }
 
-/// The commands that place pending tenants, or refresh why they still wait.
-fn pending_placements(app: &App) -> Vec<Command> {
+/// The command that places one pending tenant, or else those that refresh why they still wait.
+fn pending_placements(app: &App) -> (Option<Command>, Vec<Command>) {
     let sm = app.state.read();
     let cluster = &sm.cluster;
     let views = cluster.node_views();
@@ -266,14 +273,14 @@ fn pending_placements(app: &App) -> Vec<Command> {
         );
         match choice {
             Ok(node) => {
-                commands.push(Command::AssignTenant {
+                // One placement per pass: the next pass sees the updated allocation.
+                let assign = Command::AssignTenant {
                     name: t.name.clone(),
                     uid: t.uid,
                     node,
                     overcommit: app.settings.overcommit_ratio,
-                });
-                // One placement per pass: the next pass sees the updated allocation.
-                break;
+                };
+                return (Some(assign), Vec::new());
             }
             Err(why) => {
                 let why = why.to_string();
@@ -287,5 +294,5 @@ fn pending_placements(app: &App) -> Vec<Command> {
             }
         }
     }
-    commands
+    (None, commands)
 }

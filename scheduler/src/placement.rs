@@ -75,6 +75,21 @@ pub fn check(view: &NodeView<'_>, ask: &Ask<'_>, overcommit: f64) -> Result<(), 
             None => return Err(format!("{}: no label {key}, wanted {wanted}", node.id)),
         }
     }
+    check_room(view, resources, overcommit)?;
+    if !view.has_free_port {
+        return Err(format!("{}: no free port in its range", node.id));
+    }
+    Ok(())
+}
+
+/// Whether `view` has room for `resources` under capacity × overcommit. A resize of a tenant
+/// already on the node asks only this: cordons and labels decide new placements, not growth.
+pub fn check_room(
+    view: &NodeView<'_>,
+    resources: &Resources,
+    overcommit: f64,
+) -> Result<(), String> {
+    let node = view.node;
     let free = node
         .capacity
         .scaled(overcommit)
@@ -100,9 +115,6 @@ pub fn check(view: &NodeView<'_>, ask: &Ask<'_>, overcommit: f64) -> Result<(), 
             gib(free.storage),
             gib(resources.storage)
         ));
-    }
-    if !view.has_free_port {
-        return Err(format!("{}: no free port in its range", node.id));
     }
     Ok(())
 }

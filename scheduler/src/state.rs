@@ -534,11 +534,7 @@ impl ClusterState {
                         allocated: self.allocated(node).saturating_sub(tenant.resources),
                         has_free_port: true,
                     };
-                    let ask = placement::Ask {
-                        resources: &resources,
-                        ..tenant.ask()
-                    };
-                    placement::check(&view, &ask, overcommit).map_err(|why| {
+                    placement::check_room(&view, &resources, overcommit).map_err(|why| {
                         ApplyError::DoesNotFit {
                             tenant: name.to_string(),
                             why,
@@ -976,5 +972,39 @@ mod tests {
         };
         assert_eq!(t3.port, Some(20002));
         assert!(!st.node_views()[0].has_free_port);
+    }
+
+    #[test]
+    fn a_tenant_on_a_cordoned_node_can_still_grow_where_there_is_room() {
+        let mut st = ClusterState::default();
+        st.apply(1, Command::RegisterNode(node("a", res(2000, 4096, 100))))
+            .unwrap();
+        create(&mut st, 2, "t", Some("a")).unwrap();
+        let a = NodeName::parse("a").unwrap();
+        st.apply(
+            3,
+            Command::SetNodeCordon {
+                node: a,
+                cordoned: true,
+            },
+        )
+        .unwrap();
+        let name = TenantName::parse("t").unwrap();
+        let grow = |cpu| Command::UpdateTenant {
+            name: name.clone(),
+            uid: 2,
+            resources: res(cpu, 512, 1),
+            overcommit: 1.0,
+        };
+        let Outcome::Tenant(t) = st.apply(4, grow(1500)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(t.resources.cpu.0, 1500);
+        let err = st.apply(5, grow(2500)).unwrap_err();
+        assert!(matches!(err, ApplyError::DoesNotFit { .. }), "{err}");
+        assert!(
+            err.to_string().contains("a: 2 CPU free, 2.5 asked"),
+            "{err}"
+        );
     }
 }

@@ -171,7 +171,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
     if let Top::Dev { dir, listen, ports } = cli.command {
         return ctl::dev::run(ctl::dev::DevOptions { dir, listen, ports }).await;
     }
-    let mut client = ctl::connect_any(&cli.scheduler).await?;
+    let mut replicas = ctl::Replicas::connect(&cli.scheduler).await?;
     let stale = cli.stale;
     match cli.command {
         Top::Dev { .. } => unreachable!("handled above"),
@@ -193,18 +193,24 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 storage,
                 constraints,
             };
-            let created = ctl::with_leader_retry(false, || {
-                let (mut c, r) = (client.clone(), req.clone());
-                async move { c.create_tenant(r).await }
-            })
-            .await?;
+            let created = replicas
+                .call(false, |mut c| {
+                    let r = req.clone();
+                    async move { c.create_tenant(r).await }
+                })
+                .await?;
             let creds = created.credentials.unwrap_or_default();
             let mut tenant = created.tenant.unwrap_or_default();
             if !no_wait && tenant.state != "pending" {
                 let done = |r: Result<&pb::Tenant, &tonic::Status>| matches!(r, Ok(t) if t.state == "running" || t.state == "failed" || t.state == "pending");
-                if let Some(t) =
-                    ctl::wait_for_tenant(&mut client, &name, timeout, "the tenant to run", done)
-                        .await?
+                if let Some(t) = ctl::wait_for_tenant(
+                    &mut replicas.client(),
+                    &name,
+                    timeout,
+                    "the tenant to run",
+                    done,
+                )
+                .await?
                 {
                     tenant = t;
                 }
@@ -233,11 +239,12 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
         }
         Top::Tenant(TenantCmd::Get { name }) => {
             let req = pb::GetTenantRequest { name, stale };
-            let t = ctl::with_leader_retry(true, || {
-                let (mut c, r) = (client.clone(), req.clone());
-                async move { c.get_tenant(r).await }
-            })
-            .await?;
+            let t = replicas
+                .call(true, |mut c| {
+                    let r = req.clone();
+                    async move { c.get_tenant(r).await }
+                })
+                .await?;
             if json {
                 print_json(&output::tenant_json(&t));
             } else {
@@ -245,11 +252,11 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Top::Tenant(TenantCmd::List) => {
-            let list = ctl::with_leader_retry(true, || {
-                let mut c = client.clone();
-                async move { c.list_tenants(pb::ListTenantsRequest { stale }).await }
-            })
-            .await?;
+            let list = replicas
+                .call(true, |mut c| async move {
+                    c.list_tenants(pb::ListTenantsRequest { stale }).await
+                })
+                .await?;
             if json {
                 let v: Vec<_> = list.tenants.iter().map(output::tenant_json).collect();
                 print_json(&serde_json::Value::Array(v));
@@ -269,11 +276,12 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 memory: memory.unwrap_or_default(),
                 storage: storage.unwrap_or_default(),
             };
-            let t = ctl::with_leader_retry(false, || {
-                let (mut c, r) = (client.clone(), req.clone());
-                async move { c.update_tenant(r).await }
-            })
-            .await?;
+            let t = replicas
+                .call(false, |mut c| {
+                    let r = req.clone();
+                    async move { c.update_tenant(r).await }
+                })
+                .await?;
             if json {
                 print_json(&output::tenant_json(&t));
             } else {
@@ -287,16 +295,18 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             timeout,
         }) => {
             let req = pb::DeleteTenantRequest { name: name.clone() };
-            // Deleting twice is harmless: the second finds the tenant deleting, or gone.
-            let t = ctl::with_leader_retry(true, || {
-                let (mut c, r) = (client.clone(), req.clone());
-                async move { c.delete_tenant(r).await }
-            })
-            .await?;
+            // Resent only when nothing was proposed: a delete that may have been applied is not
+            // sent again (it could remove a tenant created again under the same name).
+            let t = replicas
+                .call(false, |mut c| {
+                    let r = req.clone();
+                    async move { c.delete_tenant(r).await }
+                })
+                .await?;
             if !no_wait && t.state != "deleted" {
                 let gone = |r: Result<&pb::Tenant, &tonic::Status>| matches!(r, Err(s) if s.code() == tonic::Code::NotFound);
                 ctl::wait_for_tenant(
-                    &mut client,
+                    &mut replicas.client(),
                     &name,
                     timeout,
                     "the tenant to be deleted",
@@ -314,11 +324,12 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
         }
         Top::Tenant(TenantCmd::Credentials { name }) => {
             let req = pb::GetCredentialsRequest { name };
-            let c = ctl::with_leader_retry(true, || {
-                let (mut c, r) = (client.clone(), req.clone());
-                async move { c.get_credentials(r).await }
-            })
-            .await?;
+            let c = replicas
+                .call(true, |mut c| {
+                    let r = req.clone();
+                    async move { c.get_credentials(r).await }
+                })
+                .await?;
             if json {
                 print_json(&output::credentials_json(&c));
             } else if c.uri.is_empty() {
@@ -331,11 +342,11 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Top::Node(NodeCmd::List) => {
-            let list = ctl::with_leader_retry(true, || {
-                let mut c = client.clone();
-                async move { c.list_nodes(pb::ListNodesRequest { stale }).await }
-            })
-            .await?;
+            let list = replicas
+                .call(true, |mut c| async move {
+                    c.list_nodes(pb::ListNodesRequest { stale }).await
+                })
+                .await?;
             if json {
                 let v: Vec<_> = list.nodes.iter().map(output::node_json).collect();
                 print_json(&serde_json::Value::Array(v));
@@ -350,11 +361,12 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 NodeCmd::List => unreachable!("matched above"),
             };
             let req = pb::SetNodeCordonRequest { id, cordoned };
-            let node = ctl::with_leader_retry(true, || {
-                let (mut c, r) = (client.clone(), req.clone());
-                async move { c.set_node_cordon(r).await }
-            })
-            .await?;
+            let node = replicas
+                .call(true, |mut c| {
+                    let r = req.clone();
+                    async move { c.set_node_cordon(r).await }
+                })
+                .await?;
             if json {
                 print_json(&output::node_json(&node));
             } else {
@@ -362,37 +374,39 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Top::Cluster(cmd) => {
-            let s =
-                match cmd {
-                    ClusterCmd::Status => ctl::with_leader_retry(true, || {
-                        let mut c = client.clone();
-                        async move { c.cluster_status(pb::ClusterStatusRequest { stale }).await }
-                    })
-                    .await?,
-                    // Membership changes retry only while no leader could take them.
-                    ClusterCmd::AddLearner { id, address } => {
-                        let req = pb::AddLearnerRequest { id, address };
-                        ctl::with_leader_retry(false, || {
-                            let (mut c, r) = (client.clone(), req.clone());
+            let s = match cmd {
+                ClusterCmd::Status => {
+                    replicas
+                        .call(true, |mut c| async move {
+                            c.cluster_status(pb::ClusterStatusRequest { stale }).await
+                        })
+                        .await?
+                }
+                // Membership changes retry only while no leader could take them.
+                ClusterCmd::AddLearner { id, address } => {
+                    let req = pb::AddLearnerRequest { id, address };
+                    replicas
+                        .call(false, |mut c| {
+                            let r = req.clone();
                             async move { c.add_learner(r).await }
                         })
                         .await?
-                    }
-                    ClusterCmd::Promote { id } => {
-                        ctl::with_leader_retry(false, || {
-                            let mut c = client.clone();
-                            async move { c.promote_member(pb::PromoteMemberRequest { id }).await }
+                }
+                ClusterCmd::Promote { id } => {
+                    replicas
+                        .call(false, |mut c| async move {
+                            c.promote_member(pb::PromoteMemberRequest { id }).await
                         })
                         .await?
-                    }
-                    ClusterCmd::Remove { id } => {
-                        ctl::with_leader_retry(false, || {
-                            let mut c = client.clone();
-                            async move { c.remove_member(pb::RemoveMemberRequest { id }).await }
+                }
+                ClusterCmd::Remove { id } => {
+                    replicas
+                        .call(false, |mut c| async move {
+                            c.remove_member(pb::RemoveMemberRequest { id }).await
                         })
                         .await?
-                    }
-                };
+                }
+            };
             if json {
                 print_json(&output::cluster_json(&s));
             } else {

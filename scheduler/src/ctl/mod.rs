@@ -34,22 +34,6 @@ pub fn normalize_url(url: &str) -> String {
     }
 }
 
-/// Connects to the first replica in the comma-separated `urls` that answers.
-pub async fn connect_any(urls: &str) -> Result<OperatorClient<Channel>, CtlError> {
-    let mut last = None;
-    for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        match connect(url).await {
-            Ok(client) => return Ok(client),
-            Err(e @ CtlError::BadUrl { .. }) => return Err(e),
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| CtlError::BadUrl {
-        url: urls.to_string(),
-        why: "no address given".into(),
-    }))
-}
-
 /// How long calls keep retrying while the cluster has no reachable leader.
 pub const LEADER_WAIT: Duration = Duration::from_secs(20);
 
@@ -65,29 +49,87 @@ pub fn refused_before_proposing(status: &tonic::Status) -> bool {
             || m.contains("tcp connect error"))
 }
 
-/// Runs `call` until it succeeds, fails for good, or [`LEADER_WAIT`] passes. Reads
-/// (`idempotent`) retry on any `Unavailable`; writes only when nothing was applied.
-pub async fn with_leader_retry<T, F, Fut>(idempotent: bool, mut call: F) -> Result<T, CtlError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
-    loop {
-        match call().await {
-            Ok(reply) => return Ok(reply.into_inner()),
-            Err(s) => {
-                let retry = if idempotent {
-                    s.code() == tonic::Code::Unavailable
-                } else {
-                    refused_before_proposing(&s)
-                };
-                if !retry || tokio::time::Instant::now() >= deadline {
-                    return Err(s.into());
+/// The scheduler replicas dormantctl was given, and a client for the one in use. A replica that
+/// cannot serve (gone, cut off from its majority, no leader known) is left for the next.
+pub struct Replicas {
+    urls: Vec<String>,
+    current: usize,
+    client: OperatorClient<Channel>,
+}
+
+impl Replicas {
+    /// Connects to the first replica in the comma-separated `urls` that answers.
+    pub async fn connect(urls: &str) -> Result<Self, CtlError> {
+        let list: Vec<String> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect();
+        let mut last = None;
+        for (i, url) in list.iter().enumerate() {
+            match connect(url).await {
+                Ok(client) => {
+                    return Ok(Self {
+                        urls: list,
+                        current: i,
+                        client,
+                    })
                 }
+                Err(e @ CtlError::BadUrl { .. }) => return Err(e),
+                Err(e) => last = Some(e),
             }
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        Err(last.unwrap_or_else(|| CtlError::BadUrl {
+            url: urls.to_string(),
+            why: "no address given".into(),
+        }))
+    }
+
+    pub fn client(&self) -> OperatorClient<Channel> {
+        self.client.clone()
+    }
+
+    /// Moves to the next replica that answers, if there is another.
+    async fn next(&mut self) {
+        for step in 1..self.urls.len() {
+            let i = (self.current + step) % self.urls.len();
+            if let Ok(client) = connect(&self.urls[i]).await {
+                self.current = i;
+                self.client = client;
+                return;
+            }
+        }
+    }
+
+    /// Runs `call` until it succeeds, fails for good, or [`LEADER_WAIT`] passes, moving to the
+    /// next replica after each `Unavailable`. Reads (`idempotent`) retry on any `Unavailable`;
+    /// writes only when nothing was proposed.
+    pub async fn call<T, F, Fut>(&mut self, idempotent: bool, mut call: F) -> Result<T, CtlError>
+    where
+        F: FnMut(OperatorClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        loop {
+            match call(self.client()).await {
+                Ok(reply) => return Ok(reply.into_inner()),
+                Err(s) => {
+                    let retry = if idempotent {
+                        s.code() == tonic::Code::Unavailable
+                    } else {
+                        refused_before_proposing(&s)
+                    };
+                    if !retry || tokio::time::Instant::now() >= deadline {
+                        return Err(s.into());
+                    }
+                    if s.code() == tonic::Code::Unavailable {
+                        self.next().await;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 }
 

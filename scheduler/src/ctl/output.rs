@@ -64,6 +64,7 @@ pub fn node_json(n: &pb::Node) -> Value {
         "id": n.id,
         "address": n.address,
         "status": n.status,
+        "cordoned": n.cordoned,
         "capacity": resources_json(n.capacity.as_ref()),
         "allocated": resources_json(n.allocated.as_ref()),
         "engines": n.engines,

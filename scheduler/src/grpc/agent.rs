@@ -127,6 +127,10 @@ impl AgentApi for AgentService {
                 t.usage.unwrap_or_default(),
             ));
         }
+        // The answer is the node's desired set, and the agent removes what is missing from it:
+        // it must come from current state, never from a leader that was just elected (and has
+        // not applied all that was committed) or one cut off from its majority.
+        super::linearizable(&self.app).await?;
         self.app.liveness().observe(
             &node,
             Instant::now(),

@@ -64,6 +64,7 @@ pub fn node_to_pb(n: &NodeRecord, cluster: &ClusterState, live: &Liveness) -> pb
         cgroup_driver: n.cgroup_driver.clone(),
         tenants: u32::try_from(cluster.tenants_on(&n.id).count()).unwrap_or(u32::MAX),
         labels: n.labels.clone().into_iter().collect(),
+        cordoned: n.cordoned,
     }
 }
 

@@ -17,8 +17,9 @@ use tracing::info;
 use super::{linearizable, not_leader};
 use crate::app::App;
 
-/// How long adding a learner waits for it to catch up with the log.
-const CATCH_UP: Duration = Duration::from_secs(60);
+/// How long adding a learner waits for it to catch up with the log (less than dormantctl's
+/// 30 s request timeout, so the operator reads this answer rather than a client timeout).
+const CATCH_UP: Duration = Duration::from_secs(20);
 
 fn raft_status(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Status {
     match e {
@@ -122,8 +123,8 @@ pub async fn add_learner(app: &App, id: u64, address: String) -> Result<(), Stat
         Ok(result) => result.map_err(raft_status)?,
         Err(_) => {
             return Err(Status::deadline_exceeded(format!(
-                "learner {id} was added but has not caught up within {CATCH_UP:?}; \
-                 see `dormantctl cluster status`"
+                "learner {id} was not confirmed within {CATCH_UP:?}: it may be added and still \
+                 catching up; see `dormantctl cluster status`"
             )))
         }
     };
@@ -137,14 +138,16 @@ pub async fn promote(app: &App, id: u64) -> Result<(), Status> {
     if m.get_node(&id).is_none() {
         return Err(Status::not_found(format!("id: {id} is not a member")));
     }
-    let mut voters: BTreeSet<u64> = m.voter_ids().collect();
-    if !voters.insert(id) {
+    // In a joint configuration (a change cut short by a leader change) the id may be a voter of
+    // one half only: adding it again completes the change.
+    let uniform = m.get_joint_config().len() == 1;
+    if uniform && m.voter_ids().any(|v| v == id) {
         return Err(Status::failed_precondition(format!(
             "id: {id} is already a voter"
         )));
     }
     app.raft
-        .change_membership(voters, false)
+        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
         .await
         .map_err(raft_status)?;
     info!(member = id, "learner promoted to voter");

@@ -47,8 +47,8 @@ pub async fn propose(app: &App, command: Command) -> Result<Outcome, Status> {
     let Ok(written) = tokio::time::timeout(COMMIT_WAIT, app.raft.client_write(command)).await
     else {
         return Err(Status::unavailable(format!(
-            "no quorum: the write was not committed within {COMMIT_WAIT:?} (too few replicas \
-             answer); it commits only if they come back before another leader is elected"
+            "no quorum: the write was not committed within {COMMIT_WAIT:?}; its outcome is \
+             unknown (it may still be applied): check with a read before trying again"
         )));
     };
     match written {

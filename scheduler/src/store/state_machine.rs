@@ -32,6 +32,20 @@ pub struct StateMachineData {
     pub cluster: ClusterState,
 }
 
+impl StateMachineData {
+    /// Counts the members of the last membership as ever used (a snapshot written before ids
+    /// were tracked has none).
+    fn remember_members(&mut self) {
+        let ids: Vec<u64> = self
+            .last_membership
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        self.member_ids_ever.extend(ids);
+    }
+}
+
 /// The applied state, shared with the gRPC services for reads.
 #[derive(Debug, Clone, Default)]
 pub struct SharedState(Arc<RwLock<StateMachineData>>);
@@ -73,8 +87,9 @@ impl StateMachineStore {
             .load_snapshot()
             .map_err(|e| StoreError::Snapshot(e.to_string()))?;
         if let Some(snap) = current {
-            let data: StateMachineData = serde_json::from_slice(&snap.data)
+            let mut data: StateMachineData = serde_json::from_slice(&snap.data)
                 .map_err(|e| StoreError::Snapshot(e.to_string()))?;
+            data.remember_members();
             *store.data.write() = data;
         }
         Ok(store)
@@ -187,8 +202,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StoreResult<()> {
         let bytes = snapshot.into_inner();
-        let data: StateMachineData =
+        let mut data: StateMachineData =
             serde_json::from_slice(&bytes).map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        data.last_membership = meta.last_membership.clone();
+        data.remember_members();
         self.save_snapshot(&StoredSnapshot {
             meta: meta.clone(),
             data: bytes,

@@ -161,3 +161,23 @@ async fn run(
         tokio::time::sleep(spec.heartbeat).await;
     }
 }
+
+/// Sends one heartbeat for `node_id` to `url` and returns the desired-set version, or the refusal.
+pub fn heartbeat_once(url: &str, node_id: &str) -> Result<u64, tonic::Status> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let Some(mut c) = client(url).await else {
+            return Err(tonic::Status::invalid_argument(format!("bad URL {url}")));
+        };
+        let req = pb::HeartbeatRequest {
+            node_id: node_id.into(),
+            seen_version: 0,
+            tenants: Vec::new(),
+            usage: Some(pb::NodeUsage::default()),
+        };
+        c.heartbeat(req).await.map(|r| r.into_inner().version)
+    })
+}

@@ -358,3 +358,32 @@ fn t104_any_replica_answers_and_stale_reads_stay_local() {
     assert!(out.stdout.contains("via-follower"));
     set.resume(leader);
 }
+
+#[test]
+fn t105_a_leader_cut_off_from_its_majority_does_not_answer_heartbeats() {
+    // An agent removes what its desired set lacks: a leader that cannot confirm its state is
+    // current must refuse instead of answering from it.
+    let mut set = Replicas::start(3, &[]);
+    let leader = set.leader();
+    let url = set.url(leader);
+    let _node =
+        dormant_tests::SimNode::start(&url, dormant_tests::SimNodeSpec::new("n1", 1000, 1024, 10));
+    assert!(dormant_tests::sim_node::heartbeat_once(&url, "n1").is_ok());
+    for f in (0..3).filter(|i| *i != leader) {
+        set.pause(f);
+    }
+    let refused = dormant_tests::sim_node::heartbeat_once(&url, "n1").unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("no quorum"),
+        "{}",
+        refused.message()
+    );
+    for f in (0..3).filter(|i| *i != leader) {
+        set.resume(f);
+    }
+    wait_until(Duration::from_secs(30), "heartbeats answered again", || {
+        let leader = set.leader();
+        dormant_tests::sim_node::heartbeat_once(&set.url(leader), "n1").ok()
+    });
+}

@@ -130,7 +130,7 @@ impl AgentApi for AgentService {
         // The answer is the node's desired set, and the agent removes what is missing from it:
         // it must come from current state, never from a leader that was just elected (and has
         // not applied all that was committed) or one cut off from its majority.
-        super::linearizable(&self.app).await?;
+        super::current_enough(&self.app)?;
         self.app.liveness().observe(
             &node,
             Instant::now(),

@@ -69,6 +69,33 @@ pub async fn linearizable(app: &App) -> Result<(), Status> {
     app.read_index.confirm().await
 }
 
+/// How recently a majority must have acknowledged this leader for [`current_enough`]: well under
+/// the election timeout (1 s), so no other leader can have been elected meanwhile.
+const LEASE: std::time::Duration = std::time::Duration::from_millis(750);
+
+/// A check without a round trip, for the many heartbeats: this replica leads, has applied an entry
+/// of its own term (so everything committed before it led), and a majority acknowledged it within
+/// [`LEASE`] (so it is not a leader cut off and replaced). Its applied state is then at least as
+/// current as anything an agent was told before.
+pub fn current_enough(app: &App) -> Result<(), Status> {
+    let m = app.raft.metrics().borrow().clone();
+    if m.current_leader != Some(app.settings.id) {
+        return Err(not_leader(app.leader()));
+    }
+    if m.last_applied.map(|l| l.leader_id.term) != Some(m.current_term) {
+        return Err(Status::unavailable(
+            "this leader was just elected and has not applied its first entry; retry shortly",
+        ));
+    }
+    match m.millis_since_quorum_ack {
+        Some(ms) if u128::from(ms) < LEASE.as_millis() => Ok(()),
+        since => Err(Status::unavailable(format!(
+            "no quorum: a majority last acknowledged this leader {} ago",
+            since.map_or("never".to_string(), |ms| format!("{ms} ms"))
+        ))),
+    }
+}
+
 /// One leadership confirmation with a quorum, then waiting for the state machine to catch up.
 pub async fn linearizable_now(raft: &crate::Raft) -> Result<(), Status> {
     match raft.ensure_linearizable().await {

@@ -372,7 +372,12 @@ fn t105_a_leader_cut_off_from_its_majority_does_not_answer_heartbeats() {
     for f in (0..3).filter(|i| *i != leader) {
         set.pause(f);
     }
-    let refused = dormant_tests::sim_node::heartbeat_once(&url, "n1").unwrap_err();
+    // Within its lease (under a second) it may still answer; then it must refuse.
+    let refused = wait_until(
+        Duration::from_secs(10),
+        "the cut-off leader to refuse",
+        || dormant_tests::sim_node::heartbeat_once(&url, "n1").err(),
+    );
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(
         refused.message().contains("no quorum"),

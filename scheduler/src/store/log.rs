@@ -1,8 +1,13 @@
 //! The Raft log and vote in sled. The vote is flushed before `save_vote` returns, and appended
-//! entries are flushed before openraft's callback says they are durable.
+//! entries are flushed before openraft's callback says they are durable. The flush runs in a task
+//! of its own, so openraft goes on (replicating, taking requests) while the disk syncs, and one
+//! flush answers every append that arrived before it started (group commit).
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::mpsc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{
@@ -19,6 +24,30 @@ type StoreResult<T> = Result<T, StorageError<u64>>;
 pub struct LogStore {
     logs: sled::Tree,
     meta: sled::Tree,
+    /// Appends waiting for a flush; the flusher task starts with the first append.
+    flusher: Arc<OnceLock<mpsc::UnboundedSender<LogFlushed<TypeConfig>>>>,
+}
+
+/// Flushes the log tree for every group of appends that queued up meanwhile, then tells openraft
+/// each of them is durable, in the order they came.
+async fn flush_in_groups(
+    logs: sled::Tree,
+    mut waiting: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>,
+) {
+    while let Some(first) = waiting.recv().await {
+        let mut group = vec![first];
+        while let Ok(next) = waiting.try_recv() {
+            group.push(next);
+        }
+        let flushed = logs.flush_async().await;
+        for callback in group {
+            let result = match &flushed {
+                Ok(_) => Ok(()),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            callback.log_io_completed(result);
+        }
+    }
 }
 
 fn logs_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<u64> {
@@ -31,7 +60,11 @@ fn meta_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageErro
 
 impl LogStore {
     pub(super) fn new(logs: sled::Tree, meta: sled::Tree) -> Self {
-        Self { logs, meta }
+        Self {
+            logs,
+            meta,
+            flusher: Arc::new(OnceLock::new()),
+        }
     }
 
     fn get_meta<K: MetaKey>(&self) -> StoreResult<Option<K::Value>> {
@@ -152,9 +185,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.logs
             .apply_batch(batch)
             .map_err(|e| logs_err(ErrorVerb::Write, e))?;
-        let flushed = self.logs.flush_async().await;
-        let result = flushed.map(|_| ()).map_err(std::io::Error::other);
-        callback.log_io_completed(result);
+        let flusher = self.flusher.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(flush_in_groups(self.logs.clone(), rx));
+            tx
+        });
+        if let Err(mpsc::error::SendError(callback)) = flusher.send(callback) {
+            // The flusher is gone (shutting down): flush here.
+            let flushed = self.logs.flush_async().await;
+            callback.log_io_completed(flushed.map(|_| ()).map_err(std::io::Error::other));
+        }
         Ok(())
     }
 

@@ -672,6 +672,15 @@ mod tests {
     use super::test_utils::*;
     use super::*;
 
+    /// Node `a` (2 CPU, 4 GiB, 100 GiB) with tenant `t` (uid 2) placed on it.
+    fn node_a_with_tenant_t() -> ClusterState {
+        let mut st = ClusterState::default();
+        st.apply(1, Command::RegisterNode(node("a", res(2000, 4096, 100))))
+            .unwrap();
+        create(&mut st, 2, "t", Some("a")).unwrap();
+        st
+    }
+
     fn create(state: &mut ClusterState, index: u64, name: &str, node: Option<&str>) -> ApplyResult {
         state.apply(
             index,
@@ -813,10 +822,7 @@ mod tests {
 
     #[test]
     fn a_down_node_loses_its_tenants_and_its_return_restores_them() {
-        let mut st = ClusterState::default();
-        st.apply(1, Command::RegisterNode(node("a", res(2000, 4096, 100))))
-            .unwrap();
-        create(&mut st, 2, "t", Some("a")).unwrap();
+        let mut st = node_a_with_tenant_t();
         let name = TenantName::parse("t").unwrap();
         let a = NodeName::parse("a").unwrap();
         st.apply(
@@ -855,10 +861,7 @@ mod tests {
 
     #[test]
     fn re_registration_keeps_the_cordon_and_brings_lost_tenants_back() {
-        let mut st = ClusterState::default();
-        st.apply(1, Command::RegisterNode(node("a", res(2000, 4096, 100))))
-            .unwrap();
-        create(&mut st, 2, "t", Some("a")).unwrap();
+        let mut st = node_a_with_tenant_t();
         let a = NodeName::parse("a").unwrap();
         st.apply(
             3,
@@ -976,10 +979,7 @@ mod tests {
 
     #[test]
     fn a_tenant_on_a_cordoned_node_can_still_grow_where_there_is_room() {
-        let mut st = ClusterState::default();
-        st.apply(1, Command::RegisterNode(node("a", res(2000, 4096, 100))))
-            .unwrap();
-        create(&mut st, 2, "t", Some("a")).unwrap();
+        let mut st = node_a_with_tenant_t();
         let a = NodeName::parse("a").unwrap();
         st.apply(
             3,

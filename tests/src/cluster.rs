@@ -90,6 +90,29 @@ pub struct Agent {
     log: PathBuf,
 }
 
+/// `tenant create NAME --engine E --cpu C --memory M --storage S -o json`, for `dormantctl`.
+pub fn create_args<'a>(
+    name: &'a str,
+    engine: &'a str,
+    [cpu, memory, storage]: [&'a str; 3],
+) -> Vec<&'a str> {
+    vec![
+        "tenant",
+        "create",
+        name,
+        "--engine",
+        engine,
+        "--cpu",
+        cpu,
+        "--memory",
+        memory,
+        "--storage",
+        storage,
+        "-o",
+        "json",
+    ]
+}
+
 /// Runs `dormantctl --scheduler <urls> ARGS` from `bins`.
 pub fn run_ctl(bins: &Path, urls: &str, args: &[&str]) -> CtlOutput {
     let out = Command::new(bins.join("dormantctl"))
@@ -322,28 +345,8 @@ impl Cluster {
     /// Creates a tenant and waits for it to run; returns its JSON (with `credentials`).
     /// `dormantctl tenant create NAME --engine E --cpu C --memory M --storage S -o json EXTRA..`,
     /// as it came back (success or not).
-    pub fn create(
-        &self,
-        name: &str,
-        engine: &str,
-        [cpu, memory, storage]: [&str; 3],
-        extra: &[&str],
-    ) -> CtlOutput {
-        let mut args = vec![
-            "tenant",
-            "create",
-            name,
-            "--engine",
-            engine,
-            "--cpu",
-            cpu,
-            "--memory",
-            memory,
-            "--storage",
-            storage,
-            "-o",
-            "json",
-        ];
+    pub fn create(&self, name: &str, engine: &str, sizes: [&str; 3], extra: &[&str]) -> CtlOutput {
+        let mut args = create_args(name, engine, sizes);
         args.extend_from_slice(extra);
         self.ctl(&args)
     }

@@ -78,16 +78,25 @@ const LEASE: std::time::Duration = std::time::Duration::from_millis(750);
 /// [`LEASE`] (so it is not a leader cut off and replaced). Its applied state is then at least as
 /// current as anything an agent was told before.
 pub fn current_enough(app: &App) -> Result<(), Status> {
-    let m = app.raft.metrics().borrow().clone();
-    if m.current_leader != Some(app.settings.id) {
+    // Read in place: this runs for every heartbeat, and the metrics carry per-member maps.
+    let (leading, applied_own_term, since_ack) = {
+        let metrics = app.raft.metrics();
+        let m = metrics.borrow();
+        (
+            m.current_leader == Some(app.settings.id),
+            m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term),
+            m.millis_since_quorum_ack,
+        )
+    };
+    if !leading {
         return Err(not_leader(app.leader()));
     }
-    if m.last_applied.map(|l| l.leader_id.term) != Some(m.current_term) {
+    if !applied_own_term {
         return Err(Status::unavailable(
             "this leader was just elected and has not applied its first entry; retry shortly",
         ));
     }
-    match m.millis_since_quorum_ack {
+    match since_ack {
         Some(ms) if u128::from(ms) < LEASE.as_millis() => Ok(()),
         since => Err(Status::unavailable(format!(
             "no quorum: a majority last acknowledged this leader {} ago",

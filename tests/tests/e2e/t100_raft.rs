@@ -6,26 +6,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dormant_tests::cluster::{bin_dir, run_ctl};
+use dormant_tests::cluster::{self, bin_dir, run_ctl};
 use dormant_tests::{wait_until, Replicas};
 
+/// A pending postgres tenant (no nodes here): a create is one Raft entry.
 fn create_args(name: &str) -> Vec<&str> {
-    vec![
-        "tenant",
-        "create",
-        name,
-        "--engine",
-        "postgres",
-        "--cpu",
-        "0.1",
-        "--memory",
-        "64MiB",
-        "--storage",
-        "1GiB",
-        "--no-wait",
-        "-o",
-        "json",
-    ]
+    let mut args = cluster::create_args(name, "postgres", ["0.1", "64MiB", "1GiB"]);
+    args.push("--no-wait");
+    args
 }
 
 #[test]

@@ -7,22 +7,8 @@ use dormant_tests::{Replicas, SimNode, SimNodeSpec};
 use serde_json::Value;
 
 fn create(set: &Replicas, name: &str, cpu: &str, extra: &[&str]) -> Value {
-    let mut args = vec![
-        "tenant",
-        "create",
-        name,
-        "--engine",
-        "postgres",
-        "--cpu",
-        cpu,
-        "--memory",
-        "64MiB",
-        "--storage",
-        "1GiB",
-        "--no-wait",
-        "-o",
-        "json",
-    ];
+    let mut args = dormant_tests::cluster::create_args(name, "postgres", [cpu, "64MiB", "1GiB"]);
+    args.push("--no-wait");
     args.extend_from_slice(extra);
     let out = set.ctl(&args);
     assert!(out.success, "create {name}: {}", out.stderr);

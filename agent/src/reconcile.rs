@@ -167,6 +167,7 @@ mod tests {
             },
             port: 20000,
             password: "pw".into(),
+            restart_generation: 0,
         }
     }
 

@@ -140,6 +140,8 @@ impl Reporter {
                     uid: h.spec.uid,
                     state: state.to_string(),
                     reason: o.reason.unwrap_or_default(),
+                    resize_pending: o.resize_pending.unwrap_or_default(),
+                    restart_generation: o.restart_generation,
                     usage: Some(pb::TenantUsage {
                         cpu_usage_usec: usage.cpu_usage_usec,
                         memory_bytes: usage.memory_bytes,
@@ -264,6 +266,7 @@ fn desired_from(reply: pb::HeartbeatResponse) -> Desired {
                 },
                 port,
                 password: t.password,
+                restart_generation: t.restart_generation,
             })
         };
         desired.tenants.insert(name, want);

@@ -38,6 +38,10 @@ pub struct TenantSpec {
     pub resources: Resources,
     pub port: u16,
     pub password: String,
+    /// Raised by `dormantctl tenant restart`; the engine restarts once for each new value.
+    /// Records written before it existed read as 0.
+    #[serde(default)]
+    pub restart_generation: u64,
 }
 
 /// The tenant as the agent sees it, reported in heartbeats.
@@ -49,6 +53,10 @@ pub struct Observed {
     pub pid: Option<i32>,
     /// Deleted: nothing of the tenant is left on this host.
     pub gone: bool,
+    /// A resize not finished yet (the storage grow), with the reason.
+    pub resize_pending: Option<String>,
+    /// The restart generation the engine runs at.
+    pub restart_generation: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +125,8 @@ impl TenantHandle {
             restarts: 0,
             pid: None,
             gone: false,
+            resize_pending: None,
+            restart_generation: spec.restart_generation,
         });
         let (requests, rx) = mpsc::unbounded_channel();
         let cgroup = host.cgroups.tenant(&spec.name);

@@ -97,7 +97,7 @@ impl AgentApi for AgentService {
         self.app.liveness().touch(&record.id, Instant::now());
         info!(node_id = %record.id, address = %record.address, "node registered");
         self.app.placer.notify_one();
-        Ok(Response::new(pb::RegisterResponse {}))
+        Ok(Response::new(pb::RegisterResponse::default()))
     }
 
     async fn heartbeat(
@@ -216,6 +216,7 @@ impl AgentApi for AgentService {
                     port: u32::from(t.port?),
                     password: t.password.clone(),
                     desired_state: t.desired.as_str().to_string(),
+                    restart_generation: 0,
                 })
             })
             .collect();
@@ -223,6 +224,7 @@ impl AgentApi for AgentService {
             version,
             tenants,
             register_again: false,
+            cluster_id: String::new(),
         }))
     }
 }

@@ -217,6 +217,14 @@ impl Operator for OperatorService {
         }))
     }
 
+    async fn restart_tenant(
+        &self,
+        _req: Request<pb::RestartTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        // Placeholder while the restart command is built (issue 13).
+        Err(Status::unimplemented("tenant restart is not built yet"))
+    }
+
     async fn update_tenant(
         &self,
         mut req: Request<pb::UpdateTenantRequest>,

@@ -44,6 +44,8 @@ pub fn tenant_to_pb(t: &TenantRecord, cluster: &ClusterState, live: &Liveness) -
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect(),
+        resize_pending: String::new(),
+        restart_generation: 0,
     }
 }
 

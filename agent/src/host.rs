@@ -32,6 +32,12 @@ pub enum HostError {
     },
     #[error("state_dir {path}: must be an absolute path outside /tmp, /var/tmp and /dev/shm (each tenant gets private ones, which would hide it from the tenant)")]
     StateDirPlace { path: PathBuf },
+    #[error("state_dir {state_dir}: {path} has mode {mode:04o}; tenants (each its own uid) pass through it to reach their sockets under {state_dir}/run, so it needs search permission for others (o+x, e.g. chmod 0711 {path})")]
+    StateDirClosed {
+        state_dir: PathBuf,
+        path: PathBuf,
+        mode: u32,
+    },
     #[error("state_dir {path}: the socket paths under it would be too long ({len} bytes, at most 90); choose a shorter state_dir")]
     StateDirTooLong { path: PathBuf, len: usize },
 }
@@ -48,7 +54,7 @@ pub struct Host {
     pub listen_host: IpAddr,
     pub pids_max: u64,
     /// Signalled when any tenant changes state, so the reporter tells the scheduler at once.
-    pub changed: tokio::sync::Notify,
+    pub changed: Arc<tokio::sync::Notify>,
 }
 
 /// Where one tenant's files live.
@@ -97,12 +103,22 @@ impl Host {
         self.state_dir.join("tenants")
     }
 
+    /// Where a deleted tenant's directory goes in one rename before it is removed (inside
+    /// `tenants`, which is a mount of its own: a rename cannot leave it). Never a tenant's name.
+    pub fn trash_dir(&self) -> PathBuf {
+        self.tenants_dir().join(".trash")
+    }
+
+    pub fn runs_dir(&self) -> PathBuf {
+        self.state_dir.join("run")
+    }
+
     pub fn paths(&self, name: &TenantName, uid: u64) -> TenantPaths {
         let dir = self.tenants_dir().join(name.as_str());
         TenantPaths {
             data: dir.join("data"),
             dir,
-            run: self.state_dir.join("run").join(uid.to_string()),
+            run: self.runs_dir().join(uid.to_string()),
         }
     }
 }
@@ -176,6 +192,18 @@ pub fn prepare_state_dir(dir: &Path) -> Result<PathBuf, HostError> {
         });
     }
     use std::os::unix::fs::PermissionsExt;
+    // Tenants reach `<state_dir>/run/<uid>` as their own uid: every directory on the way must
+    // let others pass. Refused here, at start, rather than as a failed init per tenant later.
+    for ancestor in dir.ancestors() {
+        let mode = std::fs::metadata(ancestor).map_err(io)?.permissions().mode();
+        if mode & 0o001 == 0 {
+            return Err(HostError::StateDirClosed {
+                state_dir: dir.to_path_buf(),
+                path: ancestor.to_path_buf(),
+                mode: mode & 0o7777,
+            });
+        }
+    }
     for sub in ["tenants", "run"] {
         let path = dir.join(sub);
         std::fs::create_dir_all(&path).map_err(io)?;
@@ -226,8 +254,9 @@ fn share_tenant_mounts(tenants: &Path) -> Result<(), HostError> {
     .map_err(err)
 }
 
-/// The host's capacity as registered: cores, memory less a reserve, and the state directory's
-/// free space less a reserve.
+/// The host's capacity as registered: cores, memory less a reserve, and the size of the state
+/// directory's filesystem less a reserve. The size, not the free space: what tenants already
+/// wrote is theirs (reserved by the scheduler) and must not be counted twice after a restart.
 pub fn capacity(state_dir: &Path, reserve_memory: Bytes, reserve_storage: Bytes) -> Resources {
     let sys = sysinfo::System::new_with_specifics(
         sysinfo::RefreshKind::nothing().with_memory(sysinfo::MemoryRefreshKind::everything()),
@@ -235,13 +264,13 @@ pub fn capacity(state_dir: &Path, reserve_memory: Bytes, reserve_storage: Bytes)
     let cores = std::thread::available_parallelism()
         .map(|n| n.get() as u64)
         .unwrap_or(1);
-    let free_storage = nix::sys::statvfs::statvfs(state_dir)
-        .map(|s| s.blocks_available() * s.fragment_size())
+    let total_storage = nix::sys::statvfs::statvfs(state_dir)
+        .map(|s| s.blocks() * s.fragment_size())
         .unwrap_or(0);
     Resources {
         cpu: MilliCpu(cores * 1000),
         memory: Bytes(sys.total_memory().saturating_sub(reserve_memory.0)),
-        storage: Bytes(free_storage.saturating_sub(reserve_storage.0)),
+        storage: Bytes(total_storage.saturating_sub(reserve_storage.0)),
     }
 }
 

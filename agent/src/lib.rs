@@ -6,6 +6,7 @@
 
 pub mod cgroup;
 pub mod config;
+pub mod crash;
 pub mod engine;
 pub mod host;
 pub mod process;
@@ -13,6 +14,7 @@ pub mod proxy;
 pub mod reconcile;
 pub mod report;
 pub mod spawn;
+pub mod sweep;
 pub mod tenant;
 pub mod tenant_fs;
 pub mod volume;
@@ -103,7 +105,7 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
         uid_lock: std::sync::Mutex::new(()),
         listen_host: settings.listen_host,
         pids_max: settings.pids_max,
-        changed: tokio::sync::Notify::new(),
+        changed: Arc::new(tokio::sync::Notify::new()),
     })
 }
 
@@ -117,8 +119,23 @@ pub async fn run(
     // Engines start as grandchildren (PID 1 of their pid namespace); as the subreaper we become
     // their parent and can read how they exit.
     spawn::become_subreaper().map_err(host::HostError::Subreaper)?;
+    // What an earlier run left: records are resumed, everything else the agent owns is swept.
+    let records = tenant::load_records(&host);
+    let swept_host = host.clone();
+    let kept = records.clone();
+    let swept = tokio::task::spawn_blocking(move || sweep::sweep(&swept_host, &kept))
+        .await
+        .unwrap_or_default();
+    info!(
+        tenants = records.len(),
+        mounts = swept.mounts.len(),
+        loop_devices = swept.loop_devices.len(),
+        directories = swept.directories.len(),
+        cgroups = swept.cgroups.len(),
+        "swept the host at start"
+    );
     let mut tenants = reconcile::Tenants::new(host.clone());
-    tenants.resume_from_disk();
+    tenants.resume(records);
     let reporter = report::Reporter::new(settings.clone(), host)?;
     reporter.run(&mut tenants, shutdown).await;
     info!(

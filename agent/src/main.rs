@@ -89,6 +89,8 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     let settings = Settings::merge(cli, file)?;
+    // Crash points exist only in debug builds made for the crash tests.
+    let _crash_points = dormant_agent::crash::setup();
     dormant_agent::run(settings, shutdown_signal())
         .await
         .context("agent stopped")?;

@@ -1,12 +1,16 @@
 //! Level-triggered reconciliation: compare the desired set the scheduler last sent with the
 //! tenants this host runs, and act on the difference. `plan` is pure and carries the tests;
 //! `Tenants` executes the plan through tenant tasks.
+//!
+//! A tenant is removed from this host only on an explicit delete for its name *and* uid. A tenant
+//! missing from the set, or wanted with another uid, is kept and logged: a desired set from a
+//! scheduler whose state was lost or is not ours must never wipe a volume.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use dormant_common::{Resources, TenantName};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::host::Host;
 use crate::tenant::{TenantHandle, TenantSpec};
@@ -31,6 +35,7 @@ pub struct Present {
     pub uid: u64,
     pub deleting: bool,
     pub resources: Resources,
+    pub restart_generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +44,11 @@ pub enum Action {
     Delete(TenantName),
     /// New resources for a running tenant (applied in place).
     Resize(TenantName, Resources),
+    /// Restart the engine once for this generation.
+    Restart(TenantName, u64),
+    /// Kept although the desired set does not want it (missing, or another uid): logged, never
+    /// deleted.
+    Keep(TenantName, &'static str),
 }
 
 /// The actions that move `present` towards `desired`.
@@ -48,22 +58,28 @@ pub fn plan(desired: &Desired, present: &BTreeMap<TenantName, Present>) -> Vec<A
         if p.deleting {
             continue;
         }
-        let keep =
-            matches!(desired.tenants.get(name), Some(Want::Running(spec)) if spec.uid == p.uid);
-        if !keep {
-            actions.push(Action::Delete(name.clone()));
+        match desired.tenants.get(name) {
+            Some(Want::Deleted { uid }) if *uid == p.uid => {
+                actions.push(Action::Delete(name.clone()));
+            }
+            Some(Want::Running(spec)) if spec.uid == p.uid => {
+                if p.resources != spec.resources {
+                    actions.push(Action::Resize(name.clone(), spec.resources));
+                }
+                if spec.restart_generation > p.restart_generation {
+                    actions.push(Action::Restart(name.clone(), spec.restart_generation));
+                }
+            }
+            None => actions.push(Action::Keep(name.clone(), "not in the desired set")),
+            Some(_) => actions.push(Action::Keep(
+                name.clone(),
+                "the desired set names another tenant (uid) of this name",
+            )),
         }
     }
     for (name, want) in &desired.tenants {
-        // A tenant of the same name with another uid must be gone before the new one starts.
-        match (want, present.get(name)) {
-            (Want::Running(spec), None) => actions.push(Action::Start(spec.clone())),
-            (Want::Running(spec), Some(p))
-                if p.uid == spec.uid && !p.deleting && p.resources != spec.resources =>
-            {
-                actions.push(Action::Resize(name.clone(), spec.resources));
-            }
-            _ => {}
+        if let (Want::Running(spec), None) = (want, present.get(name)) {
+            actions.push(Action::Start(spec.clone()));
         }
     }
     actions
@@ -74,6 +90,8 @@ pub fn plan(desired: &Desired, present: &BTreeMap<TenantName, Present>) -> Vec<A
 pub struct Tenants {
     host: Arc<Host>,
     pub handles: BTreeMap<TenantName, TenantHandle>,
+    /// Tenants already logged as kept against the desired set (logged once, not every beat).
+    kept: BTreeSet<TenantName>,
 }
 
 impl Tenants {
@@ -81,17 +99,18 @@ impl Tenants {
         Self {
             host,
             handles: BTreeMap::new(),
+            kept: BTreeSet::new(),
         }
     }
 
     /// Starts tasks for tenant records found on disk, so their endpoints answer and running
-    /// engines are adopted before the scheduler is even reachable.
-    pub fn resume_from_disk(&mut self) {
-        for spec in crate::tenant::load_records(&self.host) {
-            info!(tenant_id = %spec.name, uid = spec.uid, "resuming tenant found on disk");
-            let name = spec.name.clone();
+    /// engines are adopted before the scheduler is even reachable; deletes under way finish.
+    pub fn resume(&mut self, records: Vec<crate::tenant::TenantRecord>) {
+        for record in records {
+            info!(tenant_id = %record.spec.name, uid = record.spec.uid, deleting = record.deleting, "resuming tenant found on disk");
+            let name = record.spec.name.clone();
             self.handles
-                .insert(name, TenantHandle::start(self.host.clone(), spec));
+                .insert(name, TenantHandle::resume(self.host.clone(), record));
         }
     }
 
@@ -105,6 +124,7 @@ impl Tenants {
                         uid: h.spec.uid,
                         deleting: h.is_deleting(),
                         resources: h.spec.resources,
+                        restart_generation: h.spec.restart_generation,
                     },
                 )
             })
@@ -114,13 +134,14 @@ impl Tenants {
     /// Drops tasks that have finished (deleted tenants), then applies the plan.
     pub fn reconcile(&mut self, desired: &Desired) {
         self.handles.retain(|_, h| !h.is_finished());
+        let mut kept = BTreeSet::new();
         for action in plan(desired, &self.present()) {
             match action {
                 Action::Start(spec) => {
                     info!(tenant_id = %spec.name, uid = spec.uid, "starting tenant");
                     let name = spec.name.clone();
                     self.handles
-                        .insert(name, TenantHandle::start(self.host.clone(), spec));
+                        .insert(name, TenantHandle::create(self.host.clone(), spec));
                 }
                 Action::Delete(name) => {
                     if let Some(h) = self.handles.get_mut(&name) {
@@ -133,8 +154,21 @@ impl Tenants {
                         h.resize(resources);
                     }
                 }
+                Action::Restart(name, generation) => {
+                    if let Some(h) = self.handles.get_mut(&name) {
+                        info!(tenant_id = %name, generation, "restart requested");
+                        h.restart(generation);
+                    }
+                }
+                Action::Keep(name, why) => {
+                    if !self.kept.contains(&name) {
+                        warn!(tenant_id = %name, why, "keeping a tenant the scheduler does not want here; only an explicit delete removes it");
+                    }
+                    kept.insert(name);
+                }
             }
         }
+        self.kept = kept;
     }
 
     /// Ends every task; engines keep running unless `stop_engines`.
@@ -188,6 +222,7 @@ mod tests {
                         uid,
                         deleting,
                         resources: spec(n, uid).resources,
+                        restart_generation: 0,
                     },
                 )
             })
@@ -203,13 +238,22 @@ mod tests {
             plan(&d, &present(vec![("a", 1, false)])),
             vec![Action::Resize(name("a"), bigger.resources)]
         );
-        // Not while it is being deleted, and not for another tenant of the same name.
+        // Not while it is being deleted.
         assert!(plan(&d, &present(vec![("a", 1, true)])).is_empty());
-        let d2 = desired(vec![("a", Want::Running(spec("a", 2)))]);
+    }
+
+    #[test]
+    fn plan_restarts_once_per_new_generation() {
+        let mut again = spec("a", 1);
+        again.restart_generation = 2;
+        let d = desired(vec![("a", Want::Running(again))]);
         assert_eq!(
-            plan(&d2, &present(vec![("a", 1, false)])),
-            vec![Action::Delete(name("a"))]
+            plan(&d, &present(vec![("a", 1, false)])),
+            vec![Action::Restart(name("a"), 2)]
         );
+        let mut done = present(vec![("a", 1, false)]);
+        done.get_mut(&name("a")).unwrap().restart_generation = 2;
+        assert!(plan(&d, &done).is_empty());
     }
 
     #[test]
@@ -228,29 +272,47 @@ mod tests {
     }
 
     #[test]
-    fn plan_deletes_what_is_marked_deleted_or_unknown() {
+    fn plan_deletes_only_on_an_explicit_delete_of_that_uid() {
         let d = desired(vec![("a", Want::Deleted { uid: 1 })]);
         let p = present(vec![("a", 1, false), ("stray", 9, false)]);
         assert_eq!(
             plan(&d, &p),
-            vec![Action::Delete(name("a")), Action::Delete(name("stray"))]
+            vec![
+                Action::Delete(name("a")),
+                Action::Keep(name("stray"), "not in the desired set")
+            ]
         );
+        // A delete of another tenant of the same name removes nothing here.
+        let d = desired(vec![("a", Want::Deleted { uid: 2 })]);
+        assert!(matches!(
+            plan(&d, &present(vec![("a", 1, false)])).as_slice(),
+            [Action::Keep(..)]
+        ));
+    }
+
+    /// An empty set (a scheduler whose state was lost) deletes nothing.
+    #[test]
+    fn plan_keeps_everything_against_an_empty_set() {
+        let p = present(vec![("a", 1, false), ("b", 2, false)]);
+        assert!(plan(&desired(vec![]), &p)
+            .iter()
+            .all(|a| matches!(a, Action::Keep(..))));
     }
 
     #[test]
     fn plan_does_not_delete_twice() {
-        let d = desired(vec![]);
+        let d = desired(vec![("a", Want::Deleted { uid: 1 })]);
         assert!(plan(&d, &present(vec![("a", 1, true)])).is_empty());
     }
 
+    /// Another uid under a present name: the present one is kept and the new one waits.
     #[test]
-    fn plan_replaces_a_recreated_tenant_only_after_the_old_one_is_gone() {
+    fn plan_never_replaces_a_tenant_with_another_of_the_same_name() {
         let d = desired(vec![("a", Want::Running(spec("a", 2)))]);
-        assert_eq!(
-            plan(&d, &present(vec![("a", 1, false)])),
-            vec![Action::Delete(name("a"))]
-        );
-        assert!(plan(&d, &present(vec![("a", 1, true)])).is_empty());
+        assert!(matches!(
+            plan(&d, &present(vec![("a", 1, false)])).as_slice(),
+            [Action::Keep(..)]
+        ));
         assert_eq!(
             plan(&d, &present(vec![])),
             vec![Action::Start(spec("a", 2))]

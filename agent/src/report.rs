@@ -126,6 +126,10 @@ impl Reporter {
             .handles
             .iter()
             .filter(|(_, h)| !h.is_finished())
+            // A resumed tenant is reported once its supervisor knows whether the engine is still
+            // there: until then the scheduler keeps what it last heard (a delete under way is
+            // always reported, so the scheduler never takes its absence for "gone").
+            .filter(|(_, h)| h.is_deleting() || h.status.borrow().announced)
             .map(|(name, h)| {
                 let o = h.observed();
                 let state = if h.is_deleting() {

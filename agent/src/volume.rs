@@ -97,11 +97,11 @@ impl Volume {
 
     /// Creates (if missing), attaches and mounts the volume; does nothing that is already done.
     /// `initialised` says whether the tenant's data was ever written: then a missing image is an
-    /// error, never silently replaced by an empty one.
+    /// error, never silently replaced by an empty one. A new image has `size_bytes`; an existing
+    /// one keeps its size (growing is `grow_to_at_least`, which may fail without failing this).
     pub fn ensure_mounted(&self, size_bytes: u64, initialised: bool) -> Result<(), VolumeError> {
         if self.is_mounted()? {
-            // A resize recorded while the volume was not ours to grow (agent down) lands now.
-            return self.grow_to_at_least(size_bytes);
+            return Ok(());
         }
         if self.image.exists() {
             use std::os::unix::fs::PermissionsExt;
@@ -114,6 +114,7 @@ impl Volume {
                 });
             }
             self.create_image(size_bytes)?;
+            crate::crash_point!("create.after_image");
         }
         std::fs::create_dir_all(&self.mountpoint).map_err(self.io("create mountpoint"))?;
         // The directory under the mount: root's and closed, for any namespace that sees it bare.
@@ -124,11 +125,15 @@ impl Volume {
         }
         let device = match self.attached_device()? {
             Some(device) => device,
-            None => run(
-                "losetup",
-                &["--find", "--show", &self.image.display().to_string()],
-                &self.image,
-            )?,
+            None => {
+                let device = run(
+                    "losetup",
+                    &["--find", "--show", &self.image.display().to_string()],
+                    &self.image,
+                )?;
+                crate::crash_point!("create.after_attach");
+                device
+            }
         };
         mount(
             Some(Path::new(&device)),
@@ -138,11 +143,12 @@ impl Volume {
             None::<&str>,
         )
         .map_err(|e| self.io("mount")(e.into()))?;
-        self.grow_to_at_least(size_bytes)
+        crate::crash_point!("create.after_mount");
+        Ok(())
     }
 
-    /// `grow`, but an image already larger (a resize that raced this start) is left as it is.
-    fn grow_to_at_least(&self, size_bytes: u64) -> Result<(), VolumeError> {
+    /// `grow`, but an image already larger is left as it is.
+    pub fn grow_to_at_least(&self, size_bytes: u64) -> Result<(), VolumeError> {
         let current = std::fs::metadata(&self.image)
             .map_err(self.io("stat image"))?
             .len();
@@ -182,6 +188,14 @@ impl Volume {
 
     /// The loop device already backed by this image, if any.
     fn attached_device(&self) -> Result<Option<String>, VolumeError> {
+        Ok(self.attached_devices()?.into_iter().next())
+    }
+
+    /// Every loop device backed by this image.
+    fn attached_devices(&self) -> Result<Vec<String>, VolumeError> {
+        if !self.image.exists() {
+            return Ok(Vec::new());
+        }
         let out = run(
             "losetup",
             &["--associated", &self.image.display().to_string()],
@@ -190,9 +204,9 @@ impl Volume {
         // "/dev/loop3: []: (/path/volume.img)"
         Ok(out
             .lines()
-            .next()
-            .and_then(|l| l.split_once(':'))
-            .map(|(dev, _)| dev.to_string()))
+            .filter_map(|l| l.split_once(':'))
+            .map(|(dev, _)| dev.to_string())
+            .collect())
     }
 
     pub fn is_mounted(&self) -> Result<bool, VolumeError> {
@@ -246,6 +260,7 @@ impl Volume {
                 .open(&self.image)
                 .map_err(self.io("open image"))?;
             file.set_len(size_bytes).map_err(self.io("grow image"))?;
+            crate::crash_point!("resize.after_image_grow");
         }
         let Some(device) = self.attached_device()? else {
             return Ok(());
@@ -288,7 +303,7 @@ impl Volume {
         }
     }
 
-    /// Unmounts and detaches; the image stays.
+    /// Unmounts; the loop device and the image stay.
     pub fn unmount(&self) -> Result<(), VolumeError> {
         if self.is_mounted()? {
             match umount2(&self.mountpoint, MntFlags::empty()) {
@@ -300,22 +315,24 @@ impl Volume {
                 Err(e) => return Err(self.io("unmount")(e.into())),
             }
         }
-        if let Some(device) = self.attached_device()? {
-            run("losetup", &["--detach", &device], &self.image)?;
-        }
         Ok(())
     }
 
-    /// Unmounts, detaches and removes the image: the tenant's data is gone.
-    pub fn destroy(&self) -> Result<(), VolumeError> {
-        self.unmount()?;
-        for path in [&self.image, &self.image.with_extension("img.partial")] {
-            match std::fs::remove_file(path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(self.io("remove image")(e)),
-            }
+    /// Detaches every loop device backed by the image (a crash between two attaches can leave
+    /// two); the image stays.
+    pub fn detach(&self) -> Result<(), VolumeError> {
+        for device in self.attached_devices()? {
+            run("losetup", &["--detach", &device], &self.image)?;
         }
-        Ok(())
+        // A device still in use (mounted in a namespace that outlived the unmount) is only
+        // marked to detach itself; say so rather than call it done.
+        match self.attached_device()? {
+            None => Ok(()),
+            Some(device) => Err(VolumeError::Tool {
+                program: "losetup",
+                path: self.image.clone(),
+                message: format!("{device} is still attached after --detach (in use)"),
+            }),
+        }
     }
 }

@@ -108,6 +108,34 @@ pub trait CgroupDriver: Debug + Send + Sync {
     /// `v1` or `v2`, as `node list` shows it.
     fn name(&self) -> &'static str;
     fn tenant(&self, name: &TenantName) -> Box<dyn TenantCgroup>;
+    /// The names of the tenant cgroups that exist under the parent the agent owns (in any
+    /// hierarchy, on v1), for the sweep at start.
+    fn tenant_names(&self) -> Result<Vec<String>, CgroupError>;
+}
+
+/// The names of the directories in `dir` (a cgroup parent); missing is empty.
+pub(crate) fn child_dirs(dir: &Path) -> Result<Vec<String>, CgroupError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(CgroupError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| CgroupError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    Ok(names)
 }
 
 /// How long freeze and thaw wait for the kernel to report the new state.

@@ -61,6 +61,16 @@ impl CgroupDriver for V1Driver {
             freezer: dir("freezer"),
         })
     }
+
+    fn tenant_names(&self) -> Result<Vec<String>, CgroupError> {
+        let mut names = std::collections::BTreeSet::new();
+        for controller in ["cpu", "cpuacct", "memory", "pids", "freezer"] {
+            names.extend(super::child_dirs(
+                &self.root.join(controller).join(&self.parent),
+            )?);
+        }
+        Ok(names.into_iter().collect())
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -190,6 +190,10 @@ impl CgroupDriver for V2Driver {
             dir: self.root.join(&self.parent).join(name.as_str()),
         })
     }
+
+    fn tenant_names(&self) -> Result<Vec<String>, CgroupError> {
+        super::child_dirs(&self.root.join(&self.parent))
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -1,0 +1,127 @@
+//! The reconciler's handle on one tenant's task: requests go in (delete, restart, resize,
+//! shutdown), the observed state comes out, and usage is read from the cgroup and the volume
+//! without asking the task. Nothing here blocks: the work happens in the task.
+
+use std::sync::Arc;
+
+use dormant_common::{Resources, TenantState};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::record::{TenantRecord, TenantSpec};
+use super::runtime::HostRuntime;
+use super::supervisor::{Request, Supervisor};
+use super::Observed;
+use crate::cgroup::{TenantCgroup, Usage};
+use crate::host::Host;
+
+#[derive(Debug)]
+pub struct TenantHandle {
+    /// The spec as last asked of the task (resources and restart generation included).
+    pub spec: TenantSpec,
+    pub status: watch::Receiver<Observed>,
+    requests: mpsc::UnboundedSender<Request>,
+    task: JoinHandle<()>,
+    cgroup: Box<dyn TenantCgroup>,
+    volume: crate::volume::Volume,
+    deleting: bool,
+}
+
+impl TenantHandle {
+    /// A tenant new to this host (from the desired set).
+    pub fn create(host: Arc<Host>, spec: TenantSpec) -> Self {
+        Self::start(host, TenantRecord::new(spec), true)
+    }
+
+    /// A tenant whose record an earlier agent left: its engine is adopted if it still runs, an
+    /// operation under way (a delete) is finished.
+    pub fn resume(host: Arc<Host>, record: TenantRecord) -> Self {
+        Self::start(host, record, false)
+    }
+
+    fn start(host: Arc<Host>, record: TenantRecord, announced: bool) -> Self {
+        let spec = record.spec.clone();
+        let deleting = record.deleting;
+        let (status_tx, status) = watch::channel(Observed {
+            state: if deleting {
+                TenantState::Deleting
+            } else {
+                TenantState::Starting
+            },
+            reason: None,
+            restarts: 0,
+            pid: None,
+            gone: false,
+            resize_pending: None,
+            restart_generation: spec.restart_generation,
+            announced: announced || deleting,
+        });
+        let (requests, rx) = mpsc::unbounded_channel();
+        let (ready, ready_rx) = watch::channel(false);
+        let runtime = HostRuntime::new(host.clone(), &spec, ready_rx);
+        let supervisor =
+            Supervisor::new(runtime, record, rx, status_tx, ready, host.changed.clone());
+        let span = tracing::info_span!("tenant", tenant_id = %spec.name, uid = spec.uid);
+        let task = tokio::spawn(tracing::Instrument::instrument(supervisor.run(), span));
+        Self {
+            cgroup: host.cgroups.tenant(&spec.name),
+            volume: host.paths(&spec.name, spec.uid).volume(),
+            spec,
+            status,
+            requests,
+            task,
+            deleting,
+        }
+    }
+
+    pub fn delete(&mut self) {
+        if !self.deleting {
+            self.deleting = true;
+            let _ = self.requests.send(Request::Delete);
+        }
+    }
+
+    pub fn is_deleting(&self) -> bool {
+        self.deleting
+    }
+
+    /// Restarts the engine once for `generation` (ignored unless it is newer).
+    pub fn restart(&mut self, generation: u64) {
+        if generation > self.spec.restart_generation && !self.deleting {
+            self.spec.restart_generation = generation;
+            let _ = self.requests.send(Request::Restart(generation));
+        }
+    }
+
+    /// New resources, applied by the task in place (the engine keeps running).
+    pub fn resize(&mut self, resources: Resources) {
+        if resources != self.spec.resources && !self.deleting {
+            self.spec.resources = resources;
+            let _ = self.requests.send(Request::Resize(resources));
+        }
+    }
+
+    /// True once a delete has removed everything, or the task has ended.
+    pub fn is_finished(&self) -> bool {
+        self.status.borrow().gone || self.task.is_finished()
+    }
+
+    pub fn observed(&self) -> Observed {
+        self.status.borrow().clone()
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.cgroup.usage().ok()
+    }
+
+    /// Bytes used on the tenant's volume (`None` while it is not mounted).
+    pub fn volume_used_bytes(&self) -> Option<u64> {
+        self.volume.usage().map(|u| u.used_bytes)
+    }
+
+    /// Ends the task without deleting anything; the engine keeps running unless `stop_engine`.
+    pub async fn shutdown(self, stop_engine: bool) {
+        let _ = self.requests.send(Request::Shutdown { stop_engine });
+        let _ = self.task.await;
+    }
+}

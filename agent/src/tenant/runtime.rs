@@ -1,0 +1,631 @@
+//! The supervisor's seam to the host. `Runtime` names each host-side step of a tenant's life
+//! (prepare, initialise, adopt, spawn, wait until ready, stop, resize, remove) so that the
+//! supervisor's decisions are tested without root against a fake; `HostRuntime` does the steps for
+//! real: directories, uid, cgroup, volume, the engine's processes, the proxy.
+//!
+//! Every step is idempotent and safe to repeat after a crash at any point inside it: each writes
+//! what it is about to do (the record) before doing it, finds what is already done and does the
+//! rest. Blocking work (fsync, fork, `losetup`, `mount`, `resize2fs`, unlinking large images) runs
+//! on tokio's blocking threads, never on the workers that carry heartbeats and the proxy.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dormant_common::{Resources, TenantName};
+use nix::unistd::{Gid, Uid};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::record::{self, TenantRecord, TenantSpec};
+use super::{io_err, log_tail, TenantError};
+use crate::cgroup::{Limits, TenantCgroup};
+use crate::crash_point;
+use crate::engine::{postgres, EngineTemplate, Readiness, TenantContext};
+use crate::host::{Host, TenantPaths};
+use crate::process::{Exit, Watched};
+use crate::proxy::{self, ProxyHandle};
+use crate::spawn::{self, Isolation, SpawnRequest};
+use crate::tenant_fs;
+
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// An engine process the supervisor watches.
+pub trait EngineProcess: Send + Sync + 'static {
+    fn pid(&self) -> i32;
+    /// Resolves once the process has exited.
+    fn exited(&self) -> impl Future<Output = Exit> + Send;
+}
+
+impl EngineProcess for Watched {
+    fn pid(&self) -> i32 {
+        Watched::pid(self)
+    }
+
+    fn exited(&self) -> impl Future<Output = Exit> + Send {
+        Watched::exited(self)
+    }
+}
+
+/// The host-side steps of one tenant's life, as the supervisor asks for them.
+pub trait Runtime: Send + 'static {
+    type Engine: EngineProcess;
+
+    /// Record, directories, uid, cgroup with the record's limits, volume mounted, endpoint open.
+    /// Idempotent; once begun it runs to its end (it is never dropped half-way).
+    fn prepare(
+        &mut self,
+        record: &TenantRecord,
+    ) -> impl Future<Output = Result<(), TenantError>> + Send;
+
+    /// Whether the engine's data was initialised (the marker is written last).
+    fn is_initialized(&self) -> bool;
+
+    /// Kills whatever is left in the tenant's cgroup (an init from before a crash included), then
+    /// initialises the data from empty. Dropping the future leaves the init's processes in the
+    /// cgroup: the next step, whatever it is, kills them first.
+    fn initialize(
+        &mut self,
+        spec: &TenantSpec,
+    ) -> impl Future<Output = Result<(), TenantError>> + Send;
+
+    /// The engine an earlier agent left running in the tenant's cgroup, if there is one.
+    fn adopt(&mut self) -> Option<Self::Engine>;
+
+    /// Kills whatever is left in the cgroup, then starts the engine.
+    fn spawn_engine(
+        &mut self,
+        spec: &TenantSpec,
+    ) -> impl Future<Output = Result<Self::Engine, TenantError>> + Send;
+
+    /// Resolves once the engine answers. Readiness is proven afresh for a spawned engine: nothing
+    /// the previous run left behind counts.
+    fn wait_ready(
+        &self,
+        engine: &Self::Engine,
+    ) -> impl Future<Output = Result<(), TenantError>> + Send;
+
+    /// Stops a ready engine with its stop signal, then kills what is left of the cgroup after the
+    /// engine's stop timeout.
+    fn stop(&self, engine: &Self::Engine) -> impl Future<Output = ()> + Send;
+
+    /// SIGKILLs every process of the tenant; returns how many there were.
+    fn kill_all(&self) -> impl Future<Output = Result<usize, TenantError>> + Send;
+
+    /// OOM kills so far (a counter of the cgroup's).
+    fn oom_kills(&self) -> u64;
+
+    fn write_record(
+        &self,
+        record: &TenantRecord,
+    ) -> impl Future<Output = Result<(), TenantError>> + Send;
+
+    /// New CPU and memory limits, in place (nothing to do before the cgroup exists: `prepare`
+    /// creates it with the record's).
+    fn apply_limits(
+        &mut self,
+        resources: &Resources,
+    ) -> impl Future<Output = Result<(), TenantError>> + Send;
+
+    /// Grows the mounted volume to at least `bytes` (nothing to do while it is not mounted:
+    /// `prepare` mounts it and the supervisor grows it then).
+    fn grow_storage(&self, bytes: u64) -> impl Future<Output = Result<(), TenantError>> + Send;
+
+    /// Removes every trace of the tenant: endpoint, cgroup, volume (unmounted, detached,
+    /// deleted), directories. The cgroup must be empty. Safe to repeat.
+    fn remove(&mut self) -> impl Future<Output = Result<(), TenantError>> + Send;
+}
+
+/// The real steps, on this host.
+#[derive(Debug)]
+pub struct HostRuntime {
+    host: Arc<Host>,
+    name: TenantName,
+    paths: TenantPaths,
+    engine: Option<EngineTemplate>,
+    engine_name: String,
+    /// The tenant's own uid and gid on this host, known once `prepare` ran.
+    identity: Option<(Uid, Gid)>,
+    /// The resources the cgroup enforces (engine settings follow the memory).
+    resources: Resources,
+    password: String,
+    port: u16,
+    proxy: Option<ProxyHandle>,
+    /// True while the engine answers; the proxy holds clients until then.
+    ready: watch::Receiver<bool>,
+    /// Processes this agent started (we are the subreaper): reaped if no `Watched` did.
+    children: Arc<Mutex<BTreeSet<i32>>>,
+    /// When the engine being started was spawned (Unix seconds); `None` for an adopted one.
+    spawned_at: Option<u64>,
+}
+
+/// Runs `f` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    path: &std::path::Path,
+    f: impl FnOnce() -> Result<T, TenantError> + Send + 'static,
+) -> Result<T, TenantError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| io_err(what, path)(std::io::Error::other(e)))?
+}
+
+impl HostRuntime {
+    pub fn new(host: Arc<Host>, spec: &TenantSpec, ready: watch::Receiver<bool>) -> Self {
+        Self {
+            paths: host.paths(&spec.name, spec.uid),
+            engine: host.engines.get(&spec.engine).cloned(),
+            engine_name: spec.engine.clone(),
+            name: spec.name.clone(),
+            identity: None,
+            resources: spec.resources,
+            password: spec.password.clone(),
+            port: spec.port,
+            proxy: None,
+            ready,
+            children: Arc::default(),
+            spawned_at: None,
+            host,
+        }
+    }
+
+    fn cgroup(&self) -> Box<dyn TenantCgroup> {
+        self.host.cgroups.tenant(&self.name)
+    }
+
+    fn template(&self) -> Result<EngineTemplate, TenantError> {
+        self.engine
+            .clone()
+            .ok_or_else(|| TenantError::UnknownEngine(self.engine_name.clone()))
+    }
+
+    fn limits(&self, resources: &Resources) -> Limits {
+        Limits {
+            milli_cpu: resources.cpu.0,
+            memory_bytes: resources.memory.0,
+            pids_max: self.host.pids_max,
+        }
+    }
+
+    /// Placeholders as the agent sees the tenant's files (paths it reads and writes itself).
+    fn context(&self) -> TenantContext {
+        TenantContext::new(
+            &self.paths.data,
+            &self.paths.run,
+            &self.password,
+            self.resources.memory.0,
+        )
+    }
+
+    /// Placeholders as the engine sees them, inside its mount namespace: the volume is at the
+    /// fixed path `TENANT_DATA_PATH` whatever the host's layout (command lines, config contents).
+    fn engine_context(&self) -> TenantContext {
+        TenantContext::new(
+            std::path::Path::new(spawn::TENANT_DATA_PATH),
+            &self.paths.run,
+            &self.password,
+            self.resources.memory.0,
+        )
+    }
+
+    fn identity(&self) -> Result<(Uid, Gid), TenantError> {
+        self.identity.ok_or_else(|| TenantError::Io {
+            what: "identity",
+            path: self.paths.uid_file(),
+            source: std::io::Error::other("the tenant was not prepared"),
+        })
+    }
+
+    /// Starts `argv` isolated: the tenant's cgroup, namespaces, uid.
+    fn spawn(&self, argv: &[String]) -> Result<i32, TenantError> {
+        let (uid, gid) = self.identity()?;
+        let (passwd, group) = (self.paths.passwd(), self.paths.group());
+        let pid = spawn::spawn(&SpawnRequest {
+            argv,
+            cwd: &self.paths.data,
+            cgroup_procs: &self.cgroup().procs_files(),
+            log: &self.paths.log(),
+            isolation: Isolation {
+                hostname: self.name.as_str(),
+                volume: &self.paths.data,
+                uid: uid.as_raw(),
+                gid: gid.as_raw(),
+                passwd: &passwd,
+                group: &group,
+                // A private /tmp in memory, counted against the tenant's own limit.
+                tmp_bytes: (self.resources.memory.0 / 4).clamp(1 << 20, 256 << 20),
+                max_open_files: 65_536,
+            },
+        })?;
+        self.children
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(pid);
+        Ok(pid)
+    }
+
+    /// Reaps the processes we started that have exited and that no `Watched` reaped (one dropped
+    /// on a timeout or an error), so none stays a zombie of the agent.
+    fn reap_children(&self) {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        let mut children = self.children.lock().unwrap_or_else(PoisonError::into_inner);
+        children.retain(|pid| {
+            !matches!(
+                waitpid(nix::unistd::Pid::from_raw(*pid), Some(WaitPidFlag::WNOHANG)),
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_)
+            )
+        });
+    }
+
+    async fn run_init_commands(
+        &self,
+        engine: &EngineTemplate,
+        ctx: &TenantContext,
+    ) -> Result<(), TenantError> {
+        for argv in &engine.init {
+            let argv = ctx.fill_argv(argv);
+            let pid = self.spawn(&argv)?;
+            crash_point!("create.during_init");
+            let exit = Watched::new(pid)?.exited().await;
+            if exit != Exit::Code(0) {
+                return Err(TenantError::Init {
+                    program: argv.first().cloned().unwrap_or_default(),
+                    exit,
+                    log_tail: log_tail(&self.paths.log()),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The blocking part of `prepare`; returns the tenant's uid and gid.
+fn prepare_host(
+    host: &Host,
+    paths: &TenantPaths,
+    record: &TenantRecord,
+    cgroup: &dyn TenantCgroup,
+    limits: &Limits,
+) -> Result<(Uid, Gid), TenantError> {
+    use std::os::unix::fs::PermissionsExt;
+    let p = paths;
+    std::fs::create_dir_all(&p.dir).map_err(io_err("create", &p.dir))?;
+    // Root's: other tenants may pass through (to nothing they can read), not list.
+    std::fs::set_permissions(&p.dir, std::fs::Permissions::from_mode(0o711))
+        .map_err(io_err("chmod", &p.dir))?;
+    // The intent first: from here on, an agent started after a crash knows this tenant.
+    record::write(p, record)?;
+    crash_point!("create.after_record");
+    let name = &record.spec.name;
+    let (uid, gid) = host.tenant_identity(name, p)?;
+    // The only users the tenant's namespace knows: root and itself.
+    let passwd = format!(
+        "root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n{name}:x:{uid}:{gid}:dormant tenant:/tmp:/usr/sbin/nologin\n"
+    );
+    let group = format!("root:x:0:\n{name}:x:{gid}:\n");
+    for (path, content) in [(p.passwd(), passwd), (p.group(), group)] {
+        tenant_fs::write_atomic(&path, content.as_bytes()).map_err(io_err("write", &path))?;
+        // Read inside the tenant's namespace, by the tenant.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .map_err(io_err("chmod", &path))?;
+    }
+    cgroup.create()?;
+    cgroup.apply(limits)?;
+    crash_point!("create.after_cgroup");
+    // The tenant's storage limit: its data directory is its own filesystem of that size.
+    p.volume().ensure_mounted(
+        record.spec.resources.storage.0,
+        p.initialized_marker().exists(),
+    )?;
+    for dir in [&p.data, &p.run] {
+        std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        nix::unistd::chown(dir.as_path(), Some(uid), Some(gid))
+            .map_err(|e| io_err("chown", dir)(e.into()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io_err("chmod", dir))?;
+    }
+    Ok((uid, gid))
+}
+
+/// Empties the data directory but for ext4's `lost+found` (a half-done init leaves junk).
+fn empty_data_dir(data: &std::path::Path) -> Result<(), TenantError> {
+    for entry in std::fs::read_dir(data).map_err(io_err("read", data))? {
+        let path = entry.map_err(io_err("read", data))?.path();
+        if path.file_name().is_some_and(|n| n == "lost+found") {
+            continue;
+        }
+        // `symlink_metadata`: a tenant's symlink is removed, never followed.
+        let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+        let removed = if is_dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(io_err("remove", &path))?;
+    }
+    Ok(())
+}
+
+/// The blocking part of `remove`, in an order that a crash can interrupt anywhere.
+fn remove_host(
+    host: &Host,
+    paths: &TenantPaths,
+    cgroup: &dyn TenantCgroup,
+) -> Result<(), TenantError> {
+    cgroup.delete()?;
+    crash_point!("delete.after_cgroup");
+    let volume = paths.volume();
+    volume.unmount()?;
+    crash_point!("delete.after_unmount");
+    volume.detach()?;
+    crash_point!("delete.after_detach");
+    // The directory leaves in one rename, so a crash inside the removal never leaves a half
+    // directory that looks like a tenant (a record without its data, a marker without a volume).
+    // The sweep at start empties the trash.
+    if paths.dir.exists() {
+        let trash = host.trash_dir();
+        std::fs::create_dir_all(&trash).map_err(io_err("create", &trash))?;
+        let target = trash.join(format!(
+            "{}-{}",
+            paths.dir.file_name().unwrap_or_default().to_string_lossy(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        std::fs::rename(&paths.dir, &target).map_err(io_err("move to trash", &paths.dir))?;
+        crash_point!("delete.after_trash");
+        std::fs::remove_dir_all(&target).map_err(io_err("remove", &target))?;
+    }
+    match std::fs::remove_dir_all(&paths.run) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("remove", &paths.run)(e)),
+    }
+}
+
+fn now_unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Runtime for HostRuntime {
+    type Engine = Watched;
+
+    async fn prepare(&mut self, record: &TenantRecord) -> Result<(), TenantError> {
+        // Checked first: an unknown engine creates nothing.
+        let engine = self.template()?;
+        self.resources = record.spec.resources;
+        let host = self.host.clone();
+        let paths = self.paths.clone();
+        let rec = record.clone();
+        let cgroup = self.cgroup();
+        let limits = self.limits(&record.spec.resources);
+        let identity = blocking("prepare", &self.paths.dir, move || {
+            prepare_host(&host, &paths, &rec, cgroup.as_ref(), &limits)
+        })
+        .await?;
+        self.identity = Some(identity);
+        if self.proxy.is_none() {
+            let addr = std::net::SocketAddr::new(self.host.listen_host, self.port);
+            let listener = proxy::bind(addr).await?;
+            let socket = self.context().fill_path(&engine.socket);
+            self.proxy = Some(proxy::serve(
+                listener,
+                socket,
+                identity.0,
+                self.ready.clone(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn is_initialized(&self) -> bool {
+        self.paths.initialized_marker().exists()
+    }
+
+    async fn initialize(&mut self, _spec: &TenantSpec) -> Result<(), TenantError> {
+        let engine = self.template()?;
+        // Never two inits at once: one left running by an agent that crashed mid-init is
+        // killed before the data directory is emptied under it.
+        let killed = self.kill_all().await?;
+        if killed > 0 {
+            warn!(
+                processes = killed,
+                "killed what an interrupted init left in the cgroup"
+            );
+        }
+        let data = self.paths.data.clone();
+        blocking("empty", &self.paths.data, move || empty_data_dir(&data)).await?;
+        let ctx = self.context();
+        let engine_ctx = self.engine_context();
+        let files: Vec<_> = engine
+            .init_files
+            .iter()
+            .map(|(path, content)| (ctx.fill_path(path), engine_ctx.fill(content)))
+            .collect();
+        let (uid, gid) = self.identity()?;
+        for (path, content) in &files {
+            tenant_fs::write_private(path, content, uid, gid).map_err(io_err("write", path))?;
+        }
+        let result = self.run_init_commands(&engine, &engine_ctx).await;
+        for (path, _) in &files {
+            let _ = std::fs::remove_file(path);
+        }
+        result?;
+        crash_point!("create.after_init");
+        let marker = self.paths.initialized_marker();
+        // Durable: a lost marker would make the next start wipe the data as half-initialised.
+        let m = marker.clone();
+        blocking("write", &marker, move || {
+            tenant_fs::write_atomic(&m, b"").map_err(io_err("write", &m))
+        })
+        .await?;
+        info!("data initialised");
+        Ok(())
+    }
+
+    fn adopt(&mut self) -> Option<Watched> {
+        let pid: i32 = tenant_fs::read_small(&self.paths.pid_file(), 64)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        if !self.cgroup().pids().ok()?.contains(&pid) {
+            return None;
+        }
+        let watched = Watched::new(pid).ok()?;
+        self.spawned_at = None;
+        info!(pid, "adopted running engine");
+        Some(watched)
+    }
+
+    async fn spawn_engine(&mut self, _spec: &TenantSpec) -> Result<Watched, TenantError> {
+        let engine = self.template()?;
+        let killed = self.kill_all().await?;
+        if killed > 0 {
+            info!(
+                processes = killed,
+                "killed what was left in the cgroup before starting the engine"
+            );
+        }
+        let ctx = self.context();
+        let engine_ctx = self.engine_context();
+        let (uid, gid) = self.identity()?;
+        for (path, content) in &engine.files {
+            let path = ctx.fill_path(path);
+            tenant_fs::write_private(&path, &engine_ctx.fill(content), uid, gid)
+                .map_err(io_err("write", &path))?;
+        }
+        let argv = engine_ctx.fill_argv(&engine.start);
+        // Taken before the spawn: the engine's own start time cannot be earlier.
+        let started = now_unix_secs();
+        let watched = Watched::new(self.spawn(&argv)?)?;
+        crash_point!("start.after_spawn");
+        let pid_file = self.paths.pid_file();
+        tenant_fs::write_atomic(&pid_file, watched.pid().to_string().as_bytes())
+            .map_err(io_err("write", &pid_file))?;
+        self.spawned_at = Some(started);
+        info!(pid = watched.pid(), engine = %engine.name, "engine started");
+        Ok(watched)
+    }
+
+    async fn wait_ready(&self, watched: &Watched) -> Result<(), TenantError> {
+        let engine = self.template()?;
+        let ctx = self.context();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let (uid, _) = self.identity()?;
+        loop {
+            let ready = match &engine.readiness {
+                Readiness::PidFileStatus(path) => tenant_fs::read_small(&ctx.fill_path(path), 4096)
+                    .map(|c| match self.spawned_at {
+                        Some(since) => postgres::pid_file_says_ready_since(&c, since),
+                        None => postgres::pid_file_says_ready(&c),
+                    })
+                    .unwrap_or(false),
+                Readiness::SocketAccepts => {
+                    tenant_fs::connect_socket(&ctx.fill_path(&engine.socket), uid)
+                        .await
+                        .is_ok()
+                }
+            };
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(TenantError::ReadyTimeout(READY_TIMEOUT));
+            }
+            tokio::select! {
+                exit = watched.exited() => {
+                    return Err(TenantError::ExitedBeforeReady {
+                        exit,
+                        log_tail: log_tail(&self.paths.log()),
+                    })
+                }
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    }
+
+    async fn stop(&self, watched: &Watched) {
+        if let Some(t) = &self.engine {
+            if watched.signal(t.stop_signal).is_ok()
+                && tokio::time::timeout(t.stop_timeout, watched.exited())
+                    .await
+                    .is_ok()
+            {
+                info!(pid = watched.pid(), "engine stopped");
+            }
+        }
+        if let Err(e) = self.kill_all().await {
+            warn!(error = %e, "killing what is left of the engine");
+        }
+    }
+
+    async fn kill_all(&self) -> Result<usize, TenantError> {
+        let cgroup = self.cgroup();
+        let killed = blocking("kill", &self.paths.dir, move || {
+            let pids = cgroup.pids()?;
+            if !pids.is_empty() {
+                cgroup.kill_all()?;
+            }
+            Ok(pids.len())
+        })
+        .await;
+        self.reap_children();
+        killed
+    }
+
+    fn oom_kills(&self) -> u64 {
+        self.cgroup().usage().map(|u| u.oom_kills).unwrap_or(0)
+    }
+
+    async fn write_record(&self, record: &TenantRecord) -> Result<(), TenantError> {
+        let paths = self.paths.clone();
+        let record = record.clone();
+        blocking("write", &self.paths.record(), move || {
+            Ok(record::write(&paths, &record)?)
+        })
+        .await
+    }
+
+    async fn apply_limits(&mut self, resources: &Resources) -> Result<(), TenantError> {
+        let cgroup = self.cgroup();
+        let limits = self.limits(resources);
+        blocking("resize", &self.paths.dir, move || {
+            if cgroup.display_path().exists() {
+                cgroup.apply(&limits)?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.resources = *resources;
+        Ok(())
+    }
+
+    async fn grow_storage(&self, bytes: u64) -> Result<(), TenantError> {
+        let volume = self.paths.volume();
+        blocking("grow", &self.paths.dir, move || {
+            if volume.is_mounted()? {
+                volume.grow_to_at_least(bytes)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove(&mut self) -> Result<(), TenantError> {
+        self.proxy = None;
+        let host = self.host.clone();
+        let paths = self.paths.clone();
+        let cgroup = self.cgroup();
+        blocking("remove", &self.paths.dir, move || {
+            remove_host(&host, &paths, cgroup.as_ref())
+        })
+        .await
+    }
+}

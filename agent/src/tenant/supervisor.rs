@@ -1,0 +1,526 @@
+//! The tenant's lifecycle as a state machine, one task per tenant. It decides; the `Runtime` does
+//! the host-side work. Phases and what moves between them:
+//!
+//! ```text
+//!            ┌────────── restart ──────────┐
+//!            ▼                             │
+//! resume ─► Start ─ ready ─► Running ─ exit ─► Backoff ─ timer ─► Start
+//!  new  ─►   │  └─ error ─► Backoff / Failed (after MAX_FAILURES in a row)
+//!            │                 Failed ─ restart ─► Start
+//!  any phase ─ delete ─► Delete (graceful stop only for a ready engine, else kill) ─► gone
+//!  any phase ─ shutdown ─► the task ends; the engine keeps running unless asked to stop it
+//!  any phase ─ resize ─► limits now, storage grow now or retried (`resize_pending`)
+//! ```
+//!
+//! Requests that arrive in the middle of a step wait for it to end, except in the two waits that
+//! can be long (an init, an engine becoming ready), which a delete or shutdown interrupts: the
+//! next step kills whatever the interrupted one left in the cgroup. A tenant resumed after an agent
+//! restart is not announced until the supervisor knows whether its engine is still there, so an
+//! adopted engine is never reported `starting`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dormant_common::{Resources, TenantState};
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::record::TenantRecord;
+use super::runtime::{EngineProcess, Runtime};
+use super::Observed;
+use crate::crash_point;
+
+/// Failures in a row (without a minute of healthy running between them) before `failed`.
+pub const MAX_FAILURES: u32 = 5;
+const BACKOFF_START: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Running this long resets the failure count.
+const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+/// How often a storage grow that failed is tried again.
+const GROW_RETRY: Duration = Duration::from_secs(30);
+
+/// What the agent asks of a tenant's task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    Delete,
+    /// Restart the engine once for this generation (`dormantctl tenant restart`).
+    Restart(u64),
+    Resize(Resources),
+    /// End the task without deleting anything; the engine keeps running unless `stop_engine`.
+    Shutdown {
+        stop_engine: bool,
+    },
+}
+
+/// The requests that end a wait early.
+enum Interrupt {
+    Delete,
+    Shutdown { stop_engine: bool },
+}
+
+enum Phase<E> {
+    Start {
+        adopt: bool,
+    },
+    Running(E),
+    Backoff(String),
+    Failed(String),
+    Delete {
+        engine: Option<E>,
+        ready: bool,
+    },
+    Exit {
+        engine: Option<E>,
+        stop_engine: bool,
+    },
+}
+
+pub struct Supervisor<R: Runtime> {
+    rt: R,
+    record: TenantRecord,
+    requests: mpsc::UnboundedReceiver<Request>,
+    /// Requests that arrived during a step, handled when it ends.
+    deferred: Vec<Request>,
+    /// A restart asked for (its generation) and not done yet.
+    restart_wanted: Option<u64>,
+    status: watch::Sender<Observed>,
+    ready: watch::Sender<bool>,
+    /// Told whenever the state the scheduler sees changes.
+    changed: Arc<Notify>,
+    failures: u32,
+    restarts: u64,
+    /// The storage size not reached yet, with the reason.
+    grow_pending: bool,
+}
+
+/// Waits for `work` while taking requests: a delete or shutdown ends the wait (dropping `work`),
+/// anything else is deferred until the step is over.
+async fn until_interrupted<T>(
+    work: impl std::future::Future<Output = T>,
+    requests: &mut mpsc::UnboundedReceiver<Request>,
+    deferred: &mut Vec<Request>,
+) -> Result<T, Interrupt> {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return Ok(out),
+            req = requests.recv() => match req {
+                Some(Request::Delete) => return Err(Interrupt::Delete),
+                Some(Request::Shutdown { stop_engine }) => return Err(Interrupt::Shutdown { stop_engine }),
+                // The handle went away without a word: the agent is exiting.
+                None => return Err(Interrupt::Shutdown { stop_engine: false }),
+                Some(other) => deferred.push(other),
+            },
+        }
+    }
+}
+
+impl<R: Runtime> Supervisor<R> {
+    pub fn new(
+        rt: R,
+        record: TenantRecord,
+        requests: mpsc::UnboundedReceiver<Request>,
+        status: watch::Sender<Observed>,
+        ready: watch::Sender<bool>,
+        changed: Arc<Notify>,
+    ) -> Self {
+        Self {
+            rt,
+            record,
+            requests,
+            deferred: Vec::new(),
+            restart_wanted: None,
+            status,
+            ready,
+            changed,
+            failures: 0,
+            restarts: 0,
+            grow_pending: false,
+        }
+    }
+
+    fn set(&self, state: TenantState, reason: Option<String>) {
+        let mut changed = false;
+        self.status.send_modify(|o| {
+            if o.state != state || !o.announced || o.reason != reason {
+                if o.state != state || !o.announced {
+                    info!(from = %o.state, to = %state, reason = reason.as_deref().unwrap_or(""), "tenant state");
+                }
+                changed = true;
+            }
+            o.state = state;
+            o.reason = reason;
+            o.announced = true;
+        });
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Runs the tenant until it is deleted or the task is shut down.
+    pub async fn run(mut self) {
+        let mut phase = if self.record.deleting {
+            Phase::Delete {
+                engine: None,
+                ready: false,
+            }
+        } else {
+            Phase::Start { adopt: true }
+        };
+        loop {
+            phase = match phase {
+                Phase::Start { adopt } => self.start(adopt).await,
+                Phase::Running(engine) => self.running(engine).await,
+                Phase::Backoff(reason) => self.backoff(reason).await,
+                Phase::Failed(reason) => self.failed(reason).await,
+                Phase::Delete { engine, ready } => {
+                    self.delete(engine, ready).await;
+                    return;
+                }
+                Phase::Exit {
+                    engine,
+                    stop_engine,
+                } => {
+                    if stop_engine {
+                        match engine {
+                            Some(e) => self.rt.stop(&e).await,
+                            None => {
+                                let _ = self.rt.kill_all().await;
+                            }
+                        }
+                    }
+                    return;
+                }
+            };
+        }
+    }
+
+    fn interrupted(i: Interrupt, engine: Option<R::Engine>) -> Phase<R::Engine> {
+        match i {
+            Interrupt::Delete => Phase::Delete {
+                engine,
+                ready: false,
+            },
+            Interrupt::Shutdown { stop_engine } => Phase::Exit {
+                engine,
+                stop_engine,
+            },
+        }
+    }
+
+    /// Handles what arrived during the last step; returns a phase only for a delete or shutdown.
+    async fn take_deferred(&mut self) {
+        for req in std::mem::take(&mut self.deferred) {
+            match req {
+                Request::Resize(resources) => self.resize(resources).await,
+                Request::Restart(generation) => self.want_restart(generation),
+                // Never deferred (they interrupt).
+                Request::Delete | Request::Shutdown { .. } => {}
+            }
+        }
+    }
+
+    fn want_restart(&mut self, generation: u64) {
+        if generation > self.record.spec.restart_generation {
+            self.restart_wanted = Some(generation.max(self.restart_wanted.unwrap_or(0)));
+        }
+    }
+
+    /// Records that the engine now runs at the restart generation asked for.
+    async fn restart_done(&mut self) {
+        if let Some(generation) = self.restart_wanted.take() {
+            self.record.spec.restart_generation = generation;
+            if let Err(e) = self.rt.write_record(&self.record).await {
+                warn!(error = %e, "recording the restart generation");
+            }
+            self.status
+                .send_modify(|o| o.restart_generation = generation);
+            self.changed.notify_one();
+        }
+    }
+
+    async fn start(&mut self, adopt: bool) -> Phase<R::Engine> {
+        self.ready.send_replace(false);
+        self.status.send_modify(|o| o.pid = None);
+        if let Err(e) = self.rt.prepare(&self.record).await {
+            return self.start_failed(e.to_string()).await;
+        }
+        self.take_deferred().await;
+        self.try_grow().await;
+        if adopt {
+            if let Some(engine) = self.rt.adopt() {
+                let ready = until_interrupted(
+                    self.rt.wait_ready(&engine),
+                    &mut self.requests,
+                    &mut self.deferred,
+                )
+                .await;
+                return match ready {
+                    Ok(Ok(())) => Phase::Running(engine),
+                    Ok(Err(e)) => self.start_failed(e.to_string()).await,
+                    Err(i) => Self::interrupted(i, Some(engine)),
+                };
+            }
+        }
+        if self.status.borrow().state != TenantState::Starting || !self.status.borrow().announced {
+            self.set(TenantState::Starting, None);
+        }
+        if !self.rt.is_initialized() {
+            let init = until_interrupted(
+                self.rt.initialize(&self.record.spec),
+                &mut self.requests,
+                &mut self.deferred,
+            )
+            .await;
+            match init {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return self.start_failed(e.to_string()).await,
+                Err(i) => return Self::interrupted(i, None),
+            }
+            self.take_deferred().await;
+        }
+        let engine = match self.rt.spawn_engine(&self.record.spec).await {
+            Ok(engine) => engine,
+            Err(e) => return self.start_failed(e.to_string()).await,
+        };
+        // A fresh engine runs at whatever generation was asked for so far.
+        self.restart_done().await;
+        let ready = until_interrupted(
+            self.rt.wait_ready(&engine),
+            &mut self.requests,
+            &mut self.deferred,
+        )
+        .await;
+        match ready {
+            Ok(Ok(())) => Phase::Running(engine),
+            Ok(Err(e)) => self.start_failed(e.to_string()).await,
+            Err(i) => Self::interrupted(i, Some(engine)),
+        }
+    }
+
+    async fn running(&mut self, engine: R::Engine) -> Phase<R::Engine> {
+        self.ready.send_replace(true);
+        self.status.send_modify(|o| o.pid = Some(engine.pid()));
+        self.set(TenantState::Running, None);
+        let since = Instant::now();
+        let oom_before = self.rt.oom_kills();
+        loop {
+            self.take_deferred().await;
+            if self.restart_wanted.is_some() {
+                info!("restart requested");
+                self.ready.send_replace(false);
+                self.set(TenantState::Starting, Some("restart requested".into()));
+                self.rt.stop(&engine).await;
+                self.failures = 0;
+                return Phase::Start { adopt: false };
+            }
+            let retry_grow = tokio::time::sleep(GROW_RETRY);
+            tokio::select! {
+                exit = engine.exited() => {
+                    self.ready.send_replace(false);
+                    if since.elapsed() >= HEALTHY_AFTER {
+                        self.failures = 0;
+                    }
+                    let reason = if self.rt.oom_kills() > oom_before {
+                        format!(
+                            "engine OOM-killed at its memory limit ({})",
+                            self.record.spec.resources.memory
+                        )
+                    } else {
+                        format!("engine {exit}")
+                    };
+                    return self.start_failed(reason).await;
+                }
+                req = self.requests.recv() => match req {
+                    Some(Request::Delete) => return Phase::Delete { engine: Some(engine), ready: true },
+                    Some(Request::Shutdown { stop_engine }) => return Phase::Exit { engine: Some(engine), stop_engine },
+                    None => return Phase::Exit { engine: Some(engine), stop_engine: false },
+                    Some(other) => self.deferred.push(other),
+                },
+                () = retry_grow, if self.grow_pending => self.try_grow().await,
+            }
+        }
+    }
+
+    /// Counts a failure: kills what is left, then backs off or gives up.
+    async fn start_failed(&mut self, reason: String) -> Phase<R::Engine> {
+        self.ready.send_replace(false);
+        // Whatever is left of a failed engine goes before the next try.
+        if let Err(e) = self.rt.kill_all().await {
+            warn!(error = %e, "cleaning up after the engine");
+        }
+        self.failures += 1;
+        warn!(failures = self.failures, reason = %reason, "engine failed");
+        if self.failures >= MAX_FAILURES {
+            Phase::Failed(format!("{reason} ({} failures in a row)", self.failures))
+        } else {
+            Phase::Backoff(reason)
+        }
+    }
+
+    async fn backoff(&mut self, reason: String) -> Phase<R::Engine> {
+        let delay = BACKOFF_START
+            .saturating_mul(1 << (self.failures.saturating_sub(1)).min(16))
+            .min(BACKOFF_MAX);
+        self.set(
+            TenantState::Starting,
+            Some(format!("restarting after: {reason}")),
+        );
+        self.status.send_modify(|o| o.pid = None);
+        let until = Instant::now() + delay;
+        loop {
+            self.take_deferred().await;
+            if self.restart_wanted.is_some() {
+                self.failures = 0;
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => break,
+                req = self.requests.recv() => match req {
+                    Some(Request::Delete) => return Phase::Delete { engine: None, ready: false },
+                    Some(Request::Shutdown { stop_engine }) => return Phase::Exit { engine: None, stop_engine },
+                    None => return Phase::Exit { engine: None, stop_engine: false },
+                    Some(other) => self.deferred.push(other),
+                },
+            }
+        }
+        self.restarts += 1;
+        let restarts = self.restarts;
+        self.status.send_modify(|o| o.restarts = restarts);
+        Phase::Start { adopt: false }
+    }
+
+    async fn failed(&mut self, reason: String) -> Phase<R::Engine> {
+        self.set(TenantState::Failed, Some(reason));
+        self.status.send_modify(|o| o.pid = None);
+        loop {
+            self.take_deferred().await;
+            if self.restart_wanted.is_some() {
+                info!("restart requested: starting again from failed");
+                self.failures = 0;
+                self.set(TenantState::Starting, Some("restart requested".into()));
+                return Phase::Start { adopt: false };
+            }
+            match self.requests.recv().await {
+                Some(Request::Delete) => {
+                    return Phase::Delete {
+                        engine: None,
+                        ready: false,
+                    }
+                }
+                Some(Request::Shutdown { stop_engine }) => {
+                    return Phase::Exit {
+                        engine: None,
+                        stop_engine,
+                    }
+                }
+                None => {
+                    return Phase::Exit {
+                        engine: None,
+                        stop_engine: false,
+                    }
+                }
+                Some(other) => self.deferred.push(other),
+            }
+        }
+    }
+
+    /// Stops the engine (gracefully only if it is ready to handle its stop signal: an engine
+    /// still starting, PID 1 of its namespace without its handlers yet, would ignore it and the
+    /// delete would wait out the whole stop timeout), then removes everything, retrying until it
+    /// is all gone.
+    async fn delete(&mut self, engine: Option<R::Engine>, ready: bool) {
+        self.ready.send_replace(false);
+        self.set(TenantState::Deleting, None);
+        if !self.record.deleting {
+            self.record.deleting = true;
+            if let Err(e) = self.rt.write_record(&self.record).await {
+                // The delete goes on; a crash now would bring the tenant back until the
+                // scheduler's delete reaches the next agent.
+                warn!(error = %e, "recording the delete intent");
+            }
+            crash_point!("delete.after_intent");
+        }
+        match engine {
+            Some(e) if ready => self.rt.stop(&e).await,
+            _ => {
+                if let Err(e) = self.rt.kill_all().await {
+                    warn!(error = %e, "killing the tenant's processes");
+                }
+            }
+        }
+        crash_point!("delete.after_stop");
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.rt.remove().await {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(error = %e, "removing tenant; will retry");
+                    self.set(TenantState::Deleting, Some(e.to_string()));
+                    let _ = self.rt.kill_all().await;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        info!("tenant deleted from this host");
+        self.status.send_modify(|o| o.gone = true);
+        self.changed.notify_one();
+    }
+
+    /// New resources: the record first (the intent), then CPU and memory at once, then the
+    /// storage grow, which may have to wait (`resize_pending` says why) without holding the rest.
+    async fn resize(&mut self, resources: Resources) {
+        if resources == self.record.spec.resources {
+            return;
+        }
+        self.record.spec.resources = resources;
+        if let Err(e) = self.rt.write_record(&self.record).await {
+            warn!(error = %e, "recording the new resources");
+        }
+        crash_point!("resize.after_record");
+        if let Err(e) = self.rt.apply_limits(&resources).await {
+            warn!(error = %e, "applying new CPU and memory limits");
+        }
+        crash_point!("resize.after_limits");
+        info!(cpu = %resources.cpu, memory = %resources.memory, storage = %resources.storage, "tenant resized");
+        self.try_grow().await;
+    }
+
+    /// Grows the volume to the record's size; on failure the resize stays pending, with why.
+    async fn try_grow(&mut self) {
+        let storage = self.record.spec.resources.storage;
+        match self.rt.grow_storage(storage.0).await {
+            Ok(()) => {
+                if self.grow_pending {
+                    info!(storage = %storage, "storage grow done");
+                }
+                self.grow_pending = false;
+                self.set_resize_pending(None);
+            }
+            Err(e) => {
+                let reason = format!("storage {storage}: {e}");
+                if !self.grow_pending {
+                    warn!(reason = %reason, "storage grow failed; will retry");
+                }
+                self.grow_pending = true;
+                self.set_resize_pending(Some(reason));
+            }
+        }
+    }
+
+    fn set_resize_pending(&self, pending: Option<String>) {
+        let mut changed = false;
+        self.status.send_modify(|o| {
+            changed = o.resize_pending != pending;
+            o.resize_pending = pending;
+        });
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,531 @@
+//! The supervisor's transitions, without root: `FakeRuntime` (a fake, named as one) records the
+//! steps asked of it and lets each test decide how the engine behaves. Time is tokio's paused
+//! clock, so backoffs and retries pass at once and in order.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use dormant_common::{Bytes, MilliCpu, Resources, TenantName, TenantState};
+use tokio::sync::{mpsc, watch, Notify};
+
+use super::{Request, Supervisor, MAX_FAILURES};
+use crate::process::Exit;
+use crate::tenant::record::{TenantRecord, TenantSpec};
+use crate::tenant::runtime::{EngineProcess, Runtime};
+use crate::tenant::{Observed, TenantError};
+
+/// One engine process of the fake: the test makes it ready or makes it exit.
+#[derive(Clone)]
+struct FakeEngine {
+    pid: i32,
+    ready: watch::Sender<bool>,
+    exit: watch::Sender<Option<Exit>>,
+}
+
+impl FakeEngine {
+    fn new(pid: i32) -> Self {
+        Self {
+            pid,
+            ready: watch::channel(false).0,
+            exit: watch::channel(None).0,
+        }
+    }
+    fn make_ready(&self) {
+        self.ready.send_replace(true);
+    }
+    fn crash(&self) {
+        self.exit
+            .send_replace(Some(Exit::Signal(nix::sys::signal::Signal::SIGKILL)));
+    }
+}
+
+impl EngineProcess for FakeEngine {
+    fn pid(&self) -> i32 {
+        self.pid
+    }
+    async fn exited(&self) -> Exit {
+        let mut rx = self.exit.subscribe();
+        let exit = rx.wait_for(Option::is_some).await.map(|e| *e);
+        exit.ok().flatten().unwrap_or(Exit::Unknown)
+    }
+}
+
+/// What the fake host holds and how it behaves; shared between the test and the runtime.
+#[derive(Default)]
+struct FakeHost {
+    /// Every step asked, in order.
+    steps: Vec<String>,
+    initialized: bool,
+    /// An engine an earlier agent left running.
+    running: Option<FakeEngine>,
+    /// Engines spawned, in order.
+    spawned: Vec<FakeEngine>,
+    /// Spawned engines become ready at once unless this is false.
+    ready_at_once: bool,
+    /// Init waits until the test lets it finish.
+    init_blocks: bool,
+    /// Errors for the next storage grows, front first; then grows succeed.
+    grow_errors: VecDeque<String>,
+    /// Errors for the next removals.
+    remove_errors: VecDeque<String>,
+    /// Every record written.
+    records: Vec<TenantRecord>,
+    limits: Vec<Resources>,
+    removed: bool,
+}
+
+#[derive(Clone)]
+struct FakeRuntime(Arc<Mutex<FakeHost>>);
+
+impl FakeRuntime {
+    fn host(&self) -> std::sync::MutexGuard<'_, FakeHost> {
+        self.0.lock().unwrap()
+    }
+    fn step(&self, s: &str) {
+        self.host().steps.push(s.to_string());
+    }
+}
+
+fn fail(what: &str) -> TenantError {
+    TenantError::Io {
+        what: "fake",
+        path: what.into(),
+        source: std::io::Error::other(what.to_string()),
+    }
+}
+
+impl Runtime for FakeRuntime {
+    type Engine = FakeEngine;
+
+    async fn prepare(&mut self, record: &TenantRecord) -> Result<(), TenantError> {
+        self.step("prepare");
+        self.host().records.push(record.clone());
+        Ok(())
+    }
+    fn is_initialized(&self) -> bool {
+        self.host().initialized
+    }
+    async fn initialize(&mut self, _spec: &TenantSpec) -> Result<(), TenantError> {
+        self.step("initialize");
+        if self.host().init_blocks {
+            std::future::pending::<()>().await;
+        }
+        self.host().initialized = true;
+        Ok(())
+    }
+    fn adopt(&mut self) -> Option<FakeEngine> {
+        self.step("adopt");
+        self.host().running.clone()
+    }
+    async fn spawn_engine(&mut self, _spec: &TenantSpec) -> Result<FakeEngine, TenantError> {
+        self.step("spawn");
+        let mut host = self.host();
+        let engine = FakeEngine::new(100 + i32::try_from(host.spawned.len()).unwrap());
+        if host.ready_at_once {
+            engine.make_ready();
+        }
+        host.spawned.push(engine.clone());
+        host.running = Some(engine.clone());
+        Ok(engine)
+    }
+    async fn wait_ready(&self, engine: &FakeEngine) -> Result<(), TenantError> {
+        let mut ready = engine.ready.subscribe();
+        tokio::select! {
+            _ = ready.wait_for(|r| *r) => Ok(()),
+            exit = engine.exited() => Err(TenantError::ExitedBeforeReady { exit, log_tail: String::new() }),
+        }
+    }
+    async fn stop(&self, engine: &FakeEngine) {
+        self.step("stop");
+        engine.exit.send_replace(Some(Exit::Code(0)));
+        self.host().running = None;
+    }
+    async fn kill_all(&self) -> Result<usize, TenantError> {
+        self.step("kill_all");
+        let running = self.host().running.take();
+        if let Some(e) = &running {
+            e.exit
+                .send_replace(Some(Exit::Signal(nix::sys::signal::Signal::SIGKILL)));
+        }
+        Ok(usize::from(running.is_some()))
+    }
+    fn oom_kills(&self) -> u64 {
+        0
+    }
+    async fn write_record(&self, record: &TenantRecord) -> Result<(), TenantError> {
+        self.host().records.push(record.clone());
+        Ok(())
+    }
+    async fn apply_limits(&mut self, resources: &Resources) -> Result<(), TenantError> {
+        self.step("apply_limits");
+        self.host().limits.push(*resources);
+        Ok(())
+    }
+    async fn grow_storage(&self, _bytes: u64) -> Result<(), TenantError> {
+        match self.host().grow_errors.pop_front() {
+            Some(e) => Err(fail(&e)),
+            None => Ok(()),
+        }
+    }
+    async fn remove(&mut self) -> Result<(), TenantError> {
+        self.step("remove");
+        if let Some(e) = self.host().remove_errors.pop_front() {
+            return Err(fail(&e));
+        }
+        self.host().removed = true;
+        Ok(())
+    }
+}
+
+fn spec() -> TenantSpec {
+    TenantSpec {
+        name: TenantName::parse("acme").unwrap(),
+        uid: 7,
+        engine: "postgres".into(),
+        resources: Resources {
+            cpu: MilliCpu(500),
+            memory: Bytes(256 << 20),
+            storage: Bytes(1 << 30),
+        },
+        port: 20000,
+        password: "pw".into(),
+        restart_generation: 0,
+    }
+}
+
+/// A supervisor running on a fake host.
+struct Harness {
+    rt: FakeRuntime,
+    requests: mpsc::UnboundedSender<Request>,
+    status: watch::Receiver<Observed>,
+    ready: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start(host: FakeHost, record: TenantRecord, announced: bool) -> Harness {
+    let rt = FakeRuntime(Arc::new(Mutex::new(host)));
+    let (requests, rx) = mpsc::unbounded_channel();
+    let (status_tx, status) = watch::channel(Observed {
+        state: TenantState::Starting,
+        reason: None,
+        restarts: 0,
+        pid: None,
+        gone: false,
+        resize_pending: None,
+        restart_generation: record.spec.restart_generation,
+        announced,
+    });
+    let (ready_tx, ready) = watch::channel(false);
+    let sup = Supervisor::new(
+        rt.clone(),
+        record,
+        rx,
+        status_tx,
+        ready_tx,
+        Arc::new(Notify::new()),
+    );
+    let task = tokio::spawn(sup.run());
+    Harness {
+        rt,
+        requests,
+        status,
+        ready,
+        task,
+    }
+}
+
+fn new_tenant() -> Harness {
+    start(
+        FakeHost {
+            ready_at_once: true,
+            ..Default::default()
+        },
+        TenantRecord::new(spec()),
+        true,
+    )
+}
+
+impl Harness {
+    async fn wait_state(&mut self, state: TenantState) -> Observed {
+        self.status
+            .wait_for(|o| o.state == state && o.announced)
+            .await
+            .unwrap()
+            .clone()
+    }
+    async fn wait_gone(&mut self) {
+        self.status.wait_for(|o| o.gone).await.unwrap();
+    }
+    fn steps(&self) -> Vec<String> {
+        self.rt.host().steps.clone()
+    }
+    fn send(&self, r: Request) {
+        self.requests.send(r).unwrap();
+    }
+    /// Lets the supervisor run until it waits for something.
+    async fn settle(&self) {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_tenant_is_prepared_initialised_spawned_and_running_once_ready() {
+    let mut h = start(
+        FakeHost::default(), // not ready at once
+        TenantRecord::new(spec()),
+        true,
+    );
+    h.wait_state(TenantState::Starting).await;
+    h.settle().await;
+    assert_eq!(h.steps(), ["prepare", "adopt", "initialize", "spawn"]);
+    // Spawned, not ready: no client is let through and it is not reported running.
+    assert!(!*h.ready.borrow());
+    assert_eq!(h.status.borrow().state, TenantState::Starting);
+    let engine = h.rt.host().spawned[0].clone();
+    engine.make_ready();
+    let o = h.wait_state(TenantState::Running).await;
+    assert_eq!(o.pid, Some(100));
+    assert!(*h.ready.borrow());
+    // The record was written (by prepare) before anything else happened.
+    assert_eq!(h.rt.host().records[0], TenantRecord::new(spec()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resumed_tenant_with_its_engine_alive_is_adopted_and_never_reported_starting() {
+    let engine = FakeEngine::new(42);
+    let mut h = start(
+        FakeHost {
+            initialized: true,
+            running: Some(engine.clone()),
+            ..Default::default()
+        },
+        TenantRecord::new(spec()),
+        false,
+    );
+    h.settle().await;
+    // Until the adopted engine answers, nothing is announced.
+    assert!(!h.status.borrow().announced);
+    engine.make_ready();
+    let o = h.wait_state(TenantState::Running).await;
+    assert_eq!(o.pid, Some(42));
+    assert_eq!(h.steps(), ["prepare", "adopt"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resumed_tenant_whose_engine_died_is_started_and_says_so() {
+    let mut h = start(
+        FakeHost {
+            initialized: true,
+            ready_at_once: true,
+            ..Default::default()
+        },
+        TenantRecord::new(spec()),
+        false,
+    );
+    h.wait_state(TenantState::Running).await;
+    assert_eq!(h.steps(), ["prepare", "adopt", "spawn"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashing_engine_restarts_with_backoff_then_fails_after_max_failures() {
+    let mut h = new_tenant();
+    h.wait_state(TenantState::Running).await;
+    for n in 1..=MAX_FAILURES {
+        let engine = h.rt.host().spawned.last().unwrap().clone();
+        engine.crash();
+        if n < MAX_FAILURES {
+            let o = h
+                .status
+                .wait_for(|o| o.state == TenantState::Running && o.restarts == u64::from(n))
+                .await
+                .unwrap()
+                .clone();
+            assert_eq!(o.pid, Some(100 + i32::try_from(n).unwrap()));
+        }
+    }
+    let o = h.wait_state(TenantState::Failed).await;
+    let reason = o.reason.unwrap();
+    assert!(reason.contains("killed by SIGKILL"), "{reason}");
+    assert!(reason.contains("5 failures in a row"), "{reason}");
+    assert_eq!(h.rt.host().spawned.len(), MAX_FAILURES as usize);
+    // Each failure cleaned the cgroup before the next try.
+    let kills = h.steps().iter().filter(|s| *s == "kill_all").count();
+    assert_eq!(kills, MAX_FAILURES as usize);
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_brings_a_failed_tenant_back_and_records_the_generation() {
+    let mut h = new_tenant();
+    h.wait_state(TenantState::Running).await;
+    for _ in 0..MAX_FAILURES {
+        let engine = h.rt.host().spawned.last().unwrap().clone();
+        engine.crash();
+        h.settle().await;
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    }
+    h.wait_state(TenantState::Failed).await;
+    let spawned = h.rt.host().spawned.len();
+    h.send(Request::Restart(1));
+    let o = h.wait_state(TenantState::Running).await;
+    assert_eq!(o.restart_generation, 1);
+    assert_eq!(h.rt.host().spawned.len(), spawned + 1);
+    let last = h.rt.host().records.last().unwrap().clone();
+    assert_eq!(last.spec.restart_generation, 1);
+    // An old generation asks for nothing.
+    h.send(Request::Restart(1));
+    h.settle().await;
+    assert_eq!(h.rt.host().spawned.len(), spawned + 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_of_a_running_engine_stops_it_gracefully_and_starts_a_new_one() {
+    let mut h = new_tenant();
+    h.wait_state(TenantState::Running).await;
+    h.send(Request::Restart(3));
+    h.status
+        .wait_for(|o| o.state == TenantState::Running && o.restart_generation == 3)
+        .await
+        .unwrap();
+    let steps = h.steps();
+    let stop = steps.iter().position(|s| s == "stop").expect("stopped");
+    assert_eq!(steps[stop + 1..], ["prepare", "spawn"]);
+    assert_eq!(h.status.borrow().pid, Some(101));
+}
+
+#[tokio::test(start_paused = true)]
+async fn delete_of_a_ready_engine_stops_it_gracefully_then_removes_everything() {
+    let mut h = new_tenant();
+    h.wait_state(TenantState::Running).await;
+    h.send(Request::Delete);
+    h.wait_gone().await;
+    let steps = h.steps();
+    assert_eq!(steps[steps.len() - 2..], ["stop", "remove"]);
+    // The intent was recorded before anything was removed.
+    assert!(h.rt.host().records.last().unwrap().deleting);
+    assert!(h.rt.host().removed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn delete_of_an_engine_not_ready_yet_kills_it_instead_of_waiting() {
+    let mut h = start(FakeHost::default(), TenantRecord::new(spec()), true);
+    h.wait_state(TenantState::Starting).await;
+    h.settle().await;
+    assert_eq!(h.rt.host().spawned.len(), 1);
+    h.send(Request::Delete);
+    h.wait_gone().await;
+    let steps = h.steps();
+    assert!(!steps.contains(&"stop".to_string()), "{steps:?}");
+    assert_eq!(steps[steps.len() - 2..], ["kill_all", "remove"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn delete_during_init_kills_the_init_and_never_starts_the_engine() {
+    let mut h = start(
+        FakeHost {
+            init_blocks: true,
+            ..Default::default()
+        },
+        TenantRecord::new(spec()),
+        true,
+    );
+    h.wait_state(TenantState::Starting).await;
+    h.settle().await;
+    assert_eq!(h.steps().last().unwrap(), "initialize");
+    h.send(Request::Delete);
+    h.wait_gone().await;
+    assert_eq!(
+        h.steps(),
+        ["prepare", "adopt", "initialize", "kill_all", "remove"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delete_under_way_when_the_agent_died_is_finished_without_starting_anything() {
+    let mut record = TenantRecord::new(spec());
+    record.deleting = true;
+    let mut h = start(
+        FakeHost {
+            initialized: true,
+            ..Default::default()
+        },
+        record,
+        true,
+    );
+    h.wait_gone().await;
+    assert_eq!(h.steps(), ["kill_all", "remove"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn removal_is_retried_until_everything_is_gone() {
+    let mut h = start(
+        FakeHost {
+            ready_at_once: true,
+            remove_errors: VecDeque::from(["busy".to_string(), "still busy".to_string()]),
+            ..Default::default()
+        },
+        TenantRecord::new(spec()),
+        true,
+    );
+    h.wait_state(TenantState::Running).await;
+    h.send(Request::Delete);
+    h.wait_gone().await;
+    assert_eq!(h.steps().iter().filter(|s| *s == "remove").count(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn resize_applies_cpu_and_memory_at_once_even_when_the_storage_grow_must_wait() {
+    let mut h = start(
+        FakeHost {
+            ready_at_once: true,
+            ..Default::default()
+        },
+        TenantRecord::new(spec()),
+        true,
+    );
+    h.wait_state(TenantState::Running).await;
+    h.rt.host().grow_errors = VecDeque::from(["resize2fs: Permission denied".to_string()]);
+    let bigger = Resources {
+        cpu: MilliCpu(1500),
+        memory: Bytes(512 << 20),
+        storage: Bytes(2 << 30),
+    };
+    h.send(Request::Resize(bigger));
+    let o = h
+        .status
+        .wait_for(|o| o.resize_pending.is_some())
+        .await
+        .unwrap()
+        .clone();
+    let pending = o.resize_pending.unwrap();
+    assert!(pending.contains("Permission denied"), "{pending}");
+    assert!(pending.contains("storage 2GiB"), "{pending}");
+    assert_eq!(h.rt.host().limits, [bigger]);
+    // The new resources were recorded (the intent) before they were applied.
+    assert_eq!(h.rt.host().records.last().unwrap().spec.resources, bigger);
+    // The engine was not restarted, and the grow is retried until it lands.
+    assert_eq!(h.rt.host().spawned.len(), 1);
+    h.status
+        .wait_for(|o| o.resize_pending.is_none())
+        .await
+        .unwrap();
+    assert_eq!(h.status.borrow().state, TenantState::Running);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_leaves_the_engine_running() {
+    let mut h = new_tenant();
+    h.wait_state(TenantState::Running).await;
+    h.send(Request::Shutdown { stop_engine: false });
+    let steps = {
+        let rt = h.rt.clone();
+        h.task.await.unwrap();
+        let steps = rt.host().steps.clone();
+        steps
+    };
+    assert!(
+        !steps.iter().any(|s| s == "stop" || s == "kill_all"),
+        "{steps:?}"
+    );
+}

@@ -195,7 +195,10 @@ pub fn prepare_state_dir(dir: &Path) -> Result<PathBuf, HostError> {
     // Tenants reach `<state_dir>/run/<uid>` as their own uid: every directory on the way must
     // let others pass. Refused here, at start, rather than as a failed init per tenant later.
     for ancestor in dir.ancestors() {
-        let mode = std::fs::metadata(ancestor).map_err(io)?.permissions().mode();
+        let mode = std::fs::metadata(ancestor)
+            .map_err(io)?
+            .permissions()
+            .mode();
         if mode & 0o001 == 0 {
             return Err(HostError::StateDirClosed {
                 state_dir: dir.to_path_buf(),

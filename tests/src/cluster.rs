@@ -87,6 +87,8 @@ pub struct Agent {
     pub ports: (u16, u16),
     pub proc: Option<ProcGuard>,
     args: Vec<String>,
+    /// Extra environment for the agent's next start (`FAILPOINTS` in the crash tests).
+    pub env: Vec<(String, String)>,
     log: PathBuf,
 }
 
@@ -285,6 +287,7 @@ impl Cluster {
             ports,
             proc: None,
             args,
+            env: Vec::new(),
             log,
         });
         let i = self.agents.len() - 1;
@@ -294,10 +297,11 @@ impl Cluster {
 
     pub fn start_agent(&mut self, i: usize) {
         let a = &mut self.agents[i];
-        a.proc = Some(ProcGuard::spawn(
+        a.proc = Some(ProcGuard::spawn_with_env(
             &self.bins.join("dormant-agent"),
             &a.args,
             &a.log,
+            &a.env,
         ));
         let node_id = a.node_id.clone();
         wait_until(Duration::from_secs(30), "the node to be ready", || {
@@ -322,6 +326,15 @@ impl Cluster {
         if let Some(mut p) = self.agents[i].proc.take() {
             p.kill();
         }
+    }
+
+    /// Waits until agent `i` exits by itself (a crash point killed it); returns how it ended.
+    pub fn wait_agent_exit(&mut self, i: usize, timeout: Duration) -> std::process::ExitStatus {
+        let status = wait_until(timeout, "the agent to exit", || {
+            self.agents[i].proc.as_mut().and_then(ProcGuard::try_wait)
+        });
+        self.agents[i].proc = None;
+        status
     }
 
     pub fn agent_log(&self, i: usize) -> String {

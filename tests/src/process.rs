@@ -16,6 +16,16 @@ pub struct ProcGuard {
 
 impl ProcGuard {
     pub fn spawn(bin: &Path, args: &[String], log: &Path) -> Self {
+        Self::spawn_with_env(bin, args, log, &[])
+    }
+
+    /// `spawn` with extra environment variables (the crash tests arm crash points this way).
+    pub fn spawn_with_env(
+        bin: &Path,
+        args: &[String],
+        log: &Path,
+        env: &[(String, String)],
+    ) -> Self {
         let file = std::fs::File::options()
             .create(true)
             .append(true)
@@ -27,6 +37,7 @@ impl ProcGuard {
             .stdout(file.try_clone().expect("clone log"))
             .stderr(file)
             .env("RUST_LOG", "info,openraft=warn,dormant_scheduler=debug")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
         Self {

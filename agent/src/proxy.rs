@@ -99,18 +99,29 @@ async fn forward(
     mut ready: watch::Receiver<bool>,
     stats: Arc<ProxyStats>,
 ) {
-    if tokio::time::timeout(READY_WAIT, ready.wait_for(|r| *r))
-        .await
-        .is_err()
-    {
-        debug!(%peer, "engine not ready in time; closing client connection");
-        return;
-    }
-    let mut engine = match crate::tenant_fs::connect_socket(&socket, owner).await {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(%peer, socket = %socket.display(), error = %e, "connect to engine socket");
+    let deadline = tokio::time::Instant::now() + READY_WAIT;
+    let mut engine = loop {
+        if !matches!(
+            tokio::time::timeout_at(deadline, ready.wait_for(|r| *r)).await,
+            Ok(Ok(_))
+        ) {
+            // Not ready in time, or the tenant's task is gone (deleted, agent exiting).
+            debug!(%peer, "engine not ready in time; closing client connection");
             return;
+        }
+        match crate::tenant_fs::connect_socket(&socket, owner).await {
+            Ok(s) => break s,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                // The engine went away after it was ready (a crash the supervisor is about to
+                // see): the client waits for the next ready engine instead of being dropped.
+                debug!(%peer, error = %e, "engine socket refused; waiting for the engine");
+                let pause = tokio::time::Instant::now() + Duration::from_millis(50);
+                let _ = tokio::time::timeout_at(pause.min(deadline), ready.changed()).await;
+            }
+            Err(e) => {
+                warn!(%peer, socket = %socket.display(), error = %e, "connect to engine socket");
+                return;
+            }
         }
     };
     stats.open_connections.fetch_add(1, Ordering::Relaxed);

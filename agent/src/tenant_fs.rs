@@ -96,6 +96,43 @@ pub fn write_atomic(path: &Path, content: &[u8]) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Removes the file at `base/rel`, where everything below `base` is the tenant's: each directory
+/// on the way is opened with `O_NOFOLLOW` relative to the one before, so a symlink the tenant
+/// planted anywhere in `rel` is refused, never followed. Missing is fine.
+pub fn remove_below(base: &Path, rel: &Path) -> std::io::Result<()> {
+    use nix::fcntl::{open, openat, OFlag};
+    use nix::sys::stat::Mode;
+    use nix::unistd::{unlinkat, UnlinkatFlags};
+    let dir_flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
+    let parts: Vec<_> = rel.components().collect();
+    let Some((last, dirs)) = parts.split_last() else {
+        return Err(refused(rel, "no file name"));
+    };
+    let not_found_is_fine = |r: nix::Result<()>| match r {
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(e) => Err(std::io::Error::from(e)),
+    };
+    let mut dir = match open(base, dir_flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for part in dirs {
+        let std::path::Component::Normal(name) = part else {
+            return Err(refused(rel, "must be a plain relative path"));
+        };
+        dir = match openat(&dir, *name, dir_flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+    }
+    let std::path::Component::Normal(name) = last else {
+        return Err(refused(rel, "must be a plain relative path"));
+    };
+    not_found_is_fine(unlinkat(&dir, *name, UnlinkatFlags::NoRemoveDir))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +183,27 @@ mod tests {
         let other = Uid::from_raw(uid.as_raw().wrapping_add(1));
         let err = connect_socket(&real, other).await.unwrap_err();
         assert!(err.to_string().contains("not owned by the tenant"), "{err}");
+    }
+
+    #[test]
+    fn remove_below_never_follows_a_planted_directory_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("data");
+        std::fs::create_dir_all(base.join("pgdata")).unwrap();
+        std::fs::write(base.join("pgdata/postmaster.pid"), "1\n").unwrap();
+        remove_below(&base, Path::new("pgdata/postmaster.pid")).unwrap();
+        assert!(!base.join("pgdata/postmaster.pid").exists());
+        // Missing is fine.
+        remove_below(&base, Path::new("pgdata/postmaster.pid")).unwrap();
+        remove_below(&base, Path::new("nothing/here")).unwrap();
+        // A tenant replaces pgdata with a link to a host directory: the host file stays.
+        let host = dir.path().join("host");
+        std::fs::create_dir(&host).unwrap();
+        std::fs::write(host.join("postmaster.pid"), "precious").unwrap();
+        std::fs::remove_dir(base.join("pgdata")).unwrap();
+        std::os::unix::fs::symlink(&host, base.join("pgdata")).unwrap();
+        assert!(remove_below(&base, Path::new("pgdata/postmaster.pid")).is_err());
+        assert!(host.join("postmaster.pid").exists());
     }
 
     #[test]

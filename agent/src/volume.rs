@@ -269,6 +269,13 @@ impl Volume {
             return Ok(());
         }
         run("losetup", &["--set-capacity", &device], &self.image)?;
+        // Tests make the online grow fail on any host (it fails for real without
+        // CAP_SYS_RESOURCE); compiled out unless the `failpoints` feature is on.
+        fail::fail_point!("volume.resize2fs", |_| Err(VolumeError::Tool {
+            program: "resize2fs",
+            path: self.image.clone(),
+            message: "failed (injected by the volume.resize2fs failpoint)".into(),
+        }));
         run("resize2fs", &[&device], &self.image).map_err(|e| match e {
             VolumeError::Tool { message, .. } if message.contains("Permission denied") => {
                 VolumeError::Tool {

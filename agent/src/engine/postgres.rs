@@ -72,17 +72,6 @@ pub fn pid_file_says_ready(content: &str) -> bool {
     content.lines().nth(7).map(str::trim) == Some("ready")
 }
 
-/// Ready, and written by a postmaster that started at or after `not_before` (Unix seconds; its
-/// third line is the start time): a pid file left by the previous run says `ready` too, and
-/// trusting it would send clients to an engine still in recovery.
-pub fn pid_file_says_ready_since(content: &str, not_before: u64) -> bool {
-    let started = content
-        .lines()
-        .nth(2)
-        .and_then(|l| l.trim().parse::<u64>().ok());
-    pid_file_says_ready(content) && started.is_some_and(|s| s >= not_before)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,10 +83,6 @@ mod tests {
         assert!(!pid_file_says_ready(starting));
         assert!(pid_file_says_ready(ready));
         assert!(!pid_file_says_ready("123\n"));
-        assert!(pid_file_says_ready_since(ready, 1_700_000_000));
-        // The previous run's file: ready, but from before this start.
-        assert!(!pid_file_says_ready_since(ready, 1_700_000_001));
-        assert!(!pid_file_says_ready_since(starting, 0));
     }
 
     #[test]

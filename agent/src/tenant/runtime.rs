@@ -137,8 +137,6 @@ pub struct HostRuntime {
     ready: watch::Receiver<bool>,
     /// Processes this agent started (we are the subreaper): reaped if no `Watched` did.
     children: Arc<Mutex<BTreeSet<i32>>>,
-    /// When the engine being started was spawned (Unix seconds); `None` for an adopted one.
-    spawned_at: Option<u64>,
 }
 
 /// Runs `f` on a blocking thread.
@@ -166,7 +164,6 @@ impl HostRuntime {
             proxy: None,
             ready,
             children: Arc::default(),
-            spawned_at: None,
             host,
         }
     }
@@ -386,13 +383,6 @@ fn remove_host(
     }
 }
 
-fn now_unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Runtime for HostRuntime {
     type Engine = Watched;
 
@@ -479,7 +469,6 @@ impl Runtime for HostRuntime {
             return None;
         }
         let watched = Watched::new(pid).ok()?;
-        self.spawned_at = None;
         info!(pid, "adopted running engine");
         Some(watched)
     }
@@ -501,15 +490,22 @@ impl Runtime for HostRuntime {
             tenant_fs::write_private(&path, &engine_ctx.fill(content), uid, gid)
                 .map_err(io_err("write", &path))?;
         }
+        // Readiness is proven afresh: the previous run's pid file says `ready` too (it stays
+        // behind when the engine is killed), and trusting it would send clients to an engine
+        // still in crash recovery. Nothing of the tenant runs now, so nothing else writes it.
+        if let Readiness::PidFileStatus(path) = &engine.readiness {
+            let path = ctx.fill_path(path);
+            if let Ok(rel) = path.strip_prefix(&self.paths.data) {
+                tenant_fs::remove_below(&self.paths.data, rel)
+                    .map_err(io_err("remove the previous run's", &path))?;
+            }
+        }
         let argv = engine_ctx.fill_argv(&engine.start);
-        // Taken before the spawn: the engine's own start time cannot be earlier.
-        let started = now_unix_secs();
         let watched = Watched::new(self.spawn(&argv)?)?;
         crash_point!("start.after_spawn");
         let pid_file = self.paths.pid_file();
         tenant_fs::write_atomic(&pid_file, watched.pid().to_string().as_bytes())
             .map_err(io_err("write", &pid_file))?;
-        self.spawned_at = Some(started);
         info!(pid = watched.pid(), engine = %engine.name, "engine started");
         Ok(watched)
     }
@@ -522,10 +518,7 @@ impl Runtime for HostRuntime {
         loop {
             let ready = match &engine.readiness {
                 Readiness::PidFileStatus(path) => tenant_fs::read_small(&ctx.fill_path(path), 4096)
-                    .map(|c| match self.spawned_at {
-                        Some(since) => postgres::pid_file_says_ready_since(&c, since),
-                        None => postgres::pid_file_says_ready(&c),
-                    })
+                    .map(|c| postgres::pid_file_says_ready(&c))
                     .unwrap_or(false),
                 Readiness::SocketAccepts => {
                     tenant_fs::connect_socket(&ctx.fill_path(&engine.socket), uid)

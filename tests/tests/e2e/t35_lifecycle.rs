@@ -1,0 +1,229 @@
+//! The tenant's lifecycle on the agent, tried the ways that used to break it (issue 13): an
+//! engine killed with SIGKILL, a delete of an engine that is not ready yet after an agent restart,
+//! a resize whose storage grow fails, an agent restart that must not look like an engine restart,
+//! and a state directory tenants cannot pass through.
+
+use std::time::Duration;
+
+use dormant_tests::{psql, redis_cli, require_root, wait_until, CgroupVersion, Cluster};
+
+/// Clients that connect while a SIGKILLed PostgreSQL restarts wait and then get answers; none is
+/// let through before the new engine really answers (no "the database system is starting up").
+#[test]
+fn clients_during_an_engine_restart_wait_and_succeed() {
+    if !require_root("clients_during_an_engine_restart_wait_and_succeed") {
+        return;
+    }
+    let mut cluster = Cluster::start("t35k");
+    cluster.add_agent("n1");
+    let t = cluster.create_tenant("phoenix", "0.5", "256MiB", "256MiB");
+    let uri = t["credentials"]["uri"].as_str().unwrap().to_string();
+    psql(&uri, "CREATE TABLE t(v int); INSERT INTO t VALUES (7)").unwrap();
+    let pid = cluster.engine_pid(0, "phoenix");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Clients arriving over the next second and a half: during the crash, the backoff, the
+    // crash recovery of the new postmaster.
+    let clients: Vec<_> = (0..6)
+        .map(|i| {
+            let uri = uri.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(250 * i));
+                psql(&uri, "SELECT v FROM t")
+            })
+        })
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        assert_eq!(
+            c.join().unwrap(),
+            Ok("7".to_string()),
+            "client {i} during the restart"
+        );
+    }
+    assert_ne!(cluster.engine_pid(0, "phoenix"), pid, "a new engine runs");
+    assert_eq!(cluster.tenant("phoenix")["state"], "running");
+}
+
+const SLOW_ENGINE: &str = r#"
+[engines.slowpoke]
+# Ignores SIGTERM (as PID 1 without handlers, like a PostgreSQL that has not installed them yet)
+# and takes seconds before it listens.
+start = ["/bin/sh", "-c", "trap '' TERM; sleep 8; exec /usr/bin/redis-server --port 0 --unixsocket {run}/slow.sock --unixsocketperm 700 --dir {data}"]
+socket = "{run}/slow.sock"
+stop_signal = "SIGTERM"
+stop_timeout_ms = 600000
+"#;
+
+/// The engine died while the agent was down; the restarted agent starts it again; a delete
+/// arriving before it is ready kills it instead of waiting out its 10-minute stop timeout.
+#[test]
+fn deleting_an_engine_that_is_not_ready_does_not_wait_out_its_stop_timeout() {
+    if !require_root("deleting_an_engine_that_is_not_ready_does_not_wait_out_its_stop_timeout") {
+        return;
+    }
+    let mut cluster = Cluster::start("t35d");
+    let config = cluster.dir().join("agent.toml");
+    std::fs::write(&config, SLOW_ENGINE).unwrap();
+    cluster.add_agent_with("n1", &["--config", config.to_str().unwrap()]);
+    cluster.create_running("slow", "slowpoke", ["0.25", "128MiB", "128MiB"]);
+
+    cluster.kill_agent(0);
+    // The engine dies while its agent is down.
+    let cgroup = cluster.tenant_cgroup_handle("n1", "slow");
+    cgroup.kill_all().unwrap();
+    cluster.start_agent(0);
+    // The restarted agent found no engine to adopt and started one; it is not ready yet.
+    wait_until(
+        Duration::from_secs(30),
+        "the engine to be started again",
+        || {
+            cluster
+                .agent_log(0)
+                .rsplit("resuming tenant found on disk")
+                .next()?
+                .contains("engine started")
+                .then_some(())
+        },
+    );
+    let out = cluster.ctl(&["tenant", "delete", "slow", "--no-wait"]);
+    assert!(out.success, "{}", out.stderr);
+    // Far inside the stop timeout (600 s): this wait only stops a hung test.
+    wait_until(Duration::from_secs(60), "the tenant to be gone", || {
+        cluster
+            .ctl_json(&["tenant", "list"])
+            .as_array()?
+            .is_empty()
+            .then_some(())
+    });
+    assert!(cgroup.pids().unwrap_or_default().is_empty());
+}
+
+/// CPU and memory take effect at once even when the storage grow fails; `tenant get` shows the
+/// grow pending with its reason, and the engine keeps running.
+#[test]
+fn a_failing_storage_grow_does_not_hold_back_cpu_and_memory() {
+    if !require_root("a_failing_storage_grow_does_not_hold_back_cpu_and_memory") {
+        return;
+    }
+    let mut cluster = Cluster::start("t35r");
+    cluster.add_agent("n1");
+    // The online grow fails on any host (it fails for real without CAP_SYS_RESOURCE).
+    cluster.agents[0].env = vec![("FAILPOINTS".into(), "volume.resize2fs=return".into())];
+    cluster.kill_agent(0);
+    cluster.start_agent(0);
+    let t = cluster.create_running("stretch", "redis", ["0.25", "128MiB", "128MiB"]);
+    let pid = cluster.engine_pid(0, "stretch");
+    let out = cluster.ctl(&[
+        "tenant",
+        "update",
+        "stretch",
+        "--cpu",
+        "1.5",
+        "--memory",
+        "256MiB",
+        "--storage",
+        "256MiB",
+    ]);
+    assert!(out.success, "{}", out.stderr);
+
+    let (cpu_file, cpu_value, mem_file) = match CgroupVersion::of_host() {
+        CgroupVersion::V1 => (
+            cluster
+                .tenant_cgroup("n1", "stretch", "cpu")
+                .join("cpu.cfs_quota_us"),
+            "150000",
+            cluster
+                .tenant_cgroup("n1", "stretch", "memory")
+                .join("memory.limit_in_bytes"),
+        ),
+        CgroupVersion::V2 => (
+            cluster.tenant_cgroup("n1", "stretch", "").join("cpu.max"),
+            "150000 100000",
+            cluster
+                .tenant_cgroup("n1", "stretch", "")
+                .join("memory.max"),
+        ),
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "the new CPU and memory limits",
+        || {
+            let cpu = std::fs::read_to_string(&cpu_file).ok()?;
+            let mem = std::fs::read_to_string(&mem_file).ok()?;
+            (cpu.trim() == cpu_value && mem.trim() == (256u64 << 20).to_string()).then_some(())
+        },
+    );
+    let pending = wait_until(
+        Duration::from_secs(20),
+        "the pending grow in tenant get",
+        || {
+            let v = cluster.tenant("stretch");
+            let p = v["resize_pending"].as_str()?.to_string();
+            (!p.is_empty()).then_some(p)
+        },
+    );
+    assert!(pending.contains("storage 256MiB"), "{pending}");
+    assert!(pending.contains("volume.resize2fs"), "{pending}");
+    let text = cluster.ctl(&["tenant", "get", "stretch"]);
+    assert!(text.stdout.contains("storage 256MiB"), "{}", text.stdout);
+    assert_eq!(cluster.engine_pid(0, "stretch"), pid);
+    let password = t["credentials"]["password"].as_str().unwrap();
+    let endpoint = t["endpoint"].as_str().unwrap();
+    assert_eq!(redis_cli(endpoint, password, &["PING"]), Ok("PONG".into()));
+}
+
+/// An agent kill -9 and restart adopts the engines and writes no Raft entry: adopted tenants are
+/// never reported `starting`.
+#[test]
+fn an_agent_restart_is_not_reported_as_an_engine_restart() {
+    if !require_root("an_agent_restart_is_not_reported_as_an_engine_restart") {
+        return;
+    }
+    let mut cluster = Cluster::start("t35a");
+    cluster.add_agent("n1");
+    cluster.create_running("steady", "redis", ["0.25", "128MiB", "128MiB"]);
+    cluster.create_running("calm", "redis", ["0.25", "128MiB", "128MiB"]);
+    let applied = |c: &Cluster| c.ctl_json(&["cluster", "status"])["applied_index"].clone();
+    let before = applied(&cluster);
+    for _ in 0..3 {
+        cluster.kill_agent(0);
+        cluster.start_agent(0);
+        wait_until(Duration::from_secs(30), "both engines adopted", || {
+            let log = cluster.agent_log(0);
+            let last = log.rsplit("swept the host at start").next()?;
+            (last.matches("adopted running engine").count() == 2).then_some(())
+        });
+        // A few heartbeats after the adoption.
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    assert_eq!(
+        applied(&cluster),
+        before,
+        "an agent restart wrote Raft entries"
+    );
+    assert_eq!(cluster.tenant("steady")["state"], "running");
+    assert_eq!(cluster.tenant("steady")["usage"]["restarts"], 0);
+}
+
+/// A state directory that tenants cannot pass through is refused at start, with the directory
+/// and the mode it needs, instead of failing every create later.
+#[test]
+fn a_state_dir_closed_to_tenants_is_refused_at_start() {
+    if !require_root("a_state_dir_closed_to_tenants_is_refused_at_start") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = Cluster::start("t35p");
+    let dir = cluster.dir().to_path_buf();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (status, log) = cluster.agent_refusing_to_start("n1", &[]);
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(!status.success());
+    assert!(log.contains("mode 0700"), "{log}");
+    assert!(log.contains(&dir.display().to_string()), "{log}");
+    assert!(log.contains("o+x"), "{log}");
+}

@@ -103,6 +103,9 @@ impl TenantSpec {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
+    /// The cluster's identity, proposed by the leader while the state has none. Only the first
+    /// one applied counts: agents record it and refuse any other, so it never changes.
+    SetClusterId(String),
     RegisterNode(NodeRecord),
     /// Create a tenant; `node` is the leader's placement, or `None` with `pending_reason`.
     CreateTenant {
@@ -200,6 +203,9 @@ pub type ApplyResult = Result<Outcome, ApplyError>;
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(from = "StoredClusterState")]
 pub struct ClusterState {
+    /// Chosen once by the first leader (`SetClusterId`); `None` only until then, or in a state
+    /// written before identities existed (its leader then chooses one).
+    pub cluster_id: Option<String>,
     pub nodes: BTreeMap<NodeName, NodeRecord>,
     pub tenants: BTreeMap<TenantName, TenantRecord>,
     /// Derived from `tenants`, never stored: what each node holds. Placement asks it on every
@@ -218,6 +224,8 @@ struct NodeLoad {
 /// `ClusterState` as it is read from snapshots: without the derived index, which is rebuilt.
 #[derive(Deserialize)]
 struct StoredClusterState {
+    #[serde(default)]
+    cluster_id: Option<String>,
     nodes: BTreeMap<NodeName, NodeRecord>,
     tenants: BTreeMap<TenantName, TenantRecord>,
 }
@@ -225,6 +233,7 @@ struct StoredClusterState {
 impl From<StoredClusterState> for ClusterState {
     fn from(stored: StoredClusterState) -> Self {
         let mut state = ClusterState {
+            cluster_id: stored.cluster_id,
             nodes: stored.nodes,
             tenants: BTreeMap::new(),
             by_node: BTreeMap::new(),
@@ -242,10 +251,12 @@ impl Serialize for ClusterState {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         #[derive(Serialize)]
         struct Stored<'a> {
+            cluster_id: &'a Option<String>,
             nodes: &'a BTreeMap<NodeName, NodeRecord>,
             tenants: &'a BTreeMap<TenantName, TenantRecord>,
         }
         Stored {
+            cluster_id: &self.cluster_id,
             nodes: &self.nodes,
             tenants: &self.tenants,
         }
@@ -403,6 +414,15 @@ impl ClusterState {
 
     fn apply_inner(&mut self, index: u64, command: Command) -> ApplyResult {
         match command {
+            Command::SetClusterId(id) => {
+                // A leader that had not applied an earlier choice yet may propose a second one:
+                // the first in the log wins on every replica.
+                if self.cluster_id.is_some() {
+                    return Ok(Outcome::Nothing);
+                }
+                self.cluster_id = Some(id);
+                Ok(Outcome::Nothing)
+            }
             Command::RegisterNode(mut node) => {
                 // Cordoning is the operator's, not the agent's: a re-registration keeps it.
                 node.cordoned = self.nodes.get(&node.id).is_some_and(|n| n.cordoned);
@@ -975,6 +995,22 @@ mod tests {
         };
         assert_eq!(t3.port, Some(20002));
         assert!(!st.node_views()[0].has_free_port);
+    }
+
+    #[test]
+    fn the_first_cluster_id_applied_is_kept_and_survives_a_snapshot() {
+        let mut st = ClusterState::default();
+        assert_eq!(st.cluster_id, None);
+        st.apply(1, Command::SetClusterId("3a".into())).unwrap();
+        // A second leader's proposal (it had not applied the first yet) changes nothing.
+        assert_eq!(
+            st.apply(2, Command::SetClusterId("9f".into())),
+            Ok(Outcome::Nothing)
+        );
+        assert_eq!(st.cluster_id.as_deref(), Some("3a"));
+        let back: ClusterState =
+            serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
+        assert_eq!(back.cluster_id.as_deref(), Some("3a"));
     }
 
     #[test]

@@ -374,10 +374,10 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Top::Cluster(cmd) => {
-            let s = match cmd {
+            let reply = match cmd {
                 ClusterCmd::Status => {
                     replicas
-                        .call(true, |mut c| async move {
+                        .call_keeping_metadata(true, |mut c| async move {
                             c.cluster_status(pb::ClusterStatusRequest { stale }).await
                         })
                         .await?
@@ -386,7 +386,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 ClusterCmd::AddLearner { id, address } => {
                     let req = pb::AddLearnerRequest { id, address };
                     replicas
-                        .call(false, |mut c| {
+                        .call_keeping_metadata(false, |mut c| {
                             let r = req.clone();
                             async move { c.add_learner(r).await }
                         })
@@ -394,23 +394,25 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 }
                 ClusterCmd::Promote { id } => {
                     replicas
-                        .call(false, |mut c| async move {
+                        .call_keeping_metadata(false, |mut c| async move {
                             c.promote_member(pb::PromoteMemberRequest { id }).await
                         })
                         .await?
                 }
                 ClusterCmd::Remove { id } => {
                     replicas
-                        .call(false, |mut c| async move {
+                        .call_keeping_metadata(false, |mut c| async move {
                             c.remove_member(pb::RemoveMemberRequest { id }).await
                         })
                         .await?
                 }
             };
+            let cluster_id = ctl::cluster_id_of(&reply);
+            let s = reply.into_inner();
             if json {
-                print_json(&output::cluster_json(&s));
+                print_json(&output::cluster_json(&s, cluster_id.as_deref()));
             } else {
-                println!("{}", output::cluster_table(&s));
+                println!("{}", output::cluster_table(&s, cluster_id.as_deref()));
             }
         }
     }

@@ -79,13 +79,15 @@ pub fn node_json(n: &pb::Node) -> Value {
     })
 }
 
-pub fn cluster_json(c: &pb::ClusterStatusResponse) -> Value {
+/// `cluster_id` is `None` until the cluster's first leader has chosen it.
+pub fn cluster_json(c: &pb::ClusterStatusResponse, cluster_id: Option<&str>) -> Value {
     let members: Vec<Value> = c
         .members
         .iter()
         .map(|m| json!({"id": m.id, "address": m.address, "role": m.role, "lag": m.lag}))
         .collect();
     json!({
+        "cluster_id": cluster_id,
         "this_id": c.this_id,
         "leader_id": if c.leader_id == 0 { Value::Null } else { json!(c.leader_id) },
         "term": c.term,
@@ -257,7 +259,7 @@ pub fn nodes_table(nodes: &[pb::Node]) -> String {
     )
 }
 
-pub fn cluster_table(c: &pb::ClusterStatusResponse) -> String {
+pub fn cluster_table(c: &pb::ClusterStatusResponse, cluster_id: Option<&str>) -> String {
     let leader = if c.leader_id == 0 {
         "none".to_string()
     } else {
@@ -281,7 +283,8 @@ pub fn cluster_table(c: &pb::ClusterStatusResponse) -> String {
         })
         .collect();
     format!(
-        "{head}\n{}",
+        "cluster: {}\n{head}\n{}",
+        cluster_id.unwrap_or("(identity not chosen yet)"),
         table(&["ID", "ADDRESS", "ROLE", "LAG"], &rows)
     )
 }
@@ -346,6 +349,19 @@ mod tests {
             assert!(out.contains(expected), "{expected:?} not in:\n{out}");
         }
         assert!(!out.contains("stalled"), "no pressure on v1: {out}");
+    }
+
+    #[test]
+    fn cluster_status_names_the_cluster() {
+        let s = pb::ClusterStatusResponse {
+            leader_id: 1,
+            this_id: 1,
+            ..Default::default()
+        };
+        assert!(cluster_table(&s, Some("3a7f")).starts_with("cluster: 3a7f\nleader: 1"));
+        assert!(cluster_table(&s, None).starts_with("cluster: (identity not chosen yet)"));
+        assert_eq!(cluster_json(&s, Some("3a7f"))["cluster_id"], "3a7f");
+        assert_eq!(cluster_json(&s, None)["cluster_id"], Value::Null);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The agent API: hosts register, then heartbeat. A heartbeat records liveness and usage in the
 //! leader's memory (a follower forwards it), commits only *changes* (a down node back, a tenant's
-//! new state), and answers with the node's desired tenant set.
+//! new state), and answers with the node's desired tenant set. Every answer names the cluster,
+//! which agents check against the one they belong to; until the cluster has an identity there is
+//! no answer.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -24,6 +26,18 @@ pub struct AgentService {
 
 pub fn server(app: Arc<App>) -> AgentApiServer<AgentService> {
     AgentApiServer::new(AgentService { app })
+}
+
+/// The cluster's identity for an answer. An agent records the first it hears and refuses every
+/// other, so an answer without one would be refused (or, from a new agent, never be checked):
+/// there is none until the leader has chosen it, moments after the cluster first has a leader.
+fn cluster_id(app: &App) -> Result<String, Status> {
+    app.state
+        .read()
+        .cluster
+        .cluster_id
+        .clone()
+        .ok_or_else(|| Status::unavailable("cluster identity not chosen yet; retry shortly"))
 }
 
 fn parse_node(id: &str) -> Result<NodeName, Status> {
@@ -77,6 +91,9 @@ impl AgentApi for AgentService {
             return AgentApiClient::new(leader).register(req).await;
         }
         let record = parse_registration(req.into_inner())?;
+        // Before anything is proposed: an agent must not join a cluster it cannot tell apart.
+        // Once chosen the identity never changes, so this is the one to answer with.
+        let cluster_id = cluster_id(&self.app)?;
         // Unchanged apart from the cordon (which the agent does not know): nothing to commit.
         let unchanged = self
             .app
@@ -97,7 +114,7 @@ impl AgentApi for AgentService {
         self.app.liveness().touch(&record.id, Instant::now());
         info!(node_id = %record.id, address = %record.address, "node registered");
         self.app.placer.notify_one();
-        Ok(Response::new(pb::RegisterResponse::default()))
+        Ok(Response::new(pb::RegisterResponse { cluster_id }))
     }
 
     async fn heartbeat(
@@ -137,6 +154,7 @@ impl AgentApi for AgentService {
             req.usage.unwrap_or_default(),
             observed.iter().map(|(n, _, _, _, u)| (n.clone(), *u)),
         );
+        let cluster_id = cluster_id(&self.app)?;
 
         // Work out the transitions to commit, from the applied state.
         let mut commands = Vec::new();
@@ -146,6 +164,7 @@ impl AgentApi for AgentService {
             let Some(record) = cluster.nodes.get(&node) else {
                 return Ok(Response::new(pb::HeartbeatResponse {
                     register_again: true,
+                    cluster_id,
                     ..Default::default()
                 }));
             };
@@ -224,7 +243,7 @@ impl AgentApi for AgentService {
             version,
             tenants,
             register_again: false,
-            cluster_id: String::new(),
+            cluster_id,
         }))
     }
 }

@@ -157,6 +157,25 @@ fn tenant_of(outcome: Outcome) -> Result<crate::state::TenantRecord, Status> {
     }
 }
 
+/// The gRPC metadata key that carries the cluster's identity with every answer about the
+/// cluster's membership (`ClusterStatusResponse` has no field for it yet).
+pub const CLUSTER_ID_METADATA: &str = "dormant-cluster-id";
+
+/// `status` with this replica's view of the cluster identity in the answer's metadata (none
+/// until the first leader has chosen it, or this replica has applied that choice).
+fn with_cluster_id(
+    app: &App,
+    status: pb::ClusterStatusResponse,
+) -> Response<pb::ClusterStatusResponse> {
+    let mut response = Response::new(status);
+    let id = app.state.read().cluster.cluster_id.clone();
+    // An id is hex, always a valid header value; one that were not would be left out.
+    if let Some(value) = id.and_then(|id| id.parse().ok()) {
+        response.metadata_mut().insert(CLUSTER_ID_METADATA, value);
+    }
+    response
+}
+
 /// Answers the call on the leader: a follower returns the leader's answer.
 macro_rules! on_leader {
     ($self:ident, $req:ident, $stale:expr, $method:ident) => {
@@ -387,7 +406,10 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let stale = req.get_ref().stale;
         on_leader!(self, req, stale, cluster_status);
-        Ok(Response::new(membership::status(&self.app).await?))
+        Ok(with_cluster_id(
+            &self.app,
+            membership::status(&self.app).await?,
+        ))
     }
 
     async fn add_learner(
@@ -397,7 +419,10 @@ impl Operator for OperatorService {
         on_leader!(self, req, false, add_learner);
         let req = req.into_inner();
         membership::add_learner(&self.app, req.id, req.address).await?;
-        Ok(Response::new(membership::status(&self.app).await?))
+        Ok(with_cluster_id(
+            &self.app,
+            membership::status(&self.app).await?,
+        ))
     }
 
     async fn promote_member(
@@ -406,7 +431,10 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         on_leader!(self, req, false, promote_member);
         membership::promote(&self.app, req.into_inner().id).await?;
-        Ok(Response::new(membership::status(&self.app).await?))
+        Ok(with_cluster_id(
+            &self.app,
+            membership::status(&self.app).await?,
+        ))
     }
 
     async fn remove_member(
@@ -415,7 +443,10 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         on_leader!(self, req, false, remove_member);
         membership::remove(&self.app, req.into_inner().id).await?;
-        Ok(Response::new(membership::status(&self.app).await?))
+        Ok(with_cluster_id(
+            &self.app,
+            membership::status(&self.app).await?,
+        ))
     }
 
     async fn set_node_cordon(

@@ -101,6 +101,15 @@ impl TenantSpec {
     }
 }
 
+/// The tenant states an agent may report: what it sees of an engine it runs. The others are the
+/// scheduler's to decide (`pending`, `lost`, `deleting` through a delete) or not built yet
+/// (`hibernated`, `waking`); a report of one of them changes nothing.
+pub const AGENT_REPORTED_STATES: [TenantState; 3] = [
+    TenantState::Starting,
+    TenantState::Running,
+    TenantState::Failed,
+];
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// The cluster's identity, proposed by the leader while the state has none. Only the first
@@ -184,6 +193,8 @@ pub enum ApplyError {
     NodeNotFound(String),
     #[error("tenant {0:?} is being deleted")]
     Deleting(String),
+    #[error("state: tenant {tenant:?} reported {state}; an agent reports only starting, running or failed")]
+    NotReportable { tenant: String, state: TenantState },
     #[error("storage: {asked} asked, less than the {has} the tenant has; volumes only grow")]
     Shrink { asked: String, has: String },
     #[error("tenant {tenant} does not fit its node at the new size: {why}")]
@@ -595,6 +606,14 @@ impl ClusterState {
                 // Reports from a node the tenant is not on, or about a tenant being deleted, change nothing.
                 if tenant.node.as_ref() != Some(&node) || tenant.desired == DesiredState::Deleted {
                     return Ok(Outcome::Nothing);
+                }
+                // The heartbeat handler never proposes these; a log that holds one anyway (another
+                // version, a bug) must not make an agent the author of a scheduler's state.
+                if !AGENT_REPORTED_STATES.contains(&state) {
+                    return Err(ApplyError::NotReportable {
+                        tenant: name.to_string(),
+                        state,
+                    });
                 }
                 tenant.state = state;
                 tenant.reason = reason;
@@ -1011,6 +1030,54 @@ mod tests {
         let back: ClusterState =
             serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
         assert_eq!(back.cluster_id.as_deref(), Some("3a"));
+    }
+
+    #[test]
+    fn an_agent_reports_only_starting_running_or_failed_and_only_for_its_own_tenants() {
+        let mut st = node_a_with_tenant_t();
+        st.apply(3, Command::RegisterNode(node("b", res(2000, 4096, 100))))
+            .unwrap();
+        let observe = |node: &str, uid, state| Command::ObserveTenant {
+            node: NodeName::parse(node).unwrap(),
+            name: TenantName::parse("t").unwrap(),
+            uid,
+            state,
+            reason: None,
+        };
+        st.apply(4, observe("a", 2, TenantState::Running)).unwrap();
+        let before = st.clone();
+        for state in [
+            TenantState::Pending,
+            TenantState::Lost,
+            TenantState::Hibernated,
+            TenantState::Waking,
+            // Deleting is the agent's own word only for a tenant it was told to delete.
+            TenantState::Deleting,
+        ] {
+            let err = st.apply(5, observe("a", 2, state)).unwrap_err();
+            assert_eq!(
+                err,
+                ApplyError::NotReportable {
+                    tenant: "t".into(),
+                    state
+                }
+            );
+            assert!(err.to_string().starts_with("state: "), "{err}");
+            assert_eq!(st, before, "{state} changed the state");
+        }
+        // Node b speaking for a's tenant, or a for another tenant of the name, changes nothing.
+        assert_eq!(
+            st.apply(6, observe("b", 2, TenantState::Failed)),
+            Ok(Outcome::Nothing)
+        );
+        assert!(st.apply(7, observe("a", 99, TenantState::Failed)).is_err());
+        assert_eq!(st, before);
+        for state in AGENT_REPORTED_STATES {
+            let Outcome::Tenant(t) = st.apply(8, observe("a", 2, state)).unwrap() else {
+                panic!()
+            };
+            assert_eq!(t.state, state);
+        }
     }
 
     #[test]

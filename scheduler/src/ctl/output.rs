@@ -52,6 +52,7 @@ pub fn tenant_json(t: &pb::Tenant) -> Value {
         "constraints": t.constraints,
         "resources": resources_json(t.resources.as_ref()),
         "usage": usage,
+        "resize_pending": none_if_empty(&t.resize_pending),
     })
 }
 
@@ -177,6 +178,9 @@ pub fn tenant_detail(t: &pb::Tenant) -> String {
     let mut out = tenants_table(std::slice::from_ref(t));
     if !t.constraints.is_empty() {
         out.push_str(&format!("\nconstraints: {}", t.constraints.join(", ")));
+    }
+    if !t.resize_pending.is_empty() {
+        out.push_str(&format!("\nresize pending: {}", t.resize_pending));
     }
     let Some(u) = t.usage.as_ref() else {
         return out;

@@ -69,6 +69,10 @@ pub struct TenantRecord {
     /// While `Lost`: the state it had when its node went down, restored when the node returns.
     #[serde(default)]
     pub lost_from: Option<TenantState>,
+    /// Raised by each `tenant restart`; the agent restarts the engine once for every new value.
+    /// Records written before restarts existed read as 0.
+    #[serde(default)]
+    pub restart_generation: u64,
 }
 
 impl TenantRecord {
@@ -148,6 +152,11 @@ pub enum Command {
     DeleteTenant {
         name: TenantName,
     },
+    /// Restart a placed tenant's engine once: raises its restart generation.
+    RestartTenant {
+        name: TenantName,
+        uid: u64,
+    },
     /// An agent reported a tenant's state changed.
     ObserveTenant {
         node: NodeName,
@@ -193,6 +202,10 @@ pub enum ApplyError {
     NodeNotFound(String),
     #[error("tenant {0:?} is being deleted")]
     Deleting(String),
+    #[error(
+        "name: tenant {0:?} is pending: it runs on no node yet, so there is no engine to restart"
+    )]
+    NotPlaced(String),
     #[error("state: tenant {tenant:?} reported {state}; an agent reports only starting, running or failed")]
     NotReportable { tenant: String, state: TenantState },
     #[error("storage: {asked} asked, less than the {has} the tenant has; volumes only grow")]
@@ -487,6 +500,7 @@ impl ClusterState {
                     deleted_at: None,
                     constraints: spec.constraints,
                     lost_from: None,
+                    restart_generation: 0,
                 };
                 if let Some(node) = node {
                     // A placement that went stale leaves the tenant pending: the placer tries again.
@@ -593,6 +607,17 @@ impl ClusterState {
                     tenant.deleted_at = Some(index);
                     tenant.reason = None;
                 }
+                Ok(Outcome::Tenant(tenant.clone()))
+            }
+            Command::RestartTenant { name, uid } => {
+                let tenant = self.tenant_with_uid_mut(&name, uid)?;
+                if tenant.desired == DesiredState::Deleted {
+                    return Err(ApplyError::Deleting(name.to_string()));
+                }
+                if tenant.node.is_none() {
+                    return Err(ApplyError::NotPlaced(name.to_string()));
+                }
+                tenant.restart_generation += 1;
                 Ok(Outcome::Tenant(tenant.clone()))
             }
             Command::ObserveTenant {
@@ -1030,6 +1055,55 @@ mod tests {
         let back: ClusterState =
             serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
         assert_eq!(back.cluster_id.as_deref(), Some("3a"));
+    }
+
+    #[test]
+    fn a_snapshot_written_before_identities_and_restarts_loads() {
+        let st = node_a_with_tenant_t();
+        let mut json = serde_json::to_value(&st).unwrap();
+        json.as_object_mut().unwrap().remove("cluster_id");
+        json["tenants"]["t"]
+            .as_object_mut()
+            .unwrap()
+            .remove("restart_generation");
+        let back: ClusterState = serde_json::from_value(json).unwrap();
+        assert_eq!(back.cluster_id, None);
+        assert_eq!(back, st);
+    }
+
+    #[test]
+    fn restart_raises_the_generation_of_a_placed_tenant_and_refuses_the_others() {
+        let mut st = node_a_with_tenant_t();
+        let name = |n: &str| TenantName::parse(n).unwrap();
+        let restart = |n: &str, uid| Command::RestartTenant { name: name(n), uid };
+        for (index, want) in [(3, 1), (4, 2)] {
+            let Outcome::Tenant(t) = st.apply(index, restart("t", 2)).unwrap() else {
+                panic!()
+            };
+            assert_eq!(t.restart_generation, want);
+        }
+        // Another tenant of the same name (an older uid) is not this one.
+        assert_eq!(
+            st.apply(5, restart("t", 99)),
+            Err(ApplyError::TenantNotFound("t".into()))
+        );
+        create(&mut st, 6, "p", None).unwrap();
+        let before = st.clone();
+        let err = st.apply(7, restart("p", 6)).unwrap_err();
+        assert_eq!(err, ApplyError::NotPlaced("p".into()));
+        assert!(
+            err.to_string().starts_with("name: tenant \"p\" is pending"),
+            "{err}"
+        );
+        assert_eq!(st, before);
+        st.apply(8, Command::DeleteTenant { name: name("t") })
+            .unwrap();
+        let before = st.clone();
+        assert_eq!(
+            st.apply(9, restart("t", 2)),
+            Err(ApplyError::Deleting("t".into()))
+        );
+        assert_eq!(st, before);
     }
 
     #[test]

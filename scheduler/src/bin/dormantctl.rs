@@ -97,6 +97,9 @@ enum TenantCmd {
         #[arg(long, allow_hyphen_values = true)]
         storage: Option<String>,
     },
+    /// Restart a tenant's engine once, keeping its data (a failed tenant's way back). Its node
+    /// restarts the engine when its next heartbeat brings the new restart generation.
+    Restart { name: String },
     /// Show one tenant.
     Get { name: String },
     /// List all tenants.
@@ -320,6 +323,27 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 println!("tenant {name} is being deleted");
             } else {
                 println!("tenant {name} deleted");
+            }
+        }
+        Top::Tenant(TenantCmd::Restart { name }) => {
+            let req = pb::RestartTenantRequest { name };
+            // Resent only when nothing was proposed: each restart that is applied restarts the
+            // engine once more.
+            let t = replicas
+                .call(false, |mut c| {
+                    let r = req.clone();
+                    async move { c.restart_tenant(r).await }
+                })
+                .await?;
+            if json {
+                print_json(&output::tenant_json(&t));
+            } else {
+                println!("{}", output::tenants_table(std::slice::from_ref(&t)));
+                println!(
+                    "\nrestart generation {}: the tenant's node restarts its engine with its next \
+                     heartbeat",
+                    t.restart_generation
+                );
             }
         }
         Top::Tenant(TenantCmd::Credentials { name }) => {

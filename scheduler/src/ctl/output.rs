@@ -53,6 +53,7 @@ pub fn tenant_json(t: &pb::Tenant) -> Value {
         "resources": resources_json(t.resources.as_ref()),
         "usage": usage,
         "resize_pending": none_if_empty(&t.resize_pending),
+        "restart_generation": t.restart_generation,
     })
 }
 
@@ -178,6 +179,12 @@ pub fn tenant_detail(t: &pb::Tenant) -> String {
     let mut out = tenants_table(std::slice::from_ref(t));
     if !t.constraints.is_empty() {
         out.push_str(&format!("\nconstraints: {}", t.constraints.join(", ")));
+    }
+    if t.restart_generation > 0 {
+        out.push_str(&format!(
+            "\nrestart generation: {} (raised by each `tenant restart`)",
+            t.restart_generation
+        ));
     }
     if !t.resize_pending.is_empty() {
         out.push_str(&format!("\nresize pending: {}", t.resize_pending));
@@ -353,6 +360,33 @@ mod tests {
             assert!(out.contains(expected), "{expected:?} not in:\n{out}");
         }
         assert!(!out.contains("stalled"), "no pressure on v1: {out}");
+    }
+
+    #[test]
+    fn tenant_get_shows_a_pending_resize_and_the_restart_generation() {
+        let mut t = pb::Tenant {
+            name: "acme".into(),
+            state: "running".into(),
+            ..Default::default()
+        };
+        let plain = tenant_detail(&t);
+        assert!(!plain.contains("resize pending"), "{plain}");
+        assert!(!plain.contains("restart generation"), "{plain}");
+        assert_eq!(tenant_json(&t)["resize_pending"], Value::Null);
+        t.resize_pending = "storage 2GiB: resize2fs needs CAP_SYS_RESOURCE".into();
+        t.restart_generation = 3;
+        let out = tenant_detail(&t);
+        assert!(
+            out.contains("\nresize pending: storage 2GiB: resize2fs needs CAP_SYS_RESOURCE"),
+            "{out}"
+        );
+        assert!(out.contains("\nrestart generation: 3"), "{out}");
+        let v = tenant_json(&t);
+        assert_eq!(
+            v["resize_pending"],
+            "storage 2GiB: resize2fs needs CAP_SYS_RESOURCE"
+        );
+        assert_eq!(v["restart_generation"], 3);
     }
 
     #[test]

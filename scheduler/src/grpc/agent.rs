@@ -260,7 +260,7 @@ impl AgentApi for AgentService {
                     port: u32::from(t.port?),
                     password: t.password.clone(),
                     desired_state: t.desired.as_str().to_string(),
-                    restart_generation: 0,
+                    restart_generation: t.restart_generation,
                 })
             })
             .collect();

@@ -1,7 +1,7 @@
-//! The operator API: create, read, update and delete tenants, list and cordon nodes, show and
-//! change the scheduler's membership. A follower forwards every call to the leader unless the
-//! read asks for `stale`. Validation happens before anything is proposed, so a refused request
-//! changes nothing.
+//! The operator API: create, read, update, restart and delete tenants, list and cordon nodes,
+//! show and change the scheduler's membership. A follower forwards every call to the leader
+//! unless the read asks for `stale`. Validation happens before anything is proposed, so a refused
+//! request changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use super::convert::{credentials, node_to_pb, tenant_to_pb};
 use super::{forward, linearizable, membership, propose};
 use crate::app::App;
 use crate::placement;
-use crate::state::{ClusterState, Command, Outcome, TenantSpec};
+use crate::state::{ApplyError, ClusterState, Command, DesiredState, Outcome, TenantSpec};
 
 /// Engines every agent knows without configuration; others are known once a node offers them.
 pub const BUILTIN_ENGINES: [&str; 2] = ["postgres", "redis"];
@@ -238,10 +238,36 @@ impl Operator for OperatorService {
 
     async fn restart_tenant(
         &self,
-        _req: Request<pb::RestartTenantRequest>,
+        mut req: Request<pb::RestartTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        // Placeholder while the restart command is built (issue 13).
-        Err(Status::unimplemented("tenant restart is not built yet"))
+        on_leader!(self, req, false, restart_tenant);
+        let name = parse_name(&req.into_inner().name)?;
+        linearizable(&self.app).await?;
+        // Refused here with the rule; apply checks again against the state at its log index.
+        let uid = {
+            let sm = self.app.state.read();
+            let t = sm.cluster.tenants.get(&name).ok_or_else(|| {
+                Status::not_found(format!("name: tenant {:?} not found", name.as_str()))
+            })?;
+            if t.desired == DesiredState::Deleted {
+                return Err(Status::failed_precondition(format!(
+                    "name: tenant {:?} is being deleted; a deleted tenant is not restarted",
+                    name.as_str()
+                )));
+            }
+            if t.node.is_none() {
+                return Err(super::apply_status(ApplyError::NotPlaced(name.to_string())));
+            }
+            t.uid
+        };
+        let tenant = tenant_of(propose(&self.app, Command::RestartTenant { name, uid }).await?)?;
+        info!(tenant_id = %tenant.name, uid = tenant.uid, generation = tenant.restart_generation, "tenant restart requested");
+        let sm = self.app.state.read();
+        Ok(Response::new(tenant_to_pb(
+            &tenant,
+            &sm.cluster,
+            &self.app.liveness(),
+        )))
     }
 
     async fn update_tenant(

@@ -44,11 +44,11 @@ pub fn tenant_to_pb(t: &TenantRecord, cluster: &ClusterState, live: &Liveness) -
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect(),
-        restart_generation: 0,
         resize_pending: live
             .resize_pending(&t.name)
             .map(str::to_string)
             .unwrap_or_default(),
+        restart_generation: t.restart_generation,
     }
 }
 

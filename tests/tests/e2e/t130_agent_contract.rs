@@ -1,9 +1,9 @@
 //! The contract between the scheduler and its agents, through the real scheduler: a heartbeat
 //! changes only what an agent may say (starting, running, failed, about the tenants placed on its
-//! node), `tenant restart` reaches the node's desired set, and every answer names the cluster,
-//! which is chosen once and kept. The first three use simulated nodes (one-shot agent API calls,
-//! nothing behind them) and need no root; the last runs a real agent against a scheduler replaced
-//! by a freshly bootstrapped one.
+//! node) and its pending resizes show in `tenant get`, `tenant restart` reaches the node's desired
+//! set, and every answer names the cluster, which is chosen once and kept. The first three use
+//! simulated nodes (one-shot agent API calls, nothing behind them) and need no root; the last runs
+//! a real agent against a scheduler replaced by a freshly bootstrapped one.
 
 use std::time::Duration;
 
@@ -56,7 +56,8 @@ fn create(set: &Replicas, name: &str, extra: &[&str]) -> Value {
 }
 
 #[test]
-fn t130_a_heartbeat_changes_only_what_an_agent_may_report_about_its_own_tenants() {
+fn t130_a_heartbeat_changes_only_what_an_agent_may_report_about_its_own_tenants_and_shows_its_pending_resize(
+) {
     let set = Replicas::start(1, &QUIET_NODES);
     let url = set.url(0);
     register(&set, "a");
@@ -72,6 +73,7 @@ fn t130_a_heartbeat_changes_only_what_an_agent_may_report_about_its_own_tenants(
 
     let mut b_speaks_for_a = observed("t", uid, "failed");
     b_speaks_for_a.reason = "node b says so".into();
+    b_speaks_for_a.resize_pending = "storage 9GiB: node b says so".into();
     b_speaks_for_a.usage = Some(pb::TenantUsage {
         memory_bytes: 777 << 20,
         ..Default::default()
@@ -103,9 +105,33 @@ fn t130_a_heartbeat_changes_only_what_an_agent_may_report_about_its_own_tenants(
         }
         assert_eq!(applied_index(&set), applied, "{what} wrote a Raft entry");
     }
-    // Node b's usage for a's tenant did not reach the leader's memory either.
-    let usage = &ctl_json(&set, &["tenant", "get", "t"])["usage"];
-    assert_eq!(usage["memory_bytes"], 0, "{usage}");
+    // Node b's usage and pending resize for a's tenant did not reach the leader's memory either.
+    let now = ctl_json(&set, &["tenant", "get", "t"]);
+    assert_eq!(now["usage"]["memory_bytes"], 0, "{now}");
+    assert_eq!(now["resize_pending"], Value::Null, "{now}");
+
+    // A resize node a could not finish shows in tenant get, from memory: no Raft entry.
+    let mut resizing = observed("t", uid, "running");
+    resizing.resize_pending = "storage 2GiB: resize2fs needs CAP_SYS_RESOURCE".into();
+    heartbeat_with(&url, "a", vec![resizing]).unwrap();
+    let now = ctl_json(&set, &["tenant", "get", "t"]);
+    assert_eq!(
+        now["resize_pending"], "storage 2GiB: resize2fs needs CAP_SYS_RESOURCE",
+        "{now}"
+    );
+    let text = set.ctl(&["tenant", "get", "t"]).stdout;
+    assert!(
+        text.contains("\nresize pending: storage 2GiB: resize2fs needs CAP_SYS_RESOURCE"),
+        "{text}"
+    );
+    assert_eq!(
+        applied_index(&set),
+        applied,
+        "a pending resize wrote a Raft entry"
+    );
+    heartbeat_with(&url, "a", vec![observed("t", uid, "running")]).unwrap();
+    let now = ctl_json(&set, &["tenant", "get", "t"]);
+    assert_eq!(now["resize_pending"], Value::Null, "finished: {now}");
 
     // What node a may say still goes through.
     let mut failed = observed("t", uid, "failed");

@@ -2,19 +2,26 @@
 //! heartbeat on an interval with usage and observed tenant states; each answer carries the
 //! desired set, which goes to reconciliation. Any replica will do (followers forward to the
 //! leader); when the one in use stops answering, the agent moves to the next in its list.
+//!
+//! Every answer names the scheduler cluster. The agent records the first it registers with in
+//! `<state_dir>/cluster-id` and from then on acts on no answer from another: a scheduler
+//! bootstrapped afresh at the same address (an empty data dir) knows none of the node's tenants,
+//! and reconciling against its desired set would delete them all.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dormant_common::TenantName;
 use dormant_proto::v1 as pb;
 use dormant_proto::v1::agent_api_client::AgentApiClient;
 use tonic::transport::{Channel, Endpoint};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Settings;
 use crate::host::{self, Host, NodeUsageProbe};
 use crate::reconcile::{Desired, Tenants, Want};
 use crate::tenant::TenantSpec;
+use crate::tenant_fs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
@@ -25,6 +32,107 @@ pub enum ReportError {
     },
     #[error("scheduler: no address given")]
     NoScheduler,
+    #[error("cluster identity {path}: {why}")]
+    ClusterId { path: String, why: String },
+}
+
+/// The file in the state directory that holds the scheduler cluster this node belongs to.
+pub const CLUSTER_ID_FILE: &str = "cluster-id";
+
+/// Why an answer from the scheduler is not acted on.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("refusing scheduler cluster {theirs}: this node belongs to cluster {ours} (recorded in {path}); tenants keep running")]
+    OtherCluster {
+        theirs: String,
+        ours: String,
+        path: String,
+    },
+    #[error("refusing a scheduler answer that names no cluster ({theirs:?}; a scheduler older than this agent?); tenants keep running")]
+    NoCluster { theirs: String },
+    #[error("cannot record scheduler cluster {theirs} in {path}: {source}; acting on none of its answers until it is recorded")]
+    Record {
+        theirs: String,
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// The scheduler cluster this node belongs to: none until its first registration, then the one
+/// that answered it, kept across restarts.
+#[derive(Debug)]
+pub struct ClusterIdentity {
+    path: PathBuf,
+    recorded: Option<String>,
+}
+
+/// What a scheduler's cluster identity looks like: its leader writes 32 hex digits.
+fn plausible_cluster_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+impl ClusterIdentity {
+    /// Reads what `<state_dir>/cluster-id` recorded, if anything.
+    pub fn load(state_dir: &Path) -> Result<Self, ReportError> {
+        let path = state_dir.join(CLUSTER_ID_FILE);
+        let fail = |why: String| ReportError::ClusterId {
+            path: path.display().to_string(),
+            why,
+        };
+        let recorded = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let id = text.trim();
+                // Written atomically, so anything else is damage: stop rather than guess.
+                if !plausible_cluster_id(id) {
+                    return Err(fail(format!(
+                        "{id:?} is not a cluster identity; remove the file to let this node \
+                         join the scheduler cluster it next registers with"
+                    )));
+                }
+                Some(id.to_string())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        Ok(Self { path, recorded })
+    }
+
+    pub fn recorded(&self) -> Option<&str> {
+        self.recorded.as_deref()
+    }
+
+    /// Accepts an answer from cluster `theirs`: this node's own, or the first one heard (which is
+    /// recorded before it is acted on).
+    pub fn accept(&mut self, theirs: &str) -> Result<(), Refusal> {
+        match &self.recorded {
+            Some(ours) if ours == theirs => Ok(()),
+            Some(ours) => Err(Refusal::OtherCluster {
+                theirs: if theirs.is_empty() {
+                    "(none named)".to_string()
+                } else {
+                    theirs.to_string()
+                },
+                ours: ours.clone(),
+                path: self.path.display().to_string(),
+            }),
+            None if !plausible_cluster_id(theirs) => Err(Refusal::NoCluster {
+                theirs: theirs.to_string(),
+            }),
+            None => {
+                // Temp file, fsync, rename: a crash leaves the old content (none) or the whole id.
+                tenant_fs::write_atomic(&self.path, format!("{theirs}\n").as_bytes()).map_err(
+                    |source| Refusal::Record {
+                        theirs: theirs.to_string(),
+                        path: self.path.display().to_string(),
+                        source,
+                    },
+                )?;
+                info!(cluster_id = theirs, path = %self.path.display(), "this node now belongs to the scheduler cluster that answered its registration");
+                self.recorded = Some(theirs.to_string());
+                Ok(())
+            }
+        }
+    }
 }
 
 /// How long one heartbeat may take before the agent tries the next replica.
@@ -39,6 +147,9 @@ pub struct Reporter {
     current: usize,
     probe: NodeUsageProbe,
     seen_version: u64,
+    cluster: ClusterIdentity,
+    /// Answers refused in a row, to log the first and then every 30th.
+    refusals: u32,
 }
 
 fn to_pb(r: &dormant_common::Resources) -> pb::Resources {
@@ -76,6 +187,10 @@ impl Reporter {
         if clients.is_empty() {
             return Err(ReportError::NoScheduler);
         }
+        let cluster = ClusterIdentity::load(&host.state_dir)?;
+        if let Some(id) = cluster.recorded() {
+            info!(cluster_id = id, "this node belongs to scheduler cluster");
+        }
         Ok(Self {
             settings,
             host,
@@ -83,6 +198,8 @@ impl Reporter {
             current: 0,
             probe: NodeUsageProbe::default(),
             seen_version: 0,
+            cluster,
+            refusals: 0,
         })
     }
 
@@ -103,7 +220,22 @@ impl Reporter {
         }
     }
 
-    async fn register(&mut self) -> Result<(), tonic::Status> {
+    /// Logs a refused answer (the first, then every 30th in a row) and moves to the next replica:
+    /// another in the list may belong to this node's cluster. Nothing is reconciled, so the
+    /// tenants keep running as they are.
+    fn refuse(&mut self, refusal: &Refusal) {
+        self.refusals += 1;
+        if self.refusals == 1 || self.refusals.is_multiple_of(30) {
+            error!(scheduler = %self.clients[self.current].0, refused = self.refusals, "{refusal}");
+        }
+        if self.clients.len() > 1 {
+            self.current = (self.current + 1) % self.clients.len();
+            info!(scheduler = %self.clients[self.current].0, "trying the next scheduler replica");
+        }
+    }
+
+    /// Registers; the inner result is whether the answer came from this node's cluster.
+    async fn register(&mut self) -> Result<Result<(), Refusal>, tonic::Status> {
         let s = &self.settings;
         let capacity = host::capacity(&s.state_dir, s.reserve_memory, s.reserve_storage);
         let req = pb::RegisterRequest {
@@ -116,9 +248,12 @@ impl Reporter {
             port_range_start: u32::from(s.ports.0),
             port_range_end: u32::from(s.ports.1),
         };
-        self.client().register(req).await?;
+        let reply = self.client().register(req).await?.into_inner();
+        if let Err(refusal) = self.cluster.accept(&reply.cluster_id) {
+            return Ok(Err(refusal));
+        }
         info!(node_id = %s.node_id, cpu = %capacity.cpu, memory = %capacity.memory, storage = %capacity.storage, "registered with the scheduler");
-        Ok(())
+        Ok(Ok(()))
     }
 
     fn heartbeat_request(&mut self, tenants: &Tenants) -> pb::HeartbeatRequest {
@@ -193,7 +328,14 @@ impl Reporter {
             }
             if !registered {
                 match self.register().await {
-                    Ok(()) => registered = true,
+                    Ok(Ok(())) => {
+                        registered = true;
+                        self.refusals = 0;
+                    }
+                    Ok(Err(refusal)) => {
+                        self.refuse(&refusal);
+                        continue;
+                    }
                     Err(e) => {
                         failures += 1;
                         if failures == 1 || failures.is_multiple_of(30) {
@@ -212,6 +354,13 @@ impl Reporter {
                 Ok(reply) => {
                     failures = 0;
                     let reply = reply.into_inner();
+                    // Nothing in another cluster's answer is acted on, "register again" included:
+                    // registering would make this node one of its nodes.
+                    if let Err(refusal) = self.cluster.accept(&reply.cluster_id) {
+                        self.refuse(&refusal);
+                        continue;
+                    }
+                    self.refusals = 0;
                     if reply.register_again {
                         registered = false;
                         continue;
@@ -276,4 +425,67 @@ fn desired_from(reply: pb::HeartbeatResponse) -> Desired {
         desired.tenants.insert(name, want);
     }
     desired
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OURS: &str = "3a6c0d2e9b1f47a88c5e2d7f01b9e4c3";
+    const THEIRS: &str = "9f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+    #[test]
+    fn the_first_cluster_is_recorded_and_every_other_refused_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut identity = ClusterIdentity::load(dir.path()).unwrap();
+        assert_eq!(identity.recorded(), None);
+        identity.accept(OURS).unwrap();
+        let file = dir.path().join(CLUSTER_ID_FILE);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), format!("{OURS}\n"));
+        identity.accept(OURS).unwrap();
+
+        // After a restart of the agent, the record still decides.
+        let mut identity = ClusterIdentity::load(dir.path()).unwrap();
+        assert_eq!(identity.recorded(), Some(OURS));
+        let refusal = identity.accept(THEIRS).unwrap_err().to_string();
+        assert_eq!(
+            refusal,
+            format!(
+                "refusing scheduler cluster {THEIRS}: this node belongs to cluster {OURS} \
+                 (recorded in {}); tenants keep running",
+                file.display()
+            )
+        );
+        let refusal = identity.accept("").unwrap_err().to_string();
+        assert!(
+            refusal.starts_with(
+                "refusing scheduler cluster (none named): this node belongs to cluster 3a6c"
+            ),
+            "{refusal}"
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), format!("{OURS}\n"));
+    }
+
+    #[test]
+    fn an_answer_without_a_cluster_is_not_joined() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut identity = ClusterIdentity::load(dir.path()).unwrap();
+        for bad in ["", "a/b", "x\ny"] {
+            assert!(
+                matches!(identity.accept(bad), Err(Refusal::NoCluster { .. })),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(identity.recorded(), None);
+        assert!(!dir.path().join(CLUSTER_ID_FILE).exists());
+    }
+
+    #[test]
+    fn a_damaged_record_stops_the_agent_with_the_path_and_the_way_out() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CLUSTER_ID_FILE), "").unwrap();
+        let err = ClusterIdentity::load(dir.path()).unwrap_err().to_string();
+        assert!(err.starts_with("cluster identity "), "{err}");
+        assert!(err.contains("remove the file"), "{err}");
+    }
 }

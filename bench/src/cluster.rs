@@ -24,6 +24,9 @@ const FORM_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Status {
     /// `null` while no leader is known.
     pub leader_id: Option<u64>,
+    /// `null` until the first leader has chosen it; agents are not answered before.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
     pub term: u64,
     pub members: Vec<Member>,
 }
@@ -153,6 +156,18 @@ impl Cluster {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        }
+        // The agent API answers only once the cluster has an identity, chosen by the leader
+        // moments after it first leads: simulated agents registering earlier would be refused.
+        loop {
+            guard.check_running()?;
+            if cluster.status(1).await?.cluster_id.is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster chose no identity within {FORM_TIMEOUT:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(cluster)
     }

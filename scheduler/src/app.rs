@@ -1,6 +1,7 @@
 //! Wires one scheduler replica together: the store, openraft, the gRPC services, and the leader's
-//! two background tasks (the placer, which finds room for pending tenants, and the liveness
-//! watch, which marks silent nodes down), then serves until told to stop.
+//! background tasks (the placer, which finds room for pending tenants; the liveness watch, which
+//! marks silent nodes down; and, once in the cluster's life, the choice of its identity), then
+//! serves until told to stop.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -147,6 +148,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 
     let placer = tokio::spawn(place_pending_loop(app.clone()));
     let liveness = tokio::spawn(watch_liveness_loop(app.clone()));
+    let identity = tokio::spawn(choose_cluster_id(app.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -168,6 +170,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let served = server.await;
     placer.abort();
     liveness.abort();
+    identity.abort();
     if let Err(e) = raft.shutdown().await {
         warn!(error = %e, "raft shutdown");
     }
@@ -175,6 +178,45 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         addr: settings.listen,
         source,
     })
+}
+
+/// A new cluster identity: 128 random bits in hex.
+fn new_cluster_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Gives the cluster its identity, once: whenever this replica leads and its applied state has
+/// none, it proposes one. That covers a cluster bootstrapped just now and one bootstrapped before
+/// identities existed (its first leader after the upgrade chooses), and a leader that dies before
+/// its choice commits (the next one chooses). Waiting until the leader has applied an entry of its
+/// own term means it has applied every earlier choice, so a second proposal is rare, and harmless:
+/// apply keeps the first. Ends once the applied state has an identity, which it never loses.
+async fn choose_cluster_id(app: Arc<App>) {
+    let mut metrics = app.raft.metrics();
+    loop {
+        if let Some(id) = app.state.read().cluster.cluster_id.clone() {
+            info!(cluster_id = %id, "cluster identity");
+            return;
+        }
+        let ready = {
+            let m = metrics.borrow_and_update();
+            m.current_leader == Some(app.settings.id)
+                && m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
+        };
+        if ready {
+            if let Err(status) = grpc::propose(&app, Command::SetClusterId(new_cluster_id())).await
+            {
+                warn!(error = %status.message(), "choosing the cluster identity; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            continue;
+        }
+        // Leadership and the applied index show in the metrics; checked at least every second
+        // anyway, as a safety net.
+        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_secs(1), metrics.changed()).await {
+            return; // Raft stopped.
+        }
+    }
 }
 
 /// On the leader: tries to place every pending tenant whenever woken, and every few seconds.

@@ -1,5 +1,6 @@
-//! What the leader remembers of heartbeats, in memory only: when each node was last heard from
-//! and the latest usage it reported. Heartbeats never become Raft entries; only transitions do.
+//! What the leader remembers of heartbeats, in memory only: when each node was last heard from,
+//! the latest usage it reported, and each tenant's latest usage and unfinished resize. Heartbeats
+//! never become Raft entries; only transitions do.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -14,20 +15,29 @@ pub struct NodeSeen {
     pub usage: Option<NodeUsage>,
 }
 
+/// A tenant as its node's latest heartbeat described it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TenantSeen {
+    pub usage: TenantUsage,
+    /// A resize the agent could not finish yet, with the reason (say, the storage grow).
+    pub resize_pending: Option<String>,
+}
+
 #[derive(Debug, Default)]
 pub struct Liveness {
     nodes: HashMap<NodeName, NodeSeen>,
-    tenants: HashMap<TenantName, TenantUsage>,
+    tenants: HashMap<TenantName, TenantSeen>,
 }
 
 impl Liveness {
-    /// Records a heartbeat from `node` at `at`, with the usage it carried.
+    /// Records a heartbeat from `node` at `at`, with the usage it carried and what it said of
+    /// the tenants placed on it (the caller leaves out reports about anyone else's).
     pub fn observe(
         &mut self,
         node: &NodeName,
         at: Instant,
         usage: NodeUsage,
-        tenants: impl IntoIterator<Item = (TenantName, TenantUsage)>,
+        tenants: impl IntoIterator<Item = (TenantName, TenantSeen)>,
     ) {
         self.nodes.insert(
             node.clone(),
@@ -66,7 +76,12 @@ impl Liveness {
     }
 
     pub fn tenant_usage(&self, tenant: &TenantName) -> Option<&TenantUsage> {
-        self.tenants.get(tenant)
+        self.tenants.get(tenant).map(|t| &t.usage)
+    }
+
+    /// The resize the tenant's node last said it could not finish, if any.
+    pub fn resize_pending(&self, tenant: &TenantName) -> Option<&str> {
+        self.tenants.get(tenant)?.resize_pending.as_deref()
     }
 
     pub fn forget_tenant(&mut self, tenant: &TenantName) {
@@ -96,5 +111,27 @@ mod tests {
         assert_eq!(live.silent_for(&a, t20), Duration::ZERO);
         // The grace keeps the usage the node last reported.
         assert!(live.node(&a).unwrap().usage.is_some());
+    }
+
+    #[test]
+    fn a_pending_resize_is_the_latest_heartbeats_word() {
+        let mut live = Liveness::default();
+        let a = NodeName::parse("a").unwrap();
+        let t = TenantName::parse("t").unwrap();
+        let seen = |resize: Option<&str>| TenantSeen {
+            usage: TenantUsage::default(),
+            resize_pending: resize.map(str::to_string),
+        };
+        let now = Instant::now();
+        live.observe(
+            &a,
+            now,
+            NodeUsage::default(),
+            [(t.clone(), seen(Some("storage 2GiB: busy")))],
+        );
+        assert_eq!(live.resize_pending(&t), Some("storage 2GiB: busy"));
+        live.observe(&a, now, NodeUsage::default(), [(t.clone(), seen(None))]);
+        assert_eq!(live.resize_pending(&t), None);
+        assert!(live.tenant_usage(&t).is_some());
     }
 }

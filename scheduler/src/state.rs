@@ -69,6 +69,10 @@ pub struct TenantRecord {
     /// While `Lost`: the state it had when its node went down, restored when the node returns.
     #[serde(default)]
     pub lost_from: Option<TenantState>,
+    /// Raised by each `tenant restart`; the agent restarts the engine once for every new value.
+    /// Records written before restarts existed read as 0.
+    #[serde(default)]
+    pub restart_generation: u64,
 }
 
 impl TenantRecord {
@@ -101,8 +105,20 @@ impl TenantSpec {
     }
 }
 
+/// The tenant states an agent may report: what it sees of an engine it runs. The others are the
+/// scheduler's to decide (`pending`, `lost`, `deleting` through a delete) or not built yet
+/// (`hibernated`, `waking`); a report of one of them changes nothing.
+pub const AGENT_REPORTED_STATES: [TenantState; 3] = [
+    TenantState::Starting,
+    TenantState::Running,
+    TenantState::Failed,
+];
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
+    /// The cluster's identity, proposed by the leader while the state has none. Only the first
+    /// one applied counts: agents record it and refuse any other, so it never changes.
+    SetClusterId(String),
     RegisterNode(NodeRecord),
     /// Create a tenant; `node` is the leader's placement, or `None` with `pending_reason`.
     CreateTenant {
@@ -135,6 +151,11 @@ pub enum Command {
     /// Mark a tenant for deletion; a pending one goes at once.
     DeleteTenant {
         name: TenantName,
+    },
+    /// Restart a placed tenant's engine once: raises its restart generation.
+    RestartTenant {
+        name: TenantName,
+        uid: u64,
     },
     /// An agent reported a tenant's state changed.
     ObserveTenant {
@@ -181,6 +202,12 @@ pub enum ApplyError {
     NodeNotFound(String),
     #[error("tenant {0:?} is being deleted")]
     Deleting(String),
+    #[error(
+        "name: tenant {0:?} is pending: it runs on no node yet, so there is no engine to restart"
+    )]
+    NotPlaced(String),
+    #[error("state: tenant {tenant:?} reported {state}; an agent reports only starting, running or failed")]
+    NotReportable { tenant: String, state: TenantState },
     #[error("storage: {asked} asked, less than the {has} the tenant has; volumes only grow")]
     Shrink { asked: String, has: String },
     #[error("tenant {tenant} does not fit its node at the new size: {why}")]
@@ -200,6 +227,9 @@ pub type ApplyResult = Result<Outcome, ApplyError>;
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(from = "StoredClusterState")]
 pub struct ClusterState {
+    /// Chosen once by the first leader (`SetClusterId`); `None` only until then, or in a state
+    /// written before identities existed (its leader then chooses one).
+    pub cluster_id: Option<String>,
     pub nodes: BTreeMap<NodeName, NodeRecord>,
     pub tenants: BTreeMap<TenantName, TenantRecord>,
     /// Derived from `tenants`, never stored: what each node holds. Placement asks it on every
@@ -218,6 +248,8 @@ struct NodeLoad {
 /// `ClusterState` as it is read from snapshots: without the derived index, which is rebuilt.
 #[derive(Deserialize)]
 struct StoredClusterState {
+    #[serde(default)]
+    cluster_id: Option<String>,
     nodes: BTreeMap<NodeName, NodeRecord>,
     tenants: BTreeMap<TenantName, TenantRecord>,
 }
@@ -225,6 +257,7 @@ struct StoredClusterState {
 impl From<StoredClusterState> for ClusterState {
     fn from(stored: StoredClusterState) -> Self {
         let mut state = ClusterState {
+            cluster_id: stored.cluster_id,
             nodes: stored.nodes,
             tenants: BTreeMap::new(),
             by_node: BTreeMap::new(),
@@ -242,10 +275,12 @@ impl Serialize for ClusterState {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         #[derive(Serialize)]
         struct Stored<'a> {
+            cluster_id: &'a Option<String>,
             nodes: &'a BTreeMap<NodeName, NodeRecord>,
             tenants: &'a BTreeMap<TenantName, TenantRecord>,
         }
         Stored {
+            cluster_id: &self.cluster_id,
             nodes: &self.nodes,
             tenants: &self.tenants,
         }
@@ -403,6 +438,15 @@ impl ClusterState {
 
     fn apply_inner(&mut self, index: u64, command: Command) -> ApplyResult {
         match command {
+            Command::SetClusterId(id) => {
+                // A leader that had not applied an earlier choice yet may propose a second one:
+                // the first in the log wins on every replica.
+                if self.cluster_id.is_some() {
+                    return Ok(Outcome::Nothing);
+                }
+                self.cluster_id = Some(id);
+                Ok(Outcome::Nothing)
+            }
             Command::RegisterNode(mut node) => {
                 // Cordoning is the operator's, not the agent's: a re-registration keeps it.
                 node.cordoned = self.nodes.get(&node.id).is_some_and(|n| n.cordoned);
@@ -456,6 +500,7 @@ impl ClusterState {
                     deleted_at: None,
                     constraints: spec.constraints,
                     lost_from: None,
+                    restart_generation: 0,
                 };
                 if let Some(node) = node {
                     // A placement that went stale leaves the tenant pending: the placer tries again.
@@ -564,6 +609,17 @@ impl ClusterState {
                 }
                 Ok(Outcome::Tenant(tenant.clone()))
             }
+            Command::RestartTenant { name, uid } => {
+                let tenant = self.tenant_with_uid_mut(&name, uid)?;
+                if tenant.desired == DesiredState::Deleted {
+                    return Err(ApplyError::Deleting(name.to_string()));
+                }
+                if tenant.node.is_none() {
+                    return Err(ApplyError::NotPlaced(name.to_string()));
+                }
+                tenant.restart_generation += 1;
+                Ok(Outcome::Tenant(tenant.clone()))
+            }
             Command::ObserveTenant {
                 node,
                 name,
@@ -575,6 +631,14 @@ impl ClusterState {
                 // Reports from a node the tenant is not on, or about a tenant being deleted, change nothing.
                 if tenant.node.as_ref() != Some(&node) || tenant.desired == DesiredState::Deleted {
                     return Ok(Outcome::Nothing);
+                }
+                // The heartbeat handler never proposes these; a log that holds one anyway (another
+                // version, a bug) must not make an agent the author of a scheduler's state.
+                if !AGENT_REPORTED_STATES.contains(&state) {
+                    return Err(ApplyError::NotReportable {
+                        tenant: name.to_string(),
+                        state,
+                    });
                 }
                 tenant.state = state;
                 tenant.reason = reason;
@@ -975,6 +1039,119 @@ mod tests {
         };
         assert_eq!(t3.port, Some(20002));
         assert!(!st.node_views()[0].has_free_port);
+    }
+
+    #[test]
+    fn the_first_cluster_id_applied_is_kept_and_survives_a_snapshot() {
+        let mut st = ClusterState::default();
+        assert_eq!(st.cluster_id, None);
+        st.apply(1, Command::SetClusterId("3a".into())).unwrap();
+        // A second leader's proposal (it had not applied the first yet) changes nothing.
+        assert_eq!(
+            st.apply(2, Command::SetClusterId("9f".into())),
+            Ok(Outcome::Nothing)
+        );
+        assert_eq!(st.cluster_id.as_deref(), Some("3a"));
+        let back: ClusterState =
+            serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
+        assert_eq!(back.cluster_id.as_deref(), Some("3a"));
+    }
+
+    #[test]
+    fn a_snapshot_written_before_identities_and_restarts_loads() {
+        let st = node_a_with_tenant_t();
+        let mut json = serde_json::to_value(&st).unwrap();
+        json.as_object_mut().unwrap().remove("cluster_id");
+        json["tenants"]["t"]
+            .as_object_mut()
+            .unwrap()
+            .remove("restart_generation");
+        let back: ClusterState = serde_json::from_value(json).unwrap();
+        assert_eq!(back.cluster_id, None);
+        assert_eq!(back, st);
+    }
+
+    #[test]
+    fn restart_raises_the_generation_of_a_placed_tenant_and_refuses_the_others() {
+        let mut st = node_a_with_tenant_t();
+        let name = |n: &str| TenantName::parse(n).unwrap();
+        let restart = |n: &str, uid| Command::RestartTenant { name: name(n), uid };
+        for (index, want) in [(3, 1), (4, 2)] {
+            let Outcome::Tenant(t) = st.apply(index, restart("t", 2)).unwrap() else {
+                panic!()
+            };
+            assert_eq!(t.restart_generation, want);
+        }
+        // Another tenant of the same name (an older uid) is not this one.
+        assert_eq!(
+            st.apply(5, restart("t", 99)),
+            Err(ApplyError::TenantNotFound("t".into()))
+        );
+        create(&mut st, 6, "p", None).unwrap();
+        let before = st.clone();
+        let err = st.apply(7, restart("p", 6)).unwrap_err();
+        assert_eq!(err, ApplyError::NotPlaced("p".into()));
+        assert!(
+            err.to_string().starts_with("name: tenant \"p\" is pending"),
+            "{err}"
+        );
+        assert_eq!(st, before);
+        st.apply(8, Command::DeleteTenant { name: name("t") })
+            .unwrap();
+        let before = st.clone();
+        assert_eq!(
+            st.apply(9, restart("t", 2)),
+            Err(ApplyError::Deleting("t".into()))
+        );
+        assert_eq!(st, before);
+    }
+
+    #[test]
+    fn an_agent_reports_only_starting_running_or_failed_and_only_for_its_own_tenants() {
+        let mut st = node_a_with_tenant_t();
+        st.apply(3, Command::RegisterNode(node("b", res(2000, 4096, 100))))
+            .unwrap();
+        let observe = |node: &str, uid, state| Command::ObserveTenant {
+            node: NodeName::parse(node).unwrap(),
+            name: TenantName::parse("t").unwrap(),
+            uid,
+            state,
+            reason: None,
+        };
+        st.apply(4, observe("a", 2, TenantState::Running)).unwrap();
+        let before = st.clone();
+        for state in [
+            TenantState::Pending,
+            TenantState::Lost,
+            TenantState::Hibernated,
+            TenantState::Waking,
+            // Deleting is the agent's own word only for a tenant it was told to delete.
+            TenantState::Deleting,
+        ] {
+            let err = st.apply(5, observe("a", 2, state)).unwrap_err();
+            assert_eq!(
+                err,
+                ApplyError::NotReportable {
+                    tenant: "t".into(),
+                    state
+                }
+            );
+            assert!(err.to_string().starts_with("state: "), "{err}");
+            assert_eq!(st, before, "{state} changed the state");
+        }
+        // Node b speaking for a's tenant, or a for another tenant of the name, changes nothing.
+        assert_eq!(
+            st.apply(6, observe("b", 2, TenantState::Failed)),
+            Ok(Outcome::Nothing)
+        );
+        assert!(st.apply(7, observe("a", 99, TenantState::Failed)).is_err());
+        assert_eq!(st, before);
+        for state in AGENT_REPORTED_STATES {
+            let Outcome::Tenant(t) = st.apply(8, observe("a", 2, state)).unwrap() else {
+                panic!()
+            };
+            assert_eq!(t.state, state);
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Simulated nodes: a thread that registers a node through the agent API and heartbeats for it,
 //! with no agent, cgroups or engines behind it. For tests of the scheduler alone (placement,
 //! liveness at scale), where what a node runs does not matter. Named as the fake it is.
+//! One-shot calls ([`register_once`], [`heartbeat_with`]) let a test say what a node would:
+//! arbitrary observed tenant states, and read the answers (desired set, cluster identity).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -44,6 +46,7 @@ impl SimNodeSpec {
 pub struct SimNode {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    cluster_id: String,
 }
 
 impl SimNode {
@@ -61,15 +64,21 @@ impl SimNode {
                 .expect("runtime");
             rt.block_on(run(urls, spec, flag, registered));
         });
-        match wait.recv_timeout(Duration::from_secs(30)) {
-            Ok(Ok(())) => {}
+        let cluster_id = match wait.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(id)) => id,
             Ok(Err(e)) => panic!("simulated node could not register: {e}"),
             Err(_) => panic!("simulated node could not register within 30 s"),
-        }
+        };
         Self {
             stop,
             thread: Some(thread),
+            cluster_id,
         }
+    }
+
+    /// The cluster identity its registration was answered with.
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
     }
 
     /// Stops heartbeating, as a host that died would.
@@ -103,7 +112,7 @@ async fn run(
     urls: Vec<String>,
     spec: SimNodeSpec,
     stop: Arc<AtomicBool>,
-    registered: mpsc::Sender<Result<(), String>>,
+    registered: mpsc::Sender<Result<String, String>>,
 ) {
     let mut clients = Vec::new();
     for u in &urls {
@@ -115,31 +124,23 @@ async fn run(
             }
         }
     }
-    let register = pb::RegisterRequest {
-        node_id: spec.id.clone(),
-        address: "127.0.0.1".into(),
-        capacity: Some(pb::Resources {
-            milli_cpu: spec.milli_cpu,
-            memory_bytes: spec.memory_mib << 20,
-            storage_bytes: spec.storage_gib << 30,
-        }),
-        engines: spec.engines.clone(),
-        cgroup_driver: "simulated".into(),
-        labels: spec.labels.iter().cloned().collect(),
-        port_range_start: 20000,
-        port_range_end: 29999,
-    };
+    let register = registration(&spec);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut current = 0;
-    while let Err(s) = clients[current].register(register.clone()).await {
-        if tokio::time::Instant::now() > deadline {
-            let _ = registered.send(Err(s.message().to_string()));
-            return;
+    // Refused while the cluster has no leader or no identity yet: try again, like an agent.
+    let answer = loop {
+        match clients[current].register(register.clone()).await {
+            Ok(answer) => break answer.into_inner(),
+            Err(s) if tokio::time::Instant::now() > deadline => {
+                let _ = registered.send(Err(s.message().to_string()));
+                return;
+            }
+            Err(_) => {}
         }
         current = (current + 1) % clients.len();
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let _ = registered.send(Ok(()));
+    };
+    let _ = registered.send(Ok(answer.cluster_id));
     let mut seen_version = 0;
     while !stop.load(Ordering::Relaxed) {
         let req = pb::HeartbeatRequest {
@@ -162,22 +163,77 @@ async fn run(
     }
 }
 
-/// Sends one heartbeat for `node_id` to `url` and returns the desired-set version, or the refusal.
-pub fn heartbeat_once(url: &str, node_id: &str) -> Result<u64, tonic::Status> {
+/// What a simulated node registers with: `spec`'s capacity, engines and labels, ports
+/// 20000-29999.
+pub fn registration(spec: &SimNodeSpec) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        node_id: spec.id.clone(),
+        address: "127.0.0.1".into(),
+        capacity: Some(pb::Resources {
+            milli_cpu: spec.milli_cpu,
+            memory_bytes: spec.memory_mib << 20,
+            storage_bytes: spec.storage_gib << 30,
+        }),
+        engines: spec.engines.clone(),
+        cgroup_driver: "simulated".into(),
+        labels: spec.labels.iter().cloned().collect(),
+        port_range_start: 20000,
+        port_range_end: 29999,
+    }
+}
+
+/// A tenant as a heartbeat reports it, in any `state` (the scheduler decides what it accepts).
+pub fn observed(name: &str, uid: u64, state: &str) -> pb::ObservedTenant {
+    pb::ObservedTenant {
+        name: name.into(),
+        uid,
+        state: state.into(),
+        usage: Some(pb::TenantUsage::default()),
+        ..Default::default()
+    }
+}
+
+fn one_shot<T>(
+    url: &str,
+    call: impl AsyncFnOnce(
+        AgentApiClient<tonic::transport::Channel>,
+    ) -> Result<tonic::Response<T>, tonic::Status>,
+) -> Result<T, tonic::Status> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let Some(mut c) = client(url).await else {
+        let Some(c) = client(url).await else {
             return Err(tonic::Status::invalid_argument(format!("bad URL {url}")));
         };
-        let req = pb::HeartbeatRequest {
-            node_id: node_id.into(),
-            seen_version: 0,
-            tenants: Vec::new(),
-            usage: Some(pb::NodeUsage::default()),
-        };
-        c.heartbeat(req).await.map(|r| r.into_inner().version)
+        call(c).await.map(tonic::Response::into_inner)
     })
+}
+
+/// Registers `spec` once at `url` and returns the answer, or the refusal.
+pub fn register_once(url: &str, spec: &SimNodeSpec) -> Result<pb::RegisterResponse, tonic::Status> {
+    let req = registration(spec);
+    one_shot(url, async move |mut c| c.register(req).await)
+}
+
+/// Sends one heartbeat for `node_id` to `url` reporting `tenants`, and returns the answer (the
+/// desired set, the cluster identity), or the refusal.
+pub fn heartbeat_with(
+    url: &str,
+    node_id: &str,
+    tenants: Vec<pb::ObservedTenant>,
+) -> Result<pb::HeartbeatResponse, tonic::Status> {
+    let req = pb::HeartbeatRequest {
+        node_id: node_id.into(),
+        seen_version: 0,
+        tenants,
+        usage: Some(pb::NodeUsage::default()),
+    };
+    one_shot(url, async move |mut c| c.heartbeat(req).await)
+}
+
+/// Sends one heartbeat for `node_id` to `url` and returns the desired-set version, or the refusal.
+pub fn heartbeat_once(url: &str, node_id: &str) -> Result<u64, tonic::Status> {
+    heartbeat_with(url, node_id, Vec::new()).map(|r| r.version)
 }

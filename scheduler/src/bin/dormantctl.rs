@@ -97,6 +97,9 @@ enum TenantCmd {
         #[arg(long, allow_hyphen_values = true)]
         storage: Option<String>,
     },
+    /// Restart a tenant's engine once, keeping its data (a failed tenant's way back). Its node
+    /// restarts the engine when its next heartbeat brings the new restart generation.
+    Restart { name: String },
     /// Show one tenant.
     Get { name: String },
     /// List all tenants.
@@ -322,6 +325,27 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 println!("tenant {name} deleted");
             }
         }
+        Top::Tenant(TenantCmd::Restart { name }) => {
+            let req = pb::RestartTenantRequest { name };
+            // Resent only when nothing was proposed: each restart that is applied restarts the
+            // engine once more.
+            let t = replicas
+                .call(false, |mut c| {
+                    let r = req.clone();
+                    async move { c.restart_tenant(r).await }
+                })
+                .await?;
+            if json {
+                print_json(&output::tenant_json(&t));
+            } else {
+                println!("{}", output::tenants_table(std::slice::from_ref(&t)));
+                println!(
+                    "\nrestart generation {}: the tenant's node restarts its engine with its next \
+                     heartbeat",
+                    t.restart_generation
+                );
+            }
+        }
         Top::Tenant(TenantCmd::Credentials { name }) => {
             let req = pb::GetCredentialsRequest { name };
             let c = replicas
@@ -374,10 +398,10 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Top::Cluster(cmd) => {
-            let s = match cmd {
+            let reply = match cmd {
                 ClusterCmd::Status => {
                     replicas
-                        .call(true, |mut c| async move {
+                        .call_keeping_metadata(true, |mut c| async move {
                             c.cluster_status(pb::ClusterStatusRequest { stale }).await
                         })
                         .await?
@@ -386,7 +410,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 ClusterCmd::AddLearner { id, address } => {
                     let req = pb::AddLearnerRequest { id, address };
                     replicas
-                        .call(false, |mut c| {
+                        .call_keeping_metadata(false, |mut c| {
                             let r = req.clone();
                             async move { c.add_learner(r).await }
                         })
@@ -394,23 +418,25 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 }
                 ClusterCmd::Promote { id } => {
                     replicas
-                        .call(false, |mut c| async move {
+                        .call_keeping_metadata(false, |mut c| async move {
                             c.promote_member(pb::PromoteMemberRequest { id }).await
                         })
                         .await?
                 }
                 ClusterCmd::Remove { id } => {
                     replicas
-                        .call(false, |mut c| async move {
+                        .call_keeping_metadata(false, |mut c| async move {
                             c.remove_member(pb::RemoveMemberRequest { id }).await
                         })
                         .await?
                 }
             };
+            let cluster_id = ctl::cluster_id_of(&reply);
+            let s = reply.into_inner();
             if json {
-                print_json(&output::cluster_json(&s));
+                print_json(&output::cluster_json(&s, cluster_id.as_deref()));
             } else {
-                println!("{}", output::cluster_table(&s));
+                println!("{}", output::cluster_table(&s, cluster_id.as_deref()));
             }
         }
     }

@@ -52,6 +52,8 @@ pub fn tenant_json(t: &pb::Tenant) -> Value {
         "constraints": t.constraints,
         "resources": resources_json(t.resources.as_ref()),
         "usage": usage,
+        "resize_pending": none_if_empty(&t.resize_pending),
+        "restart_generation": t.restart_generation,
     })
 }
 
@@ -79,13 +81,15 @@ pub fn node_json(n: &pb::Node) -> Value {
     })
 }
 
-pub fn cluster_json(c: &pb::ClusterStatusResponse) -> Value {
+/// `cluster_id` is `None` until the cluster's first leader has chosen it.
+pub fn cluster_json(c: &pb::ClusterStatusResponse, cluster_id: Option<&str>) -> Value {
     let members: Vec<Value> = c
         .members
         .iter()
         .map(|m| json!({"id": m.id, "address": m.address, "role": m.role, "lag": m.lag}))
         .collect();
     json!({
+        "cluster_id": cluster_id,
         "this_id": c.this_id,
         "leader_id": if c.leader_id == 0 { Value::Null } else { json!(c.leader_id) },
         "term": c.term,
@@ -176,6 +180,15 @@ pub fn tenant_detail(t: &pb::Tenant) -> String {
     if !t.constraints.is_empty() {
         out.push_str(&format!("\nconstraints: {}", t.constraints.join(", ")));
     }
+    if t.restart_generation > 0 {
+        out.push_str(&format!(
+            "\nrestart generation: {} (raised by each `tenant restart`)",
+            t.restart_generation
+        ));
+    }
+    if !t.resize_pending.is_empty() {
+        out.push_str(&format!("\nresize pending: {}", t.resize_pending));
+    }
     let Some(u) = t.usage.as_ref() else {
         return out;
     };
@@ -257,7 +270,7 @@ pub fn nodes_table(nodes: &[pb::Node]) -> String {
     )
 }
 
-pub fn cluster_table(c: &pb::ClusterStatusResponse) -> String {
+pub fn cluster_table(c: &pb::ClusterStatusResponse, cluster_id: Option<&str>) -> String {
     let leader = if c.leader_id == 0 {
         "none".to_string()
     } else {
@@ -281,7 +294,8 @@ pub fn cluster_table(c: &pb::ClusterStatusResponse) -> String {
         })
         .collect();
     format!(
-        "{head}\n{}",
+        "cluster: {}\n{head}\n{}",
+        cluster_id.unwrap_or("(identity not chosen yet)"),
         table(&["ID", "ADDRESS", "ROLE", "LAG"], &rows)
     )
 }
@@ -346,6 +360,46 @@ mod tests {
             assert!(out.contains(expected), "{expected:?} not in:\n{out}");
         }
         assert!(!out.contains("stalled"), "no pressure on v1: {out}");
+    }
+
+    #[test]
+    fn tenant_get_shows_a_pending_resize_and_the_restart_generation() {
+        let mut t = pb::Tenant {
+            name: "acme".into(),
+            state: "running".into(),
+            ..Default::default()
+        };
+        let plain = tenant_detail(&t);
+        assert!(!plain.contains("resize pending"), "{plain}");
+        assert!(!plain.contains("restart generation"), "{plain}");
+        assert_eq!(tenant_json(&t)["resize_pending"], Value::Null);
+        t.resize_pending = "storage 2GiB: resize2fs needs CAP_SYS_RESOURCE".into();
+        t.restart_generation = 3;
+        let out = tenant_detail(&t);
+        assert!(
+            out.contains("\nresize pending: storage 2GiB: resize2fs needs CAP_SYS_RESOURCE"),
+            "{out}"
+        );
+        assert!(out.contains("\nrestart generation: 3"), "{out}");
+        let v = tenant_json(&t);
+        assert_eq!(
+            v["resize_pending"],
+            "storage 2GiB: resize2fs needs CAP_SYS_RESOURCE"
+        );
+        assert_eq!(v["restart_generation"], 3);
+    }
+
+    #[test]
+    fn cluster_status_names_the_cluster() {
+        let s = pb::ClusterStatusResponse {
+            leader_id: 1,
+            this_id: 1,
+            ..Default::default()
+        };
+        assert!(cluster_table(&s, Some("3a7f")).starts_with("cluster: 3a7f\nleader: 1"));
+        assert!(cluster_table(&s, None).starts_with("cluster: (identity not chosen yet)"));
+        assert_eq!(cluster_json(&s, Some("3a7f"))["cluster_id"], "3a7f");
+        assert_eq!(cluster_json(&s, None)["cluster_id"], Value::Null);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The agent API: hosts register, then heartbeat. A heartbeat records liveness and usage in the
 //! leader's memory (a follower forwards it), commits only *changes* (a down node back, a tenant's
-//! new state), and answers with the node's desired tenant set.
+//! new state), and answers with the node's desired tenant set. Every answer names the cluster,
+//! which agents check against the one they belong to; until the cluster has an identity there is
+//! no answer.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -11,12 +13,13 @@ use dormant_proto::v1 as pb;
 use dormant_proto::v1::agent_api_client::AgentApiClient;
 use dormant_proto::v1::agent_api_server::{AgentApi, AgentApiServer};
 use tonic::{Request, Response, Status};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::convert::{resources_from_pb, resources_to_pb};
 use super::{forward, propose};
 use crate::app::App;
-use crate::state::{Command, DesiredState, NodeRecord};
+use crate::liveness::TenantSeen;
+use crate::state::{Command, DesiredState, NodeRecord, AGENT_REPORTED_STATES};
 
 pub struct AgentService {
     app: Arc<App>,
@@ -24,6 +27,27 @@ pub struct AgentService {
 
 pub fn server(app: Arc<App>) -> AgentApiServer<AgentService> {
     AgentApiServer::new(AgentService { app })
+}
+
+/// One tenant of a heartbeat, parsed.
+struct Observed {
+    name: TenantName,
+    uid: u64,
+    state: TenantState,
+    reason: Option<String>,
+    seen: TenantSeen,
+}
+
+/// The cluster's identity for an answer. An agent records the first it hears and refuses every
+/// other, so an answer without one would be refused (or, from a new agent, never be checked):
+/// there is none until the leader has chosen it, moments after the cluster first has a leader.
+fn cluster_id(app: &App) -> Result<String, Status> {
+    app.state
+        .read()
+        .cluster
+        .cluster_id
+        .clone()
+        .ok_or_else(|| Status::unavailable("cluster identity not chosen yet; retry shortly"))
 }
 
 fn parse_node(id: &str) -> Result<NodeName, Status> {
@@ -77,6 +101,9 @@ impl AgentApi for AgentService {
             return AgentApiClient::new(leader).register(req).await;
         }
         let record = parse_registration(req.into_inner())?;
+        // Before anything is proposed: an agent must not join a cluster it cannot tell apart.
+        // Once chosen the identity never changes, so this is the one to answer with.
+        let cluster_id = cluster_id(&self.app)?;
         // Unchanged apart from the cordon (which the agent does not know): nothing to commit.
         let unchanged = self
             .app
@@ -97,7 +124,7 @@ impl AgentApi for AgentService {
         self.app.liveness().touch(&record.id, Instant::now());
         info!(node_id = %record.id, address = %record.address, "node registered");
         self.app.placer.notify_one();
-        Ok(Response::new(pb::RegisterResponse::default()))
+        Ok(Response::new(pb::RegisterResponse { cluster_id }))
     }
 
     async fn heartbeat(
@@ -119,24 +146,23 @@ impl AgentApi for AgentService {
                     .map_err(|e: dormant_common::state::UnknownState| {
                         Status::invalid_argument(e.to_string())
                     })?;
-            observed.push((
+            observed.push(Observed {
                 name,
-                t.uid,
+                uid: t.uid,
                 state,
-                t.reason.clone(),
-                t.usage.unwrap_or_default(),
-            ));
+                reason: (!t.reason.is_empty()).then(|| t.reason.clone()),
+                seen: TenantSeen {
+                    usage: t.usage.unwrap_or_default(),
+                    resize_pending: (!t.resize_pending.is_empty())
+                        .then(|| t.resize_pending.clone()),
+                },
+            });
         }
         // The answer is the node's desired set, and the agent removes what is missing from it:
         // it must come from current state, never from a leader that was just elected (and has
         // not applied all that was committed) or one cut off from its majority.
         super::current_enough(&self.app)?;
-        self.app.liveness().observe(
-            &node,
-            Instant::now(),
-            req.usage.unwrap_or_default(),
-            observed.iter().map(|(n, _, _, _, u)| (n.clone(), *u)),
-        );
+        let cluster_id = cluster_id(&self.app)?;
 
         // Work out the transitions to commit, from the applied state.
         let mut commands = Vec::new();
@@ -146,6 +172,7 @@ impl AgentApi for AgentService {
             let Some(record) = cluster.nodes.get(&node) else {
                 return Ok(Response::new(pb::HeartbeatResponse {
                     register_again: true,
+                    cluster_id,
                     ..Default::default()
                 }));
             };
@@ -156,26 +183,43 @@ impl AgentApi for AgentService {
                     status: NodeStatus::Ready,
                 });
             }
-            for (name, uid, state, reason, _) in &observed {
-                let Some(rec) = cluster.tenants.get(name).filter(|r| r.uid == *uid) else {
+            let mut seen = Vec::with_capacity(observed.len());
+            for o in &observed {
+                // An agent speaks for the tenants placed on its node, as the uid it was given:
+                // anything else (a tenant moved or deleted and created again, a confused agent)
+                // is someone else's, its usage included.
+                let Some(rec) = cluster
+                    .tenants
+                    .get(&o.name)
+                    .filter(|r| r.uid == o.uid && r.node.as_ref() == Some(&node))
+                else {
+                    debug!(node_id = %node, tenant_id = %o.name, uid = o.uid, state = %o.state, "ignoring a report about a tenant not placed on this node as this uid");
                     continue;
                 };
-                let reason = (!reason.is_empty()).then(|| reason.clone());
-                if rec.node.as_ref() == Some(&node)
-                    && rec.desired == DesiredState::Running
-                    && (rec.state != *state || rec.reason != reason)
-                {
+                seen.push((o.name.clone(), o.seen.clone()));
+                if rec.desired != DesiredState::Running {
+                    // Being deleted: the agent's acknowledgement is the tenant's absence, below.
+                    continue;
+                }
+                if !AGENT_REPORTED_STATES.contains(&o.state) {
+                    warn!(node_id = %node, tenant_id = %o.name, state = %o.state, "ignoring a state an agent may not report (only starting, running, failed)");
+                    continue;
+                }
+                if rec.state != o.state || rec.reason != o.reason {
                     commands.push(Command::ObserveTenant {
                         node: node.clone(),
-                        name: name.clone(),
-                        uid: *uid,
-                        state: *state,
-                        reason,
+                        name: o.name.clone(),
+                        uid: o.uid,
+                        state: o.state,
+                        reason: o.reason.clone(),
                     });
                 }
             }
+            self.app
+                .liveness()
+                .observe(&node, Instant::now(), req.usage.unwrap_or_default(), seen);
             let reported: HashSet<(&TenantName, u64)> =
-                observed.iter().map(|(n, uid, ..)| (n, *uid)).collect();
+                observed.iter().map(|o| (&o.name, o.uid)).collect();
             for rec in cluster.tenants_on(&node) {
                 let seen_delete = rec.deleted_at.is_some_and(|at| req.seen_version >= at);
                 if rec.desired == DesiredState::Deleted
@@ -216,7 +260,7 @@ impl AgentApi for AgentService {
                     port: u32::from(t.port?),
                     password: t.password.clone(),
                     desired_state: t.desired.as_str().to_string(),
-                    restart_generation: 0,
+                    restart_generation: t.restart_generation,
                 })
             })
             .collect();
@@ -224,7 +268,7 @@ impl AgentApi for AgentService {
             version,
             tenants,
             register_again: false,
-            cluster_id: String::new(),
+            cluster_id,
         }))
     }
 }

@@ -1,7 +1,7 @@
-//! The operator API: create, read, update and delete tenants, list and cordon nodes, show and
-//! change the scheduler's membership. A follower forwards every call to the leader unless the
-//! read asks for `stale`. Validation happens before anything is proposed, so a refused request
-//! changes nothing.
+//! The operator API: create, read, update, restart and delete tenants, list and cordon nodes,
+//! show and change the scheduler's membership. A follower forwards every call to the leader
+//! unless the read asks for `stale`. Validation happens before anything is proposed, so a refused
+//! request changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use super::convert::{credentials, node_to_pb, tenant_to_pb};
 use super::{forward, linearizable, membership, propose};
 use crate::app::App;
 use crate::placement;
-use crate::state::{ClusterState, Command, Outcome, TenantSpec};
+use crate::state::{ApplyError, ClusterState, Command, DesiredState, Outcome, TenantSpec};
 
 /// Engines every agent knows without configuration; others are known once a node offers them.
 pub const BUILTIN_ENGINES: [&str; 2] = ["postgres", "redis"];
@@ -157,6 +157,25 @@ fn tenant_of(outcome: Outcome) -> Result<crate::state::TenantRecord, Status> {
     }
 }
 
+/// The gRPC metadata key that carries the cluster's identity with every answer about the
+/// cluster's membership (`ClusterStatusResponse` has no field for it yet).
+pub const CLUSTER_ID_METADATA: &str = "dormant-cluster-id";
+
+/// `status` with this replica's view of the cluster identity in the answer's metadata (none
+/// until the first leader has chosen it, or this replica has applied that choice).
+fn with_cluster_id(
+    app: &App,
+    status: pb::ClusterStatusResponse,
+) -> Response<pb::ClusterStatusResponse> {
+    let mut response = Response::new(status);
+    let id = app.state.read().cluster.cluster_id.clone();
+    // An id is hex, always a valid header value; one that were not would be left out.
+    if let Some(value) = id.and_then(|id| id.parse().ok()) {
+        response.metadata_mut().insert(CLUSTER_ID_METADATA, value);
+    }
+    response
+}
+
 /// Answers the call on the leader: a follower returns the leader's answer.
 macro_rules! on_leader {
     ($self:ident, $req:ident, $stale:expr, $method:ident) => {
@@ -219,10 +238,36 @@ impl Operator for OperatorService {
 
     async fn restart_tenant(
         &self,
-        _req: Request<pb::RestartTenantRequest>,
+        mut req: Request<pb::RestartTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
-        // Placeholder while the restart command is built (issue 13).
-        Err(Status::unimplemented("tenant restart is not built yet"))
+        on_leader!(self, req, false, restart_tenant);
+        let name = parse_name(&req.into_inner().name)?;
+        linearizable(&self.app).await?;
+        // Refused here with the rule; apply checks again against the state at its log index.
+        let uid = {
+            let sm = self.app.state.read();
+            let t = sm.cluster.tenants.get(&name).ok_or_else(|| {
+                Status::not_found(format!("name: tenant {:?} not found", name.as_str()))
+            })?;
+            if t.desired == DesiredState::Deleted {
+                return Err(Status::failed_precondition(format!(
+                    "name: tenant {:?} is being deleted; a deleted tenant is not restarted",
+                    name.as_str()
+                )));
+            }
+            if t.node.is_none() {
+                return Err(super::apply_status(ApplyError::NotPlaced(name.to_string())));
+            }
+            t.uid
+        };
+        let tenant = tenant_of(propose(&self.app, Command::RestartTenant { name, uid }).await?)?;
+        info!(tenant_id = %tenant.name, uid = tenant.uid, generation = tenant.restart_generation, "tenant restart requested");
+        let sm = self.app.state.read();
+        Ok(Response::new(tenant_to_pb(
+            &tenant,
+            &sm.cluster,
+            &self.app.liveness(),
+        )))
     }
 
     async fn update_tenant(
@@ -387,7 +432,10 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let stale = req.get_ref().stale;
         on_leader!(self, req, stale, cluster_status);
-        Ok(Response::new(membership::status(&self.app).await?))
+        Ok(with_cluster_id(
+            &self.app,
+            membership::status(&self.app).await?,
+        ))
     }
 
     async fn add_learner(
@@ -397,7 +445,10 @@ impl Operator for OperatorService {
         on_leader!(self, req, false, add_learner);
         let req = req.into_inner();
         membership::add_learner(&self.app, req.id, req.address).await?;
-        Ok(Response::new(membership::status(&self.app).await?))
+        Ok(with_cluster_id(
+            &self.app,
+            membership::status(&self.app).await?,
+        ))
     }
 
     async fn promote_member(
@@ -406,7 +457,10 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         on_leader!(self, req, false, promote_member);
         membership::promote(&self.app, req.into_inner().id).await?;
-        Ok(Response::new(membership::status(&self.app).await?))
+        Ok(with_cluster_id(
+            &self.app,
+            membership::status(&self.app).await?,
+        ))
     }
 
     async fn remove_member(
@@ -415,7 +469,10 @@ impl Operator for OperatorService {
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         on_leader!(self, req, false, remove_member);
         membership::remove(&self.app, req.into_inner().id).await?;
-        Ok(Response::new(membership::status(&self.app).await?))
+        Ok(with_cluster_id(
+            &self.app,
+            membership::status(&self.app).await?,
+        ))
     }
 
     async fn set_node_cordon(

@@ -44,8 +44,11 @@ pub fn tenant_to_pb(t: &TenantRecord, cluster: &ClusterState, live: &Liveness) -
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect(),
-        resize_pending: String::new(),
-        restart_generation: 0,
+        resize_pending: live
+            .resize_pending(&t.name)
+            .map(str::to_string)
+            .unwrap_or_default(),
+        restart_generation: t.restart_generation,
     }
 }
 

@@ -32,8 +32,10 @@ pub fn apply_status(e: ApplyError) -> Status {
             Status::not_found(e.to_string())
         }
         ApplyError::StalePlacement { .. } => Status::aborted(e.to_string()),
-        ApplyError::Shrink { .. } => Status::invalid_argument(e.to_string()),
-        ApplyError::Deleting(_) | ApplyError::DoesNotFit { .. } => {
+        ApplyError::Shrink { .. } | ApplyError::NotReportable { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
+        ApplyError::Deleting(_) | ApplyError::DoesNotFit { .. } | ApplyError::NotPlaced(_) => {
             Status::failed_precondition(e.to_string())
         }
     }

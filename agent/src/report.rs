@@ -247,6 +247,7 @@ impl Reporter {
             labels: s.labels.clone().into_iter().collect(),
             port_range_start: u32::from(s.ports.0),
             port_range_end: u32::from(s.ports.1),
+            cluster_id: self.cluster.recorded().unwrap_or_default().to_string(),
         };
         let reply = self.client().register(req).await?.into_inner();
         if let Err(refusal) = self.cluster.accept(&reply.cluster_id) {
@@ -305,6 +306,7 @@ impl Reporter {
             seen_version: self.seen_version,
             tenants: observed,
             usage: Some(self.probe.sample(&self.settings.state_dir)),
+            cluster_id: self.cluster.recorded().unwrap_or_default().to_string(),
         }
     }
 

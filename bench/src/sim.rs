@@ -24,6 +24,7 @@ pub fn node_name(i: usize) -> String {
 /// 4 TiB of storage and 10,000 ports.
 pub fn registration(name: &str) -> pb::RegisterRequest {
     pb::RegisterRequest {
+        cluster_id: String::new(),
         node_id: name.to_string(),
         address: "127.0.0.1".into(),
         capacity: Some(pb::Resources {
@@ -112,6 +113,7 @@ async fn heartbeat_loop(
         let t0 = Instant::now();
         let r = client
             .heartbeat(pb::HeartbeatRequest {
+                cluster_id: String::new(),
                 node_id: node.clone(),
                 seen_version,
                 tenants: Vec::new(),

@@ -361,6 +361,12 @@ impl Cluster {
     pub fn create(&self, name: &str, engine: &str, sizes: [&str; 3], extra: &[&str]) -> CtlOutput {
         let mut args = create_args(name, engine, sizes);
         args.extend_from_slice(extra);
+        // dormantctl's own wait, stretched like every wait of the harness (an initdb under the
+        // v2 VM's CPU emulation takes minutes).
+        let timeout = format!("{}s", 120 * crate::wait::time_scale());
+        if !extra.contains(&"--timeout") {
+            args.extend(["--timeout", timeout.as_str()]);
+        }
         self.ctl(&args)
     }
 

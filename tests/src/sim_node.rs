@@ -144,6 +144,7 @@ async fn run(
     let mut seen_version = 0;
     while !stop.load(Ordering::Relaxed) {
         let req = pb::HeartbeatRequest {
+            cluster_id: String::new(),
             node_id: spec.id.clone(),
             seen_version,
             tenants: Vec::new(),
@@ -167,6 +168,7 @@ async fn run(
 /// 20000-29999.
 pub fn registration(spec: &SimNodeSpec) -> pb::RegisterRequest {
     pb::RegisterRequest {
+        cluster_id: String::new(),
         node_id: spec.id.clone(),
         address: "127.0.0.1".into(),
         capacity: Some(pb::Resources {
@@ -225,6 +227,7 @@ pub fn heartbeat_with(
     tenants: Vec<pb::ObservedTenant>,
 ) -> Result<pb::HeartbeatResponse, tonic::Status> {
     let req = pb::HeartbeatRequest {
+        cluster_id: String::new(),
         node_id: node_id.into(),
         seen_version: 0,
         tenants,

@@ -364,6 +364,12 @@ fn remove_host(
     if paths.dir.exists() {
         let trash = host.trash_dir();
         std::fs::create_dir_all(&trash).map_err(io_err("create", &trash))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // Root's alone: tenants pass through `tenants`, and must not list who was deleted.
+            std::fs::set_permissions(&trash, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err("chmod", &trash))?;
+        }
         let target = trash.join(format!(
             "{}-{}",
             paths.dir.file_name().unwrap_or_default().to_string_lossy(),

@@ -401,7 +401,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             let reply = match cmd {
                 ClusterCmd::Status => {
                     replicas
-                        .call_keeping_metadata(true, |mut c| async move {
+                        .call(true, |mut c| async move {
                             c.cluster_status(pb::ClusterStatusRequest { stale }).await
                         })
                         .await?
@@ -410,7 +410,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 ClusterCmd::AddLearner { id, address } => {
                     let req = pb::AddLearnerRequest { id, address };
                     replicas
-                        .call_keeping_metadata(false, |mut c| {
+                        .call(false, |mut c| {
                             let r = req.clone();
                             async move { c.add_learner(r).await }
                         })
@@ -418,25 +418,25 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 }
                 ClusterCmd::Promote { id } => {
                     replicas
-                        .call_keeping_metadata(false, |mut c| async move {
+                        .call(false, |mut c| async move {
                             c.promote_member(pb::PromoteMemberRequest { id }).await
                         })
                         .await?
                 }
                 ClusterCmd::Remove { id } => {
                     replicas
-                        .call_keeping_metadata(false, |mut c| async move {
+                        .call(false, |mut c| async move {
                             c.remove_member(pb::RemoveMemberRequest { id }).await
                         })
                         .await?
                 }
             };
-            let cluster_id = ctl::cluster_id_of(&reply);
-            let s = reply.into_inner();
+            let s = reply;
+            let cluster_id = (!s.cluster_id.is_empty()).then_some(s.cluster_id.as_str());
             if json {
-                print_json(&output::cluster_json(&s, cluster_id.as_deref()));
+                print_json(&output::cluster_json(&s, cluster_id));
             } else {
-                println!("{}", output::cluster_table(&s, cluster_id.as_deref()));
+                println!("{}", output::cluster_table(&s, cluster_id));
             }
         }
     }

@@ -105,22 +105,7 @@ impl Replicas {
     /// Runs `call` until it succeeds, fails for good, or [`LEADER_WAIT`] passes, moving to the
     /// next replica after each `Unavailable`. Reads (`idempotent`) retry on any `Unavailable`;
     /// writes only when nothing was proposed.
-    pub async fn call<T, F, Fut>(&mut self, idempotent: bool, call: F) -> Result<T, CtlError>
-    where
-        F: FnMut(OperatorClient<Channel>) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        self.call_keeping_metadata(idempotent, call)
-            .await
-            .map(tonic::Response::into_inner)
-    }
-
-    /// [`Replicas::call`], answering with the response's metadata too.
-    pub async fn call_keeping_metadata<T, F, Fut>(
-        &mut self,
-        idempotent: bool,
-        mut call: F,
-    ) -> Result<tonic::Response<T>, CtlError>
+    pub async fn call<T, F, Fut>(&mut self, idempotent: bool, mut call: F) -> Result<T, CtlError>
     where
         F: FnMut(OperatorClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -128,7 +113,7 @@ impl Replicas {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         loop {
             match call(self.client()).await {
-                Ok(reply) => return Ok(reply),
+                Ok(reply) => return Ok(reply.into_inner()),
                 Err(s) => {
                     let retry = if idempotent {
                         s.code() == tonic::Code::Unavailable
@@ -146,15 +131,6 @@ impl Replicas {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
-}
-
-/// The cluster identity a membership answer carries in its metadata, if the replica had one.
-pub fn cluster_id_of<T>(reply: &tonic::Response<T>) -> Option<String> {
-    reply
-        .metadata()
-        .get(crate::grpc::api::CLUSTER_ID_METADATA)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
 }
 
 pub async fn connect(url: &str) -> Result<OperatorClient<Channel>, CtlError> {

@@ -50,6 +50,22 @@ fn cluster_id(app: &App) -> Result<String, Status> {
         .ok_or_else(|| Status::unavailable("cluster identity not chosen yet; retry shortly"))
 }
 
+/// Refuses a node that belongs to another cluster (the identity it recorded at its first
+/// registration) before anything of it is recorded here. An empty one is a node that never
+/// registered, or an agent older than identities.
+fn check_node_cluster(app: &App, node: &str, theirs: &str) -> Result<(), Status> {
+    let ours = app.state.read().cluster.cluster_id.clone();
+    match ours {
+        Some(ours) if !theirs.is_empty() && ours != theirs => {
+            Err(Status::failed_precondition(format!(
+                "cluster_id: node {node} belongs to scheduler cluster {theirs}, this is cluster {ours}; \
+                 point the agent at its own cluster, or remove its cluster-id file to move it here"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn parse_node(id: &str) -> Result<NodeName, Status> {
     NodeName::parse(id).map_err(|e| Status::invalid_argument(e.to_string()))
 }
@@ -100,7 +116,9 @@ impl AgentApi for AgentService {
         if let Some(leader) = forward::to_leader(&self.app, &mut req, false)? {
             return AgentApiClient::new(leader).register(req).await;
         }
-        let record = parse_registration(req.into_inner())?;
+        let req = req.into_inner();
+        check_node_cluster(&self.app, &req.node_id, &req.cluster_id)?;
+        let record = parse_registration(req)?;
         // Before anything is proposed: an agent must not join a cluster it cannot tell apart.
         // Once chosen the identity never changes, so this is the one to answer with.
         let cluster_id = cluster_id(&self.app)?;
@@ -136,6 +154,7 @@ impl AgentApi for AgentService {
         }
         let req = req.into_inner();
         let node = parse_node(&req.node_id)?;
+        check_node_cluster(&self.app, &req.node_id, &req.cluster_id)?;
         let mut observed = Vec::with_capacity(req.tenants.len());
         for t in &req.tenants {
             let name =

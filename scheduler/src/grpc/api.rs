@@ -157,23 +157,20 @@ fn tenant_of(outcome: Outcome) -> Result<crate::state::TenantRecord, Status> {
     }
 }
 
-/// The gRPC metadata key that carries the cluster's identity with every answer about the
-/// cluster's membership (`ClusterStatusResponse` has no field for it yet).
-pub const CLUSTER_ID_METADATA: &str = "dormant-cluster-id";
-
-/// `status` with this replica's view of the cluster identity in the answer's metadata (none
-/// until the first leader has chosen it, or this replica has applied that choice).
+/// `status` with this replica's view of the cluster identity (empty until the first leader has
+/// chosen it, or this replica has applied that choice).
 fn with_cluster_id(
     app: &App,
-    status: pb::ClusterStatusResponse,
+    mut status: pb::ClusterStatusResponse,
 ) -> Response<pb::ClusterStatusResponse> {
-    let mut response = Response::new(status);
-    let id = app.state.read().cluster.cluster_id.clone();
-    // An id is hex, always a valid header value; one that were not would be left out.
-    if let Some(value) = id.and_then(|id| id.parse().ok()) {
-        response.metadata_mut().insert(CLUSTER_ID_METADATA, value);
-    }
-    response
+    status.cluster_id = app
+        .state
+        .read()
+        .cluster
+        .cluster_id
+        .clone()
+        .unwrap_or_default();
+    Response::new(status)
 }
 
 /// Answers the call on the leader: a follower returns the leader's answer.

@@ -230,5 +230,7 @@ pub async fn status(app: &App) -> Result<pb::ClusterStatusResponse, Status> {
         last_log_index: last_index,
         snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
         purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+        // Filled in by the API, which reads the applied state.
+        cluster_id: String::new(),
     })
 }

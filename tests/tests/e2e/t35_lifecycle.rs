@@ -227,3 +227,68 @@ fn a_state_dir_closed_to_tenants_is_refused_at_start() {
     assert!(log.contains(&dir.display().to_string()), "{log}");
     assert!(log.contains("o+x"), "{log}");
 }
+
+/// `tenant restart` is the way out of `failed`: a PostgreSQL whose configuration an operator broke
+/// fails its restarts until it is `failed`; once the file is fixed, `tenant restart` brings it
+/// back with its data. On a running tenant it restarts the engine once, data kept.
+#[test]
+fn tenant_restart_brings_a_failed_tenant_back_with_its_data() {
+    if !require_root("tenant_restart_brings_a_failed_tenant_back_with_its_data") {
+        return;
+    }
+    let mut cluster = Cluster::start("t35f");
+    cluster.add_agent("n1");
+    let t = cluster.create_tenant("lazarus", "0.5", "256MiB", "256MiB");
+    let uri = t["credentials"]["uri"].as_str().unwrap().to_string();
+    psql(
+        &uri,
+        "CREATE TABLE kept(v text); INSERT INTO kept VALUES ('still here')",
+    )
+    .unwrap();
+
+    // A running tenant restarts once: a new engine, the same data.
+    let first = cluster.engine_pid(0, "lazarus");
+    let out = cluster.ctl(&["tenant", "restart", "lazarus"]);
+    assert!(out.success, "{}", out.stderr);
+    let second = wait_until(Duration::from_secs(60), "a new engine", || {
+        let pid = cluster.engine_pid(0, "lazarus");
+        (pid != first && cluster.tenant("lazarus")["state"] == "running").then_some(pid)
+    });
+    assert!(!dormant_tests::process::pid_alive(first));
+    wait_until(
+        Duration::from_secs(30),
+        "the restarted engine to answer",
+        || {
+            psql(&uri, "SELECT v FROM kept")
+                .ok()
+                .filter(|v| v == "still here")
+        },
+    );
+
+    // The configuration is broken, then the engine dies: every restart fails until `failed`.
+    let conf = cluster.agents[0]
+        .state_dir
+        .join("tenants/lazarus/data/pgdata/postgresql.auto.conf");
+    let good = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, format!("{good}this line is not a setting\n")).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let failed = cluster.wait_tenant_state("lazarus", "failed", Duration::from_secs(120));
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(reason.contains("5 failures in a row"), "{reason}");
+
+    // Fixed, and restarted by the operator: back, with its data.
+    std::fs::write(&conf, good).unwrap();
+    let out = cluster.ctl(&["tenant", "restart", "lazarus", "-o", "json"]);
+    assert!(out.success, "{}", out.stderr);
+    cluster.wait_tenant_state("lazarus", "running", Duration::from_secs(60));
+    wait_until(Duration::from_secs(30), "the data back", || {
+        psql(&uri, "SELECT v FROM kept")
+            .ok()
+            .filter(|v| v == "still here")
+    });
+    assert_eq!(cluster.tenant("lazarus")["restart_generation"], 2);
+}

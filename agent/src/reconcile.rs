@@ -181,7 +181,7 @@ impl Tenants {
 
 #[cfg(test)]
 mod tests {
-    use dormant_common::{Bytes, MilliCpu, Resources};
+    use dormant_common::Bytes;
 
     use super::*;
 
@@ -190,19 +190,7 @@ mod tests {
     }
 
     fn spec(n: &str, uid: u64) -> TenantSpec {
-        TenantSpec {
-            name: name(n),
-            uid,
-            engine: "postgres".into(),
-            resources: Resources {
-                cpu: MilliCpu(500),
-                memory: Bytes(1 << 29),
-                storage: Bytes(1 << 30),
-            },
-            port: 20000,
-            password: "pw".into(),
-            restart_generation: 0,
-        }
+        crate::tenant::record::sample_spec(n, uid)
     }
 
     fn desired(wants: Vec<(&str, Want)>) -> Desired {

@@ -106,26 +106,31 @@ pub fn load_all(host: &Host) -> Vec<TenantRecord> {
         .collect()
 }
 
+/// A tenant spec for unit tests: half a core, 512 MiB, 1 GiB, PostgreSQL.
+#[cfg(test)]
+pub(crate) fn sample_spec(name: &str, uid: u64) -> TenantSpec {
+    use dormant_common::{Bytes, MilliCpu};
+    TenantSpec {
+        name: TenantName::parse(name).expect("a valid test name"),
+        uid,
+        engine: "postgres".into(),
+        resources: Resources {
+            cpu: MilliCpu(500),
+            memory: Bytes(1 << 29),
+            storage: Bytes(1 << 30),
+        },
+        port: 20000,
+        password: "pw".into(),
+        restart_generation: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use dormant_common::{Bytes, MilliCpu};
-
     use super::*;
 
     fn spec() -> TenantSpec {
-        TenantSpec {
-            name: TenantName::parse("acme").unwrap(),
-            uid: 7,
-            engine: "postgres".into(),
-            resources: Resources {
-                cpu: MilliCpu(500),
-                memory: Bytes(1 << 29),
-                storage: Bytes(1 << 30),
-            },
-            port: 20000,
-            password: "pw".into(),
-            restart_generation: 0,
-        }
+        sample_spec("acme", 7)
     }
 
     /// A record as the agent before intents wrote it (a bare spec) still reads.

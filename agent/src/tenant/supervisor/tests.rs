@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use dormant_common::{Bytes, MilliCpu, Resources, TenantName, TenantState};
+use dormant_common::{Bytes, MilliCpu, Resources, TenantState};
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::{Request, Supervisor, MAX_FAILURES};
@@ -178,19 +178,7 @@ impl Runtime for FakeRuntime {
 }
 
 fn spec() -> TenantSpec {
-    TenantSpec {
-        name: TenantName::parse("acme").unwrap(),
-        uid: 7,
-        engine: "postgres".into(),
-        resources: Resources {
-            cpu: MilliCpu(500),
-            memory: Bytes(256 << 20),
-            storage: Bytes(1 << 30),
-        },
-        port: 20000,
-        password: "pw".into(),
-        restart_generation: 0,
-    }
+    crate::tenant::record::sample_spec("acme", 7)
 }
 
 /// A supervisor running on a fake host.

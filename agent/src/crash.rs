@@ -17,6 +17,8 @@ pub const STEPS: &[&str] = &[
     "create.during_init",
     "create.after_init",
     "start.after_spawn",
+    "restart.after_intent",
+    "restart.after_stop",
     "resize.after_record",
     "resize.after_limits",
     "resize.after_image_grow",

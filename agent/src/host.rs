@@ -38,6 +38,16 @@ pub enum HostError {
         path: PathBuf,
         mode: u32,
     },
+    #[error(
+        "state_dir {path}: another agent (pid {holder}) is using it; one agent per state directory"
+    )]
+    StateDirInUse { path: PathBuf, holder: String },
+    #[error("cgroup_parent: {now:?}, but the tenants recorded in {state_dir} run under {before:?}; set cgroup_parent back to {before:?} (moving tenants between parents is not supported)")]
+    CgroupParentChanged {
+        state_dir: PathBuf,
+        before: String,
+        now: String,
+    },
     #[error("state_dir {path}: the socket paths under it would be too long ({len} bytes, at most 90); choose a shorter state_dir")]
     StateDirTooLong { path: PathBuf, len: usize },
 }
@@ -45,6 +55,9 @@ pub enum HostError {
 #[derive(Debug)]
 pub struct Host {
     pub state_dir: PathBuf,
+    /// Held for the agent's life: one agent per state directory (a second one's sweep would
+    /// take the first one's tenants for leftovers).
+    pub state_lock: nix::fcntl::Flock<std::fs::File>,
     pub cgroups: Arc<dyn CgroupDriver>,
     pub engines: BTreeMap<String, EngineTemplate>,
     /// Each tenant gets a uid (and a gid of the same number) of its own from this range.
@@ -225,6 +238,68 @@ pub fn prepare_state_dir(dir: &Path) -> Result<PathBuf, HostError> {
     Ok(dir.to_path_buf())
 }
 
+/// Takes the state directory for this agent alone (`<state_dir>/agent.lock`, `flock`ed for the
+/// life of the process; the kernel drops it when the process dies, however it dies).
+pub fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, HostError> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join("agent.lock");
+    let io = |source| HostError::StateDir {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(lock) => lock,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(HostError::StateDirInUse {
+                path: dir.to_path_buf(),
+                holder: holder.trim().to_string(),
+            });
+        }
+        Err((_, e)) => return Err(io(e.into())),
+    };
+    lock.set_len(0).map_err(io)?;
+    lock.rewind().map_err(io)?;
+    write!(lock, "{}", std::process::id()).map_err(io)?;
+    Ok(lock)
+}
+
+/// The cgroup parent is recorded in `<state_dir>/cgroup-parent` and may change only while no
+/// tenant is recorded: engines keep running in the parent they were started under, and an agent
+/// looking under another would start a second engine on the same volume.
+pub fn check_cgroup_parent(
+    state_dir: &Path,
+    parent: &Path,
+    tenants_recorded: bool,
+) -> Result<(), HostError> {
+    let path = state_dir.join("cgroup-parent");
+    let now = parent.display().to_string();
+    match std::fs::read_to_string(&path) {
+        Ok(before) if before.trim() == now => return Ok(()),
+        Ok(before) if tenants_recorded => {
+            return Err(HostError::CgroupParentChanged {
+                state_dir: state_dir.to_path_buf(),
+                before: before.trim().to_string(),
+                now,
+            })
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(HostError::StateDir { path, source }),
+    }
+    crate::tenant_fs::write_atomic(&path, now.as_bytes())
+        .map_err(|source| HostError::StateDir { path, source })
+}
+
 /// Makes `tenants` a shared mount (binding it onto itself first if it is not a mount point), so
 /// that each tenant's mount namespace, a slave of it, sees other tenants' volumes go when they are
 /// unmounted here instead of keeping them (and their disk space) alive until its engine restarts.
@@ -275,6 +350,24 @@ pub fn capacity(state_dir: &Path, reserve_memory: Bytes, reserve_storage: Bytes)
         memory: Bytes(sys.total_memory().saturating_sub(reserve_memory.0)),
         storage: Bytes(total_storage.saturating_sub(reserve_storage.0)),
     }
+}
+
+/// Bytes on the state directory's filesystem that are not tenants' volumes (the OS, logs, other
+/// data): capacity is the filesystem's size less `reserve_storage`, so this must fit in the
+/// reserve or tenants may get less than they were promised.
+pub fn storage_not_for_tenants(state_dir: &Path, tenants_dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let used = nix::sys::statvfs::statvfs(state_dir)
+        .map(|s| (s.blocks() - s.blocks_free()) * s.fragment_size())
+        .unwrap_or(0);
+    let volumes: u64 = std::fs::read_dir(tenants_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::metadata(e.path().join("volume.img")).ok())
+        .map(|m| m.blocks() * 512)
+        .sum();
+    used.saturating_sub(volumes)
 }
 
 /// Node usage for heartbeats.

@@ -41,6 +41,10 @@ pub enum AgentError {
     NoRedis(String),
     #[error(transparent)]
     Engine(#[from] engine::custom::EngineConfigError),
+    #[error(transparent)]
+    Records(tenant::record::RecordError),
+    #[error("sweeping the host at start: {0}")]
+    Sweep(String),
     #[error("engines: no engine is available: install postgresql or redis-server, or define [engines.NAME] in the config")]
     NoEngines,
 }
@@ -84,6 +88,7 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
     // the host.
     let engines = engines(settings)?;
     let state_dir = host::prepare_state_dir(&settings.state_dir)?;
+    let state_lock = host::lock_state_dir(&state_dir)?;
     let (cgroups, reason) = cgroup::select::open(
         settings.cgroup_driver,
         &settings.cgroup_root,
@@ -99,6 +104,7 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
     info!(engines = ?engines.keys().collect::<Vec<_>>(), "engines offered");
     Ok(Host {
         state_dir,
+        state_lock,
         cgroups,
         engines,
         tenant_uids: settings.tenant_uids,
@@ -120,22 +126,39 @@ pub async fn run(
     // their parent and can read how they exit.
     spawn::become_subreaper().map_err(host::HostError::Subreaper)?;
     // What an earlier run left: records are resumed, everything else the agent owns is swept.
-    let records = tenant::load_records(&host);
+    let found = tenant::load_records(&host).map_err(AgentError::Records)?;
+    host::check_cgroup_parent(
+        &host.state_dir,
+        &settings.cgroup_parent,
+        !found.records.is_empty() || !found.quarantined.is_empty(),
+    )?;
     let swept_host = host.clone();
-    let kept = records.clone();
-    let swept = tokio::task::spawn_blocking(move || sweep::sweep(&swept_host, &kept))
-        .await
-        .unwrap_or_default();
+    let (found, swept) = tokio::task::spawn_blocking(move || {
+        let swept = sweep::sweep(&swept_host, &found);
+        (found, swept)
+    })
+    .await
+    .map_err(|e| AgentError::Sweep(e.to_string()))?;
+    let records = found.records;
     info!(
         tenants = records.len(),
+        quarantined = found.quarantined.len(),
         mounts = swept.mounts.len(),
         loop_devices = swept.loop_devices.len(),
         directories = swept.directories.len(),
         cgroups = swept.cgroups.len(),
         "swept the host at start"
     );
+    let others = host::storage_not_for_tenants(&host.state_dir, &host.tenants_dir());
+    if others > settings.reserve_storage.0 {
+        tracing::warn!(
+            other_data = %dormant_common::Bytes(others),
+            reserve_storage = %settings.reserve_storage,
+            "the state directory's filesystem holds more than reserve_storage of other data: capacity is the filesystem's size less the reserve, so tenants may get less than promised; raise reserve_storage or give the state directory a filesystem of its own"
+        );
+    }
     let mut tenants = reconcile::Tenants::new(host.clone());
-    tenants.resume(records);
+    tenants.resume(records, found.quarantined);
     let reporter = report::Reporter::new(settings.clone(), host)?;
     reporter.run(&mut tenants, shutdown).await;
     info!(

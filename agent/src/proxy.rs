@@ -15,6 +15,8 @@ use tracing::{debug, warn};
 
 /// How long a client waits for a starting engine before its connection is closed.
 const READY_WAIT: Duration = Duration::from_secs(60);
+/// How long a refused connect waits for the supervisor to see the engine gone.
+const ENGINE_GONE_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 #[error("listen on {addr}: {source}")]
@@ -111,16 +113,19 @@ async fn forward(
         }
         match crate::tenant_fs::connect_socket(&socket, owner).await {
             Ok(s) => break s,
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                // The engine went away after it was ready (a crash the supervisor is about to
-                // see): the client waits for the next ready engine instead of being dropped.
-                debug!(%peer, error = %e, "engine socket refused; waiting for the engine");
-                let pause = tokio::time::Instant::now() + Duration::from_millis(50);
-                let _ = tokio::time::timeout_at(pause.min(deadline), ready.changed()).await;
-            }
             Err(e) => {
-                warn!(%peer, socket = %socket.display(), error = %e, "connect to engine socket");
-                return;
+                // The engine went away after it was ready (a crash the supervisor is about to
+                // see): the client waits for the next ready engine instead of being dropped. If
+                // the supervisor does not see a crash within a second, the socket itself is the
+                // problem (a tenant removed it): the client is dropped, nothing spins.
+                let crashed = tokio::time::timeout(ENGINE_GONE_WAIT, ready.wait_for(|r| !*r))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if !crashed {
+                    warn!(%peer, socket = %socket.display(), error = %e, "connect to engine socket");
+                    return;
+                }
+                debug!(%peer, error = %e, "engine went away; waiting for the next one");
             }
         }
     };

@@ -92,6 +92,9 @@ pub struct Tenants {
     pub handles: BTreeMap<TenantName, TenantHandle>,
     /// Tenants already logged as kept against the desired set (logged once, not every beat).
     kept: BTreeSet<TenantName>,
+    /// Tenant directories whose record cannot be read: nothing of that name is started here
+    /// (it would take over the directory, uid file and image) until an operator looks.
+    quarantined: BTreeSet<String>,
 }
 
 impl Tenants {
@@ -100,12 +103,14 @@ impl Tenants {
             host,
             handles: BTreeMap::new(),
             kept: BTreeSet::new(),
+            quarantined: BTreeSet::new(),
         }
     }
 
     /// Starts tasks for tenant records found on disk, so their endpoints answer and running
     /// engines are adopted before the scheduler is even reachable; deletes under way finish.
-    pub fn resume(&mut self, records: Vec<crate::tenant::TenantRecord>) {
+    pub fn resume(&mut self, records: Vec<crate::tenant::TenantRecord>, quarantined: Vec<String>) {
+        self.quarantined = quarantined.into_iter().collect();
         for record in records {
             info!(tenant_id = %record.spec.name, uid = record.spec.uid, deleting = record.deleting, "resuming tenant found on disk");
             let name = record.spec.name.clone();
@@ -137,6 +142,12 @@ impl Tenants {
         let mut kept = BTreeSet::new();
         for action in plan(desired, &self.present()) {
             match action {
+                Action::Start(spec) if self.quarantined.contains(spec.name.as_str()) => {
+                    if !self.kept.contains(&spec.name) {
+                        warn!(tenant_id = %spec.name, "not starting: a tenant directory of this name has an unreadable record");
+                    }
+                    kept.insert(spec.name);
+                }
                 Action::Start(spec) => {
                     info!(tenant_id = %spec.name, uid = spec.uid, "starting tenant");
                     let name = spec.name.clone();

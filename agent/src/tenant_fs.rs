@@ -133,6 +133,28 @@ pub fn remove_below(base: &Path, rel: &Path) -> std::io::Result<()> {
     not_found_is_fine(unlinkat(&dir, *name, UnlinkatFlags::NoRemoveDir))
 }
 
+/// Removes the tree at `path` (missing is fine) with `rm -rf --one-file-system`: a tenant can
+/// make its directories arbitrarily deep, and `rm`'s iterative walk (fts, never following links)
+/// handles that where a recursive walk in the agent would overflow its stack.
+pub fn remove_tree(path: &Path) -> std::io::Result<()> {
+    if std::fs::symlink_metadata(path).is_err() {
+        return Ok(());
+    }
+    let out = std::process::Command::new("rm")
+        .args(["-rf", "--one-file-system", "--"])
+        .arg(path)
+        .output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "rm -rf {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +226,25 @@ mod tests {
         std::os::unix::fs::symlink(&host, base.join("pgdata")).unwrap();
         assert!(remove_below(&base, Path::new("pgdata/postmaster.pid")).is_err());
         assert!(host.join("postmaster.pid").exists());
+    }
+
+    #[test]
+    fn remove_tree_removes_a_tree_deeper_than_any_recursion_and_spares_link_targets() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("run");
+        let mut deep = root.clone();
+        for _ in 0..300 {
+            deep.push("a");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("precious"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        remove_tree(&root).unwrap();
+        assert!(!root.exists());
+        assert!(outside.join("precious").exists());
+        remove_tree(&root).unwrap();
     }
 
     #[test]

@@ -30,6 +30,18 @@ impl V1Driver {
     /// `root` is where the hierarchies are mounted (`/sys/fs/cgroup`), `parent` the path inside
     /// each hierarchy that the agent owns (`dormant/tenants`).
     pub fn new(root: &Path, parent: &Path) -> Result<Self, CgroupError> {
+        // The agent kills and removes cgroups below its parent: it must be a subtree of its own,
+        // never a hierarchy's root (where other software's cgroups live).
+        if parent.as_os_str().is_empty()
+            || !parent
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(CgroupError::Unavailable(format!(
+                "cgroup_parent {:?}: must be a relative path below the cgroup root, without '..'",
+                parent.display().to_string()
+            )));
+        }
         for controller in CONTROLLERS {
             if !root.join(controller).join("cgroup.procs").exists() {
                 return Err(CgroupError::MissingController {
@@ -288,6 +300,16 @@ mod tests {
         std::fs::remove_dir_all(fake.dir.path().join("pids")).unwrap();
         let err = V1Driver::new(fake.dir.path(), Path::new("dormant/tenants")).unwrap_err();
         assert!(err.to_string().contains("controller pids"), "{err}");
+    }
+
+    /// The hierarchies' roots hold other software's cgroups: never the agent's parent.
+    #[test]
+    fn v1_refuses_a_parent_that_is_a_root_or_climbs_out() {
+        let fake = FakeV1::new();
+        for bad in ["", "/abs", "a/../..", "."] {
+            let err = V1Driver::new(fake.dir.path(), Path::new(bad)).unwrap_err();
+            assert!(err.to_string().contains("cgroup_parent"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -9,8 +9,6 @@ pub mod record;
 pub mod runtime;
 pub mod supervisor;
 
-use std::time::Duration;
-
 use dormant_common::TenantState;
 
 pub use handle::TenantHandle;
@@ -72,8 +70,6 @@ pub enum TenantError {
     },
     #[error("engine {exit} before it was ready; last log lines: {log_tail}")]
     ExitedBeforeReady { exit: Exit, log_tail: String },
-    #[error("engine not ready after {0:?}")]
-    ReadyTimeout(Duration),
 }
 
 pub(crate) fn io_err<'a>(

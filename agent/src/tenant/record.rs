@@ -11,7 +11,6 @@ use std::path::Path;
 
 use dormant_common::{Resources, TenantName};
 use serde::{Deserialize, Serialize};
-use tracing::warn;
 
 use crate::host::{Host, TenantPaths};
 use crate::tenant_fs;
@@ -39,6 +38,11 @@ pub struct TenantRecord {
     /// and never starts its engine again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deleting: bool,
+    /// A restart has begun (`spec.restart_generation` is the one asked for): the engine with this
+    /// pid is being replaced. An agent started after a crash that still finds that engine
+    /// finishes the restart; one that finds another knows it is done. Never two restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarting_from: Option<i32>,
 }
 
 impl TenantRecord {
@@ -46,6 +50,7 @@ impl TenantRecord {
         Self {
             spec,
             deleting: false,
+            restarting_from: None,
         }
     }
 }
@@ -67,43 +72,76 @@ pub fn write(paths: &TenantPaths, record: &TenantRecord) -> Result<(), RecordErr
     tenant_fs::write_atomic(&path, &bytes).map_err(|source| RecordError { path, source })
 }
 
-/// Reads one tenant directory's record; `None` when there is none (a directory left by a crash
-/// before its record was written) or it cannot be read (logged).
-pub fn read(dir: &Path) -> Option<TenantRecord> {
+/// What one tenant directory holds.
+#[derive(Debug)]
+pub enum Found {
+    Record(TenantRecord),
+    /// No record: a directory left by a crash before its record was written (or by an agent of
+    /// an older version, which wrote it later).
+    Missing,
+    /// A record that cannot be read or is not this directory's: the tenant is kept as it is and
+    /// left alone (never resumed, never swept) until an operator looks.
+    Unreadable(String),
+}
+
+/// Reads one tenant directory's record.
+pub fn read(dir: &Path) -> Found {
     let path = dir.join("tenant.json");
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => {
-            warn!(path = %path.display(), error = %e, "unreadable tenant record");
-            return None;
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Found::Missing,
+        Err(e) => return Found::Unreadable(format!("{}: {e}", path.display())),
     };
     match serde_json::from_slice::<TenantRecord>(&bytes) {
-        Ok(record) if dir.file_name() == Some(record.spec.name.as_str().as_ref()) => Some(record),
-        Ok(record) => {
-            warn!(path = %path.display(), name = %record.spec.name, "tenant record names another tenant; ignored");
-            None
+        Ok(record) if dir.file_name() == Some(record.spec.name.as_str().as_ref()) => {
+            Found::Record(record)
         }
-        Err(e) => {
-            warn!(path = %path.display(), error = %e, "unreadable tenant record");
-            None
-        }
+        Ok(record) => Found::Unreadable(format!(
+            "{}: names tenant {}, not this directory's",
+            path.display(),
+            record.spec.name
+        )),
+        Err(e) => Found::Unreadable(format!("{}: {e}", path.display())),
     }
 }
 
-/// The tenant records on this host, as an earlier agent run left them.
-pub fn load_all(host: &Host) -> Vec<TenantRecord> {
-    let Ok(entries) = std::fs::read_dir(host.tenants_dir()) else {
-        return Vec::new();
+/// The tenant directories an earlier agent run left, by what they hold.
+#[derive(Debug, Default)]
+pub struct OnDisk {
+    pub records: Vec<TenantRecord>,
+    /// Directory names whose record cannot be read: kept, not resumed (logged).
+    pub quarantined: Vec<String>,
+    /// Directory names without a record.
+    pub unrecorded: Vec<String>,
+}
+
+/// Reads every tenant directory. A `tenants` directory that cannot be listed stops the agent:
+/// going on would treat every tenant as unknown.
+pub fn load_all(host: &Host) -> Result<OnDisk, RecordError> {
+    let dir = host.tenants_dir();
+    let fail = |source| RecordError {
+        path: dir.clone(),
+        source,
     };
-    entries
-        .filter_map(Result::ok)
+    let mut found = OnDisk::default();
+    for entry in std::fs::read_dir(&dir).map_err(fail)? {
+        let entry = entry.map_err(fail)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
         // `.trash` and temporary names are the agent's own, never a tenant (names start with a
         // letter).
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .filter_map(|e| read(&e.path()))
-        .collect()
+        if name.starts_with('.') || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        match read(&entry.path()) {
+            Found::Record(record) => found.records.push(record),
+            Found::Missing => found.unrecorded.push(name),
+            Found::Unreadable(why) => {
+                tracing::error!(tenant_dir = %entry.path().display(), why, "tenant record unreadable: the tenant is left as it is (not resumed, nothing removed) until an operator repairs or removes its directory");
+                found.quarantined.push(name);
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// A tenant spec for unit tests: half a core, 512 MiB, 1 GiB, PostgreSQL.
@@ -141,7 +179,9 @@ mod tests {
         let tenant = dir.path().join("acme");
         std::fs::create_dir(&tenant).unwrap();
         std::fs::write(tenant.join("tenant.json"), old).unwrap();
-        let record = read(&tenant).expect("old record");
+        let Found::Record(record) = read(&tenant) else {
+            panic!("old record unreadable");
+        };
         assert_eq!(record, TenantRecord::new(spec()));
     }
 
@@ -157,7 +197,7 @@ mod tests {
             serde_json::to_vec(&record).unwrap(),
         )
         .unwrap();
-        assert_eq!(read(&tenant), Some(record.clone()));
+        assert!(matches!(read(&tenant), Found::Record(r) if r == record));
         // The same record in another tenant's directory is not that tenant's.
         let other = dir.path().join("other");
         std::fs::create_dir(&other).unwrap();
@@ -166,6 +206,11 @@ mod tests {
             serde_json::to_vec(&record).unwrap(),
         )
         .unwrap();
-        assert_eq!(read(&other), None);
+        assert!(matches!(read(&other), Found::Unreadable(_)));
+        // Damage is not absence: an unreadable record is never taken for a missing one.
+        std::fs::write(other.join("tenant.json"), b"{not json").unwrap();
+        assert!(matches!(read(&other), Found::Unreadable(_)));
+        std::fs::remove_file(other.join("tenant.json")).unwrap();
+        assert!(matches!(read(&other), Found::Missing));
     }
 }

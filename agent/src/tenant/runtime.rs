@@ -16,7 +16,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dormant_common::{Resources, TenantName};
 use nix::unistd::{Gid, Uid};
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::record::{self, TenantRecord, TenantSpec};
@@ -29,8 +28,6 @@ use crate::process::{Exit, Watched};
 use crate::proxy::{self, ProxyHandle};
 use crate::spawn::{self, Isolation, SpawnRequest};
 use crate::tenant_fs;
-
-const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// An engine process the supervisor watches.
 pub trait EngineProcess: Send + Sync + 'static {
@@ -80,8 +77,10 @@ pub trait Runtime: Send + 'static {
         spec: &TenantSpec,
     ) -> impl Future<Output = Result<Self::Engine, TenantError>> + Send;
 
-    /// Resolves once the engine answers. Readiness is proven afresh for a spawned engine: nothing
-    /// the previous run left behind counts.
+    /// Resolves once the engine answers, or with the reason it exited first; no time limit (a
+    /// PostgreSQL replaying a lot of WAL under a small CPU quota takes as long as it takes, and
+    /// killing it would start the replay over). Readiness is proven afresh for a spawned engine:
+    /// nothing the previous run left behind counts.
     fn wait_ready(
         &self,
         engine: &Self::Engine,
@@ -215,32 +214,24 @@ impl HostRuntime {
         })
     }
 
-    /// Starts `argv` isolated: the tenant's cgroup, namespaces, uid.
-    fn spawn(&self, argv: &[String]) -> Result<i32, TenantError> {
+    /// What starting `argv` isolated takes (the tenant's cgroup, namespaces, uid), owned, so
+    /// the fork can run on a blocking thread.
+    fn spawn_job(&self, argv: Vec<String>) -> Result<SpawnJob, TenantError> {
         let (uid, gid) = self.identity()?;
-        let (passwd, group) = (self.paths.passwd(), self.paths.group());
-        let pid = spawn::spawn(&SpawnRequest {
+        Ok(SpawnJob {
             argv,
-            cwd: &self.paths.data,
-            cgroup_procs: &self.cgroup().procs_files(),
-            log: &self.paths.log(),
-            isolation: Isolation {
-                hostname: self.name.as_str(),
-                volume: &self.paths.data,
-                uid: uid.as_raw(),
-                gid: gid.as_raw(),
-                passwd: &passwd,
-                group: &group,
-                // A private /tmp in memory, counted against the tenant's own limit.
-                tmp_bytes: (self.resources.memory.0 / 4).clamp(1 << 20, 256 << 20),
-                max_open_files: 65_536,
-            },
-        })?;
-        self.children
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(pid);
-        Ok(pid)
+            cwd: self.paths.data.clone(),
+            cgroup_procs: self.cgroup().procs_files(),
+            log: self.paths.log(),
+            hostname: self.name.to_string(),
+            uid: uid.as_raw(),
+            gid: gid.as_raw(),
+            passwd: self.paths.passwd(),
+            group: self.paths.group(),
+            // A private /tmp in memory, counted against the tenant's own limit.
+            tmp_bytes: (self.resources.memory.0 / 4).clamp(1 << 20, 256 << 20),
+            children: self.children.clone(),
+        })
     }
 
     /// Reaps the processes we started that have exited and that no `Watched` reaped (one dropped
@@ -263,7 +254,8 @@ impl HostRuntime {
     ) -> Result<(), TenantError> {
         for argv in &engine.init {
             let argv = ctx.fill_argv(argv);
-            let pid = self.spawn(&argv)?;
+            let job = self.spawn_job(argv.clone())?;
+            let pid = blocking("spawn", &self.paths.log(), move || job.run()).await?;
             crash_point!("create.during_init");
             let exit = Watched::new(pid)?.exited().await;
             if exit != Exit::Code(0) {
@@ -275,6 +267,48 @@ impl HostRuntime {
             }
         }
         Ok(())
+    }
+}
+
+/// An isolated process to start, with everything owned.
+struct SpawnJob {
+    argv: Vec<String>,
+    cwd: std::path::PathBuf,
+    cgroup_procs: Vec<std::path::PathBuf>,
+    log: std::path::PathBuf,
+    hostname: String,
+    uid: u32,
+    gid: u32,
+    passwd: std::path::PathBuf,
+    group: std::path::PathBuf,
+    tmp_bytes: u64,
+    children: Arc<Mutex<BTreeSet<i32>>>,
+}
+
+impl SpawnJob {
+    /// Forks and execs (blocking: the child's set-up is waited for); returns the PID.
+    fn run(&self) -> Result<i32, TenantError> {
+        let pid = spawn::spawn(&SpawnRequest {
+            argv: &self.argv,
+            cwd: &self.cwd,
+            cgroup_procs: &self.cgroup_procs,
+            log: &self.log,
+            isolation: Isolation {
+                hostname: &self.hostname,
+                volume: &self.cwd,
+                uid: self.uid,
+                gid: self.gid,
+                passwd: &self.passwd,
+                group: &self.group,
+                tmp_bytes: self.tmp_bytes,
+                max_open_files: 65_536,
+            },
+        })?;
+        self.children
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(pid);
+        Ok(pid)
     }
 }
 
@@ -333,14 +367,7 @@ fn empty_data_dir(data: &std::path::Path) -> Result<(), TenantError> {
         if path.file_name().is_some_and(|n| n == "lost+found") {
             continue;
         }
-        // `symlink_metadata`: a tenant's symlink is removed, never followed.
-        let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
-        let removed = if is_dir {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
-        removed.map_err(io_err("remove", &path))?;
+        tenant_fs::remove_tree(&path).map_err(io_err("remove", &path))?;
     }
     Ok(())
 }
@@ -380,13 +407,10 @@ fn remove_host(
         ));
         std::fs::rename(&paths.dir, &target).map_err(io_err("move to trash", &paths.dir))?;
         crash_point!("delete.after_trash");
-        std::fs::remove_dir_all(&target).map_err(io_err("remove", &target))?;
+        tenant_fs::remove_tree(&target).map_err(io_err("remove", &target))?;
     }
-    match std::fs::remove_dir_all(&paths.run) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("remove", &paths.run)(e)),
-    }
+    // The tenant wrote here (its socket directory): it may be arbitrarily deep.
+    tenant_fs::remove_tree(&paths.run).map_err(io_err("remove", &paths.run))
 }
 
 impl Runtime for HostRuntime {
@@ -491,27 +515,48 @@ impl Runtime for HostRuntime {
         let ctx = self.context();
         let engine_ctx = self.engine_context();
         let (uid, gid) = self.identity()?;
-        for (path, content) in &engine.files {
-            let path = ctx.fill_path(path);
-            tenant_fs::write_private(&path, &engine_ctx.fill(content), uid, gid)
-                .map_err(io_err("write", &path))?;
-        }
+        let files: Vec<_> = engine
+            .files
+            .iter()
+            .map(|(path, content)| (ctx.fill_path(path), engine_ctx.fill(content)))
+            .collect();
         // Readiness is proven afresh: the previous run's pid file says `ready` too (it stays
         // behind when the engine is killed), and trusting it would send clients to an engine
         // still in crash recovery. Nothing of the tenant runs now, so nothing else writes it.
-        if let Readiness::PidFileStatus(path) = &engine.readiness {
-            let path = ctx.fill_path(path);
-            if let Ok(rel) = path.strip_prefix(&self.paths.data) {
-                tenant_fs::remove_below(&self.paths.data, rel)
-                    .map_err(io_err("remove the previous run's", &path))?;
-            }
-        }
-        let argv = engine_ctx.fill_argv(&engine.start);
-        let watched = Watched::new(self.spawn(&argv)?)?;
-        crash_point!("start.after_spawn");
+        let stale_readiness = match &engine.readiness {
+            Readiness::PidFileStatus(path) => ctx
+                .fill_path(path)
+                .strip_prefix(&self.paths.data)
+                .ok()
+                .map(std::path::Path::to_path_buf),
+            Readiness::SocketAccepts => None,
+        };
+        let data = self.paths.data.clone();
         let pid_file = self.paths.pid_file();
-        tenant_fs::write_atomic(&pid_file, watched.pid().to_string().as_bytes())
-            .map_err(io_err("write", &pid_file))?;
+        let job = self.spawn_job(engine_ctx.fill_argv(&engine.start))?;
+        let pid = blocking("spawn", &self.paths.log(), move || {
+            for (path, content) in &files {
+                tenant_fs::write_private(path, content, uid, gid).map_err(io_err("write", path))?;
+            }
+            if let Some(rel) = stale_readiness {
+                tenant_fs::remove_below(&data, &rel)
+                    .map_err(io_err("remove the previous run's", &data.join(&rel)))?;
+            }
+            // The previous engine's pid must not be taken for this one's after a crash before
+            // the new pid is written (it may belong to another process by then).
+            match std::fs::remove_file(&pid_file) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("remove", &pid_file)(e)),
+            }
+            let pid = job.run()?;
+            crash_point!("start.after_spawn");
+            tenant_fs::write_atomic(&pid_file, pid.to_string().as_bytes())
+                .map_err(io_err("write", &pid_file))?;
+            Ok(pid)
+        })
+        .await?;
+        let watched = Watched::new(pid)?;
         info!(pid = watched.pid(), engine = %engine.name, "engine started");
         Ok(watched)
     }
@@ -519,7 +564,6 @@ impl Runtime for HostRuntime {
     async fn wait_ready(&self, watched: &Watched) -> Result<(), TenantError> {
         let engine = self.template()?;
         let ctx = self.context();
-        let deadline = Instant::now() + READY_TIMEOUT;
         let (uid, _) = self.identity()?;
         loop {
             let ready = match &engine.readiness {
@@ -534,9 +578,6 @@ impl Runtime for HostRuntime {
             };
             if ready {
                 return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(TenantError::ReadyTimeout(READY_TIMEOUT));
             }
             tokio::select! {
                 exit = watched.exited() => {

@@ -39,6 +39,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 /// How often a storage grow that failed is tried again.
 const GROW_RETRY: Duration = Duration::from_secs(30);
+/// An engine not ready after this long is reported so (it is not killed: see `wait_ready`).
+const READY_NOTICE: Duration = Duration::from_secs(120);
+/// How often the host-side preparation of an adopted engine is tried again.
+const PREPARE_RETRY: Duration = Duration::from_secs(5);
 
 /// What the agent asks of a tenant's task.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +76,7 @@ enum Phase<E> {
     },
     Exit {
         engine: Option<E>,
+        ready: bool,
         stop_engine: bool,
     },
 }
@@ -114,6 +119,29 @@ async fn until_interrupted<T>(
             },
         }
     }
+}
+
+/// `work` (an engine becoming ready), saying so in the tenant's reason when it takes longer than
+/// `READY_NOTICE`; it is never cut short.
+async fn noting_slow<T>(
+    work: impl std::future::Future<Output = T>,
+    status: &watch::Sender<Observed>,
+    changed: &Notify,
+) -> T {
+    tokio::pin!(work);
+    tokio::select! {
+        out = &mut work => return out,
+        () = tokio::time::sleep(READY_NOTICE) => {}
+    }
+    warn!(after = ?READY_NOTICE, "engine not ready yet; still waiting");
+    status.send_modify(|o| {
+        o.reason = Some(format!(
+            "engine not ready after {}s; still waiting (a long crash recovery?)",
+            READY_NOTICE.as_secs()
+        ));
+    });
+    changed.notify_one();
+    work.await
 }
 
 impl<R: Runtime> Supervisor<R> {
@@ -180,12 +208,14 @@ impl<R: Runtime> Supervisor<R> {
                 }
                 Phase::Exit {
                     engine,
+                    ready,
                     stop_engine,
                 } => {
                     if stop_engine {
+                        // Gracefully only if ready: see `delete`.
                         match engine {
-                            Some(e) => self.rt.stop(&e).await,
-                            None => {
+                            Some(e) if ready => self.rt.stop(&e).await,
+                            _ => {
                                 let _ = self.rt.kill_all().await;
                             }
                         }
@@ -196,14 +226,12 @@ impl<R: Runtime> Supervisor<R> {
         }
     }
 
-    fn interrupted(i: Interrupt, engine: Option<R::Engine>) -> Phase<R::Engine> {
+    fn interrupted(i: Interrupt, engine: Option<R::Engine>, ready: bool) -> Phase<R::Engine> {
         match i {
-            Interrupt::Delete => Phase::Delete {
-                engine,
-                ready: false,
-            },
+            Interrupt::Delete => Phase::Delete { engine, ready },
             Interrupt::Shutdown { stop_engine } => Phase::Exit {
                 engine,
+                ready,
                 stop_engine,
             },
         }
@@ -227,13 +255,19 @@ impl<R: Runtime> Supervisor<R> {
         }
     }
 
-    /// Records that the engine now runs at the restart generation asked for.
+    /// Records that the engine now runs at the restart generation asked for, and that no
+    /// restart is under way.
     async fn restart_done(&mut self) {
+        let mut changed = self.record.restarting_from.take().is_some();
         if let Some(generation) = self.restart_wanted.take() {
             self.record.spec.restart_generation = generation;
+            changed = true;
+        }
+        if changed {
             if let Err(e) = self.rt.write_record(&self.record).await {
                 warn!(error = %e, "recording the restart generation");
             }
+            let generation = self.record.spec.restart_generation;
             self.status
                 .send_modify(|o| o.restart_generation = generation);
             self.changed.notify_one();
@@ -243,25 +277,60 @@ impl<R: Runtime> Supervisor<R> {
     async fn start(&mut self, adopt: bool) -> Phase<R::Engine> {
         self.ready.send_replace(false);
         self.status.send_modify(|o| o.pid = None);
-        if let Err(e) = self.rt.prepare(&self.record).await {
-            return self.start_failed(e.to_string()).await;
+        // The engine an earlier agent left running is looked for first (reading only): a
+        // failure to prepare the host side must never kill it.
+        let mut adopted = if adopt { self.rt.adopt() } else { None };
+        if let (Some(engine), Some(old)) = (&adopted, self.record.restarting_from) {
+            if engine.pid() == old {
+                // A restart was under way when the agent died, and this is still the engine
+                // being replaced: finish the restart.
+                info!(
+                    pid = old,
+                    "finishing a restart interrupted by an agent restart"
+                );
+                self.rt.stop(engine).await;
+                adopted = None;
+            }
+        }
+        loop {
+            let Err(e) = self.rt.prepare(&self.record).await else {
+                break;
+            };
+            let Some(engine) = adopted else {
+                return self.start_failed(e.to_string()).await;
+            };
+            let reason = format!("its engine keeps running; preparing the host side failed: {e}");
+            warn!(reason = %reason, "will retry");
+            self.set(TenantState::Starting, Some(reason));
+            let pause = until_interrupted(
+                tokio::time::sleep(PREPARE_RETRY),
+                &mut self.requests,
+                &mut self.deferred,
+            )
+            .await;
+            if let Err(i) = pause {
+                return Self::interrupted(i, Some(engine), true);
+            }
+            adopted = Some(engine);
         }
         self.take_deferred().await;
         self.try_grow().await;
-        if adopt {
-            if let Some(engine) = self.rt.adopt() {
-                let ready = until_interrupted(
-                    self.rt.wait_ready(&engine),
-                    &mut self.requests,
-                    &mut self.deferred,
-                )
-                .await;
-                return match ready {
-                    Ok(Ok(())) => Phase::Running(engine),
-                    Ok(Err(e)) => self.start_failed(e.to_string()).await,
-                    Err(i) => Self::interrupted(i, Some(engine)),
-                };
+        if let Some(engine) = adopted {
+            if self.record.restarting_from.is_some() {
+                // The restart had replaced the engine before the agent died.
+                self.restart_done().await;
             }
+            let ready = until_interrupted(
+                noting_slow(self.rt.wait_ready(&engine), &self.status, &self.changed),
+                &mut self.requests,
+                &mut self.deferred,
+            )
+            .await;
+            return match ready {
+                Ok(Ok(())) => Phase::Running(engine),
+                Ok(Err(e)) => self.start_failed(e.to_string()).await,
+                Err(i) => Self::interrupted(i, Some(engine), false),
+            };
         }
         if self.status.borrow().state != TenantState::Starting || !self.status.borrow().announced {
             self.set(TenantState::Starting, None);
@@ -276,7 +345,7 @@ impl<R: Runtime> Supervisor<R> {
             match init {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return self.start_failed(e.to_string()).await,
-                Err(i) => return Self::interrupted(i, None),
+                Err(i) => return Self::interrupted(i, None, false),
             }
             self.take_deferred().await;
         }
@@ -287,7 +356,7 @@ impl<R: Runtime> Supervisor<R> {
         // A fresh engine runs at whatever generation was asked for so far.
         self.restart_done().await;
         let ready = until_interrupted(
-            self.rt.wait_ready(&engine),
+            noting_slow(self.rt.wait_ready(&engine), &self.status, &self.changed),
             &mut self.requests,
             &mut self.deferred,
         )
@@ -295,7 +364,7 @@ impl<R: Runtime> Supervisor<R> {
         match ready {
             Ok(Ok(())) => Phase::Running(engine),
             Ok(Err(e)) => self.start_failed(e.to_string()).await,
-            Err(i) => Self::interrupted(i, Some(engine)),
+            Err(i) => Self::interrupted(i, Some(engine), false),
         }
     }
 
@@ -307,11 +376,20 @@ impl<R: Runtime> Supervisor<R> {
         let oom_before = self.rt.oom_kills();
         loop {
             self.take_deferred().await;
-            if self.restart_wanted.is_some() {
-                info!("restart requested");
+            if let Some(generation) = self.restart_wanted.take() {
+                info!(generation, "restart requested");
                 self.ready.send_replace(false);
                 self.set(TenantState::Starting, Some("restart requested".into()));
+                // The intent first: an agent that dies from here on finishes this restart, and
+                // never does it twice (see `TenantRecord::restarting_from`).
+                self.record.spec.restart_generation = generation;
+                self.record.restarting_from = Some(engine.pid());
+                if let Err(e) = self.rt.write_record(&self.record).await {
+                    warn!(error = %e, "recording the restart intent");
+                }
+                crash_point!("restart.after_intent");
                 self.rt.stop(&engine).await;
+                crash_point!("restart.after_stop");
                 self.failures = 0;
                 return Phase::Start { adopt: false };
             }
@@ -334,8 +412,8 @@ impl<R: Runtime> Supervisor<R> {
                 }
                 req = self.requests.recv() => match req {
                     Some(Request::Delete) => return Phase::Delete { engine: Some(engine), ready: true },
-                    Some(Request::Shutdown { stop_engine }) => return Phase::Exit { engine: Some(engine), stop_engine },
-                    None => return Phase::Exit { engine: Some(engine), stop_engine: false },
+                    Some(Request::Shutdown { stop_engine }) => return Phase::Exit { engine: Some(engine), ready: true, stop_engine },
+                    None => return Phase::Exit { engine: Some(engine), ready: true, stop_engine: false },
                     Some(other) => self.deferred.push(other),
                 },
                 () = retry_grow, if self.grow_pending => self.try_grow().await,
@@ -379,8 +457,8 @@ impl<R: Runtime> Supervisor<R> {
                 () = tokio::time::sleep_until(until) => break,
                 req = self.requests.recv() => match req {
                     Some(Request::Delete) => return Phase::Delete { engine: None, ready: false },
-                    Some(Request::Shutdown { stop_engine }) => return Phase::Exit { engine: None, stop_engine },
-                    None => return Phase::Exit { engine: None, stop_engine: false },
+                    Some(Request::Shutdown { stop_engine }) => return Phase::Exit { engine: None, ready: false, stop_engine },
+                    None => return Phase::Exit { engine: None, ready: false, stop_engine: false },
                     Some(other) => self.deferred.push(other),
                 },
             }
@@ -412,12 +490,14 @@ impl<R: Runtime> Supervisor<R> {
                 Some(Request::Shutdown { stop_engine }) => {
                     return Phase::Exit {
                         engine: None,
+                        ready: false,
                         stop_engine,
                     }
                 }
                 None => {
                     return Phase::Exit {
                         engine: None,
+                        ready: false,
                         stop_engine: false,
                     }
                 }
@@ -459,7 +539,16 @@ impl<R: Runtime> Supervisor<R> {
                     warn!(error = %e, "removing tenant; will retry");
                     self.set(TenantState::Deleting, Some(e.to_string()));
                     let _ = self.rt.kill_all().await;
-                    tokio::time::sleep(delay).await;
+                    // An agent shutting down stops retrying: the intent is recorded, and the
+                    // next agent finishes the delete.
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        req = self.requests.recv() => {
+                            if matches!(req, Some(Request::Shutdown { .. }) | None) {
+                                return;
+                            }
+                        }
+                    }
                     delay = (delay * 2).min(Duration::from_secs(10));
                 }
             }

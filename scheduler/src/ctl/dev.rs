@@ -91,6 +91,9 @@ pub async fn run(opts: DevOptions) -> Result<(), CtlError> {
             "dev".into(),
             "--state-dir".into(),
             dir.join("agent").display().to_string(),
+            // Its own cgroup subtree: never the production agent's `dormant/tenants`.
+            "--cgroup-parent".into(),
+            "dormant-dev/tenants".into(),
             "--advertise".into(),
             "127.0.0.1".into(),
             "--ports".into(),

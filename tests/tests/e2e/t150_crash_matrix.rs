@@ -21,6 +21,7 @@ const CREATE_STEPS: &[&str] = &[
     "create.after_init",
     "start.after_spawn",
 ];
+const RESTART_STEPS: &[&str] = &["restart.after_intent", "restart.after_stop"];
 const RESIZE_STEPS: &[&str] = &[
     "resize.after_record",
     "resize.after_limits",
@@ -37,7 +38,7 @@ const DELETE_STEPS: &[&str] = &[
 
 #[test]
 fn every_crash_point_has_a_case() {
-    let covered: Vec<&str> = [CREATE_STEPS, RESIZE_STEPS, DELETE_STEPS].concat();
+    let covered: Vec<&str> = [CREATE_STEPS, RESTART_STEPS, RESIZE_STEPS, DELETE_STEPS].concat();
     assert_eq!(
         covered,
         dormant_agent::crash::STEPS,
@@ -213,6 +214,58 @@ fn create_crash(test: &str, step: &str) {
     assert!(port_closed(&endpoint), "port {endpoint} still open");
 }
 
+/// A running redis tenant restarted with the agent killed at `step`: after the agent's restart
+/// the engine has been restarted exactly once (a new process, which then stays), the generation
+/// is recorded, and the data is kept.
+fn restart_crash(test: &str, step: &str) {
+    if !require_root(test) {
+        return;
+    }
+    let mut cluster = Cluster::start(test);
+    cluster.add_agent("n1");
+    let t = cluster.create_running("again", "redis", ["0.25", "128MiB", "128MiB"]);
+    let password = t["credentials"]["password"].as_str().unwrap().to_string();
+    let endpoint = t["endpoint"].as_str().unwrap().to_string();
+    assert_eq!(
+        redis_cli(&endpoint, &password, &["SET", "k", "kept"]),
+        Ok("OK".into())
+    );
+    assert_eq!(redis_cli(&endpoint, &password, &["SAVE"]), Ok("OK".into()));
+    let pid = cluster.engine_pid(0, "again");
+    arm(&mut cluster, step);
+    let out = cluster.ctl(&["tenant", "restart", "again"]);
+    assert!(out.success, "{}", out.stderr);
+    crash_and_restart(&mut cluster, step);
+    let new_pid = wait_until(Duration::from_secs(60), "a new engine running", || {
+        let now =
+            std::fs::read_to_string(cluster.agents[0].state_dir.join("tenants/again/engine.pid"))
+                .ok()?
+                .trim()
+                .parse::<i32>()
+                .ok()?;
+        (now != pid && cluster.tenant("again")["state"] == "running").then_some(now)
+    });
+    wait_until(Duration::from_secs(30), "redis to answer", || {
+        redis_cli(&endpoint, &password, &["GET", "k"])
+            .ok()
+            .filter(|v| v == "kept")
+    });
+    // Settled: the restart is not done a second time.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(cluster.engine_pid(0, "again"), new_pid, "restarted twice");
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            cluster.agents[0]
+                .state_dir
+                .join("tenants/again/tenant.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["restart_generation"], 1, "{record}");
+    assert!(record.get("restarting_from").is_none(), "{record}");
+}
+
 /// A running redis tenant resized with the agent killed at `step`: after the restart the new
 /// CPU limit is in force, the record says the new size, and the engine never restarted.
 fn resize_crash(test: &str, step: &str) {
@@ -320,6 +373,11 @@ cases! { create_crash:
     create_during_init => "create.during_init",
     create_after_init => "create.after_init",
     start_after_spawn => "start.after_spawn",
+}
+
+cases! { restart_crash:
+    restart_after_intent => "restart.after_intent",
+    restart_after_stop => "restart.after_stop",
 }
 
 cases! { resize_crash:

@@ -1,7 +1,9 @@
 //! The sweep at start (issue 13): what an earlier run or an older agent left on the host and no
-//! tenant owns — a tenant directory without a record with its volume still mounted, a loop device
-//! on a deleted image, a cgroup with a process in it, a run directory, the trash — is removed when
-//! the agent starts, each removal logged; a real tenant beside them is adopted untouched.
+//! tenant owns — a tenant directory without a record with its volume still mounted and a process
+//! in its cgroup, a loop device on a deleted image, a run directory, the trash — is removed when
+//! the agent starts, each removal logged; a real tenant beside them is adopted untouched, a tenant
+//! whose record is damaged is left exactly as it is, and a cgroup of no directory of ours (another
+//! agent's) is not touched.
 
 use std::path::Path;
 use std::process::Command;
@@ -65,15 +67,24 @@ fn the_agent_sweeps_what_no_tenant_owns_and_keeps_what_one_does() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     // A loop device whose image was deleted under it (what older agents and test runs left).
-    let ghost = state.join("tenants/ghost.img");
+    std::fs::create_dir_all(state.join("tenants/ghost")).unwrap();
+    let ghost = state.join("tenants/ghost/volume.img");
     sparse_ext4(&ghost);
     let ghost_dev = losetup(&["--find", "--show", ghost.to_str().unwrap()]);
     std::fs::remove_file(&ghost).unwrap();
     // A run directory and trash of tenants long gone.
     std::fs::create_dir_all(state.join("run/999999")).unwrap();
     std::fs::create_dir_all(state.join("tenants/.trash/old-1/data")).unwrap();
-    // A cgroup of a tenant without a record, with a process in it.
-    let cgroup = cluster.tenant_cgroup_handle("n1", "stray");
+    // A damaged record: that tenant is quarantined, nothing of it is touched.
+    let damaged = state.join("tenants/damaged");
+    std::fs::create_dir_all(damaged.join("data")).unwrap();
+    std::fs::write(damaged.join("tenant.json"), b"{\"name\": \"damag").unwrap();
+    std::fs::write(damaged.join("initialized"), b"").unwrap();
+    // A cgroup of no directory of this agent's (another agent's, under the same parent).
+    let foreign = cluster.tenant_cgroup_handle("n1", "foreign");
+    foreign.create().unwrap();
+    // The unrecorded tenant's cgroup, with a process in it.
+    let cgroup = cluster.tenant_cgroup_handle("n1", "orphan");
     cgroup.create().unwrap();
     let mut sleeper = Command::new("sleep").arg("600").spawn().unwrap();
     let sleeper_pid = i32::try_from(sleeper.id()).unwrap();
@@ -103,12 +114,20 @@ fn the_agent_sweeps_what_no_tenant_owns_and_keeps_what_one_does() {
     assert!(!attached(&orphan_dev), "{orphan_dev} still attached");
     assert!(!attached(&ghost_dev), "{ghost_dev} still attached");
     assert!(!orphan.exists());
-    assert!(!state.join("run/999999").exists());
+    // While a quarantined tenant's uid is unknown, no run directory is taken for a leftover.
+    assert!(state.join("run/999999").exists());
     assert!(!state.join("tenants/.trash/old-1").exists());
     // The process in the stray cgroup was killed and the cgroup removed.
     let status = sleeper.wait().unwrap();
     assert!(!status.success(), "{status}");
     assert!(!cgroup.display_path().exists());
+    assert!(
+        foreign.display_path().exists(),
+        "another agent's cgroup was removed"
+    );
+    foreign.delete().unwrap();
+    assert!(damaged.join("tenant.json").exists() && damaged.join("data").exists());
+    assert!(swept.contains("tenant record unreadable"), "{swept}");
 
     // The tenant with a record was left alone and adopted.
     assert_eq!(cluster.engine_pid(0, "keeper"), pid);

@@ -68,6 +68,8 @@ struct FakeHost {
     grow_errors: VecDeque<String>,
     /// Errors for the next removals.
     remove_errors: VecDeque<String>,
+    /// Errors for the next preparations.
+    prepare_errors: VecDeque<String>,
     /// Every record written.
     records: Vec<TenantRecord>,
     limits: Vec<Resources>,
@@ -99,6 +101,9 @@ impl Runtime for FakeRuntime {
 
     async fn prepare(&mut self, record: &TenantRecord) -> Result<(), TenantError> {
         self.step("prepare");
+        if let Some(e) = self.host().prepare_errors.pop_front() {
+            return Err(fail(&e));
+        }
         self.host().records.push(record.clone());
         Ok(())
     }
@@ -267,7 +272,7 @@ async fn a_new_tenant_is_prepared_initialised_spawned_and_running_once_ready() {
     );
     h.wait_state(TenantState::Starting).await;
     h.settle().await;
-    assert_eq!(h.steps(), ["prepare", "adopt", "initialize", "spawn"]);
+    assert_eq!(h.steps(), ["adopt", "prepare", "initialize", "spawn"]);
     // Spawned, not ready: no client is let through and it is not reported running.
     assert!(!*h.ready.borrow());
     assert_eq!(h.status.borrow().state, TenantState::Starting);
@@ -298,7 +303,7 @@ async fn a_resumed_tenant_with_its_engine_alive_is_adopted_and_never_reported_st
     engine.make_ready();
     let o = h.wait_state(TenantState::Running).await;
     assert_eq!(o.pid, Some(42));
-    assert_eq!(h.steps(), ["prepare", "adopt"]);
+    assert_eq!(h.steps(), ["adopt", "prepare"]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -313,7 +318,7 @@ async fn a_resumed_tenant_whose_engine_died_is_started_and_says_so() {
         false,
     );
     h.wait_state(TenantState::Running).await;
-    assert_eq!(h.steps(), ["prepare", "adopt", "spawn"]);
+    assert_eq!(h.steps(), ["adopt", "prepare", "spawn"]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -425,7 +430,7 @@ async fn delete_during_init_kills_the_init_and_never_starts_the_engine() {
     h.wait_gone().await;
     assert_eq!(
         h.steps(),
-        ["prepare", "adopt", "initialize", "kill_all", "remove"]
+        ["adopt", "prepare", "initialize", "kill_all", "remove"]
     );
 }
 
@@ -516,4 +521,137 @@ async fn shutdown_leaves_the_engine_running() {
         !steps.iter().any(|s| s == "stop" || s == "kill_all"),
         "{steps:?}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_preparation_never_kills_an_adopted_engine() {
+    let engine = FakeEngine::new(42);
+    engine.make_ready();
+    let mut h = start(
+        FakeHost {
+            initialized: true,
+            running: Some(engine.clone()),
+            prepare_errors: VecDeque::from(["disk full".to_string(), "disk full".to_string()]),
+            ..Default::default()
+        },
+        TenantRecord::new(spec()),
+        false,
+    );
+    let o = h
+        .status
+        .wait_for(|o| o.announced && o.reason.is_some())
+        .await
+        .unwrap()
+        .clone();
+    assert!(o.reason.unwrap().contains("disk full"));
+    let o = h.wait_state(TenantState::Running).await;
+    assert_eq!(o.pid, Some(42));
+    let steps = h.steps();
+    assert!(
+        !steps.iter().any(|s| s == "kill_all" || s == "stop"),
+        "{steps:?}"
+    );
+    assert_eq!(steps.iter().filter(|s| *s == "prepare").count(), 3);
+}
+
+/// The agent died during a restart, before the old engine stopped: the restart is finished,
+/// once.
+#[tokio::test(start_paused = true)]
+async fn a_restart_interrupted_before_the_stop_is_finished_once() {
+    let old = FakeEngine::new(42);
+    old.make_ready();
+    let mut record = TenantRecord::new(spec());
+    record.spec.restart_generation = 1;
+    record.restarting_from = Some(42);
+    let mut h = start(
+        FakeHost {
+            initialized: true,
+            ready_at_once: true,
+            running: Some(old),
+            ..Default::default()
+        },
+        record,
+        false,
+    );
+    let o = h.wait_state(TenantState::Running).await;
+    assert_eq!(o.pid, Some(100));
+    assert_eq!(h.steps(), ["adopt", "stop", "prepare", "spawn"]);
+    let last = h.rt.host().records.last().unwrap().clone();
+    assert_eq!(last.restarting_from, None);
+    assert_eq!(last.spec.restart_generation, 1);
+    // The desired set still says generation 1: nothing more happens.
+    h.send(Request::Restart(1));
+    h.settle().await;
+    assert_eq!(h.rt.host().spawned.len(), 1);
+}
+
+/// The agent died during a restart after the new engine started: it is adopted, not restarted
+/// again.
+#[tokio::test(start_paused = true)]
+async fn a_restart_interrupted_after_the_new_engine_started_is_not_done_twice() {
+    let new = FakeEngine::new(43);
+    new.make_ready();
+    let mut record = TenantRecord::new(spec());
+    record.spec.restart_generation = 1;
+    record.restarting_from = Some(42);
+    let mut h = start(
+        FakeHost {
+            initialized: true,
+            running: Some(new),
+            ..Default::default()
+        },
+        record,
+        false,
+    );
+    let o = h.wait_state(TenantState::Running).await;
+    assert_eq!(o.pid, Some(43));
+    assert_eq!(h.steps(), ["adopt", "prepare"]);
+    assert_eq!(h.rt.host().records.last().unwrap().restarting_from, None);
+}
+
+/// An agent told to stop its engines on exit kills one that is not ready instead of signalling
+/// it (it may not have its handlers yet).
+#[tokio::test(start_paused = true)]
+async fn stopping_on_exit_kills_an_engine_that_is_not_ready() {
+    let h = start(FakeHost::default(), TenantRecord::new(spec()), true);
+    h.settle().await;
+    assert_eq!(h.rt.host().spawned.len(), 1);
+    h.send(Request::Shutdown { stop_engine: true });
+    let rt = h.rt.clone();
+    h.task.await.unwrap();
+    let steps = rt.host().steps.clone();
+    assert_eq!(
+        steps.last().map(String::as_str),
+        Some("kill_all"),
+        "{steps:?}"
+    );
+    assert!(!steps.iter().any(|s| s == "stop"), "{steps:?}");
+}
+
+/// An engine that takes longer than the notice to be ready is reported so, and not killed.
+#[tokio::test(start_paused = true)]
+async fn a_slow_engine_is_reported_not_killed() {
+    let mut h = start(
+        FakeHost {
+            initialized: true,
+            ..Default::default()
+        },
+        TenantRecord::new(spec()),
+        true,
+    );
+    let o = h
+        .status
+        .wait_for(|o| {
+            o.reason
+                .as_deref()
+                .is_some_and(|r| r.contains("not ready after"))
+        })
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(o.state, TenantState::Starting);
+    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+    assert!(!h.steps().iter().any(|s| s == "kill_all"));
+    h.rt.host().spawned[0].make_ready();
+    h.wait_state(TenantState::Running).await;
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::process::{remove_cgroup_subtree, remove_mounts_and_loops, ProcGuard};
+use crate::cleanup::{remove_cgroup_subtree, remove_mounts_and_loops};
+use crate::process::ProcGuard;
 use crate::wait::wait_until;
 use crate::CgroupVersion;
 
@@ -437,8 +438,16 @@ impl Drop for Cluster {
         }
         self.kill_scheduler();
         // Tenant engines outlive agents by design: kill them by the PIDs in the test's cgroups.
-        remove_cgroup_subtree(Path::new(CGROUP_ROOT), &self.cgroup_parent);
-        remove_mounts_and_loops(self.dir.path());
+        // Then nothing of the test runs any more, and its volumes can go.
+        let mut left = remove_cgroup_subtree(Path::new(CGROUP_ROOT), &self.cgroup_parent);
+        left.extend(remove_mounts_and_loops(self.dir.path()));
+        // Reported, not panicked on (a panic in drop while unwinding aborts).
+        for item in &left {
+            eprintln!(
+                "LEFT BEHIND by the test in {}: {item}",
+                self.dir.path().display()
+            );
+        }
         if std::thread::panicking() {
             eprintln!(
                 "test failed; logs under {} follow",

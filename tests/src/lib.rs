@@ -2,8 +2,9 @@
 //! binaries as child processes, each test with its own state directory, ports and cgroup parent.
 //! Guards own everything a test starts and clean it up in `Drop`, also when the test fails:
 //! processes by PID (kill, then wait), tenant engines by the PIDs in the test's cgroups, cgroup
-//! directories, temporary directories.
+//! directories, mounts and loop devices (`cleanup`), temporary directories.
 
+pub mod cleanup;
 pub mod cluster;
 pub mod process;
 pub mod replicas;

@@ -1,7 +1,7 @@
 //! Taking a test's host state apart after it, pass or fail: the processes in its tenant cgroups
 //! and the cgroups themselves (in every hierarchy), the mounts under its state directory and the
 //! loop devices behind its tenants' volumes. A full run of the suite must leave the host as it
-//! found it.
+//! found it; `scripts/host-leftovers` checks that around the whole suite.
 //!
 //! Loop devices are the subtle part. The agent attaches each image through the state directory's
 //! `tenants` mount (a bind mount of the directory onto itself), and the kernel names a loop

@@ -17,6 +17,9 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// Where each test's scheduler and agents keep their state.
 pub const TEST_ROOT: &str = "/var/lib/dormant-test";
 
+/// The first component of every test's cgroup parent, in every hierarchy.
+pub const CGROUP_TOP: &str = "dormant-test";
+
 /// Where cargo put the workspace's binaries: the test binary lives in `target/<profile>/deps`.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
@@ -182,7 +185,7 @@ impl Cluster {
             .and_then(|n| n.to_str())
             .unwrap_or("x")
             .to_lowercase();
-        let cgroup_parent = PathBuf::from("dormant-test").join(format!("{test}-{unique}"));
+        let cgroup_parent = PathBuf::from(CGROUP_TOP).join(format!("{test}-{unique}"));
         let mut scheduler_args = vec![
             "--id".into(),
             "1".into(),
@@ -441,7 +444,8 @@ impl Drop for Cluster {
         // Then nothing of the test runs any more, and its volumes can go.
         let mut left = remove_cgroup_subtree(Path::new(CGROUP_ROOT), &self.cgroup_parent);
         left.extend(remove_mounts_and_loops(self.dir.path()));
-        // Reported, not panicked on (a panic in drop while unwinding aborts).
+        // Reported, not panicked on (a panic in drop while unwinding aborts): the suite's
+        // before/after check (scripts/host-leftovers) fails the run; this says which test it was.
         for item in &left {
             eprintln!(
                 "LEFT BEHIND by the test in {}: {item}",
@@ -469,5 +473,29 @@ impl Drop for Cluster {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `scripts/host-leftovers` looks where the harness puts things; it is a shell script, so it
+    /// states the places again, and this keeps the two in step.
+    #[test]
+    fn host_leftovers_looks_where_the_harness_puts_things() {
+        let script = include_str!("../../scripts/host-leftovers");
+        assert!(
+            script.contains(&format!("\ntest_root={TEST_ROOT}\n")),
+            "scripts/host-leftovers: test_root is not {TEST_ROOT}"
+        );
+        assert!(
+            script.contains(&format!("\ncgroup_top={CGROUP_TOP}\n")),
+            "scripts/host-leftovers: cgroup_top is not {CGROUP_TOP}"
+        );
+        assert!(
+            script.contains(&format!("\ncgroup_root={CGROUP_ROOT}\n")),
+            "scripts/host-leftovers: cgroup_root is not {CGROUP_ROOT}"
+        );
     }
 }

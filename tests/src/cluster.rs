@@ -87,6 +87,10 @@ impl Default for ClusterOptions {
 #[derive(Debug)]
 pub struct Agent {
     pub node_id: String,
+    /// The `dormant-agent` binary `start_agent` runs: this workspace's, or another build (an
+    /// older commit's, for upgrade tests). Changing it between a kill and a start upgrades the
+    /// agent in place.
+    pub bin: PathBuf,
     pub state_dir: PathBuf,
     pub ports: (u16, u16),
     pub proc: Option<ProcGuard>,
@@ -214,6 +218,11 @@ impl Cluster {
         self.dir.path()
     }
 
+    /// This workspace's build of `name` (`dormant-agent`, `dormant-scheduler`, `dormantctl`).
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bins.join(name)
+    }
+
     pub fn start_scheduler(&mut self) {
         let log = self.dir.path().join("scheduler.log");
         self.scheduler = Some(ProcGuard::spawn(
@@ -278,6 +287,13 @@ impl Cluster {
 
     /// `add_agent` with extra flags for `dormant-agent`.
     pub fn add_agent_with(&mut self, node_id: &str, extra: &[&str]) -> usize {
+        let bin = self.bin("dormant-agent");
+        self.add_agent_from(node_id, &bin, extra)
+    }
+
+    /// `add_agent_with`, running the agent binary `bin` (another build than this workspace's,
+    /// given the same flags: an older build must accept them).
+    pub fn add_agent_from(&mut self, node_id: &str, bin: &Path, extra: &[&str]) -> usize {
         let state_dir = self.dir.path().join(format!("agent-{node_id}"));
         let ports = free_port_range(10);
         let mut args = self.agent_args(node_id, &state_dir, ports);
@@ -285,6 +301,7 @@ impl Cluster {
         let log = self.dir.path().join(format!("agent-{node_id}.log"));
         self.agents.push(Agent {
             node_id: node_id.into(),
+            bin: bin.to_path_buf(),
             state_dir,
             ports,
             proc: None,
@@ -298,11 +315,7 @@ impl Cluster {
 
     pub fn start_agent(&mut self, i: usize) {
         let a = &mut self.agents[i];
-        a.proc = Some(ProcGuard::spawn(
-            &self.bins.join("dormant-agent"),
-            &a.args,
-            &a.log,
-        ));
+        a.proc = Some(ProcGuard::spawn(&a.bin, &a.args, &a.log));
         let node_id = a.node_id.clone();
         wait_until(Duration::from_secs(30), "the node to be ready", || {
             // An agent that refused to start fails the test now, with its reason.

@@ -115,6 +115,15 @@ pub fn pids_under(dir: &Path) -> Vec<i32> {
     pids
 }
 
+/// When the process with this PID started (clock ticks after boot, field 22 of its `stat`):
+/// with the PID, it names one process; a PID alone may have been reused.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After "pid (comm) ", state is field 3; the command may contain spaces and parentheses.
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split(' ').nth(22 - 3)?.parse().ok()
+}
+
 /// Whether a process with this PID exists (zombies count as gone).
 pub fn pid_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

@@ -8,6 +8,7 @@ mod t100_raft;
 mod t10_create_and_connect;
 mod t110_placement;
 mod t120_liveness;
+mod t140_upgrade_in_place;
 mod t20_cgroup_limits;
 mod t30_restarts;
 mod t40_pending_until_room;

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::process::{remove_cgroup_subtree, remove_mounts_and_loops, ProcGuard};
+use crate::cleanup::{remove_cgroup_subtree, remove_mounts_and_loops};
+use crate::process::ProcGuard;
 use crate::wait::wait_until;
 use crate::CgroupVersion;
 
@@ -15,6 +16,9 @@ pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// Where each test's scheduler and agents keep their state.
 pub const TEST_ROOT: &str = "/var/lib/dormant-test";
+
+/// The first component of every test's cgroup parent, in every hierarchy.
+pub const CGROUP_TOP: &str = "dormant-test";
 
 /// Where cargo put the workspace's binaries: the test binary lives in `target/<profile>/deps`.
 pub fn bin_dir() -> PathBuf {
@@ -83,6 +87,10 @@ impl Default for ClusterOptions {
 #[derive(Debug)]
 pub struct Agent {
     pub node_id: String,
+    /// The `dormant-agent` binary `start_agent` runs: this workspace's, or another build (an
+    /// older commit's, for upgrade tests). Changing it between a kill and a start upgrades the
+    /// agent in place.
+    pub bin: PathBuf,
     pub state_dir: PathBuf,
     pub ports: (u16, u16),
     pub proc: Option<ProcGuard>,
@@ -183,7 +191,7 @@ impl Cluster {
             .and_then(|n| n.to_str())
             .unwrap_or("x")
             .to_lowercase();
-        let cgroup_parent = PathBuf::from("dormant-test").join(format!("{test}-{unique}"));
+        let cgroup_parent = PathBuf::from(CGROUP_TOP).join(format!("{test}-{unique}"));
         let mut scheduler_args = vec![
             "--id".into(),
             "1".into(),
@@ -210,6 +218,11 @@ impl Cluster {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// This workspace's build of `name` (`dormant-agent`, `dormant-scheduler`, `dormantctl`).
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bins.join(name)
     }
 
     pub fn start_scheduler(&mut self) {
@@ -276,6 +289,13 @@ impl Cluster {
 
     /// `add_agent` with extra flags for `dormant-agent`.
     pub fn add_agent_with(&mut self, node_id: &str, extra: &[&str]) -> usize {
+        let bin = self.bin("dormant-agent");
+        self.add_agent_from(node_id, &bin, extra)
+    }
+
+    /// `add_agent_with`, running the agent binary `bin` (another build than this workspace's,
+    /// given the same flags: an older build must accept them).
+    pub fn add_agent_from(&mut self, node_id: &str, bin: &Path, extra: &[&str]) -> usize {
         let state_dir = self.dir.path().join(format!("agent-{node_id}"));
         let ports = free_port_range(10);
         let mut args = self.agent_args(node_id, &state_dir, ports);
@@ -283,6 +303,7 @@ impl Cluster {
         let log = self.dir.path().join(format!("agent-{node_id}.log"));
         self.agents.push(Agent {
             node_id: node_id.into(),
+            bin: bin.to_path_buf(),
             state_dir,
             ports,
             proc: None,
@@ -297,12 +318,7 @@ impl Cluster {
 
     pub fn start_agent(&mut self, i: usize) {
         let a = &mut self.agents[i];
-        a.proc = Some(ProcGuard::spawn_with_env(
-            &self.bins.join("dormant-agent"),
-            &a.args,
-            &a.log,
-            &a.env,
-        ));
+        a.proc = Some(ProcGuard::spawn_with_env(&a.bin, &a.args, &a.log, &a.env));
         let node_id = a.node_id.clone();
         wait_until(Duration::from_secs(30), "the node to be ready", || {
             // An agent that refused to start fails the test now, with its reason.
@@ -456,8 +472,17 @@ impl Drop for Cluster {
         }
         self.kill_scheduler();
         // Tenant engines outlive agents by design: kill them by the PIDs in the test's cgroups.
-        remove_cgroup_subtree(Path::new(CGROUP_ROOT), &self.cgroup_parent);
-        remove_mounts_and_loops(self.dir.path());
+        // Then nothing of the test runs any more, and its volumes can go.
+        let mut left = remove_cgroup_subtree(Path::new(CGROUP_ROOT), &self.cgroup_parent);
+        left.extend(remove_mounts_and_loops(self.dir.path()));
+        // Reported, not panicked on (a panic in drop while unwinding aborts): the suite's
+        // before/after check (scripts/host-leftovers) fails the run; this says which test it was.
+        for item in &left {
+            eprintln!(
+                "LEFT BEHIND by the test in {}: {item}",
+                self.dir.path().display()
+            );
+        }
         if std::thread::panicking() {
             eprintln!(
                 "test failed; logs under {} follow",
@@ -479,5 +504,29 @@ impl Drop for Cluster {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `scripts/host-leftovers` looks where the harness puts things; it is a shell script, so it
+    /// states the places again, and this keeps the two in step.
+    #[test]
+    fn host_leftovers_looks_where_the_harness_puts_things() {
+        let script = include_str!("../../scripts/host-leftovers");
+        assert!(
+            script.contains(&format!("\ntest_root={TEST_ROOT}\n")),
+            "scripts/host-leftovers: test_root is not {TEST_ROOT}"
+        );
+        assert!(
+            script.contains(&format!("\ncgroup_top={CGROUP_TOP}\n")),
+            "scripts/host-leftovers: cgroup_top is not {CGROUP_TOP}"
+        );
+        assert!(
+            script.contains(&format!("\ncgroup_root={CGROUP_ROOT}\n")),
+            "scripts/host-leftovers: cgroup_root is not {CGROUP_ROOT}"
+        );
     }
 }

@@ -2,9 +2,12 @@
 //! binaries as child processes, each test with its own state directory, ports and cgroup parent.
 //! Guards own everything a test starts and clean it up in `Drop`, also when the test fails:
 //! processes by PID (kill, then wait), tenant engines by the PIDs in the test's cgroups, cgroup
-//! directories, temporary directories.
+//! directories, mounts and loop devices (`cleanup`), temporary directories. A whole run leaves
+//! the host as it found it; `scripts/host-leftovers` checks that around the suite.
 
+pub mod cleanup;
 pub mod cluster;
+pub mod old_agent;
 pub mod process;
 pub mod replicas;
 pub mod session;

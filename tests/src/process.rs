@@ -1,4 +1,5 @@
-//! Child processes and tenant cgroups owned by a test.
+//! Child processes owned by a test, and what the tests read of processes and cgroups.
+//! Taking a test's host state apart afterwards is in `cleanup`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -108,40 +109,6 @@ impl Drop for ProcGuard {
 /// The v1 hierarchies the agent uses.
 pub const V1_CONTROLLERS: [&str; 5] = ["cpu", "cpuacct", "memory", "pids", "freezer"];
 
-/// Kills every process in the test's tenant cgroups (by PID, read from `cgroup.procs`) and
-/// removes the cgroups, deepest first, on v1 (each hierarchy) or v2 (the one tree). For cleanup
-/// after a test, pass or fail.
-pub fn remove_cgroup_subtree(root: &Path, parent: &Path) {
-    let unified = crate::CgroupVersion::of_host() == crate::CgroupVersion::V2;
-    let pids_dir = if unified {
-        root.join(parent)
-    } else {
-        root.join("pids").join(parent)
-    };
-    for _ in 0..50 {
-        let pids = pids_under(&pids_dir);
-        if pids.is_empty() {
-            break;
-        }
-        for pid in pids {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let bases: Vec<std::path::PathBuf> = if unified {
-        vec![root.to_path_buf()]
-    } else {
-        V1_CONTROLLERS.iter().map(|c| root.join(c)).collect()
-    };
-    for base in bases {
-        remove_dirs_deepest_first(&base.join(parent));
-        // Also the shared top directory (parent is "<top>/<test>"), once no test uses it.
-        if let Some(top) = parent.iter().next() {
-            let _ = std::fs::remove_dir(base.join(top));
-        }
-    }
-}
-
 /// PIDs in every `cgroup.procs` under `dir`.
 pub fn pids_under(dir: &Path) -> Vec<i32> {
     let mut pids = Vec::new();
@@ -159,15 +126,13 @@ pub fn pids_under(dir: &Path) -> Vec<i32> {
     pids
 }
 
-fn remove_dirs_deepest_first(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.path().is_dir() {
-                remove_dirs_deepest_first(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
+/// When the process with this PID started (clock ticks after boot, field 22 of its `stat`):
+/// with the PID, it names one process; a PID alone may have been reused.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After "pid (comm) ", state is field 3; the command may contain spaces and parentheses.
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.split(' ').nth(22 - 3)?.parse().ok()
 }
 
 /// Whether a process with this PID exists (zombies count as gone).
@@ -178,37 +143,5 @@ pub fn pid_alive(pid: i32) -> bool {
             .map(|(_, rest)| !rest.starts_with('Z'))
             .unwrap_or(false),
         Err(_) => false,
-    }
-}
-
-/// Unmounts every mount under `dir` (deepest first) and detaches every loop device whose backing
-/// file is under `dir`: tenant volumes a test left behind, pass or fail.
-pub fn remove_mounts_and_loops(dir: &Path) {
-    let prefix = dir.display().to_string();
-    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|m| m.starts_with(&prefix))
-        .collect();
-    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-    for m in mounts {
-        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-    }
-    let Ok(devices) = std::fs::read_dir("/sys/block") else {
-        return;
-    };
-    for dev in devices.flatten() {
-        let name = dev.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        let backing =
-            std::fs::read_to_string(dev.path().join("loop/backing_file")).unwrap_or_default();
-        if backing.trim().starts_with(&prefix) {
-            let _ = Command::new("losetup")
-                .args(["--detach", &format!("/dev/{name}")])
-                .status();
-        }
     }
 }

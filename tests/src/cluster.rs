@@ -49,7 +49,9 @@ pub fn free_port() -> u16 {
 /// A range of `n` consecutive ports that are all free right now.
 pub fn free_port_range(n: u16) -> (u16, u16) {
     for _ in 0..200 {
-        let start = 30000 + (rand_u16() % 30000);
+        // Below the kernel's ephemeral range (32768-60999 by default): a client's outgoing
+        // connection from another test must not take a tenant's port.
+        let start = 10000 + (rand_u16() % 22000);
         let end = start + n - 1;
         let free = (start..=end).all(|p| TcpListener::bind(("0.0.0.0", p)).is_ok());
         if free {
@@ -446,6 +448,17 @@ impl Cluster {
                 .expect("v2 driver")
                 .tenant(&name),
         }
+    }
+
+    /// The tenant's engine PID as its pid file says now; `None` while there is none (the agent
+    /// removes the previous engine's before it starts the next).
+    pub fn engine_pid_now(&self, agent: usize, tenant: &str) -> Option<i32> {
+        let path = self.agents[agent]
+            .state_dir
+            .join("tenants")
+            .join(tenant)
+            .join("engine.pid");
+        std::fs::read_to_string(path).ok()?.trim().parse().ok()
     }
 
     /// Reads the tenant's engine PID from the agent's state directory.

@@ -251,7 +251,7 @@ fn tenant_restart_brings_a_failed_tenant_back_with_its_data() {
     let out = cluster.ctl(&["tenant", "restart", "lazarus"]);
     assert!(out.success, "{}", out.stderr);
     let second = wait_until(Duration::from_secs(60), "a new engine", || {
-        let pid = cluster.engine_pid(0, "lazarus");
+        let pid = cluster.engine_pid_now(0, "lazarus")?;
         (pid != first && cluster.tenant("lazarus")["state"] == "running").then_some(pid)
     });
     assert!(!dormant_tests::process::pid_alive(first));

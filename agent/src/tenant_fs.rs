@@ -96,41 +96,75 @@ pub fn write_atomic(path: &Path, content: &[u8]) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Removes the file at `base/rel`, where everything below `base` is the tenant's: each directory
-/// on the way is opened with `O_NOFOLLOW` relative to the one before, so a symlink the tenant
-/// planted anywhere in `rel` is refused, never followed. Missing is fine.
-pub fn remove_below(base: &Path, rel: &Path) -> std::io::Result<()> {
+/// Opens the directory holding `base/rel`'s last component, walking each directory below `base`
+/// with `O_NOFOLLOW` relative to the one before: a symlink the tenant planted anywhere in `rel`
+/// is refused, never followed. `None` when a directory on the way is missing.
+fn open_parent_below<'a>(
+    base: &Path,
+    rel: &'a Path,
+) -> std::io::Result<Option<(std::os::fd::OwnedFd, &'a std::ffi::OsStr)>> {
     use nix::fcntl::{open, openat, OFlag};
     use nix::sys::stat::Mode;
-    use nix::unistd::{unlinkat, UnlinkatFlags};
     let dir_flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
     let parts: Vec<_> = rel.components().collect();
     let Some((last, dirs)) = parts.split_last() else {
         return Err(refused(rel, "no file name"));
     };
-    let not_found_is_fine = |r: nix::Result<()>| match r {
-        Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
-        Err(e) => Err(std::io::Error::from(e)),
-    };
-    let mut dir = match open(base, dir_flags, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(nix::errno::Errno::ENOENT) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
-    for part in dirs {
-        let std::path::Component::Normal(name) = part else {
-            return Err(refused(rel, "must be a plain relative path"));
-        };
-        dir = match openat(&dir, *name, dir_flags, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(nix::errno::Errno::ENOENT) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-    }
     let std::path::Component::Normal(name) = last else {
         return Err(refused(rel, "must be a plain relative path"));
     };
-    not_found_is_fine(unlinkat(&dir, *name, UnlinkatFlags::NoRemoveDir))
+    let mut dir = match open(base, dir_flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    for part in dirs {
+        let std::path::Component::Normal(part) = part else {
+            return Err(refused(rel, "must be a plain relative path"));
+        };
+        dir = match openat(&dir, *part, dir_flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+    }
+    Ok(Some((dir, name)))
+}
+
+/// Removes the file at `base/rel`, where everything below `base` is the tenant's, never through
+/// a link the tenant planted (see `open_parent_below`). Missing is fine.
+pub fn remove_below(base: &Path, rel: &Path) -> std::io::Result<()> {
+    use nix::unistd::{unlinkat, UnlinkatFlags};
+    let Some((dir, name)) = open_parent_below(base, rel)? else {
+        return Ok(());
+    };
+    match unlinkat(&dir, name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `read_small` of `base/rel`, never through a link the tenant planted anywhere on the way (see
+/// `open_parent_below`); a missing file is `NotFound`.
+pub fn read_small_below(base: &Path, rel: &Path, max: u64) -> std::io::Result<String> {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::Mode;
+    let Some((dir, name)) = open_parent_below(base, rel)? else {
+        return Err(std::io::ErrorKind::NotFound.into());
+    };
+    let fd = openat(
+        &dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let file = File::from(fd);
+    if !file.metadata()?.is_file() {
+        return Err(refused(rel, "not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(max).read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// Removes the tree at `path` (missing is fine) with `rm -rf --one-file-system`: a tenant can
@@ -213,6 +247,10 @@ mod tests {
         let base = dir.path().join("data");
         std::fs::create_dir_all(base.join("pgdata")).unwrap();
         std::fs::write(base.join("pgdata/postmaster.pid"), "1\n").unwrap();
+        assert_eq!(
+            read_small_below(&base, Path::new("pgdata/postmaster.pid"), 100).unwrap(),
+            "1\n"
+        );
         remove_below(&base, Path::new("pgdata/postmaster.pid")).unwrap();
         assert!(!base.join("pgdata/postmaster.pid").exists());
         // Missing is fine.
@@ -226,6 +264,7 @@ mod tests {
         std::os::unix::fs::symlink(&host, base.join("pgdata")).unwrap();
         assert!(remove_below(&base, Path::new("pgdata/postmaster.pid")).is_err());
         assert!(host.join("postmaster.pid").exists());
+        assert!(read_small_below(&base, Path::new("pgdata/postmaster.pid"), 100).is_err());
     }
 
     #[test]

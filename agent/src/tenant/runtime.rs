@@ -567,9 +567,26 @@ impl Runtime for HostRuntime {
         let (uid, _) = self.identity()?;
         loop {
             let ready = match &engine.readiness {
-                Readiness::PidFileStatus(path) => tenant_fs::read_small(&ctx.fill_path(path), 4096)
-                    .map(|c| postgres::pid_file_says_ready(&c))
-                    .unwrap_or(false),
+                Readiness::PidFileStatus(path) => {
+                    // Off the async workers, and never through a link the tenant planted on the
+                    // way (its code can run before the engine is ready).
+                    let path = ctx.fill_path(path);
+                    let bases = [self.paths.data.clone(), self.paths.run.clone()];
+                    tokio::task::spawn_blocking(move || {
+                        // A custom engine's file may be anywhere; under the tenant's own
+                        // directories every step is checked.
+                        match bases.iter().find(|b| path.starts_with(b)) {
+                            Some(base) => tenant_fs::read_small_below(
+                                base,
+                                path.strip_prefix(base).unwrap_or(&path),
+                                4096,
+                            ),
+                            None => tenant_fs::read_small(&path, 4096),
+                        }
+                    })
+                    .await
+                    .is_ok_and(|r| r.is_ok_and(|c| postgres::pid_file_says_ready(&c)))
+                }
                 Readiness::SocketAccepts => {
                     tenant_fs::connect_socket(&ctx.fill_path(&engine.socket), uid)
                         .await

@@ -25,6 +25,18 @@ pub struct ProxyError {
     pub source: std::io::Error,
 }
 
+/// What the proxy does with a client, as the tenant's supervisor says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    /// The engine is starting (or restarting): clients wait for it.
+    Waiting,
+    /// The engine answers: clients are forwarded.
+    Ready,
+    /// The tenant is `failed` (or going away): clients are closed at once instead of waiting
+    /// for an engine that is not coming.
+    Down,
+}
+
 /// Connection counters, read by the reporter.
 #[derive(Debug, Default)]
 pub struct ProxyStats {
@@ -54,13 +66,13 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
         .map_err(|source| ProxyError { addr, source })
 }
 
-/// Serves `listener`, forwarding to `socket` whenever `ready` is true.
+/// Serves `listener`, forwarding to `socket` whenever `ready` says the engine answers.
 /// The socket must be owned by `owner` (the tenant's uid) and is never reached through a symlink.
 pub fn serve(
     listener: TcpListener,
     socket: PathBuf,
     owner: nix::unistd::Uid,
-    ready: watch::Receiver<bool>,
+    ready: watch::Receiver<Upstream>,
 ) -> ProxyHandle {
     let stats = Arc::new(ProxyStats::default());
     let task = tokio::spawn(accept_loop(listener, socket, owner, ready, stats.clone()));
@@ -71,7 +83,7 @@ async fn accept_loop(
     listener: TcpListener,
     socket: PathBuf,
     owner: nix::unistd::Uid,
-    ready: watch::Receiver<bool>,
+    ready: watch::Receiver<Upstream>,
     stats: Arc<ProxyStats>,
 ) {
     // Connection tasks live in this set: aborting the accept loop drops it and ends them all.
@@ -98,18 +110,18 @@ async fn forward(
     peer: SocketAddr,
     socket: PathBuf,
     owner: nix::unistd::Uid,
-    mut ready: watch::Receiver<bool>,
+    mut ready: watch::Receiver<Upstream>,
     stats: Arc<ProxyStats>,
 ) {
     let deadline = tokio::time::Instant::now() + READY_WAIT;
     let mut engine = loop {
-        if !matches!(
-            tokio::time::timeout_at(deadline, ready.wait_for(|r| *r)).await,
-            Ok(Ok(_))
-        ) {
-            // Not ready in time, or the tenant's task is gone (deleted, agent exiting).
-            debug!(%peer, "engine not ready in time; closing client connection");
-            return;
+        match tokio::time::timeout_at(deadline, ready.wait_for(|u| *u != Upstream::Waiting)).await {
+            Ok(Ok(u)) if *u == Upstream::Ready => {}
+            // Not ready in time, the tenant failed, or its task is gone (deleted, agent exiting).
+            _ => {
+                debug!(%peer, "engine not available; closing client connection");
+                return;
+            }
         }
         match crate::tenant_fs::connect_socket(&socket, owner).await {
             Ok(s) => break s,
@@ -118,9 +130,12 @@ async fn forward(
                 // see): the client waits for the next ready engine instead of being dropped. If
                 // the supervisor does not see a crash within a second, the socket itself is the
                 // problem (a tenant removed it): the client is dropped, nothing spins.
-                let crashed = tokio::time::timeout(ENGINE_GONE_WAIT, ready.wait_for(|r| !*r))
-                    .await
-                    .is_ok_and(|r| r.is_ok());
+                let crashed = tokio::time::timeout(
+                    ENGINE_GONE_WAIT,
+                    ready.wait_for(|u| *u != Upstream::Ready),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok());
                 if !crashed {
                     warn!(%peer, socket = %socket.display(), error = %e, "connect to engine socket");
                     return;
@@ -159,12 +174,12 @@ mod tests {
         });
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = watch::channel(false);
+        let (tx, rx) = watch::channel(Upstream::Waiting);
         let handle = serve(listener, sock, nix::unistd::Uid::current(), rx);
         let mut client = TcpStream::connect(addr).await.unwrap();
         client.write_all(b"ping").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        tx.send(true).unwrap();
+        tx.send(Upstream::Ready).unwrap();
         let mut buf = [0u8; 4];
         client.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"pong");

@@ -57,7 +57,7 @@ impl TenantHandle {
             announced: announced || deleting,
         });
         let (requests, rx) = mpsc::unbounded_channel();
-        let (ready, ready_rx) = watch::channel(false);
+        let (ready, ready_rx) = watch::channel(crate::proxy::Upstream::Waiting);
         let runtime = HostRuntime::new(host.clone(), &spec, ready_rx);
         let supervisor =
             Supervisor::new(runtime, record, rx, status_tx, ready, host.changed.clone());

@@ -133,7 +133,7 @@ pub struct HostRuntime {
     port: u16,
     proxy: Option<ProxyHandle>,
     /// True while the engine answers; the proxy holds clients until then.
-    ready: watch::Receiver<bool>,
+    ready: watch::Receiver<crate::proxy::Upstream>,
     /// Processes this agent started (we are the subreaper): reaped if no `Watched` did.
     children: Arc<Mutex<BTreeSet<i32>>>,
 }
@@ -150,7 +150,11 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl HostRuntime {
-    pub fn new(host: Arc<Host>, spec: &TenantSpec, ready: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        host: Arc<Host>,
+        spec: &TenantSpec,
+        ready: watch::Receiver<crate::proxy::Upstream>,
+    ) -> Self {
         Self {
             paths: host.paths(&spec.name, spec.uid),
             engine: host.engines.get(&spec.engine).cloned(),

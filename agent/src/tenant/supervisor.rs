@@ -30,6 +30,7 @@ use super::record::TenantRecord;
 use super::runtime::{EngineProcess, Runtime};
 use super::Observed;
 use crate::crash_point;
+use crate::proxy::Upstream;
 
 /// Failures in a row (without a minute of healthy running between them) before `failed`.
 pub const MAX_FAILURES: u32 = 5;
@@ -90,7 +91,7 @@ pub struct Supervisor<R: Runtime> {
     /// A restart asked for (its generation) and not done yet.
     restart_wanted: Option<u64>,
     status: watch::Sender<Observed>,
-    ready: watch::Sender<bool>,
+    ready: watch::Sender<Upstream>,
     /// Told whenever the state the scheduler sees changes.
     changed: Arc<Notify>,
     failures: u32,
@@ -150,7 +151,7 @@ impl<R: Runtime> Supervisor<R> {
         record: TenantRecord,
         requests: mpsc::UnboundedReceiver<Request>,
         status: watch::Sender<Observed>,
-        ready: watch::Sender<bool>,
+        ready: watch::Sender<Upstream>,
         changed: Arc<Notify>,
     ) -> Self {
         Self {
@@ -172,7 +173,10 @@ impl<R: Runtime> Supervisor<R> {
         let mut changed = false;
         self.status.send_modify(|o| {
             if o.state != state || !o.announced || o.reason != reason {
-                if o.state != state || !o.announced {
+                if !o.announced {
+                    // A resumed tenant's first report: what it was before is the scheduler's.
+                    info!(to = %state, reason = reason.as_deref().unwrap_or(""), "tenant state after resuming");
+                } else if o.state != state {
                     info!(from = %o.state, to = %state, reason = reason.as_deref().unwrap_or(""), "tenant state");
                 }
                 changed = true;
@@ -275,7 +279,7 @@ impl<R: Runtime> Supervisor<R> {
     }
 
     async fn start(&mut self, adopt: bool) -> Phase<R::Engine> {
-        self.ready.send_replace(false);
+        self.ready.send_replace(Upstream::Waiting);
         self.status.send_modify(|o| o.pid = None);
         // The engine an earlier agent left running is looked for first (reading only): a
         // failure to prepare the host side must never kill it.
@@ -369,7 +373,7 @@ impl<R: Runtime> Supervisor<R> {
     }
 
     async fn running(&mut self, engine: R::Engine) -> Phase<R::Engine> {
-        self.ready.send_replace(true);
+        self.ready.send_replace(Upstream::Ready);
         self.status.send_modify(|o| o.pid = Some(engine.pid()));
         self.set(TenantState::Running, None);
         let since = Instant::now();
@@ -378,7 +382,7 @@ impl<R: Runtime> Supervisor<R> {
             self.take_deferred().await;
             if let Some(generation) = self.restart_wanted.take() {
                 info!(generation, "restart requested");
-                self.ready.send_replace(false);
+                self.ready.send_replace(Upstream::Waiting);
                 self.set(TenantState::Starting, Some("restart requested".into()));
                 // The intent first: an agent that dies from here on finishes this restart, and
                 // never does it twice (see `TenantRecord::restarting_from`).
@@ -396,7 +400,7 @@ impl<R: Runtime> Supervisor<R> {
             let retry_grow = tokio::time::sleep(GROW_RETRY);
             tokio::select! {
                 exit = engine.exited() => {
-                    self.ready.send_replace(false);
+                    self.ready.send_replace(Upstream::Waiting);
                     if since.elapsed() >= HEALTHY_AFTER {
                         self.failures = 0;
                     }
@@ -423,7 +427,7 @@ impl<R: Runtime> Supervisor<R> {
 
     /// Counts a failure: kills what is left, then backs off or gives up.
     async fn start_failed(&mut self, reason: String) -> Phase<R::Engine> {
-        self.ready.send_replace(false);
+        self.ready.send_replace(Upstream::Waiting);
         // Whatever is left of a failed engine goes before the next try.
         if let Err(e) = self.rt.kill_all().await {
             warn!(error = %e, "cleaning up after the engine");
@@ -471,6 +475,8 @@ impl<R: Runtime> Supervisor<R> {
 
     async fn failed(&mut self, reason: String) -> Phase<R::Engine> {
         self.set(TenantState::Failed, Some(reason));
+        // No engine is coming: clients are closed at once rather than left waiting.
+        self.ready.send_replace(Upstream::Down);
         self.status.send_modify(|o| o.pid = None);
         loop {
             self.take_deferred().await;
@@ -511,7 +517,7 @@ impl<R: Runtime> Supervisor<R> {
     /// delete would wait out the whole stop timeout), then removes everything, retrying until it
     /// is all gone.
     async fn delete(&mut self, engine: Option<R::Engine>, ready: bool) {
-        self.ready.send_replace(false);
+        self.ready.send_replace(Upstream::Down);
         self.set(TenantState::Deleting, None);
         if !self.record.deleting {
             self.record.deleting = true;

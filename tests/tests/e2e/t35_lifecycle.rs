@@ -279,6 +279,11 @@ fn tenant_restart_brings_a_failed_tenant_back_with_its_data() {
     let failed = cluster.wait_tenant_state("lazarus", "failed", Duration::from_secs(120));
     let reason = failed["reason"].as_str().unwrap();
     assert!(reason.contains("5 failures in a row"), "{reason}");
+    // A client of a failed tenant is closed at once, not held for an engine that is not coming
+    // (psql would give up waiting after 20 s with "timeout expired").
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    let refused = psql(&format!("{uri}{sep}connect_timeout=20"), "SELECT 1").unwrap_err();
+    assert!(!refused.contains("timeout"), "{refused}");
 
     // Fixed, and restarted by the operator: back, with its data.
     std::fs::write(&conf, good).unwrap();

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use super::{Request, Supervisor, MAX_FAILURES};
 use crate::process::Exit;
+use crate::proxy::Upstream;
 use crate::tenant::record::{TenantRecord, TenantSpec};
 use crate::tenant::runtime::{EngineProcess, Runtime};
 use crate::tenant::{Observed, TenantError};
@@ -191,7 +192,7 @@ struct Harness {
     rt: FakeRuntime,
     requests: mpsc::UnboundedSender<Request>,
     status: watch::Receiver<Observed>,
-    ready: watch::Receiver<bool>,
+    ready: watch::Receiver<Upstream>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -208,7 +209,7 @@ fn start(host: FakeHost, record: TenantRecord, announced: bool) -> Harness {
         restart_generation: record.spec.restart_generation,
         announced,
     });
-    let (ready_tx, ready) = watch::channel(false);
+    let (ready_tx, ready) = watch::channel(Upstream::Waiting);
     let sup = Supervisor::new(
         rt.clone(),
         record,
@@ -274,13 +275,13 @@ async fn a_new_tenant_is_prepared_initialised_spawned_and_running_once_ready() {
     h.settle().await;
     assert_eq!(h.steps(), ["adopt", "prepare", "initialize", "spawn"]);
     // Spawned, not ready: no client is let through and it is not reported running.
-    assert!(!*h.ready.borrow());
+    assert_eq!(*h.ready.borrow(), Upstream::Waiting);
     assert_eq!(h.status.borrow().state, TenantState::Starting);
     let engine = h.rt.host().spawned[0].clone();
     engine.make_ready();
     let o = h.wait_state(TenantState::Running).await;
     assert_eq!(o.pid, Some(100));
-    assert!(*h.ready.borrow());
+    assert_eq!(*h.ready.borrow(), Upstream::Ready);
     // The record was written (by prepare) before anything else happened.
     assert_eq!(h.rt.host().records[0], TenantRecord::new(spec()));
 }
@@ -341,6 +342,8 @@ async fn a_crashing_engine_restarts_with_backoff_then_fails_after_max_failures()
     let o = h.wait_state(TenantState::Failed).await;
     let reason = o.reason.unwrap();
     assert!(reason.contains("killed by SIGKILL"), "{reason}");
+    // Clients of a failed tenant are closed at once, not left waiting for no engine.
+    assert_eq!(*h.ready.borrow(), Upstream::Down);
     assert!(reason.contains("5 failures in a row"), "{reason}");
     assert_eq!(h.rt.host().spawned.len(), MAX_FAILURES as usize);
     // Each failure cleaned the cgroup before the next try.

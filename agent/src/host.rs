@@ -185,9 +185,12 @@ impl Host {
 /// from the tenants.
 pub const PRIVATE_IN_TENANTS: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
 
-/// Creates the state directory, checks its socket paths will fit, and returns its canonical path
+/// Creates the state directory, takes it for this agent alone (see `lock_state_dir`), checks its
+/// socket paths will fit, and returns its canonical path with the lock
 /// (mount points are compared as strings with /proc's, so no symlink may hide in it).
-pub fn prepare_state_dir(dir: &Path) -> Result<PathBuf, HostError> {
+pub fn prepare_state_dir(
+    dir: &Path,
+) -> Result<(PathBuf, nix::fcntl::Flock<std::fs::File>), HostError> {
     let io = |source| HostError::StateDir {
         path: dir.to_path_buf(),
         source,
@@ -204,6 +207,8 @@ pub fn prepare_state_dir(dir: &Path) -> Result<PathBuf, HostError> {
             path: dir.to_path_buf(),
         });
     }
+    // Before anything else is touched: another agent may be using the directory.
+    let lock = lock_state_dir(dir)?;
     use std::os::unix::fs::PermissionsExt;
     // Tenants reach `<state_dir>/run/<uid>` as their own uid: every directory on the way must
     // let others pass. Refused here, at start, rather than as a failed init per tenant later.
@@ -235,7 +240,7 @@ pub fn prepare_state_dir(dir: &Path) -> Result<PathBuf, HostError> {
             len,
         });
     }
-    Ok(dir.to_path_buf())
+    Ok((dir.to_path_buf(), lock))
 }
 
 /// Takes the state directory for this agent alone (`<state_dir>/agent.lock`, `flock`ed for the
@@ -407,5 +412,29 @@ impl NodeUsageProbe {
             memory_used_bytes: self.sys.used_memory(),
             storage_used_bytes: used_storage,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The parent is recorded; it may change only while no tenant is recorded.
+    #[test]
+    fn the_cgroup_parent_may_not_change_under_recorded_tenants() {
+        let dir = tempfile::tempdir().unwrap();
+        check_cgroup_parent(dir.path(), Path::new("dormant/tenants"), true).unwrap();
+        check_cgroup_parent(dir.path(), Path::new("dormant/tenants"), true).unwrap();
+        let err = check_cgroup_parent(dir.path(), Path::new("elsewhere"), true).unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("cgroup_parent"), "{text}");
+        assert!(
+            text.contains("dormant/tenants") && text.contains("elsewhere"),
+            "{text}"
+        );
+        // Unchanged by the refusal; with no tenant recorded the new one is taken.
+        check_cgroup_parent(dir.path(), Path::new("dormant/tenants"), true).unwrap();
+        check_cgroup_parent(dir.path(), Path::new("elsewhere"), false).unwrap();
+        check_cgroup_parent(dir.path(), Path::new("elsewhere"), true).unwrap();
     }
 }

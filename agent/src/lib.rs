@@ -87,8 +87,7 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
     // Checks that change nothing come first: a bad engine stops the agent before it touches
     // the host.
     let engines = engines(settings)?;
-    let state_dir = host::prepare_state_dir(&settings.state_dir)?;
-    let state_lock = host::lock_state_dir(&state_dir)?;
+    let (state_dir, state_lock) = host::prepare_state_dir(&settings.state_dir)?;
     let (cgroups, reason) = cgroup::select::open(
         settings.cgroup_driver,
         &settings.cgroup_root,

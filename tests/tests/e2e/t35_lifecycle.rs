@@ -297,3 +297,26 @@ fn tenant_restart_brings_a_failed_tenant_back_with_its_data() {
     });
     assert_eq!(cluster.tenant("lazarus")["restart_generation"], 2);
 }
+
+/// One agent per state directory: a second one (an operator's manual run beside the unit) would
+/// take the first one's tenants for leftovers; it refuses at start, naming the one that holds it.
+#[test]
+fn a_second_agent_on_the_same_state_dir_is_refused() {
+    if !require_root("a_second_agent_on_the_same_state_dir_is_refused") {
+        return;
+    }
+    let mut cluster = Cluster::start("t35l");
+    cluster.add_agent("n1");
+    let t = cluster.create_running("solo", "redis", ["0.25", "128MiB", "128MiB"]);
+    let pid = cluster.engine_pid(0, "solo");
+    let holder = cluster.agents[0].proc.as_ref().unwrap().pid();
+    let (status, log) = cluster.agent_refusing_to_start("n1", &[]);
+    assert!(!status.success());
+    assert!(log.contains("another agent"), "{log}");
+    assert!(log.contains(&format!("pid {holder}")), "{log}");
+    // The first agent's tenant was not touched.
+    assert_eq!(cluster.engine_pid(0, "solo"), pid);
+    let password = t["credentials"]["password"].as_str().unwrap();
+    let endpoint = t["endpoint"].as_str().unwrap();
+    assert_eq!(redis_cli(endpoint, password, &["PING"]), Ok("PONG".into()));
+}

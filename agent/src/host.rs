@@ -243,6 +243,15 @@ pub fn prepare_state_dir(
     Ok((dir.to_path_buf(), lock))
 }
 
+/// Whether any tenant directory under `state_dir` has a record (readable or not).
+pub fn any_tenant_recorded(state_dir: &Path) -> bool {
+    std::fs::read_dir(state_dir.join("tenants"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.path().join("tenant.json").exists())
+}
+
 /// Takes the state directory for this agent alone (`<state_dir>/agent.lock`, `flock`ed for the
 /// life of the process; the kernel drops it when the process dies, however it dies).
 pub fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, HostError> {
@@ -289,7 +298,13 @@ pub fn check_cgroup_parent(
     let path = state_dir.join("cgroup-parent");
     let now = parent.display().to_string();
     match std::fs::read_to_string(&path) {
-        Ok(before) if before.trim() == now => return Ok(()),
+        Ok(before)
+            if Path::new(before.trim())
+                .components()
+                .eq(parent.components()) =>
+        {
+            return Ok(())
+        }
         Ok(before) if tenants_recorded => {
             return Err(HostError::CgroupParentChanged {
                 state_dir: state_dir.to_path_buf(),

@@ -88,6 +88,12 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
     // the host.
     let engines = engines(settings)?;
     let (state_dir, state_lock) = host::prepare_state_dir(&settings.state_dir)?;
+    // Before the driver prepares the (new) parent: a refused start changes nothing there.
+    host::check_cgroup_parent(
+        &state_dir,
+        &settings.cgroup_parent,
+        host::any_tenant_recorded(&state_dir),
+    )?;
     let (cgroups, reason) = cgroup::select::open(
         settings.cgroup_driver,
         &settings.cgroup_root,
@@ -126,11 +132,6 @@ pub async fn run(
     spawn::become_subreaper().map_err(host::HostError::Subreaper)?;
     // What an earlier run left: records are resumed, everything else the agent owns is swept.
     let found = tenant::load_records(&host).map_err(AgentError::Records)?;
-    host::check_cgroup_parent(
-        &host.state_dir,
-        &settings.cgroup_parent,
-        !found.records.is_empty() || !found.quarantined.is_empty(),
-    )?;
     let swept_host = host.clone();
     let (found, swept) = tokio::task::spawn_blocking(move || {
         let swept = sweep::sweep(&swept_host, &found);

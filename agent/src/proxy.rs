@@ -126,21 +126,38 @@ async fn forward(
         match crate::tenant_fs::connect_socket(&socket, owner).await {
             Ok(s) => break s,
             Err(e) => {
-                // The engine went away after it was ready (a crash the supervisor is about to
-                // see): the client waits for the next ready engine instead of being dropped. If
-                // the supervisor does not see a crash within a second, the socket itself is the
-                // problem (a tenant removed it): the client is dropped, nothing spins.
-                let crashed = tokio::time::timeout(
-                    ENGINE_GONE_WAIT,
-                    ready.wait_for(|u| *u != Upstream::Ready),
-                )
-                .await
-                .is_ok_and(|r| r.is_ok());
-                if !crashed {
-                    warn!(%peer, socket = %socket.display(), error = %e, "connect to engine socket");
-                    return;
+                // Refused while the engine is said to be ready: a full backlog (EAGAIN) passes
+                // in moments, and a crashed engine is seen by the supervisor in moments. Either
+                // way the client waits a little, retrying, and then follows the engine's next
+                // state; if nothing changes within a second the socket itself is the problem (a
+                // tenant removed it) and the client is dropped. Nothing spins.
+                let give_up = tokio::time::Instant::now() + ENGINE_GONE_WAIT;
+                let mut last = e;
+                let retried = loop {
+                    let left_ready = tokio::time::timeout(
+                        Duration::from_millis(50),
+                        ready.wait_for(|u| *u != Upstream::Ready),
+                    )
+                    .await
+                    .is_ok();
+                    if left_ready {
+                        break None;
+                    }
+                    match crate::tenant_fs::connect_socket(&socket, owner).await {
+                        Ok(s) => break Some(s),
+                        Err(e) if tokio::time::Instant::now() < give_up => last = e,
+                        Err(e) => {
+                            warn!(%peer, socket = %socket.display(), error = %e, "connect to engine socket");
+                            return;
+                        }
+                    }
+                };
+                match retried {
+                    Some(s) => break s,
+                    None => {
+                        debug!(%peer, error = %last, "engine went away; waiting for the next one")
+                    }
                 }
-                debug!(%peer, error = %e, "engine went away; waiting for the next one");
             }
         }
     };

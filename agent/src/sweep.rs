@@ -41,22 +41,25 @@ pub fn sweep(host: &Host, found: &OnDisk) -> Swept {
     let mut swept = Swept::default();
     let tenants_dir = host.tenants_dir();
     let trash = host.trash_dir();
+    // Unrecorded directories that were initialised hold data: kept, like a quarantine.
+    let mut doomed: Vec<&str> = Vec::new();
+    let mut held: Vec<&str> = Vec::new();
+    for name in &found.unrecorded {
+        let dir = tenants_dir.join(name);
+        if dir.join("initialized").exists() {
+            tracing::error!(tenant_dir = %dir.display(), "a tenant directory with data but no record: left as it is until an operator looks");
+            held.push(name);
+        } else {
+            doomed.push(name);
+        }
+    }
     let kept: BTreeSet<&str> = found
         .records
         .iter()
         .map(|r| r.spec.name.as_str())
         .chain(found.quarantined.iter().map(String::as_str))
+        .chain(held.iter().copied())
         .collect();
-    // Unrecorded directories that were initialised hold data: kept, like a quarantine.
-    let mut doomed: Vec<&str> = Vec::new();
-    for name in &found.unrecorded {
-        let dir = tenants_dir.join(name);
-        if dir.join("initialized").exists() {
-            tracing::error!(tenant_dir = %dir.display(), "a tenant directory with data but no record: left as it is until an operator looks");
-        } else {
-            doomed.push(name);
-        }
-    }
     let trashed: Vec<PathBuf> = std::fs::read_dir(&trash)
         .into_iter()
         .flatten()
@@ -191,8 +194,8 @@ pub fn sweep(host: &Host, found: &OnDisk) -> Swept {
             swept.directories.push(partial);
         }
     }
-    // A quarantined tenant's uid is unknown: then no run directory goes.
-    if found.quarantined.is_empty() {
+    // A quarantined or held tenant's uid is unknown: then no run directory goes.
+    if found.quarantined.is_empty() && held.is_empty() {
         let known_uids: BTreeSet<String> = found
             .records
             .iter()

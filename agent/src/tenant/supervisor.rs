@@ -61,7 +61,11 @@ pub enum Request {
 /// The requests that end a wait early.
 enum Interrupt {
     Delete,
-    Shutdown { stop_engine: bool },
+    Shutdown {
+        stop_engine: bool,
+    },
+    /// Only while an engine becomes ready (which may never happen): the operator's way out.
+    Restart(u64),
 }
 
 enum Phase<E> {
@@ -101,11 +105,13 @@ pub struct Supervisor<R: Runtime> {
 }
 
 /// Waits for `work` while taking requests: a delete or shutdown ends the wait (dropping `work`),
-/// anything else is deferred until the step is over.
+/// and so does a restart where `restart_interrupts`; anything else is deferred until the step is
+/// over.
 async fn until_interrupted<T>(
     work: impl std::future::Future<Output = T>,
     requests: &mut mpsc::UnboundedReceiver<Request>,
     deferred: &mut Vec<Request>,
+    restart_interrupts: bool,
 ) -> Result<T, Interrupt> {
     tokio::pin!(work);
     loop {
@@ -114,6 +120,7 @@ async fn until_interrupted<T>(
             req = requests.recv() => match req {
                 Some(Request::Delete) => return Err(Interrupt::Delete),
                 Some(Request::Shutdown { stop_engine }) => return Err(Interrupt::Shutdown { stop_engine }),
+                Some(Request::Restart(generation)) if restart_interrupts => return Err(Interrupt::Restart(generation)),
                 // The handle went away without a word: the agent is exiting.
                 None => return Err(Interrupt::Shutdown { stop_engine: false }),
                 Some(other) => deferred.push(other),
@@ -136,6 +143,9 @@ async fn noting_slow<T>(
     }
     warn!(after = ?READY_NOTICE, "engine not ready yet; still waiting");
     status.send_modify(|o| {
+        // Announced even for an adopted engine: the scheduler must not keep showing `running`.
+        o.state = TenantState::Starting;
+        o.announced = true;
         o.reason = Some(format!(
             "engine not ready after {}s; still waiting (a long crash recovery?)",
             READY_NOTICE.as_secs()
@@ -230,7 +240,12 @@ impl<R: Runtime> Supervisor<R> {
         }
     }
 
-    fn interrupted(i: Interrupt, engine: Option<R::Engine>, ready: bool) -> Phase<R::Engine> {
+    async fn interrupted(
+        &mut self,
+        i: Interrupt,
+        engine: Option<R::Engine>,
+        ready: bool,
+    ) -> Phase<R::Engine> {
         match i {
             Interrupt::Delete => Phase::Delete { engine, ready },
             Interrupt::Shutdown { stop_engine } => Phase::Exit {
@@ -238,6 +253,20 @@ impl<R: Runtime> Supervisor<R> {
                 ready,
                 stop_engine,
             },
+            Interrupt::Restart(generation) => {
+                // An engine that is not ready is killed, never signalled (see `delete`); the
+                // next one runs at this generation.
+                info!(
+                    generation,
+                    "restart requested while the engine was not ready"
+                );
+                self.want_restart(generation);
+                if let Err(e) = self.rt.kill_all().await {
+                    warn!(error = %e, "killing the engine for the restart");
+                }
+                self.failures = 0;
+                Phase::Start { adopt: false }
+            }
         }
     }
 
@@ -306,34 +335,46 @@ impl<R: Runtime> Supervisor<R> {
             let reason = format!("its engine keeps running; preparing the host side failed: {e}");
             warn!(reason = %reason, "will retry");
             self.set(TenantState::Starting, Some(reason));
+            // The pause also ends if the kept engine dies: then it is an ordinary start.
             let pause = until_interrupted(
-                tokio::time::sleep(PREPARE_RETRY),
+                async {
+                    tokio::select! {
+                        () = tokio::time::sleep(PREPARE_RETRY) => true,
+                        _ = engine.exited() => false,
+                    }
+                },
                 &mut self.requests,
                 &mut self.deferred,
+                false,
             )
             .await;
-            if let Err(i) = pause {
-                return Self::interrupted(i, Some(engine), true);
+            match pause {
+                Ok(true) => adopted = Some(engine),
+                Ok(false) => adopted = None,
+                Err(i) => return self.interrupted(i, Some(engine), true).await,
             }
-            adopted = Some(engine);
         }
         self.take_deferred().await;
         self.try_grow().await;
         if let Some(engine) = adopted {
-            if self.record.restarting_from.is_some() {
-                // The restart had replaced the engine before the agent died.
-                self.restart_done().await;
+            if self.record.restarting_from.take().is_some() {
+                // The restart had replaced the engine before the agent died: it is done (a
+                // newer restart asked for meanwhile stays wanted).
+                if let Err(e) = self.rt.write_record(&self.record).await {
+                    warn!(error = %e, "recording the finished restart");
+                }
             }
             let ready = until_interrupted(
                 noting_slow(self.rt.wait_ready(&engine), &self.status, &self.changed),
                 &mut self.requests,
                 &mut self.deferred,
+                true,
             )
             .await;
             return match ready {
                 Ok(Ok(())) => Phase::Running(engine),
                 Ok(Err(e)) => self.start_failed(e.to_string()).await,
-                Err(i) => Self::interrupted(i, Some(engine), false),
+                Err(i) => self.interrupted(i, Some(engine), false).await,
             };
         }
         if self.status.borrow().state != TenantState::Starting || !self.status.borrow().announced {
@@ -344,12 +385,13 @@ impl<R: Runtime> Supervisor<R> {
                 self.rt.initialize(&self.record.spec),
                 &mut self.requests,
                 &mut self.deferred,
+                false,
             )
             .await;
             match init {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return self.start_failed(e.to_string()).await,
-                Err(i) => return Self::interrupted(i, None, false),
+                Err(i) => return self.interrupted(i, None, false).await,
             }
             self.take_deferred().await;
         }
@@ -363,12 +405,13 @@ impl<R: Runtime> Supervisor<R> {
             noting_slow(self.rt.wait_ready(&engine), &self.status, &self.changed),
             &mut self.requests,
             &mut self.deferred,
+            true,
         )
         .await;
         match ready {
             Ok(Ok(())) => Phase::Running(engine),
             Ok(Err(e)) => self.start_failed(e.to_string()).await,
-            Err(i) => Self::interrupted(i, Some(engine), false),
+            Err(i) => self.interrupted(i, Some(engine), false).await,
         }
     }
 
@@ -455,6 +498,8 @@ impl<R: Runtime> Supervisor<R> {
             self.take_deferred().await;
             if self.restart_wanted.is_some() {
                 self.failures = 0;
+                // Taken now (see `failed`).
+                self.restart_done().await;
                 break;
             }
             tokio::select! {
@@ -474,15 +519,18 @@ impl<R: Runtime> Supervisor<R> {
     }
 
     async fn failed(&mut self, reason: String) -> Phase<R::Engine> {
-        self.set(TenantState::Failed, Some(reason));
         // No engine is coming: clients are closed at once rather than left waiting.
         self.ready.send_replace(Upstream::Down);
+        self.set(TenantState::Failed, Some(reason));
         self.status.send_modify(|o| o.pid = None);
         loop {
             self.take_deferred().await;
             if self.restart_wanted.is_some() {
                 info!("restart requested: starting again from failed");
                 self.failures = 0;
+                // Taken now, not when an engine is up: a start that fails again backs off and
+                // fails as usual instead of retrying at once for the same request.
+                self.restart_done().await;
                 self.set(TenantState::Starting, Some("restart requested".into()));
                 return Phase::Start { adopt: false };
             }

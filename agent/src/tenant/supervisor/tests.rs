@@ -658,3 +658,46 @@ async fn a_slow_engine_is_reported_not_killed() {
     h.rt.host().spawned[0].make_ready();
     h.wait_state(TenantState::Running).await;
 }
+
+/// An engine that does not become ready is no trap: `tenant restart` kills it (never signals it)
+/// and starts a new one, at the generation asked for.
+#[tokio::test(start_paused = true)]
+async fn restart_of_an_engine_that_never_becomes_ready_starts_a_new_one() {
+    let mut h = start(FakeHost::default(), TenantRecord::new(spec()), true);
+    h.wait_state(TenantState::Starting).await;
+    h.settle().await;
+    assert_eq!(h.rt.host().spawned.len(), 1);
+    h.send(Request::Restart(1));
+    h.status
+        .wait_for(|o| o.restart_generation == 1)
+        .await
+        .unwrap();
+    h.settle().await;
+    assert_eq!(h.rt.host().spawned.len(), 2);
+    let steps = h.steps();
+    assert!(!steps.iter().any(|s| s == "stop"), "{steps:?}");
+    assert_eq!(
+        h.rt.host().records.last().unwrap().spec.restart_generation,
+        1
+    );
+}
+
+/// An adopted engine that stays unready is reported once the notice passes, not left showing
+/// whatever the scheduler last heard.
+#[tokio::test(start_paused = true)]
+async fn a_slow_adopted_engine_is_reported() {
+    let engine = FakeEngine::new(42);
+    let h = start(
+        FakeHost {
+            initialized: true,
+            running: Some(engine),
+            ..Default::default()
+        },
+        TenantRecord::new(spec()),
+        false,
+    );
+    let mut status = h.status.clone();
+    let o = status.wait_for(|o| o.announced).await.unwrap().clone();
+    assert_eq!(o.state, TenantState::Starting);
+    assert!(o.reason.unwrap().contains("not ready after"));
+}

@@ -96,6 +96,16 @@ pub fn write_atomic(path: &Path, content: &[u8]) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// `write_atomic`, skipped when the file already holds exactly `content` (written durably by an
+/// earlier `write_atomic`): every start of every tenant prepares its files again, and a thousand
+/// resumed tenants must not cost a thousand rounds of fsyncs.
+pub fn write_atomic_if_changed(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    match std::fs::read(path) {
+        Ok(current) if current == content => Ok(()),
+        _ => write_atomic(path, content),
+    }
+}
+
 /// Opens the directory holding `base/rel`'s last component, walking each directory below `base`
 /// with `O_NOFOLLOW` relative to the one before: a symlink the tenant planted anywhere in `rel`
 /// is refused, never followed. `None` when a directory on the way is missing.
@@ -294,5 +304,8 @@ mod tests {
         write_atomic(&path, b"{\"a\":1}").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}");
         assert!(!dir.path().join("tenant.tmp").exists());
+        write_atomic_if_changed(&path, b"{\"a\":1}").unwrap();
+        write_atomic_if_changed(&path, b"{\"a\":2}").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":2}");
     }
 }

@@ -69,7 +69,7 @@ pub fn write(paths: &TenantPaths, record: &TenantRecord) -> Result<(), RecordErr
         path: path.clone(),
         source: std::io::Error::other(e),
     })?;
-    tenant_fs::write_atomic(&path, &bytes).map_err(|source| RecordError { path, source })
+    tenant_fs::write_atomic_if_changed(&path, &bytes).map_err(|source| RecordError { path, source })
 }
 
 /// What one tenant directory holds.

@@ -341,7 +341,8 @@ fn prepare_host(
     );
     let group = format!("root:x:0:\n{name}:x:{gid}:\n");
     for (path, content) in [(p.passwd(), passwd), (p.group(), group)] {
-        tenant_fs::write_atomic(&path, content.as_bytes()).map_err(io_err("write", &path))?;
+        tenant_fs::write_atomic_if_changed(&path, content.as_bytes())
+            .map_err(io_err("write", &path))?;
         // Read inside the tenant's namespace, by the tenant.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
             .map_err(io_err("chmod", &path))?;

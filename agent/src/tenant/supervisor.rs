@@ -364,18 +364,7 @@ impl<R: Runtime> Supervisor<R> {
                     warn!(error = %e, "recording the finished restart");
                 }
             }
-            let ready = until_interrupted(
-                noting_slow(self.rt.wait_ready(&engine), &self.status, &self.changed),
-                &mut self.requests,
-                &mut self.deferred,
-                true,
-            )
-            .await;
-            return match ready {
-                Ok(Ok(())) => Phase::Running(engine),
-                Ok(Err(e)) => self.start_failed(e.to_string()).await,
-                Err(i) => self.interrupted(i, Some(engine), false).await,
-            };
+            return self.until_ready(engine).await;
         }
         if self.status.borrow().state != TenantState::Starting || !self.status.borrow().announced {
             self.set(TenantState::Starting, None);
@@ -401,6 +390,11 @@ impl<R: Runtime> Supervisor<R> {
         };
         // A fresh engine runs at whatever generation was asked for so far.
         self.restart_done().await;
+        self.until_ready(engine).await
+    }
+
+    /// Waits until `engine` answers (a delete, shutdown or restart ends the wait), then runs it.
+    async fn until_ready(&mut self, engine: R::Engine) -> Phase<R::Engine> {
         let ready = until_interrupted(
             noting_slow(self.rt.wait_ready(&engine), &self.status, &self.changed),
             &mut self.requests,

@@ -74,34 +74,20 @@ fn crash_and_restart(cluster: &mut Cluster, step: &str) {
     cluster.start_agent(0);
 }
 
-/// Loop devices whose backing file is under `dir` (the kernel's own list).
+/// Loop devices whose backing file is under `dir`.
 fn loop_devices_under(dir: &Path) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/sys/block")
+    dormant_tests::cleanup::loop_devices()
         .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        if let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
-            if Path::new(backing.trim()).starts_with(dir) {
-                found.push(format!("{name} -> {}", backing.trim()));
-            }
-        }
-    }
-    found
+        .filter(|d| Path::new(d.back_path()).starts_with(dir))
+        .map(|d| format!("{} -> {}", d.name, d.back_file))
+        .collect()
 }
 
 /// Mount points under `dir` but `dir/tenants` itself (the agent's own shared bind mount).
 fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(PathBuf::from)
+    dormant_tests::cleanup::mounts()
+        .into_iter()
+        .map(|m| PathBuf::from(m.mount_point))
         .filter(|m| m.starts_with(dir) && *m != dir.join("tenants"))
         .collect()
 }
@@ -127,7 +113,7 @@ fn leftovers(cluster: &Cluster) -> Vec<String> {
         }
     }
     let parents: Vec<PathBuf> = match CgroupVersion::of_host() {
-        CgroupVersion::V1 => ["cpu", "memory", "pids", "freezer"]
+        CgroupVersion::V1 => dormant_tests::process::V1_CONTROLLERS
             .iter()
             .map(|c| {
                 Path::new(dormant_tests::cluster::CGROUP_ROOT)

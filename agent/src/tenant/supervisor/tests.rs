@@ -557,15 +557,21 @@ async fn a_failing_preparation_never_kills_an_adopted_engine() {
     assert_eq!(steps.iter().filter(|s| *s == "prepare").count(), 3);
 }
 
+/// A record of restart 1 under way, replacing the engine with `pid`.
+fn restarting_from(pid: i32) -> TenantRecord {
+    let mut record = TenantRecord::new(spec());
+    record.spec.restart_generation = 1;
+    record.restarting_from = Some(pid);
+    record
+}
+
 /// The agent died during a restart, before the old engine stopped: the restart is finished,
 /// once.
 #[tokio::test(start_paused = true)]
 async fn a_restart_interrupted_before_the_stop_is_finished_once() {
     let old = FakeEngine::new(42);
     old.make_ready();
-    let mut record = TenantRecord::new(spec());
-    record.spec.restart_generation = 1;
-    record.restarting_from = Some(42);
+    let record = restarting_from(42);
     let mut h = start(
         FakeHost {
             initialized: true,
@@ -594,9 +600,7 @@ async fn a_restart_interrupted_before_the_stop_is_finished_once() {
 async fn a_restart_interrupted_after_the_new_engine_started_is_not_done_twice() {
     let new = FakeEngine::new(43);
     new.make_ready();
-    let mut record = TenantRecord::new(spec());
-    record.spec.restart_generation = 1;
-    record.restarting_from = Some(42);
+    let record = restarting_from(42);
     let mut h = start(
         FakeHost {
             initialized: true,

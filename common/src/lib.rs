@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod hibernation;
 pub mod name;
 pub mod quantity;
 pub mod resources;

@@ -19,6 +19,8 @@ pub const STEPS: &[&str] = &[
     "start.after_spawn",
     "restart.after_intent",
     "restart.after_stop",
+    "hibernate.after_intent",
+    "hibernate.after_stop",
     "resize.after_record",
     "resize.after_limits",
     "resize.after_image_grow",

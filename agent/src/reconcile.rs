@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use dormant_common::hibernation::{HibernateMode, IdleAfter};
 use dormant_common::{Resources, TenantName};
 use tracing::{info, warn};
 
@@ -36,6 +37,10 @@ pub struct Present {
     pub deleting: bool,
     pub resources: Resources,
     pub restart_generation: u64,
+    pub idle_after: IdleAfter,
+    pub hibernate: HibernateMode,
+    pub hibernate_generation: u64,
+    pub wake_generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +51,11 @@ pub enum Action {
     Resize(TenantName, Resources),
     /// Restart the engine once for this generation.
     Restart(TenantName, u64),
+    /// A new hibernation policy (idle time, mode).
+    Policy(TenantName, IdleAfter, HibernateMode),
+    /// Hibernate now, or wake now, once for this generation.
+    Hibernate(TenantName, u64),
+    Wake(TenantName, u64),
     /// Kept although the desired set does not want it (missing, or another uid): logged, never
     /// deleted.
     Keep(TenantName, &'static str),
@@ -68,6 +78,19 @@ pub fn plan(desired: &Desired, present: &BTreeMap<TenantName, Present>) -> Vec<A
                 }
                 if spec.restart_generation > p.restart_generation {
                     actions.push(Action::Restart(name.clone(), spec.restart_generation));
+                }
+                if (spec.idle_after, spec.hibernate) != (p.idle_after, p.hibernate) {
+                    actions.push(Action::Policy(
+                        name.clone(),
+                        spec.idle_after,
+                        spec.hibernate,
+                    ));
+                }
+                if spec.hibernate_generation > p.hibernate_generation {
+                    actions.push(Action::Hibernate(name.clone(), spec.hibernate_generation));
+                }
+                if spec.wake_generation > p.wake_generation {
+                    actions.push(Action::Wake(name.clone(), spec.wake_generation));
                 }
             }
             None => actions.push(Action::Keep(name.clone(), "not in the desired set")),
@@ -130,6 +153,10 @@ impl Tenants {
                         deleting: h.is_deleting(),
                         resources: h.spec.resources,
                         restart_generation: h.spec.restart_generation,
+                        idle_after: h.spec.idle_after,
+                        hibernate: h.spec.hibernate,
+                        hibernate_generation: h.spec.hibernate_generation,
+                        wake_generation: h.spec.wake_generation,
                     },
                 )
             })
@@ -169,6 +196,24 @@ impl Tenants {
                     if let Some(h) = self.handles.get_mut(&name) {
                         info!(tenant_id = %name, generation, "restart requested");
                         h.restart(generation);
+                    }
+                }
+                Action::Policy(name, idle_after, mode) => {
+                    if let Some(h) = self.handles.get_mut(&name) {
+                        info!(tenant_id = %name, idle_after = %idle_after, mode = %mode, "hibernation policy changed");
+                        h.set_policy(idle_after, mode);
+                    }
+                }
+                Action::Hibernate(name, generation) => {
+                    if let Some(h) = self.handles.get_mut(&name) {
+                        info!(tenant_id = %name, generation, "hibernate requested");
+                        h.hibernate(generation);
+                    }
+                }
+                Action::Wake(name, generation) => {
+                    if let Some(h) = self.handles.get_mut(&name) {
+                        info!(tenant_id = %name, generation, "wake requested");
+                        h.wake(generation);
                     }
                 }
                 Action::Keep(name, why) => {
@@ -222,6 +267,10 @@ mod tests {
                         deleting,
                         resources: spec(n, uid).resources,
                         restart_generation: 0,
+                        idle_after: IdleAfter::default(),
+                        hibernate: HibernateMode::default(),
+                        hibernate_generation: 0,
+                        wake_generation: 0,
                     },
                 )
             })
@@ -239,6 +288,29 @@ mod tests {
         );
         // Not while it is being deleted.
         assert!(plan(&d, &present(vec![("a", 1, true)])).is_empty());
+    }
+
+    #[test]
+    fn plan_changes_the_policy_and_hibernates_or_wakes_once_per_new_generation() {
+        let mut want = spec("a", 1);
+        want.idle_after = IdleAfter::Never;
+        want.hibernate_generation = 2;
+        want.wake_generation = 1;
+        let d = desired(vec![("a", Want::Running(want))]);
+        let mut here = present(vec![("a", 1, false)]);
+        assert_eq!(
+            plan(&d, &here),
+            vec![
+                Action::Policy(name("a"), IdleAfter::Never, HibernateMode::Stop),
+                Action::Hibernate(name("a"), 2),
+                Action::Wake(name("a"), 1),
+            ]
+        );
+        let p = here.get_mut(&name("a")).unwrap();
+        p.idle_after = IdleAfter::Never;
+        p.hibernate_generation = 2;
+        p.wake_generation = 1;
+        assert!(plan(&d, &here).is_empty());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use dormant_common::hibernation::IdleAfter;
 use dormant_common::TenantName;
 use dormant_proto::v1 as pb;
 use dormant_proto::v1::agent_api_client::AgentApiClient;
@@ -19,6 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Settings;
 use crate::host::{self, Host, NodeUsageProbe};
+use crate::proxy::unix_ms;
 use crate::reconcile::{Desired, Tenants, Want};
 use crate::tenant::TenantSpec;
 use crate::tenant_fs;
@@ -275,6 +277,7 @@ impl Reporter {
                 };
                 let usage = h.usage().unwrap_or_default();
                 let pressure = usage.pressure.unwrap_or_default();
+                let traffic = h.traffic();
                 pb::ObservedTenant {
                     name: name.to_string(),
                     uid: h.spec.uid,
@@ -282,6 +285,16 @@ impl Reporter {
                     reason: o.reason.unwrap_or_default(),
                     resize_pending: o.resize_pending.unwrap_or_default(),
                     restart_generation: o.restart_generation,
+                    hibernate_generation: o.hibernate_generation,
+                    wake_generation: o.wake_generation,
+                    connections: traffic
+                        .connections
+                        .iter()
+                        .map(|c| pb::Connection {
+                            peer: c.peer.to_string(),
+                            opened_unix_ms: unix_ms(c.opened),
+                        })
+                        .collect(),
                     usage: Some(pb::TenantUsage {
                         cpu_usage_usec: usage.cpu_usage_usec,
                         memory_bytes: usage.memory_bytes,
@@ -297,6 +310,16 @@ impl Reporter {
                         memory_pressure_full_usec: pressure.memory_full_usec,
                         io_pressure_some_usec: pressure.io_some_usec,
                         io_pressure_full_usec: pressure.io_full_usec,
+                        open_connections: traffic.open,
+                        connections_total: traffic.total,
+                        bytes_in: traffic.bytes_in,
+                        bytes_out: traffic.bytes_out,
+                        last_activity_unix_ms: traffic.last_activity_unix_ms,
+                        hibernations: o.hibernations,
+                        wakes: o.wakes,
+                        last_wake_usec: o
+                            .last_wake
+                            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                     }),
                 }
             })
@@ -422,6 +445,11 @@ fn desired_from(reply: pb::HeartbeatResponse) -> Desired {
                 port,
                 password: t.password,
                 restart_generation: t.restart_generation,
+                idle_after: IdleAfter::from_millis(t.idle_after_ms),
+                // An unknown mode (a newer scheduler) falls back to the default: stop.
+                hibernate: t.hibernate.parse().unwrap_or_default(),
+                hibernate_generation: t.hibernate_generation,
+                wake_generation: t.wake_generation,
             })
         };
         desired.tenants.insert(name, want);

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use dormant_common::hibernation::{HibernateMode, IdleAfter};
 use dormant_common::{Resources, TenantState};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -14,6 +15,7 @@ use super::supervisor::{Request, Supervisor};
 use super::Observed;
 use crate::cgroup::{TenantCgroup, Usage};
 use crate::host::Host;
+use crate::proxy::{ProxyStats, Traffic};
 
 #[derive(Debug)]
 pub struct TenantHandle {
@@ -25,6 +27,7 @@ pub struct TenantHandle {
     cgroup: Box<dyn TenantCgroup>,
     volume: crate::volume::Volume,
     deleting: bool,
+    proxy: Arc<ProxyStats>,
 }
 
 impl TenantHandle {
@@ -42,25 +45,26 @@ impl TenantHandle {
     fn start(host: Arc<Host>, record: TenantRecord, announced: bool) -> Self {
         let spec = record.spec.clone();
         let deleting = record.deleting;
-        let (status_tx, status) = watch::channel(Observed {
-            state: if deleting {
-                TenantState::Deleting
-            } else {
-                TenantState::Starting
-            },
-            reason: None,
-            restarts: 0,
-            pid: None,
-            gone: false,
-            resize_pending: None,
-            restart_generation: spec.restart_generation,
-            announced: announced || deleting,
-        });
+        let state = if deleting {
+            TenantState::Deleting
+        } else {
+            TenantState::Starting
+        };
+        let (status_tx, status) =
+            watch::channel(Observed::initial(&spec, state, announced || deleting));
         let (requests, rx) = mpsc::unbounded_channel();
         let (ready, ready_rx) = watch::channel(crate::proxy::Upstream::Waiting);
-        let runtime = HostRuntime::new(host.clone(), &spec, ready_rx);
-        let supervisor =
-            Supervisor::new(runtime, record, rx, status_tx, ready, host.changed.clone());
+        let proxy = Arc::new(ProxyStats::default());
+        let runtime = HostRuntime::new(host.clone(), &spec, ready_rx, proxy.clone());
+        let supervisor = Supervisor::new(
+            runtime,
+            record,
+            rx,
+            status_tx,
+            ready,
+            host.changed.clone(),
+            proxy.clients(),
+        );
         let span = tracing::info_span!("tenant", tenant_id = %spec.name, uid = spec.uid);
         let task = tokio::spawn(tracing::Instrument::instrument(supervisor.run(), span));
         Self {
@@ -71,6 +75,7 @@ impl TenantHandle {
             requests,
             task,
             deleting,
+            proxy,
         }
     }
 
@@ -91,6 +96,36 @@ impl TenantHandle {
             self.spec.restart_generation = generation;
             let _ = self.requests.send(Request::Restart(generation));
         }
+    }
+
+    /// A new hibernation policy, in force from the next idle check.
+    pub fn set_policy(&mut self, idle_after: IdleAfter, mode: HibernateMode) {
+        if (idle_after, mode) != (self.spec.idle_after, self.spec.hibernate) && !self.deleting {
+            self.spec.idle_after = idle_after;
+            self.spec.hibernate = mode;
+            let _ = self.requests.send(Request::Policy { idle_after, mode });
+        }
+    }
+
+    /// Hibernates now, once for `generation` (ignored unless it is newer).
+    pub fn hibernate(&mut self, generation: u64) {
+        if generation > self.spec.hibernate_generation && !self.deleting {
+            self.spec.hibernate_generation = generation;
+            let _ = self.requests.send(Request::Hibernate(generation));
+        }
+    }
+
+    /// Wakes now, once for `generation` (ignored unless it is newer).
+    pub fn wake(&mut self, generation: u64) {
+        if generation > self.spec.wake_generation && !self.deleting {
+            self.spec.wake_generation = generation;
+            let _ = self.requests.send(Request::Wake(generation));
+        }
+    }
+
+    /// The proxy's counters and open connections.
+    pub fn traffic(&self) -> Traffic {
+        self.proxy.traffic()
     }
 
     /// New resources, applied by the task in place (the engine keeps running).

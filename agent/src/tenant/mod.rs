@@ -32,10 +32,39 @@ pub struct Observed {
     pub resize_pending: Option<String>,
     /// The restart generation the engine runs at.
     pub restart_generation: u64,
+    /// The last hibernate and wake generations acted on.
+    pub hibernate_generation: u64,
+    pub wake_generation: u64,
+    /// Times the tenant hibernated and woke (since this agent started), and how long the last
+    /// wake took from the first client's arrival until the engine answered.
+    pub hibernations: u64,
+    pub wakes: u64,
+    pub last_wake: Option<std::time::Duration>,
     /// False for a tenant resumed after an agent restart until its supervisor knows whether the
     /// engine is still running: it is not reported until then, so an adopted engine never shows
     /// as `starting`.
     pub announced: bool,
+}
+
+impl Observed {
+    /// What a tenant task reports before its supervisor has decided anything.
+    pub fn initial(spec: &TenantSpec, state: TenantState, announced: bool) -> Self {
+        Self {
+            state,
+            reason: None,
+            restarts: 0,
+            pid: None,
+            gone: false,
+            resize_pending: None,
+            restart_generation: spec.restart_generation,
+            hibernate_generation: spec.hibernate_generation,
+            wake_generation: spec.wake_generation,
+            hibernations: 0,
+            wakes: 0,
+            last_wake: None,
+            announced,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

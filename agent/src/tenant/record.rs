@@ -9,6 +9,7 @@
 
 use std::path::Path;
 
+use dormant_common::hibernation::{HibernateMode, IdleAfter};
 use dormant_common::{Resources, TenantName};
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +28,16 @@ pub struct TenantSpec {
     /// Raised by `dormantctl tenant restart`; the engine restarts once for each new value.
     #[serde(default)]
     pub restart_generation: u64,
+    /// Hibernate after this long without an open connection.
+    #[serde(default)]
+    pub idle_after: IdleAfter,
+    #[serde(default)]
+    pub hibernate: HibernateMode,
+    /// Raised by `dormantctl tenant hibernate` / `tenant wake`: acted on once for each new value.
+    #[serde(default)]
+    pub hibernate_generation: u64,
+    #[serde(default)]
+    pub wake_generation: u64,
 }
 
 /// The record: the spec as last applied, and the operation under way.
@@ -43,6 +54,10 @@ pub struct TenantRecord {
     /// finishes the restart; one that finds another knows it is done. Never two restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restarting_from: Option<i32>,
+    /// The tenant hibernates (written before its engine stops or freezes): an agent started
+    /// later keeps it hibernated instead of starting its engine, and keeps a frozen engine frozen.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hibernated: bool,
 }
 
 impl TenantRecord {
@@ -51,6 +66,7 @@ impl TenantRecord {
             spec,
             deleting: false,
             restarting_from: None,
+            hibernated: false,
         }
     }
 }
@@ -160,6 +176,10 @@ pub(crate) fn sample_spec(name: &str, uid: u64) -> TenantSpec {
         port: 20000,
         password: "pw".into(),
         restart_generation: 0,
+        idle_after: Default::default(),
+        hibernate: Default::default(),
+        hibernate_generation: 0,
+        wake_generation: 0,
     }
 }
 

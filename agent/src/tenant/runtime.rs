@@ -90,6 +90,14 @@ pub trait Runtime: Send + 'static {
     /// engine's stop timeout.
     fn stop(&self, engine: &Self::Engine) -> impl Future<Output = ()> + Send;
 
+    /// Freezes every process of the tenant (its memory stays); resolves once the kernel says
+    /// they are frozen.
+    fn freeze(&self) -> impl Future<Output = Result<(), TenantError>> + Send;
+
+    /// Undoes `freeze`; resolves once the processes run again. Thawing a cgroup that is not
+    /// frozen does nothing.
+    fn thaw(&self) -> impl Future<Output = Result<(), TenantError>> + Send;
+
     /// SIGKILLs every process of the tenant; returns how many there were.
     fn kill_all(&self) -> impl Future<Output = Result<usize, TenantError>> + Send;
 
@@ -134,8 +142,21 @@ pub struct HostRuntime {
     proxy: Option<ProxyHandle>,
     /// True while the engine answers; the proxy holds clients until then.
     ready: watch::Receiver<crate::proxy::Upstream>,
+    /// The proxy's counters (the tenant's handle reads them, the supervisor watches them).
+    stats: Arc<proxy::ProxyStats>,
     /// Processes this agent started (we are the subreaper): reaped if no `Watched` did.
     children: Arc<Mutex<BTreeSet<i32>>>,
+}
+
+/// How long to wait before looking at readiness again, `elapsed` into the wait. A waking tenant's
+/// clients are waiting: the first second is polled every millisecond (a PostgreSQL is ready in
+/// about 40 ms), then every 20 ms, so a long crash recovery costs little.
+fn readiness_poll(elapsed: Duration) -> Duration {
+    if elapsed < Duration::from_secs(1) {
+        Duration::from_millis(1)
+    } else {
+        Duration::from_millis(20)
+    }
 }
 
 /// Runs `f` on a blocking thread.
@@ -154,6 +175,7 @@ impl HostRuntime {
         host: Arc<Host>,
         spec: &TenantSpec,
         ready: watch::Receiver<crate::proxy::Upstream>,
+        stats: Arc<proxy::ProxyStats>,
     ) -> Self {
         Self {
             paths: host.paths(&spec.name, spec.uid),
@@ -166,6 +188,7 @@ impl HostRuntime {
             port: spec.port,
             proxy: None,
             ready,
+            stats,
             children: Arc::default(),
             host,
         }
@@ -444,6 +467,7 @@ impl Runtime for HostRuntime {
                 socket,
                 identity.0,
                 self.ready.clone(),
+                self.stats.clone(),
             ));
         }
         Ok(())
@@ -570,6 +594,7 @@ impl Runtime for HostRuntime {
         let engine = self.template()?;
         let ctx = self.context();
         let (uid, _) = self.identity()?;
+        let began = tokio::time::Instant::now();
         loop {
             let ready = match &engine.readiness {
                 Readiness::PidFileStatus(path) => {
@@ -608,7 +633,7 @@ impl Runtime for HostRuntime {
                         log_tail: log_tail(&self.paths.log()),
                     })
                 }
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = tokio::time::sleep(readiness_poll(began.elapsed())) => {}
             }
         }
     }
@@ -626,6 +651,16 @@ impl Runtime for HostRuntime {
         if let Err(e) = self.kill_all().await {
             warn!(error = %e, "killing what is left of the engine");
         }
+    }
+
+    async fn freeze(&self) -> Result<(), TenantError> {
+        let cgroup = self.cgroup();
+        blocking("freeze", &self.paths.dir, move || Ok(cgroup.freeze()?)).await
+    }
+
+    async fn thaw(&self) -> Result<(), TenantError> {
+        let cgroup = self.cgroup();
+        blocking("thaw", &self.paths.dir, move || Ok(cgroup.thaw()?)).await
     }
 
     async fn kill_all(&self) -> Result<usize, TenantError> {

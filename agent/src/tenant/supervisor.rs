@@ -7,10 +7,19 @@
 //! resume ─► Start ─ ready ─► Running ─ exit ─► Backoff ─ timer ─► Start
 //!  new  ─►   │  └─ error ─► Backoff / Failed (after MAX_FAILURES in a row)
 //!            │                 Failed ─ restart ─► Start
+//!            │            Running ─ idle_after without clients, or `hibernate` ─► Hibernated
+//!            └ recorded hibernated ─► Hibernated ─ a client, or `wake` ─► Wake ─ ready ─► Running
 //!  any phase ─ delete ─► Delete (graceful stop only for a ready engine, else kill) ─► gone
 //!  any phase ─ shutdown ─► the task ends; the engine keeps running unless asked to stop it
 //!  any phase ─ resize ─► limits now, storage grow now or retried (`resize_pending`)
 //! ```
+//!
+//! Hibernation (`stop`: the engine stops, `freeze`: its cgroup freezes) keeps the record, cgroup,
+//! volume and port, so a wake is only a spawn (or a thaw) and a readiness wait. The proxy counts
+//! clients; the decision to hibernate is taken with the proxy already holding new clients, and a
+//! client counted in between cancels it, so no client ever reaches an engine that is stopping.
+//! The intent (`hibernated` in the record) is written before the engine stops or freezes: an
+//! agent started later keeps the tenant hibernated (a frozen engine stays frozen).
 //!
 //! Requests that arrive in the middle of a step wait for it to end, except in the two waits that
 //! can be long (an init, an engine becoming ready), which a delete or shutdown interrupts: the
@@ -21,6 +30,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use dormant_common::hibernation::{HibernateMode, IdleAfter};
 use dormant_common::{Resources, TenantState};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
@@ -30,7 +40,7 @@ use super::record::TenantRecord;
 use super::runtime::{EngineProcess, Runtime};
 use super::Observed;
 use crate::crash_point;
-use crate::proxy::Upstream;
+use crate::proxy::{Clients, Upstream};
 
 /// Failures in a row (without a minute of healthy running between them) before `failed`.
 pub const MAX_FAILURES: u32 = 5;
@@ -56,6 +66,23 @@ pub enum Request {
     Shutdown {
         stop_engine: bool,
     },
+    /// A new hibernation policy.
+    Policy {
+        idle_after: IdleAfter,
+        mode: HibernateMode,
+    },
+    /// Hibernate now (`dormantctl tenant hibernate`), once for this generation.
+    Hibernate(u64),
+    /// Wake now (`dormantctl tenant wake`), once for this generation.
+    Wake(u64),
+}
+
+/// What ends a wait in `Hibernated`.
+enum Asleep {
+    Client,
+    ProxyGone,
+    FrozenExit(crate::process::Exit),
+    Request(Option<Request>),
 }
 
 /// The requests that end a wait early.
@@ -73,6 +100,12 @@ enum Phase<E> {
         adopt: bool,
     },
     Running(E),
+    /// The engine is stopped (`frozen` is `None`) or frozen; clients accepted beyond
+    /// `accepted_at` wake it.
+    Hibernated {
+        frozen: Option<E>,
+        accepted_at: u64,
+    },
     Backoff(String),
     Failed(String),
     Delete {
@@ -102,6 +135,16 @@ pub struct Supervisor<R: Runtime> {
     restarts: u64,
     /// The storage size not reached yet, with the reason.
     grow_pending: bool,
+    /// The proxy's client counts: idle and wake decisions.
+    clients: watch::Receiver<Clients>,
+    /// A manual hibernate asked for (its generation), taken when the engine runs.
+    hibernate_wanted: Option<u64>,
+    /// A manual wake asked for (its generation).
+    wake_wanted: Option<u64>,
+    /// Set while a wake is under way: when it began.
+    waking_since: Option<Instant>,
+    hibernations: u64,
+    wakes: u64,
 }
 
 /// Waits for `work` while taking requests: a delete or shutdown ends the wait (dropping `work`),
@@ -126,6 +169,14 @@ async fn until_interrupted<T>(
                 Some(other) => deferred.push(other),
             },
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -163,8 +214,15 @@ impl<R: Runtime> Supervisor<R> {
         status: watch::Sender<Observed>,
         ready: watch::Sender<Upstream>,
         changed: Arc<Notify>,
+        clients: watch::Receiver<Clients>,
     ) -> Self {
         Self {
+            clients,
+            hibernate_wanted: None,
+            wake_wanted: None,
+            waking_since: None,
+            hibernations: 0,
+            wakes: 0,
             rt,
             record,
             requests,
@@ -214,6 +272,10 @@ impl<R: Runtime> Supervisor<R> {
             phase = match phase {
                 Phase::Start { adopt } => self.start(adopt).await,
                 Phase::Running(engine) => self.running(engine).await,
+                Phase::Hibernated {
+                    frozen,
+                    accepted_at,
+                } => self.hibernated(frozen, accepted_at).await,
                 Phase::Backoff(reason) => self.backoff(reason).await,
                 Phase::Failed(reason) => self.failed(reason).await,
                 Phase::Delete { engine, ready } => {
@@ -276,6 +338,18 @@ impl<R: Runtime> Supervisor<R> {
             match req {
                 Request::Resize(resources) => self.resize(resources).await,
                 Request::Restart(generation) => self.want_restart(generation),
+                Request::Policy { idle_after, mode } => self.set_policy(idle_after, mode).await,
+                Request::Hibernate(generation) => {
+                    if generation > self.record.spec.hibernate_generation {
+                        self.hibernate_wanted =
+                            Some(generation.max(self.hibernate_wanted.unwrap_or(0)));
+                    }
+                }
+                Request::Wake(generation) => {
+                    if generation > self.record.spec.wake_generation {
+                        self.wake_wanted = Some(generation.max(self.wake_wanted.unwrap_or(0)));
+                    }
+                }
                 // Never deferred (they interrupt).
                 Request::Delete | Request::Shutdown { .. } => {}
             }
@@ -364,7 +438,24 @@ impl<R: Runtime> Supervisor<R> {
                     warn!(error = %e, "recording the finished restart");
                 }
             }
+            if self.record.hibernated && self.record.spec.hibernate == HibernateMode::Freeze {
+                // Frozen (or being frozen) when the agent stopped: it stays so. Freezing again
+                // finishes a freeze the crash cut short.
+                match self.rt.freeze().await {
+                    Ok(()) => return self.now_hibernated(Some(engine), 0),
+                    Err(e) => warn!(error = %e, "freezing the hibernated engine again; it runs"),
+                }
+            }
+            // A frozen engine never becomes ready: thawed first (nothing to do if it runs).
+            if let Err(e) = self.rt.thaw().await {
+                warn!(error = %e, "thawing the adopted engine");
+            }
             return self.until_ready(engine).await;
+        }
+        if self.record.hibernated && adopt && self.rt.is_initialized() {
+            // Hibernated when the agent stopped: it stays so until a client comes. Any client
+            // this agent accepted (counts start at 0) wakes it.
+            return self.now_hibernated(None, 0);
         }
         if self.status.borrow().state != TenantState::Starting || !self.status.borrow().announced {
             self.set(TenantState::Starting, None);
@@ -409,14 +500,47 @@ impl<R: Runtime> Supervisor<R> {
         }
     }
 
-    async fn running(&mut self, engine: R::Engine) -> Phase<R::Engine> {
+    async fn running(&mut self, mut engine: R::Engine) -> Phase<R::Engine> {
         self.ready.send_replace(Upstream::Ready);
         self.status.send_modify(|o| o.pid = Some(engine.pid()));
         self.set(TenantState::Running, None);
+        if let Some(began) = self.waking_since.take() {
+            let took = began.elapsed();
+            self.wakes += 1;
+            let wakes = self.wakes;
+            self.status.send_modify(|o| {
+                o.wakes = wakes;
+                o.last_wake = Some(took);
+            });
+            info!(took_ms = took.as_secs_f64() * 1000.0, "tenant woke");
+        }
+        if self.record.hibernated {
+            // Written now, with clients already served: the fsync stays off the wake's path.
+            self.record.hibernated = false;
+            self.write_record_or_warn("recording the wake").await;
+        }
         let since = Instant::now();
         let oom_before = self.rt.oom_kills();
+        // When the last client left (or the engine became ready): idleness counts from here.
+        let mut idle_since = Instant::now();
+        let mut clients_gone = false;
         loop {
             self.take_deferred().await;
+            if let Some(generation) = self.wake_wanted.take() {
+                // Already awake: only noted.
+                self.record.spec.wake_generation = generation;
+                self.write_record_or_warn("recording the wake generation")
+                    .await;
+                self.publish_generations();
+            }
+            if let Some(generation) = self.hibernate_wanted.take() {
+                info!(generation, "hibernate requested");
+                match self.hibernate(engine, false, Some(generation)).await {
+                    Ok(phase) => return phase,
+                    Err(kept) => engine = kept,
+                }
+                continue;
+            }
             if let Some(generation) = self.restart_wanted.take() {
                 info!(generation, "restart requested");
                 self.ready.send_replace(Upstream::Waiting);
@@ -435,7 +559,27 @@ impl<R: Runtime> Supervisor<R> {
                 return Phase::Start { adopt: false };
             }
             let retry_grow = tokio::time::sleep(GROW_RETRY);
+            let idle_after = self.record.spec.idle_after.duration();
+            let idle_at = match idle_after {
+                Some(d) if self.clients.borrow().open == 0 => Some(idle_since + d),
+                _ => None,
+            };
             tokio::select! {
+                changed = self.clients.changed(), if !clients_gone => {
+                    clients_gone = changed.is_err();
+                    // A client came (and maybe went) or the last one left.
+                    if self.clients.borrow_and_update().open == 0 {
+                        idle_since = Instant::now();
+                    }
+                }
+                () = sleep_until_some(idle_at) => {
+                    info!(idle_after = %self.record.spec.idle_after, "no client connection for idle_after: hibernating");
+                    match self.hibernate(engine, true, None).await {
+                        Ok(phase) => return phase,
+                        Err(kept) => engine = kept,
+                    }
+                    idle_since = Instant::now();
+                }
                 exit = engine.exited() => {
                     self.ready.send_replace(Upstream::Waiting);
                     if since.elapsed() >= HEALTHY_AFTER {
@@ -515,6 +659,7 @@ impl<R: Runtime> Supervisor<R> {
     async fn failed(&mut self, reason: String) -> Phase<R::Engine> {
         // No engine is coming: clients are closed at once rather than left waiting.
         self.ready.send_replace(Upstream::Down);
+        self.waking_since = None;
         self.set(TenantState::Failed, Some(reason));
         self.status.send_modify(|o| o.pid = None);
         loop {
@@ -551,6 +696,219 @@ impl<R: Runtime> Supervisor<R> {
                 }
                 Some(other) => self.deferred.push(other),
             }
+        }
+    }
+
+    async fn write_record_or_warn(&self, what: &'static str) {
+        if let Err(e) = self.rt.write_record(&self.record).await {
+            warn!(error = %e, "{what}");
+        }
+    }
+
+    fn publish_generations(&self) {
+        let (h, w) = (
+            self.record.spec.hibernate_generation,
+            self.record.spec.wake_generation,
+        );
+        let mut changed = false;
+        self.status.send_modify(|o| {
+            changed = (o.hibernate_generation, o.wake_generation) != (h, w);
+            o.hibernate_generation = h;
+            o.wake_generation = w;
+        });
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+
+    async fn set_policy(&mut self, idle_after: IdleAfter, mode: HibernateMode) {
+        if (idle_after, mode) == (self.record.spec.idle_after, self.record.spec.hibernate) {
+            return;
+        }
+        self.record.spec.idle_after = idle_after;
+        self.record.spec.hibernate = mode;
+        self.write_record_or_warn("recording the hibernation policy")
+            .await;
+        info!(%idle_after, %mode, "hibernation policy in force");
+    }
+
+    /// Hibernates a running engine. From the first step new clients wait (and will wake it);
+    /// when `idle` decided it, a client counted in between keeps the engine running instead.
+    /// Gives the engine back when it keeps running.
+    async fn hibernate(
+        &mut self,
+        engine: R::Engine,
+        idle: bool,
+        generation: Option<u64>,
+    ) -> Result<Phase<R::Engine>, R::Engine> {
+        self.ready.send_replace(Upstream::Hibernated);
+        let clients = *self.clients.borrow();
+        if idle && clients.open > 0 {
+            info!("a client connected as the tenant went idle: it stays awake");
+            self.ready.send_replace(Upstream::Ready);
+            return Err(engine);
+        }
+        self.record.hibernated = true;
+        if let Some(g) = generation {
+            self.record.spec.hibernate_generation = g;
+        }
+        self.write_record_or_warn("recording the hibernation").await;
+        self.publish_generations();
+        crash_point!("hibernate.after_intent");
+        let mode = self.record.spec.hibernate;
+        let frozen = match mode {
+            HibernateMode::Stop => {
+                self.rt.stop(&engine).await;
+                None
+            }
+            HibernateMode::Freeze => match self.rt.freeze().await {
+                Ok(()) => Some(engine),
+                Err(e) => {
+                    warn!(error = %e, "freezing the engine failed; it keeps running");
+                    if let Err(e) = self.rt.thaw().await {
+                        warn!(error = %e, "thawing after the failed freeze");
+                    }
+                    self.record.hibernated = false;
+                    self.write_record_or_warn("recording the cancelled hibernation")
+                        .await;
+                    self.ready.send_replace(Upstream::Ready);
+                    return Err(engine);
+                }
+            },
+        };
+        crash_point!("hibernate.after_stop");
+        self.hibernations += 1;
+        let hibernations = self.hibernations;
+        self.status.send_modify(|o| o.hibernations = hibernations);
+        info!(%mode, "tenant hibernated");
+        Ok(self.now_hibernated(frozen, clients.accepted))
+    }
+
+    /// Enters `Hibernated`: clients wait and wake the tenant.
+    fn now_hibernated(&mut self, frozen: Option<R::Engine>, accepted_at: u64) -> Phase<R::Engine> {
+        self.ready.send_replace(Upstream::Hibernated);
+        self.status
+            .send_modify(|o| o.pid = frozen.as_ref().map(EngineProcess::pid));
+        self.set(TenantState::Hibernated, None);
+        Phase::Hibernated {
+            frozen,
+            accepted_at,
+        }
+    }
+
+    /// Hibernated until a client arrives or a wake is asked for.
+    async fn hibernated(
+        &mut self,
+        mut frozen: Option<R::Engine>,
+        accepted_at: u64,
+    ) -> Phase<R::Engine> {
+        loop {
+            self.take_deferred().await;
+            if self.restart_wanted.is_some() {
+                // A restart of a hibernated tenant starts a fresh engine now.
+                info!("restart requested while hibernated");
+                if frozen.take().is_some() {
+                    if let Err(e) = self.rt.kill_all().await {
+                        warn!(error = %e, "killing the frozen engine for the restart");
+                    }
+                }
+                self.record.hibernated = false;
+                self.failures = 0;
+                return Phase::Start { adopt: false };
+            }
+            if let Some(generation) = self.hibernate_wanted.take() {
+                // Already hibernated: only noted.
+                self.record.spec.hibernate_generation = generation;
+                self.write_record_or_warn("recording the hibernate generation")
+                    .await;
+                self.publish_generations();
+            }
+            if let Some(generation) = self.wake_wanted.take() {
+                info!(generation, "wake requested");
+                self.record.spec.wake_generation = generation;
+                self.publish_generations();
+                return self.wake(frozen).await;
+            }
+            let frozen_exit = async {
+                match &frozen {
+                    Some(engine) => engine.exited().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let event = tokio::select! {
+                woken = self.clients.wait_for(|c| c.accepted > accepted_at) => match woken {
+                    Ok(_) => Asleep::Client,
+                    Err(_) => Asleep::ProxyGone,
+                },
+                exit = frozen_exit => Asleep::FrozenExit(exit),
+                req = self.requests.recv() => Asleep::Request(req),
+            };
+            match event {
+                Asleep::Client => return self.wake(frozen).await,
+                // The proxy's counters are gone: only the agent's end does that.
+                Asleep::ProxyGone | Asleep::Request(None) => {
+                    return Phase::Exit {
+                        engine: frozen,
+                        ready: false,
+                        stop_engine: false,
+                    }
+                }
+                Asleep::FrozenExit(exit) => {
+                    warn!(%exit, "the frozen engine ended; the next wake starts a new one");
+                    frozen = None;
+                    self.status.send_modify(|o| o.pid = None);
+                }
+                Asleep::Request(Some(Request::Delete)) => {
+                    let ready = self.thawed(frozen.is_some()).await;
+                    return Phase::Delete {
+                        engine: frozen,
+                        ready,
+                    };
+                }
+                Asleep::Request(Some(Request::Shutdown { stop_engine })) => {
+                    // An agent exiting leaves a frozen engine frozen; stopping it needs a thaw.
+                    let ready = stop_engine && self.thawed(frozen.is_some()).await;
+                    return Phase::Exit {
+                        engine: frozen,
+                        ready,
+                        stop_engine,
+                    };
+                }
+                Asleep::Request(Some(other)) => self.deferred.push(other),
+            }
+        }
+    }
+
+    /// Thaws a frozen engine so it can handle its stop signal; false if there is none or the
+    /// thaw failed (then it is killed rather than stopped).
+    async fn thawed(&self, frozen: bool) -> bool {
+        if !frozen {
+            return false;
+        }
+        match self.rt.thaw().await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "thawing the engine to stop it");
+                false
+            }
+        }
+    }
+
+    /// Wakes a hibernated tenant: a thaw, or a spawn and a readiness wait (no preparation: the
+    /// cgroup, volume and configuration stayed in place). Clients wait meanwhile.
+    async fn wake(&mut self, frozen: Option<R::Engine>) -> Phase<R::Engine> {
+        self.waking_since = Some(Instant::now());
+        self.ready.send_replace(Upstream::Waiting);
+        self.set(TenantState::Waking, None);
+        if let Some(engine) = frozen {
+            return match self.rt.thaw().await {
+                Ok(()) => Phase::Running(engine),
+                Err(e) => self.start_failed(format!("thawing the engine: {e}")).await,
+            };
+        }
+        match self.rt.spawn_engine(&self.record.spec).await {
+            Ok(engine) => self.until_ready(engine).await,
+            Err(e) => self.start_failed(e.to_string()).await,
         }
     }
 

@@ -5,12 +5,13 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use dormant_common::hibernation::{HibernateMode, IdleAfter};
 use dormant_common::{Bytes, MilliCpu, Resources, TenantState};
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::{Request, Supervisor, MAX_FAILURES};
 use crate::process::Exit;
-use crate::proxy::Upstream;
+use crate::proxy::{Clients, Upstream};
 use crate::tenant::record::{TenantRecord, TenantSpec};
 use crate::tenant::runtime::{EngineProcess, Runtime};
 use crate::tenant::{Observed, TenantError};
@@ -75,6 +76,10 @@ struct FakeHost {
     records: Vec<TenantRecord>,
     limits: Vec<Resources>,
     removed: bool,
+    /// The cgroup is frozen.
+    frozen: bool,
+    /// The next freeze fails.
+    freeze_fails: bool,
 }
 
 #[derive(Clone)]
@@ -146,6 +151,21 @@ impl Runtime for FakeRuntime {
         engine.exit.send_replace(Some(Exit::Code(0)));
         self.host().running = None;
     }
+    async fn freeze(&self) -> Result<(), TenantError> {
+        self.step("freeze");
+        if std::mem::take(&mut self.host().freeze_fails) {
+            return Err(fail("freeze"));
+        }
+        self.host().frozen = true;
+        Ok(())
+    }
+    async fn thaw(&self) -> Result<(), TenantError> {
+        // Only a real thaw is a step: thawing what runs does nothing.
+        if std::mem::take(&mut self.host().frozen) {
+            self.step("thaw");
+        }
+        Ok(())
+    }
     async fn kill_all(&self) -> Result<usize, TenantError> {
         self.step("kill_all");
         let running = self.host().running.take();
@@ -183,8 +203,12 @@ impl Runtime for FakeRuntime {
     }
 }
 
+/// Never idle unless a test says so: paused time jumps ahead whenever the tenant waits.
 fn spec() -> TenantSpec {
-    crate::tenant::record::sample_spec("acme", 7)
+    TenantSpec {
+        idle_after: IdleAfter::Never,
+        ..crate::tenant::record::sample_spec("acme", 7)
+    }
 }
 
 /// A supervisor running on a fake host.
@@ -193,23 +217,21 @@ struct Harness {
     requests: mpsc::UnboundedSender<Request>,
     status: watch::Receiver<Observed>,
     ready: watch::Receiver<Upstream>,
+    /// The proxy's client counts, as the test makes clients come and go.
+    clients: watch::Sender<Clients>,
     task: tokio::task::JoinHandle<()>,
 }
 
 fn start(host: FakeHost, record: TenantRecord, announced: bool) -> Harness {
     let rt = FakeRuntime(Arc::new(Mutex::new(host)));
     let (requests, rx) = mpsc::unbounded_channel();
-    let (status_tx, status) = watch::channel(Observed {
-        state: TenantState::Starting,
-        reason: None,
-        restarts: 0,
-        pid: None,
-        gone: false,
-        resize_pending: None,
-        restart_generation: record.spec.restart_generation,
+    let (status_tx, status) = watch::channel(Observed::initial(
+        &record.spec,
+        TenantState::Starting,
         announced,
-    });
+    ));
     let (ready_tx, ready) = watch::channel(Upstream::Waiting);
+    let (clients, clients_rx) = watch::channel(Clients::default());
     let sup = Supervisor::new(
         rt.clone(),
         record,
@@ -217,6 +239,7 @@ fn start(host: FakeHost, record: TenantRecord, announced: bool) -> Harness {
         status_tx,
         ready_tx,
         Arc::new(Notify::new()),
+        clients_rx,
     );
     let task = tokio::spawn(sup.run());
     Harness {
@@ -224,6 +247,7 @@ fn start(host: FakeHost, record: TenantRecord, announced: bool) -> Harness {
         requests,
         status,
         ready,
+        clients,
         task,
     }
 }
@@ -255,6 +279,17 @@ impl Harness {
     }
     fn send(&self, r: Request) {
         self.requests.send(r).unwrap();
+    }
+    /// A client connects through the proxy.
+    fn connect(&self) {
+        self.clients.send_modify(|c| {
+            c.open += 1;
+            c.accepted += 1;
+        });
+    }
+    /// A client disconnects.
+    fn disconnect(&self) {
+        self.clients.send_modify(|c| c.open -= 1);
     }
     /// Lets the supervisor run until it waits for something.
     async fn settle(&self) {
@@ -704,4 +739,240 @@ async fn a_slow_adopted_engine_is_reported() {
     let o = status.wait_for(|o| o.announced).await.unwrap().clone();
     assert_eq!(o.state, TenantState::Starting);
     assert!(o.reason.unwrap().contains("not ready after"));
+}
+
+/// A tenant that hibernates after `idle` without clients, in `mode`.
+fn idle_tenant(idle: u64, mode: HibernateMode) -> Harness {
+    let spec = TenantSpec {
+        idle_after: IdleAfter::After(std::time::Duration::from_secs(idle)),
+        hibernate: mode,
+        ..spec()
+    };
+    start(
+        FakeHost {
+            ready_at_once: true,
+            ..Default::default()
+        },
+        TenantRecord::new(spec),
+        true,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_tenant_hibernates_by_stopping_its_engine_and_a_client_wakes_it() {
+    let mut h = idle_tenant(30, HibernateMode::Stop);
+    h.wait_state(TenantState::Running).await;
+    let began = tokio::time::Instant::now();
+    let o = h.wait_state(TenantState::Hibernated).await;
+    assert_eq!(began.elapsed().as_secs(), 30, "hibernated after idle_after");
+    assert_eq!((o.hibernations, o.pid), (1, None));
+    assert_eq!(*h.ready.borrow(), Upstream::Hibernated);
+    assert_eq!(h.steps().last().unwrap(), "stop");
+    // The intent was recorded before the engine stopped.
+    assert!(h.rt.host().records.last().unwrap().hibernated);
+    // A client arrives: the engine is spawned (nothing prepared again) and the client served.
+    h.connect();
+    let o = h.wait_state(TenantState::Running).await;
+    assert_eq!((o.wakes, o.pid), (1, Some(101)));
+    assert!(o.last_wake.is_some());
+    assert_eq!(*h.ready.borrow(), Upstream::Ready);
+    let steps = h.steps();
+    assert_eq!(steps[steps.len() - 2..], ["stop", "spawn"]);
+    assert!(!h.rt.host().records.last().unwrap().hibernated);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_connection_keeps_a_tenant_awake_and_idleness_counts_from_its_close() {
+    let mut h = idle_tenant(30, HibernateMode::Stop);
+    h.wait_state(TenantState::Running).await;
+    h.connect();
+    h.settle().await;
+    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+    assert_eq!(h.status.borrow().state, TenantState::Running);
+    let closed = tokio::time::Instant::now();
+    h.disconnect();
+    h.wait_state(TenantState::Hibernated).await;
+    assert_eq!(closed.elapsed().as_secs(), 30);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tenant_with_idle_after_never_stays_awake_but_hibernates_when_asked() {
+    let mut h = new_tenant();
+    h.wait_state(TenantState::Running).await;
+    tokio::time::sleep(std::time::Duration::from_secs(24 * 3600)).await;
+    assert_eq!(h.status.borrow().state, TenantState::Running);
+    h.send(Request::Hibernate(1));
+    let o = h.wait_state(TenantState::Hibernated).await;
+    assert_eq!(o.hibernate_generation, 1);
+    assert_eq!(
+        h.rt.host()
+            .records
+            .last()
+            .unwrap()
+            .spec
+            .hibernate_generation,
+        1
+    );
+    // An old generation asks for nothing; a wake wakes it without a client.
+    h.send(Request::Hibernate(1));
+    h.send(Request::Wake(1));
+    let o = h.wait_state(TenantState::Running).await;
+    assert_eq!((o.wakes, o.wake_generation), (1, 1));
+    assert_eq!(h.rt.host().spawned.len(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn freeze_mode_freezes_and_thaws_the_same_engine() {
+    let mut h = idle_tenant(5, HibernateMode::Freeze);
+    h.wait_state(TenantState::Running).await;
+    let o = h.wait_state(TenantState::Hibernated).await;
+    // The engine is kept (frozen), not stopped.
+    assert_eq!(o.pid, Some(100));
+    assert!(h.rt.host().frozen);
+    assert!(!h.steps().contains(&"stop".to_string()));
+    h.connect();
+    let o = h.wait_state(TenantState::Running).await;
+    assert_eq!((o.pid, o.wakes), (Some(100), 1));
+    assert_eq!(h.rt.host().spawned.len(), 1);
+    let steps = h.steps();
+    assert_eq!(steps[steps.len() - 2..], ["freeze", "thaw"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_freeze_that_fails_leaves_the_engine_running_and_serving() {
+    let mut h = idle_tenant(5, HibernateMode::Freeze);
+    h.rt.host().freeze_fails = true;
+    h.wait_state(TenantState::Running).await;
+    h.settle().await;
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    h.settle().await;
+    assert!(h.steps().contains(&"freeze".to_string()));
+    assert_eq!(h.status.borrow().state, TenantState::Running);
+    assert_eq!(*h.ready.borrow(), Upstream::Ready);
+    assert!(!h.rt.host().records.last().unwrap().hibernated);
+    // The next idle period tries again, and succeeds.
+    h.wait_state(TenantState::Hibernated).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wake_that_cannot_start_the_engine_ends_failed_and_closes_waiting_clients() {
+    let mut h = idle_tenant(5, HibernateMode::Stop);
+    h.wait_state(TenantState::Running).await;
+    h.wait_state(TenantState::Hibernated).await;
+    // From now on every engine dies before it is ready.
+    h.rt.host().ready_at_once = false;
+    h.connect();
+    h.wait_state(TenantState::Waking).await;
+    for _ in 0..MAX_FAILURES {
+        h.settle().await;
+        if let Some(e) = h.rt.host().spawned.last() {
+            e.crash();
+        }
+        h.settle().await;
+        tokio::time::sleep(std::time::Duration::from_secs(31)).await;
+    }
+    let o = h.wait_state(TenantState::Failed).await;
+    assert!(o.reason.unwrap().contains("before it was ready"));
+    assert_eq!(*h.ready.borrow(), Upstream::Down, "waiting clients closed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resumed_hibernated_tenant_stays_hibernated_until_a_client_comes() {
+    let mut record = TenantRecord::new(spec());
+    record.hibernated = true;
+    let mut h = start(
+        FakeHost {
+            initialized: true,
+            ready_at_once: true,
+            ..Default::default()
+        },
+        record,
+        false,
+    );
+    h.wait_state(TenantState::Hibernated).await;
+    assert_eq!(h.steps(), ["adopt", "prepare"]);
+    assert_eq!(*h.ready.borrow(), Upstream::Hibernated);
+    h.connect();
+    h.wait_state(TenantState::Running).await;
+    assert_eq!(h.steps(), ["adopt", "prepare", "spawn"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resumed_frozen_tenant_stays_frozen_and_a_resumed_running_one_is_thawed() {
+    let engine = FakeEngine::new(42);
+    engine.make_ready();
+    let mut record = TenantRecord::new(TenantSpec {
+        hibernate: HibernateMode::Freeze,
+        ..spec()
+    });
+    record.hibernated = true;
+    let mut h = start(
+        FakeHost {
+            initialized: true,
+            running: Some(engine.clone()),
+            frozen: true,
+            ..Default::default()
+        },
+        record.clone(),
+        false,
+    );
+    let o = h.wait_state(TenantState::Hibernated).await;
+    assert_eq!(o.pid, Some(42));
+    assert_eq!(h.steps(), ["adopt", "prepare", "freeze"]);
+    // Not recorded hibernated, yet frozen (an operator's doing): thawed, never left waiting.
+    record.hibernated = false;
+    let mut h = start(
+        FakeHost {
+            initialized: true,
+            running: Some(engine),
+            frozen: true,
+            ..Default::default()
+        },
+        record,
+        false,
+    );
+    h.wait_state(TenantState::Running).await;
+    assert_eq!(h.steps(), ["adopt", "prepare", "thaw"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn delete_of_a_frozen_tenant_thaws_it_then_stops_and_removes_it() {
+    let mut h = idle_tenant(5, HibernateMode::Freeze);
+    h.wait_state(TenantState::Hibernated).await;
+    h.send(Request::Delete);
+    h.wait_gone().await;
+    let steps = h.steps();
+    assert_eq!(
+        steps[steps.len() - 4..],
+        ["freeze", "thaw", "stop", "remove"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_of_a_hibernated_tenant_starts_a_fresh_engine() {
+    let mut h = idle_tenant(5, HibernateMode::Stop);
+    h.wait_state(TenantState::Hibernated).await;
+    h.send(Request::Restart(1));
+    let o = h
+        .status
+        .wait_for(|o| o.state == TenantState::Running && o.restart_generation == 1)
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(o.pid, Some(101));
+    assert!(!h.rt.host().records.last().unwrap().hibernated);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_change_takes_effect_on_a_running_tenant() {
+    let mut h = new_tenant();
+    h.wait_state(TenantState::Running).await;
+    h.send(Request::Policy {
+        idle_after: IdleAfter::After(std::time::Duration::from_secs(2)),
+        mode: HibernateMode::Freeze,
+    });
+    h.wait_state(TenantState::Hibernated).await;
+    assert!(h.rt.host().frozen);
+    let last = h.rt.host().records.last().unwrap().clone();
+    assert_eq!(last.spec.hibernate, HibernateMode::Freeze);
 }

@@ -133,10 +133,7 @@ mod tests {
     #[test]
     fn idle_after_parses_durations_and_never_and_names_the_field_on_bad_input() {
         assert_eq!("never".parse(), Ok(IdleAfter::Never));
-        assert_eq!(
-            "30s".parse(),
-            Ok(IdleAfter::After(Duration::from_secs(30)))
-        );
+        assert_eq!("30s".parse(), Ok(IdleAfter::After(Duration::from_secs(30))));
         assert_eq!("10m".parse::<IdleAfter>().unwrap().as_millis(), 600_000);
         for bad in ["", "soon", "-1s", "10 parsecs"] {
             let e = bad.parse::<IdleAfter>().unwrap_err().to_string();

@@ -1,12 +1,16 @@
 //! What the leader remembers of heartbeats, in memory only: when each node was last heard from,
-//! the latest usage it reported, and each tenant's latest usage and unfinished resize. Heartbeats
-//! never become Raft entries; only transitions do.
+//! the latest usage it reported, and each tenant's latest usage (proxy counters included), open
+//! connections and unfinished resize. Heartbeats never become Raft entries; only transitions do.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use dormant_common::{NodeName, TenantName};
-use dormant_proto::v1::{NodeUsage, TenantUsage};
+use dormant_proto::v1::{Connection, NodeUsage, ObservedTenant, TenantUsage};
+
+/// The most open connections kept per tenant. The agent sends at most this many (its usage counts
+/// them all); a longer list is cut here too, so no heartbeat grows the leader's memory unbounded.
+pub const MAX_CONNECTIONS: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct NodeSeen {
@@ -21,6 +25,24 @@ pub struct TenantSeen {
     pub usage: TenantUsage,
     /// A resize the agent could not finish yet, with the reason (say, the storage grow).
     pub resize_pending: Option<String>,
+    /// Client connections open through the agent's proxy, at most [`MAX_CONNECTIONS`].
+    pub connections: Vec<Connection>,
+}
+
+impl TenantSeen {
+    /// What a heartbeat says of one tenant, its connection list cut to [`MAX_CONNECTIONS`].
+    pub fn from_report(t: &ObservedTenant) -> Self {
+        TenantSeen {
+            usage: t.usage.unwrap_or_default(),
+            resize_pending: (!t.resize_pending.is_empty()).then(|| t.resize_pending.clone()),
+            connections: t
+                .connections
+                .iter()
+                .take(MAX_CONNECTIONS)
+                .cloned()
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -79,6 +101,13 @@ impl Liveness {
         self.tenants.get(tenant).map(|t| &t.usage)
     }
 
+    /// The connections open through the tenant's proxy at its node's last heartbeat.
+    pub fn connections(&self, tenant: &TenantName) -> &[Connection] {
+        self.tenants
+            .get(tenant)
+            .map_or(&[], |t| t.connections.as_slice())
+    }
+
     /// The resize the tenant's node last said it could not finish, if any.
     pub fn resize_pending(&self, tenant: &TenantName) -> Option<&str> {
         self.tenants.get(tenant)?.resize_pending.as_deref()
@@ -121,6 +150,7 @@ mod tests {
         let seen = |resize: Option<&str>| TenantSeen {
             usage: TenantUsage::default(),
             resize_pending: resize.map(str::to_string),
+            connections: Vec::new(),
         };
         let now = Instant::now();
         live.observe(
@@ -133,5 +163,42 @@ mod tests {
         live.observe(&a, now, NodeUsage::default(), [(t.clone(), seen(None))]);
         assert_eq!(live.resize_pending(&t), None);
         assert!(live.tenant_usage(&t).is_some());
+    }
+
+    #[test]
+    fn open_connections_are_the_latest_heartbeats_word_and_at_most_a_hundred() {
+        let mut live = Liveness::default();
+        let a = NodeName::parse("a").unwrap();
+        let t = TenantName::parse("t").unwrap();
+        assert!(live.connections(&t).is_empty());
+        let report = |n: u64| ObservedTenant {
+            name: "t".into(),
+            uid: 2,
+            state: "running".into(),
+            connections: (0..n)
+                .map(|i| Connection {
+                    peer: format!("10.0.0.1:{}", 40000 + i),
+                    opened_unix_ms: 1_700_000_000_000 + i,
+                })
+                .collect(),
+            usage: Some(TenantUsage {
+                open_connections: n,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let now = Instant::now();
+        let seen = TenantSeen::from_report(&report(250));
+        assert_eq!(seen.connections.len(), MAX_CONNECTIONS);
+        assert_eq!(seen.connections[0].peer, "10.0.0.1:40000");
+        live.observe(&a, now, NodeUsage::default(), [(t.clone(), seen)]);
+        assert_eq!(live.connections(&t).len(), MAX_CONNECTIONS);
+        // The usage still counts them all.
+        assert_eq!(live.tenant_usage(&t).unwrap().open_connections, 250);
+        let seen = TenantSeen::from_report(&report(2));
+        live.observe(&a, now, NodeUsage::default(), [(t.clone(), seen)]);
+        assert_eq!(live.connections(&t).len(), 2);
+        live.forget_tenant(&t);
+        assert!(live.connections(&t).is_empty());
     }
 }

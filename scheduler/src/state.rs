@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use dormant_common::hibernation::{HibernateMode, IdleAfter};
 use dormant_common::{NodeName, NodeStatus, Resources, TenantName, TenantState};
 use serde::{Deserialize, Serialize};
 
@@ -73,6 +74,19 @@ pub struct TenantRecord {
     /// Records written before restarts existed read as 0.
     #[serde(default)]
     pub restart_generation: u64,
+    /// How long without a connection before the agent hibernates the tenant. Records written
+    /// before hibernation existed read as the default (10m), like a tenant created without one.
+    #[serde(default)]
+    pub idle_after: IdleAfter,
+    /// How the agent hibernates it (stop, the default, or freeze).
+    #[serde(default)]
+    pub hibernate: HibernateMode,
+    /// Raised by each `tenant hibernate` and `tenant wake`; the agent acts once for every new
+    /// value, as for `restart_generation`.
+    #[serde(default)]
+    pub hibernate_generation: u64,
+    #[serde(default)]
+    pub wake_generation: u64,
 }
 
 impl TenantRecord {
@@ -93,6 +107,11 @@ pub struct TenantSpec {
     pub resources: Resources,
     #[serde(default)]
     pub constraints: BTreeMap<String, String>,
+    /// Log entries written before hibernation existed read as the defaults.
+    #[serde(default)]
+    pub idle_after: IdleAfter,
+    #[serde(default)]
+    pub hibernate: HibernateMode,
 }
 
 impl TenantSpec {
@@ -105,14 +124,54 @@ impl TenantSpec {
     }
 }
 
-/// The tenant states an agent may report: what it sees of an engine it runs. The others are the
-/// scheduler's to decide (`pending`, `lost`, `deleting` through a delete) or not built yet
-/// (`hibernated`, `waking`); a report of one of them changes nothing.
-pub const AGENT_REPORTED_STATES: [TenantState; 3] = [
+/// The tenant states an agent may report: what it sees of an engine it runs (hibernation is the
+/// agent's decision too: it hibernates an idle tenant and wakes it for a client). The others are
+/// the scheduler's to decide (`pending`, `lost`, `deleting` through a delete); a report of one of
+/// them changes nothing.
+pub const AGENT_REPORTED_STATES: [TenantState; 5] = [
     TenantState::Starting,
     TenantState::Running,
+    TenantState::Hibernated,
+    TenantState::Waking,
     TenantState::Failed,
 ];
+
+/// The states of [`AGENT_REPORTED_STATES`] as a sentence's list: "starting, running, ... or
+/// failed", for the messages that refuse the others.
+pub fn agent_reported_states_list() -> String {
+    let names: Vec<&str> = AGENT_REPORTED_STATES.iter().map(|s| s.as_str()).collect();
+    match names.split_last() {
+        Some((last, [])) => (*last).to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
+/// What an operator asks a placed tenant's engine to do once, by raising a generation the agent
+/// acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineAction {
+    Restart,
+    Hibernate,
+    Wake,
+}
+
+impl EngineAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineAction::Restart => "restart",
+            EngineAction::Hibernate => "hibernate",
+            EngineAction::Wake => "wake",
+        }
+    }
+}
+
+impl std::fmt::Display for EngineAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
@@ -141,12 +200,17 @@ pub enum Command {
         uid: u64,
         reason: String,
     },
-    /// Change a tenant's resources. On its node they must still fit; storage only grows.
+    /// Change a tenant's resources (on its node they must still fit; storage only grows) and its
+    /// hibernation policy (`None`: unchanged; entries written before it existed have none).
     UpdateTenant {
         name: TenantName,
         uid: u64,
         resources: Resources,
         overcommit: f64,
+        #[serde(default)]
+        idle_after: Option<IdleAfter>,
+        #[serde(default)]
+        hibernate: Option<HibernateMode>,
     },
     /// Mark a tenant for deletion; a pending one goes at once.
     DeleteTenant {
@@ -154,6 +218,16 @@ pub enum Command {
     },
     /// Restart a placed tenant's engine once: raises its restart generation.
     RestartTenant {
+        name: TenantName,
+        uid: u64,
+    },
+    /// Hibernate a placed tenant now, as if it were idle: raises its hibernate generation.
+    HibernateTenant {
+        name: TenantName,
+        uid: u64,
+    },
+    /// Wake a placed tenant now, as if a client connected: raises its wake generation.
+    WakeTenant {
         name: TenantName,
         uid: u64,
     },
@@ -203,10 +277,16 @@ pub enum ApplyError {
     #[error("tenant {0:?} is being deleted")]
     Deleting(String),
     #[error(
-        "name: tenant {0:?} is pending: it runs on no node yet, so there is no engine to restart"
+        "name: tenant {tenant:?} is pending: it runs on no node yet, so there is no engine to {action}"
     )]
-    NotPlaced(String),
-    #[error("state: tenant {tenant:?} reported {state}; an agent reports only starting, running or failed")]
+    NotPlaced {
+        tenant: String,
+        action: EngineAction,
+    },
+    #[error(
+        "state: tenant {tenant:?} reported {state}; an agent reports only {}",
+        agent_reported_states_list()
+    )]
     NotReportable { tenant: String, state: TenantState },
     #[error("storage: {asked} asked, less than the {has} the tenant has; volumes only grow")]
     Shrink { asked: String, has: String },
@@ -501,6 +581,10 @@ impl ClusterState {
                     constraints: spec.constraints,
                     lost_from: None,
                     restart_generation: 0,
+                    idle_after: spec.idle_after,
+                    hibernate: spec.hibernate,
+                    hibernate_generation: 0,
+                    wake_generation: 0,
                 };
                 if let Some(node) = node {
                     // A placement that went stale leaves the tenant pending: the placer tries again.
@@ -557,6 +641,8 @@ impl ClusterState {
                 uid,
                 resources,
                 overcommit,
+                idle_after,
+                hibernate,
             } => {
                 let tenant = self.tenant_with_uid(&name, uid)?;
                 if tenant.desired == DesiredState::Deleted {
@@ -568,7 +654,10 @@ impl ClusterState {
                         has: tenant.resources.storage.human(),
                     });
                 }
-                if let Some(node) = &tenant.node {
+                // Unchanged resources need no room: a policy change must not be refused because
+                // the node shrank under the tenant since it was placed.
+                let resized = resources != tenant.resources;
+                if let Some(node) = tenant.node.as_ref().filter(|_| resized) {
                     let record = self
                         .nodes
                         .get(node)
@@ -588,6 +677,12 @@ impl ClusterState {
                 }
                 let mut tenant = self.tenant_with_uid(&name, uid)?.clone();
                 tenant.resources = resources;
+                if let Some(idle_after) = idle_after {
+                    tenant.idle_after = idle_after;
+                }
+                if let Some(hibernate) = hibernate {
+                    tenant.hibernate = hibernate;
+                }
                 self.remove_tenant(&name);
                 self.insert_tenant(name, tenant.clone());
                 Ok(Outcome::Tenant(tenant))
@@ -610,15 +705,13 @@ impl ClusterState {
                 Ok(Outcome::Tenant(tenant.clone()))
             }
             Command::RestartTenant { name, uid } => {
-                let tenant = self.tenant_with_uid_mut(&name, uid)?;
-                if tenant.desired == DesiredState::Deleted {
-                    return Err(ApplyError::Deleting(name.to_string()));
-                }
-                if tenant.node.is_none() {
-                    return Err(ApplyError::NotPlaced(name.to_string()));
-                }
-                tenant.restart_generation += 1;
-                Ok(Outcome::Tenant(tenant.clone()))
+                self.raise_generation(&name, uid, EngineAction::Restart)
+            }
+            Command::HibernateTenant { name, uid } => {
+                self.raise_generation(&name, uid, EngineAction::Hibernate)
+            }
+            Command::WakeTenant { name, uid } => {
+                self.raise_generation(&name, uid, EngineAction::Wake)
             }
             Command::ObserveTenant {
                 node,
@@ -653,7 +746,36 @@ impl ClusterState {
         }
     }
 
-    /// Marks the running tenants of `node` lost (remembering their state), or restores them.
+    /// Raises the generation of `action` for a placed tenant that is not being deleted: its agent
+    /// acts once for the new value.
+    fn raise_generation(
+        &mut self,
+        name: &TenantName,
+        uid: u64,
+        action: EngineAction,
+    ) -> ApplyResult {
+        let tenant = self.tenant_with_uid_mut(name, uid)?;
+        if tenant.desired == DesiredState::Deleted {
+            return Err(ApplyError::Deleting(name.to_string()));
+        }
+        if tenant.node.is_none() {
+            return Err(ApplyError::NotPlaced {
+                tenant: name.to_string(),
+                action,
+            });
+        }
+        let generation = match action {
+            EngineAction::Restart => &mut tenant.restart_generation,
+            EngineAction::Hibernate => &mut tenant.hibernate_generation,
+            EngineAction::Wake => &mut tenant.wake_generation,
+        };
+        *generation += 1;
+        Ok(Outcome::Tenant(tenant.clone()))
+    }
+
+    /// Marks the tenants of `node` that are meant to run lost (remembering their state, whichever
+    /// it was: a hibernated tenant comes back hibernated, its reservation kept meanwhile), or
+    /// restores them.
     fn set_tenants_lost(&mut self, node: &NodeName, lost: bool) {
         let names: Vec<TenantName> = self.tenants_on(node).map(|t| t.name.clone()).collect();
         for name in &names {
@@ -727,6 +849,8 @@ pub(crate) mod test_utils {
             engine: "postgres".into(),
             resources,
             constraints: BTreeMap::new(),
+            idle_after: IdleAfter::default(),
+            hibernate: HibernateMode::default(),
         }
     }
 }
@@ -1072,6 +1196,31 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_written_before_hibernation_loads_with_the_default_policy() {
+        let st = node_a_with_tenant_t();
+        let mut json = serde_json::to_value(&st).unwrap();
+        let tenant = json["tenants"]["t"].as_object_mut().unwrap();
+        for field in [
+            "idle_after",
+            "hibernate",
+            "hibernate_generation",
+            "wake_generation",
+        ] {
+            assert!(tenant.remove(field).is_some(), "{field} is stored");
+        }
+        let back: ClusterState = serde_json::from_value(json).unwrap();
+        assert_eq!(back, st);
+        let t = &back.tenants[&TenantName::parse("t").unwrap()];
+        assert_eq!(t.idle_after.to_string(), "10m");
+        assert_eq!(t.hibernate, HibernateMode::Stop);
+        assert_eq!((t.hibernate_generation, t.wake_generation), (0, 0));
+        // And a create logged then, without the spec's policy, gives the defaults too.
+        let json = r#"{"name":"u","engine":"postgres","resources":{"cpu":500,"memory":536870912,"storage":1073741824}}"#;
+        let old: TenantSpec = serde_json::from_str(json).unwrap();
+        assert_eq!(old, spec("u", res(500, 512, 1)));
+    }
+
+    #[test]
     fn restart_raises_the_generation_of_a_placed_tenant_and_refuses_the_others() {
         let mut st = node_a_with_tenant_t();
         let name = |n: &str| TenantName::parse(n).unwrap();
@@ -1090,7 +1239,17 @@ mod tests {
         create(&mut st, 6, "p", None).unwrap();
         let before = st.clone();
         let err = st.apply(7, restart("p", 6)).unwrap_err();
-        assert_eq!(err, ApplyError::NotPlaced("p".into()));
+        assert_eq!(
+            err,
+            ApplyError::NotPlaced {
+                tenant: "p".into(),
+                action: EngineAction::Restart
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "name: tenant \"p\" is pending: it runs on no node yet, so there is no engine to restart"
+        );
         assert!(
             err.to_string().starts_with("name: tenant \"p\" is pending"),
             "{err}"
@@ -1107,7 +1266,246 @@ mod tests {
     }
 
     #[test]
-    fn an_agent_reports_only_starting_running_or_failed_and_only_for_its_own_tenants() {
+    fn hibernate_and_wake_raise_their_own_generations_like_restart_and_refuse_the_same_tenants() {
+        let mut st = node_a_with_tenant_t();
+        let name = |n: &str| TenantName::parse(n).unwrap();
+        let hibernate = |n: &str, uid| Command::HibernateTenant { name: name(n), uid };
+        let wake = |n: &str, uid| Command::WakeTenant { name: name(n), uid };
+        let generations = |t: &TenantRecord| {
+            (
+                t.restart_generation,
+                t.hibernate_generation,
+                t.wake_generation,
+            )
+        };
+        let Outcome::Tenant(t) = st.apply(3, hibernate("t", 2)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(generations(&t), (0, 1, 0));
+        for (index, want) in [(4, 1), (5, 2)] {
+            let Outcome::Tenant(t) = st.apply(index, wake("t", 2)).unwrap() else {
+                panic!()
+            };
+            assert_eq!(generations(&t), (0, 1, want));
+        }
+        // The state is the agent's to report: asking changes only the generation.
+        assert_eq!(st.tenants[&name("t")].state, TenantState::Starting);
+        // Another tenant of the same name (an older uid) is not this one.
+        for command in [hibernate("t", 99), wake("t", 99)] {
+            assert_eq!(
+                st.apply(6, command),
+                Err(ApplyError::TenantNotFound("t".into()))
+            );
+        }
+        create(&mut st, 7, "p", None).unwrap();
+        let before = st.clone();
+        for (command, action) in [
+            (hibernate("p", 7), EngineAction::Hibernate),
+            (wake("p", 7), EngineAction::Wake),
+        ] {
+            let err = st.apply(8, command).unwrap_err();
+            assert_eq!(
+                err,
+                ApplyError::NotPlaced {
+                    tenant: "p".into(),
+                    action
+                }
+            );
+            assert!(
+                err.to_string()
+                    .ends_with(&format!("so there is no engine to {action}")),
+                "{err}"
+            );
+        }
+        assert_eq!(st, before);
+        st.apply(9, Command::DeleteTenant { name: name("t") })
+            .unwrap();
+        let before = st.clone();
+        for command in [hibernate("t", 2), wake("t", 2)] {
+            assert_eq!(st.apply(10, command), Err(ApplyError::Deleting("t".into())));
+        }
+        assert_eq!(st, before);
+    }
+
+    #[test]
+    fn a_tenant_is_created_and_updated_with_its_hibernation_policy() {
+        let mut st = node_a_with_tenant_t();
+        let t = TenantName::parse("t").unwrap();
+        assert_eq!(st.tenants[&t].idle_after, IdleAfter::default());
+        assert_eq!(st.tenants[&t].hibernate, HibernateMode::Stop);
+        let mut sleepy = spec("sleepy", res(500, 512, 1));
+        sleepy.idle_after = IdleAfter::After(std::time::Duration::from_secs(30));
+        sleepy.hibernate = HibernateMode::Freeze;
+        let Outcome::Tenant(created) = st
+            .apply(
+                3,
+                Command::CreateTenant {
+                    spec: sleepy,
+                    password: "pw".into(),
+                    node: Some(NodeName::parse("a").unwrap()),
+                    pending_reason: None,
+                    overcommit: 1.0,
+                },
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(created.idle_after.to_string(), "30s");
+        assert_eq!(created.hibernate, HibernateMode::Freeze);
+        let update = |idle_after, hibernate| Command::UpdateTenant {
+            name: t.clone(),
+            uid: 2,
+            resources: res(500, 512, 1),
+            overcommit: 1.0,
+            idle_after,
+            hibernate,
+        };
+        let Outcome::Tenant(u) = st.apply(4, update(Some(IdleAfter::Never), None)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (u.idle_after, u.hibernate),
+            (IdleAfter::Never, HibernateMode::Stop)
+        );
+        let Outcome::Tenant(u) = st
+            .apply(5, update(None, Some(HibernateMode::Freeze)))
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (u.idle_after, u.hibernate),
+            (IdleAfter::Never, HibernateMode::Freeze),
+            "None leaves a field unchanged"
+        );
+        assert_eq!(u.resources, res(500, 512, 1));
+    }
+
+    #[test]
+    fn a_policy_update_needs_no_room_on_a_node_that_shrank() {
+        let mut st = node_a_with_tenant_t();
+        // The agent came back smaller than what its tenant reserves.
+        st.apply(3, Command::RegisterNode(node("a", res(100, 4096, 100))))
+            .unwrap();
+        let Outcome::Tenant(t) = st
+            .apply(
+                4,
+                Command::UpdateTenant {
+                    name: TenantName::parse("t").unwrap(),
+                    uid: 2,
+                    resources: res(500, 512, 1),
+                    overcommit: 1.0,
+                    idle_after: Some(IdleAfter::Never),
+                    hibernate: None,
+                },
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(t.idle_after, IdleAfter::Never);
+    }
+
+    #[test]
+    fn an_update_logged_before_hibernation_existed_leaves_the_policy_alone() {
+        let json = r#"{"UpdateTenant":{"name":"t","uid":2,"resources":{"cpu":500,"memory":536870912,"storage":1073741824},"overcommit":1.0}}"#;
+        let command: Command = serde_json::from_str(json).unwrap();
+        let Command::UpdateTenant {
+            idle_after,
+            hibernate,
+            ..
+        } = command
+        else {
+            panic!("{command:?}")
+        };
+        assert_eq!((idle_after, hibernate), (None, None));
+    }
+
+    #[test]
+    fn a_tenant_hibernates_wakes_and_fails_and_a_lost_one_comes_back_as_it_was() {
+        let mut st = node_a_with_tenant_t();
+        let name = TenantName::parse("t").unwrap();
+        let a = NodeName::parse("a").unwrap();
+        let allocated = st.allocated(&a);
+        let mut index = 2;
+        let mut observe = |st: &mut ClusterState, state| {
+            index += 1;
+            st.apply(
+                index,
+                Command::ObserveTenant {
+                    node: a.clone(),
+                    name: name.clone(),
+                    uid: 2,
+                    state,
+                    reason: None,
+                },
+            )
+            .unwrap()
+        };
+        for state in [
+            TenantState::Running,
+            TenantState::Hibernated,
+            TenantState::Waking,
+            TenantState::Running,
+            TenantState::Hibernated,
+            TenantState::Failed,
+            TenantState::Hibernated,
+            TenantState::Waking,
+            TenantState::Failed,
+            TenantState::Starting,
+            TenantState::Running,
+            TenantState::Hibernated,
+        ] {
+            let Outcome::Tenant(t) = observe(&mut st, state) else {
+                panic!()
+            };
+            assert_eq!(t.state, state);
+            // Hibernated, the tenant keeps its reservation and its port.
+            assert_eq!(st.allocated(&a), allocated, "{state}");
+            assert_eq!(t.port, Some(20000));
+        }
+        st.apply(
+            100,
+            Command::SetNodeStatus {
+                node: a.clone(),
+                status: NodeStatus::Down,
+            },
+        )
+        .unwrap();
+        assert_eq!(st.tenants[&name].state, TenantState::Lost);
+        assert_eq!(st.tenants[&name].lost_from, Some(TenantState::Hibernated));
+        st.apply(
+            101,
+            Command::SetNodeStatus {
+                node: a.clone(),
+                status: NodeStatus::Ready,
+            },
+        )
+        .unwrap();
+        assert_eq!(st.tenants[&name].state, TenantState::Hibernated);
+        assert_eq!(st.allocated(&a), allocated);
+    }
+
+    #[test]
+    fn the_reportable_states_are_listed_in_the_refusal() {
+        assert_eq!(
+            agent_reported_states_list(),
+            "starting, running, hibernated, waking or failed"
+        );
+        let err = ApplyError::NotReportable {
+            tenant: "t".into(),
+            state: TenantState::Lost,
+        };
+        assert_eq!(
+            err.to_string(),
+            "state: tenant \"t\" reported lost; an agent reports only starting, running, \
+             hibernated, waking or failed"
+        );
+    }
+
+    #[test]
+    fn an_agent_reports_only_its_states_and_only_for_its_own_tenants() {
         let mut st = node_a_with_tenant_t();
         st.apply(3, Command::RegisterNode(node("b", res(2000, 4096, 100))))
             .unwrap();
@@ -1123,8 +1521,6 @@ mod tests {
         for state in [
             TenantState::Pending,
             TenantState::Lost,
-            TenantState::Hibernated,
-            TenantState::Waking,
             // Deleting is the agent's own word only for a tenant it was told to delete.
             TenantState::Deleting,
         ] {
@@ -1172,6 +1568,8 @@ mod tests {
             uid: 2,
             resources: res(cpu, 512, 1),
             overcommit: 1.0,
+            idle_after: None,
+            hibernate: None,
         };
         let Outcome::Tenant(t) = st.apply(4, grow(1500)).unwrap() else {
             panic!()

@@ -80,6 +80,13 @@ enum TenantCmd {
         /// Only on nodes with this label, KEY=VALUE (repeatable).
         #[arg(long = "constraint", value_name = "KEY=VALUE")]
         constraints: Vec<String>,
+        /// Hibernate after this long without a connection: 30s, 10m, 1h, or never [default: 10m].
+        #[arg(long, value_name = "DUR|never")]
+        idle_after: Option<String>,
+        /// How to hibernate: stop the engine (memory freed) or freeze it (memory kept, resumes in
+        /// milliseconds) [default: stop].
+        #[arg(long, value_name = "MODE", value_parser = HIBERNATE_MODES)]
+        hibernate: Option<String>,
         /// Return at once instead of waiting until the tenant runs.
         #[arg(long)]
         no_wait: bool,
@@ -87,7 +94,8 @@ enum TenantCmd {
         #[arg(long, default_value = "120s", value_parser = humantime_duration)]
         timeout: Duration,
     },
-    /// Change a tenant's CPU, memory or storage while it runs (storage only grows, online).
+    /// Change a tenant's CPU, memory or storage while it runs (storage only grows, online), or
+    /// its hibernation policy.
     Update {
         name: String,
         #[arg(long, allow_hyphen_values = true)]
@@ -96,10 +104,21 @@ enum TenantCmd {
         memory: Option<String>,
         #[arg(long, allow_hyphen_values = true)]
         storage: Option<String>,
+        /// Hibernate after this long without a connection: 30s, 10m, 1h, or never.
+        #[arg(long, value_name = "DUR|never")]
+        idle_after: Option<String>,
+        /// How to hibernate: stop or freeze.
+        #[arg(long, value_name = "MODE", value_parser = HIBERNATE_MODES)]
+        hibernate: Option<String>,
     },
     /// Restart a tenant's engine once, keeping its data (a failed tenant's way back). Its node
     /// restarts the engine when its next heartbeat brings the new restart generation.
     Restart { name: String },
+    /// Hibernate a tenant now, as if it were idle (its next client wakes it). Its node acts when
+    /// its next heartbeat brings the new hibernate generation.
+    Hibernate { name: String },
+    /// Wake a hibernated tenant now, as if a client connected.
+    Wake { name: String },
     /// Show one tenant.
     Get { name: String },
     /// List all tenants.
@@ -145,6 +164,9 @@ enum ClusterCmd {
     Remove { id: u64 },
 }
 
+/// `--hibernate`'s values; the scheduler parses them again (`dormant_common::hibernation`).
+const HIBERNATE_MODES: [&str; 2] = ["stop", "freeze"];
+
 fn humantime_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
@@ -185,6 +207,8 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             memory,
             storage,
             constraints,
+            idle_after,
+            hibernate,
             no_wait,
             timeout,
         }) => {
@@ -195,6 +219,9 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 memory,
                 storage,
                 constraints,
+                // Empty: the scheduler's defaults.
+                idle_after: idle_after.unwrap_or_default(),
+                hibernate: hibernate.unwrap_or_default(),
             };
             let created = replicas
                 .call(false, |mut c| {
@@ -205,7 +232,11 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             let creds = created.credentials.unwrap_or_default();
             let mut tenant = created.tenant.unwrap_or_default();
             if !no_wait && tenant.state != "pending" {
-                let done = |r: Result<&pb::Tenant, &tonic::Status>| matches!(r, Ok(t) if t.state == "running" || t.state == "failed" || t.state == "pending");
+                // A tenant with a short idle_after may have hibernated already: it ran.
+                let done = |r: Result<&pb::Tenant, &tonic::Status>| {
+                    matches!(r, Ok(t) if ["running", "hibernated", "waking", "failed", "pending"]
+                        .contains(&t.state.as_str()))
+                };
                 if let Some(t) = ctl::wait_for_tenant(
                     &mut replicas.client(),
                     &name,
@@ -272,12 +303,17 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             cpu,
             memory,
             storage,
+            idle_after,
+            hibernate,
         }) => {
+            // Empty: unchanged.
             let req = pb::UpdateTenantRequest {
                 name,
                 cpu: cpu.unwrap_or_default(),
                 memory: memory.unwrap_or_default(),
                 storage: storage.unwrap_or_default(),
+                idle_after: idle_after.unwrap_or_default(),
+                hibernate: hibernate.unwrap_or_default(),
             };
             let t = replicas
                 .call(false, |mut c| {
@@ -343,6 +379,45 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                     "\nrestart generation {}: the tenant's node restarts its engine with its next \
                      heartbeat",
                     t.restart_generation
+                );
+            }
+        }
+        Top::Tenant(TenantCmd::Hibernate { name }) => {
+            let req = pb::HibernateTenantRequest { name };
+            // Resent only when nothing was proposed, as restart: each one applied asks again.
+            let t = replicas
+                .call(false, |mut c| {
+                    let r = req.clone();
+                    async move { c.hibernate_tenant(r).await }
+                })
+                .await?;
+            if json {
+                print_json(&output::tenant_json(&t));
+            } else {
+                println!("{}", output::tenants_table(std::slice::from_ref(&t)));
+                println!(
+                    "\nhibernate generation {}: the tenant's node hibernates it with its next \
+                     heartbeat; its next client wakes it",
+                    t.hibernate_generation
+                );
+            }
+        }
+        Top::Tenant(TenantCmd::Wake { name }) => {
+            let req = pb::WakeTenantRequest { name };
+            // Resent only when nothing was proposed, as restart.
+            let t = replicas
+                .call(false, |mut c| {
+                    let r = req.clone();
+                    async move { c.wake_tenant(r).await }
+                })
+                .await?;
+            if json {
+                print_json(&output::tenant_json(&t));
+            } else {
+                println!("{}", output::tenants_table(std::slice::from_ref(&t)));
+                println!(
+                    "\nwake generation {}: the tenant's node wakes it with its next heartbeat",
+                    t.wake_generation
                 );
             }
         }

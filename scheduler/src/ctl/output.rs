@@ -1,5 +1,7 @@
 //! How `dormantctl` prints: aligned tables, or JSON with stable field names.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use dormant_common::{Bytes, MilliCpu};
 use dormant_proto::v1 as pb;
 use serde_json::{json, Value};
@@ -21,6 +23,15 @@ fn none_if_empty(s: &str) -> Value {
     }
 }
 
+/// A count or time where 0 means "never" (no activity yet, no wake yet).
+fn none_if_zero(v: u64) -> Value {
+    if v == 0 {
+        Value::Null
+    } else {
+        json!(v)
+    }
+}
+
 pub fn tenant_json(t: &pb::Tenant) -> Value {
     let usage = t.usage.as_ref().map(|u| {
         json!({
@@ -39,8 +50,21 @@ pub fn tenant_json(t: &pb::Tenant) -> Value {
                 "io_some_usec": u.io_pressure_some_usec,
                 "io_full_usec": u.io_pressure_full_usec,
             })),
+            "open_connections": u.open_connections,
+            "connections_total": u.connections_total,
+            "bytes_in": u.bytes_in,
+            "bytes_out": u.bytes_out,
+            "last_activity_unix_ms": none_if_zero(u.last_activity_unix_ms),
+            "hibernations": u.hibernations,
+            "wakes": u.wakes,
+            "last_wake_usec": none_if_zero(u.last_wake_usec),
         })
     });
+    let connections: Vec<Value> = t
+        .connections
+        .iter()
+        .map(|c| json!({"peer": c.peer, "opened_unix_ms": c.opened_unix_ms}))
+        .collect();
     json!({
         "name": t.name,
         "uid": t.uid,
@@ -54,6 +78,11 @@ pub fn tenant_json(t: &pb::Tenant) -> Value {
         "usage": usage,
         "resize_pending": none_if_empty(&t.resize_pending),
         "restart_generation": t.restart_generation,
+        "idle_after": none_if_empty(&t.idle_after),
+        "hibernate": none_if_empty(&t.hibernate),
+        "hibernate_generation": t.hibernate_generation,
+        "wake_generation": t.wake_generation,
+        "connections": connections,
     })
 }
 
@@ -174,16 +203,93 @@ fn seconds(usec: u64) -> String {
     format!("{:.1}s", usec as f64 / 1e6)
 }
 
+/// A short duration such as a wake: "850µs", "43.2ms", "1.5s".
+fn short_duration(usec: u64) -> String {
+    if usec < 1_000 {
+        format!("{usec}µs")
+    } else if usec < 1_000_000 {
+        format!("{:.1}ms", usec as f64 / 1e3)
+    } else {
+        seconds(usec)
+    }
+}
+
+/// A span of time to the second, in its two largest units: "3s", "1m 2s", "2h 5m", "3d 4h".
+fn span(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
+}
+
+/// The tenant's hibernation policy as one line: "stop after 10m without connections".
+fn hibernation_policy(t: &pb::Tenant) -> Option<String> {
+    // Empty from a scheduler older than hibernation.
+    if t.idle_after.is_empty() {
+        return None;
+    }
+    let mode = if t.hibernate.is_empty() {
+        "stop"
+    } else {
+        &t.hibernate
+    };
+    Some(if t.idle_after == "never" {
+        format!("{mode}, only when asked (idle_after never)")
+    } else {
+        format!("{mode} after {} without connections", t.idle_after)
+    })
+}
+
+/// Key-value rows under a heading, keys padded to the widest.
+fn section(title: &str, rows: &[(&str, String)]) -> String {
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = format!("\n\n{title}");
+    for (k, v) in rows {
+        out.push_str(&format!("\n  {k:<width$}  {v}"));
+    }
+    out
+}
+
 /// `tenant get`: the table row, then what the tenant uses (from its node's last heartbeat).
 pub fn tenant_detail(t: &pb::Tenant) -> String {
+    tenant_detail_at(t, now_unix_ms())
+}
+
+/// [`tenant_detail`] with ages counted to `now_unix_ms`.
+pub fn tenant_detail_at(t: &pb::Tenant, now_unix_ms: u64) -> String {
     let mut out = tenants_table(std::slice::from_ref(t));
     if !t.constraints.is_empty() {
         out.push_str(&format!("\nconstraints: {}", t.constraints.join(", ")));
+    }
+    if let Some(policy) = hibernation_policy(t) {
+        out.push_str(&format!("\nhibernation: {policy}"));
     }
     if t.restart_generation > 0 {
         out.push_str(&format!(
             "\nrestart generation: {} (raised by each `tenant restart`)",
             t.restart_generation
+        ));
+    }
+    if t.hibernate_generation > 0 {
+        out.push_str(&format!(
+            "\nhibernate generation: {} (raised by each `tenant hibernate`)",
+            t.hibernate_generation
+        ));
+    }
+    if t.wake_generation > 0 {
+        out.push_str(&format!(
+            "\nwake generation: {} (raised by each `tenant wake`)",
+            t.wake_generation
         ));
     }
     if !t.resize_pending.is_empty() {
@@ -239,6 +345,57 @@ pub fn tenant_detail(t: &pb::Tenant) -> String {
     out.push_str("\n\nUSAGE");
     for (k, v) in rows {
         out.push_str(&format!("\n  {k:<10} {v}"));
+    }
+    out.push_str(&section(
+        "HIBERNATION",
+        &[
+            ("hibernations", u.hibernations.to_string()),
+            ("wakes", u.wakes.to_string()),
+            (
+                "last wake",
+                if u.last_wake_usec == 0 {
+                    "-".to_string()
+                } else {
+                    short_duration(u.last_wake_usec)
+                },
+            ),
+        ],
+    ));
+    let ago = |unix_ms: u64| format!("{} ago", span(now_unix_ms.saturating_sub(unix_ms)));
+    out.push_str(&section(
+        "CONNECTIONS",
+        &[
+            ("open", u.open_connections.to_string()),
+            ("total", u.connections_total.to_string()),
+            ("bytes in", Bytes(u.bytes_in).human()),
+            ("bytes out", Bytes(u.bytes_out).human()),
+            (
+                "last activity",
+                if u.last_activity_unix_ms == 0 {
+                    "never".to_string()
+                } else {
+                    ago(u.last_activity_unix_ms)
+                },
+            ),
+        ],
+    ));
+    // The clients' own addresses (the engine sees every client as the proxy), below the counts.
+    let width = t
+        .connections
+        .iter()
+        .map(|c| c.peer.len())
+        .max()
+        .unwrap_or(0);
+    for c in &t.connections {
+        let open_for = span(now_unix_ms.saturating_sub(c.opened_unix_ms));
+        out.push_str(&format!("\n    {:<width$}  open for {open_for}", c.peer));
+    }
+    let listed = u64::try_from(t.connections.len()).unwrap_or(u64::MAX);
+    if u.open_connections > listed && listed > 0 {
+        out.push_str(&format!(
+            "\n    ... and {} more not listed",
+            u.open_connections - listed
+        ));
     }
     out
 }
@@ -406,5 +563,139 @@ mod tests {
     fn table_pads_columns() {
         let out = table(&["A", "BB"], &[vec!["long".into(), "x".into()]]);
         assert_eq!(out, "A     BB\nlong  x");
+    }
+
+    fn hibernating_tenant() -> pb::Tenant {
+        pb::Tenant {
+            name: "acme".into(),
+            engine: "postgres".into(),
+            state: "hibernated".into(),
+            idle_after: "10m".into(),
+            hibernate: "freeze".into(),
+            hibernate_generation: 2,
+            wake_generation: 1,
+            usage: Some(pb::TenantUsage {
+                open_connections: 2,
+                connections_total: 15,
+                bytes_in: 3 << 20,
+                bytes_out: 1536,
+                last_activity_unix_ms: NOW - 12_000,
+                hibernations: 3,
+                wakes: 2,
+                last_wake_usec: 43_200,
+                ..Default::default()
+            }),
+            connections: vec![
+                pb::Connection {
+                    peer: "10.0.0.7:51234".into(),
+                    opened_unix_ms: NOW - 3_000,
+                },
+                pb::Connection {
+                    peer: "[2001:db8::1]:40022".into(),
+                    opened_unix_ms: NOW - 62_500,
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    #[test]
+    fn tenant_get_shows_hibernation_and_connections() {
+        let t = hibernating_tenant();
+        let out = tenant_detail_at(&t, NOW);
+        assert!(out.contains("hibernated"), "{out}");
+        for expected in [
+            "\nhibernation: freeze after 10m without connections",
+            "\nhibernate generation: 2",
+            "\nwake generation: 1",
+            "\nHIBERNATION\n  hibernations  3\n  wakes         2\n  last wake     43.2ms",
+            "\nCONNECTIONS\n  open           2\n  total          15",
+            "\n  bytes in       3MiB\n  bytes out      1.50KiB",
+            "\n  last activity  12s ago",
+            "\n    10.0.0.7:51234       open for 3s",
+            "\n    [2001:db8::1]:40022  open for 1m 2s",
+        ] {
+            assert!(out.contains(expected), "{expected:?} not in:\n{out}");
+        }
+        assert!(!out.contains("more not listed"), "{out}");
+    }
+
+    #[test]
+    fn tenant_get_says_never_and_counts_connections_not_listed() {
+        let mut t = hibernating_tenant();
+        t.idle_after = "never".into();
+        t.hibernate = "stop".into();
+        t.connections.truncate(1);
+        let u = t.usage.as_mut().unwrap();
+        u.open_connections = 150;
+        u.last_activity_unix_ms = 0;
+        u.wakes = 0;
+        u.last_wake_usec = 0;
+        let out = tenant_detail_at(&t, NOW);
+        for expected in [
+            "\nhibernation: stop, only when asked (idle_after never)",
+            "\n  last wake     -",
+            "\n  last activity  never",
+            "\n    ... and 149 more not listed",
+        ] {
+            assert!(out.contains(expected), "{expected:?} not in:\n{out}");
+        }
+        // A scheduler older than hibernation sends no policy: no line, rather than a wrong one.
+        let old = pb::Tenant {
+            name: "acme".into(),
+            state: "running".into(),
+            ..Default::default()
+        };
+        assert!(!tenant_detail_at(&old, NOW).contains("hibernation"));
+    }
+
+    #[test]
+    fn tenant_json_has_the_hibernation_and_connection_fields() {
+        let v = tenant_json(&hibernating_tenant());
+        assert_eq!(v["state"], "hibernated");
+        assert_eq!(v["idle_after"], "10m");
+        assert_eq!(v["hibernate"], "freeze");
+        assert_eq!(v["hibernate_generation"], 2);
+        assert_eq!(v["wake_generation"], 1);
+        assert_eq!(
+            v["connections"][0],
+            json!({"peer": "10.0.0.7:51234", "opened_unix_ms": NOW - 3_000})
+        );
+        assert_eq!(v["connections"].as_array().unwrap().len(), 2);
+        let u = &v["usage"];
+        for (field, want) in [
+            ("open_connections", json!(2)),
+            ("connections_total", json!(15)),
+            ("bytes_in", json!(3u64 << 20)),
+            ("bytes_out", json!(1536)),
+            ("last_activity_unix_ms", json!(NOW - 12_000)),
+            ("hibernations", json!(3)),
+            ("wakes", json!(2)),
+            ("last_wake_usec", json!(43_200)),
+        ] {
+            assert_eq!(u[field], want, "{field}");
+        }
+        let quiet = pb::Tenant {
+            usage: Some(pb::TenantUsage::default()),
+            ..Default::default()
+        };
+        let v = tenant_json(&quiet);
+        assert_eq!(v["connections"], json!([]));
+        assert_eq!(v["idle_after"], Value::Null);
+        assert_eq!(v["usage"]["last_activity_unix_ms"], Value::Null);
+        assert_eq!(v["usage"]["last_wake_usec"], Value::Null);
+    }
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(short_duration(850), "850µs");
+        assert_eq!(short_duration(43_200), "43.2ms");
+        assert_eq!(short_duration(1_500_000), "1.5s");
+        assert_eq!(span(999), "0s");
+        assert_eq!(span(62_500), "1m 2s");
+        assert_eq!(span(2 * 3_600_000 + 5 * 60_000), "2h 5m");
+        assert_eq!(span(3 * 86_400_000 + 4 * 3_600_000), "3d 4h");
     }
 }

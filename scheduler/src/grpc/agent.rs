@@ -19,7 +19,10 @@ use super::convert::{resources_from_pb, resources_to_pb};
 use super::{forward, propose};
 use crate::app::App;
 use crate::liveness::TenantSeen;
-use crate::state::{Command, DesiredState, NodeRecord, AGENT_REPORTED_STATES};
+use crate::state::{
+    agent_reported_states_list, Command, DesiredState, NodeRecord, TenantRecord,
+    AGENT_REPORTED_STATES,
+};
 
 pub struct AgentService {
     app: Arc<App>,
@@ -107,6 +110,25 @@ fn parse_registration(req: pb::RegisterRequest) -> Result<NodeRecord, Status> {
     })
 }
 
+/// A placed tenant as its node's desired set carries it; `None` for one without a port (none is
+/// placed without one).
+fn desired(t: &TenantRecord) -> Option<pb::DesiredTenant> {
+    Some(pb::DesiredTenant {
+        name: t.name.to_string(),
+        uid: t.uid,
+        engine: t.engine.clone(),
+        resources: Some(resources_to_pb(&t.resources)),
+        port: u32::from(t.port?),
+        password: t.password.clone(),
+        desired_state: t.desired.as_str().to_string(),
+        restart_generation: t.restart_generation,
+        idle_after_ms: t.idle_after.as_millis(),
+        hibernate: t.hibernate.as_str().to_string(),
+        hibernate_generation: t.hibernate_generation,
+        wake_generation: t.wake_generation,
+    })
+}
+
 #[tonic::async_trait]
 impl AgentApi for AgentService {
     async fn register(
@@ -170,11 +192,7 @@ impl AgentApi for AgentService {
                 uid: t.uid,
                 state,
                 reason: (!t.reason.is_empty()).then(|| t.reason.clone()),
-                seen: TenantSeen {
-                    usage: t.usage.unwrap_or_default(),
-                    resize_pending: (!t.resize_pending.is_empty())
-                        .then(|| t.resize_pending.clone()),
-                },
+                seen: TenantSeen::from_report(t),
             });
         }
         // The answer is the node's desired set, and the agent removes what is missing from it:
@@ -221,7 +239,7 @@ impl AgentApi for AgentService {
                     continue;
                 }
                 if !AGENT_REPORTED_STATES.contains(&o.state) {
-                    warn!(node_id = %node, tenant_id = %o.name, state = %o.state, "ignoring a state an agent may not report (only starting, running, failed)");
+                    warn!(node_id = %node, tenant_id = %o.name, state = %o.state, "ignoring a state an agent may not report (only {})", agent_reported_states_list());
                     continue;
                 }
                 if rec.state != o.state || rec.reason != o.reason {
@@ -267,27 +285,68 @@ impl AgentApi for AgentService {
 
         let sm = self.app.state.read();
         let version = sm.last_applied.map(|l| l.index).unwrap_or(0);
-        let tenants = sm
-            .cluster
-            .tenants_on(&node)
-            .filter_map(|t| {
-                Some(pb::DesiredTenant {
-                    name: t.name.to_string(),
-                    uid: t.uid,
-                    engine: t.engine.clone(),
-                    resources: Some(resources_to_pb(&t.resources)),
-                    port: u32::from(t.port?),
-                    password: t.password.clone(),
-                    desired_state: t.desired.as_str().to_string(),
-                    restart_generation: t.restart_generation,
-                })
-            })
-            .collect();
+        let tenants = sm.cluster.tenants_on(&node).filter_map(desired).collect();
         Ok(Response::new(pb::HeartbeatResponse {
             version,
             tenants,
             register_again: false,
             cluster_id,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use dormant_common::hibernation::{HibernateMode, IdleAfter};
+    use dormant_common::TenantState;
+
+    use super::*;
+    use crate::state::test_utils::res;
+
+    fn record() -> TenantRecord {
+        TenantRecord {
+            uid: 2,
+            name: TenantName::parse("t").unwrap(),
+            engine: "postgres".into(),
+            resources: res(500, 512, 1),
+            password: "pw".into(),
+            state: TenantState::Hibernated,
+            desired: DesiredState::Running,
+            node: Some(NodeName::parse("a").unwrap()),
+            port: Some(20000),
+            reason: None,
+            deleted_at: None,
+            constraints: BTreeMap::new(),
+            lost_from: None,
+            restart_generation: 1,
+            idle_after: IdleAfter::After(Duration::from_secs(30)),
+            hibernate: HibernateMode::Freeze,
+            hibernate_generation: 3,
+            wake_generation: 4,
+        }
+    }
+
+    #[test]
+    fn the_desired_set_carries_the_hibernation_policy_and_generations() {
+        let mut t = record();
+        let d = desired(&t).unwrap();
+        assert_eq!(d.idle_after_ms, 30_000);
+        assert_eq!(d.hibernate, "freeze");
+        assert_eq!(
+            (
+                d.restart_generation,
+                d.hibernate_generation,
+                d.wake_generation
+            ),
+            (1, 3, 4)
+        );
+        t.idle_after = IdleAfter::Never;
+        t.hibernate = HibernateMode::Stop;
+        let d = desired(&t).unwrap();
+        assert_eq!((d.idle_after_ms, d.hibernate.as_str()), (0, "stop"));
+        t.port = None;
+        assert_eq!(desired(&t), None);
     }
 }

@@ -1,11 +1,12 @@
-//! The operator API: create, read, update, restart and delete tenants, list and cordon nodes,
-//! show and change the scheduler's membership. A follower forwards every call to the leader
-//! unless the read asks for `stale`. Validation happens before anything is proposed, so a refused
-//! request changes nothing.
+//! The operator API: create, read, update, restart, hibernate, wake and delete tenants, list and
+//! cordon nodes, show and change the scheduler's membership. A follower forwards every call to the
+//! leader unless the read asks for `stale`. Validation happens before anything is proposed, so a
+//! refused request changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use dormant_common::hibernation::{HibernateMode, IdleAfter};
 use dormant_common::{Bytes, MilliCpu, NodeName, NodeStatus, Resources, TenantName};
 use dormant_proto::v1 as pb;
 use dormant_proto::v1::operator_client::OperatorClient;
@@ -18,7 +19,9 @@ use super::convert::{credentials, node_to_pb, tenant_to_pb};
 use super::{forward, linearizable, membership, propose};
 use crate::app::App;
 use crate::placement;
-use crate::state::{ApplyError, ClusterState, Command, DesiredState, Outcome, TenantSpec};
+use crate::state::{
+    ApplyError, ClusterState, Command, DesiredState, EngineAction, Outcome, TenantSpec,
+};
 
 /// Engines every agent knows without configuration; others are known once a node offers them.
 pub const BUILTIN_ENGINES: [&str; 2] = ["postgres", "redis"];
@@ -66,6 +69,23 @@ fn parse_constraints(raw: &[String]) -> Result<BTreeMap<String, String>, Status>
     Ok(constraints)
 }
 
+/// Parses `idle_after` ("30s", "10m", "never"); empty is `None` (the default on create,
+/// unchanged on update). The refusal names the field.
+fn parse_idle_after(raw: &str) -> Result<Option<IdleAfter>, Status> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    raw.parse().map(Some).map_err(invalid)
+}
+
+/// Parses `hibernate` ("stop" or "freeze"); empty is `None`, as for [`parse_idle_after`].
+fn parse_hibernate(raw: &str) -> Result<Option<HibernateMode>, Status> {
+    if raw.is_empty() {
+        return Ok(None);
+    }
+    raw.parse().map(Some).map_err(invalid)
+}
+
 /// Parses and checks a create request against the rules that need no cluster state.
 fn parse_spec(req: &pb::CreateTenantRequest) -> Result<TenantSpec, Status> {
     let name = parse_name(&req.name)?;
@@ -82,6 +102,8 @@ fn parse_spec(req: &pb::CreateTenantRequest) -> Result<TenantSpec, Status> {
         engine: req.engine.clone(),
         resources,
         constraints: parse_constraints(&req.constraints)?,
+        idle_after: parse_idle_after(&req.idle_after)?.unwrap_or_default(),
+        hibernate: parse_hibernate(&req.hibernate)?.unwrap_or_default(),
     })
 }
 
@@ -173,6 +195,62 @@ fn with_cluster_id(
     Response::new(status)
 }
 
+impl OperatorService {
+    /// Asks a placed tenant's engine to `action` once (restart, hibernate, wake) by raising that
+    /// generation. Refused here with the rule; apply checks again against the state at its log
+    /// index. Each call that is applied asks once more, so it is never resent blindly.
+    async fn raise_generation(
+        &self,
+        name: &str,
+        action: EngineAction,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        let name = parse_name(name)?;
+        linearizable(&self.app).await?;
+        let uid = {
+            let sm = self.app.state.read();
+            let t = sm.cluster.tenants.get(&name).ok_or_else(|| {
+                Status::not_found(format!("name: tenant {:?} not found", name.as_str()))
+            })?;
+            if t.desired == DesiredState::Deleted {
+                let done = match action {
+                    EngineAction::Restart => "restarted",
+                    EngineAction::Hibernate => "hibernated",
+                    EngineAction::Wake => "woken",
+                };
+                return Err(Status::failed_precondition(format!(
+                    "name: tenant {:?} is being deleted; a deleted tenant is not {done}",
+                    name.as_str()
+                )));
+            }
+            if t.node.is_none() {
+                return Err(super::apply_status(ApplyError::NotPlaced {
+                    tenant: name.to_string(),
+                    action,
+                }));
+            }
+            t.uid
+        };
+        let command = match action {
+            EngineAction::Restart => Command::RestartTenant { name, uid },
+            EngineAction::Hibernate => Command::HibernateTenant { name, uid },
+            EngineAction::Wake => Command::WakeTenant { name, uid },
+        };
+        let tenant = tenant_of(propose(&self.app, command).await?)?;
+        let generation = match action {
+            EngineAction::Restart => tenant.restart_generation,
+            EngineAction::Hibernate => tenant.hibernate_generation,
+            EngineAction::Wake => tenant.wake_generation,
+        };
+        info!(tenant_id = %tenant.name, uid = tenant.uid, generation, "tenant {action} requested");
+        let sm = self.app.state.read();
+        Ok(Response::new(tenant_to_pb(
+            &tenant,
+            &sm.cluster,
+            &self.app.liveness(),
+        )))
+    }
+}
+
 /// Answers the call on the leader: a follower returns the leader's answer.
 macro_rules! on_leader {
     ($self:ident, $req:ident, $stale:expr, $method:ident) => {
@@ -220,7 +298,7 @@ impl Operator for OperatorService {
             )
             .await?,
         )?;
-        info!(tenant_id = %tenant.name, uid = tenant.uid, state = %tenant.state, node = ?tenant.node, "tenant created");
+        info!(tenant_id = %tenant.name, uid = tenant.uid, state = %tenant.state, node = ?tenant.node, idle_after = %tenant.idle_after, hibernate = %tenant.hibernate, "tenant created");
         if tenant.node.is_none() {
             // Pending: perhaps only because concurrent creates made our choice stale.
             self.app.placer.notify_one();
@@ -238,33 +316,26 @@ impl Operator for OperatorService {
         mut req: Request<pb::RestartTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
         on_leader!(self, req, false, restart_tenant);
-        let name = parse_name(&req.into_inner().name)?;
-        linearizable(&self.app).await?;
-        // Refused here with the rule; apply checks again against the state at its log index.
-        let uid = {
-            let sm = self.app.state.read();
-            let t = sm.cluster.tenants.get(&name).ok_or_else(|| {
-                Status::not_found(format!("name: tenant {:?} not found", name.as_str()))
-            })?;
-            if t.desired == DesiredState::Deleted {
-                return Err(Status::failed_precondition(format!(
-                    "name: tenant {:?} is being deleted; a deleted tenant is not restarted",
-                    name.as_str()
-                )));
-            }
-            if t.node.is_none() {
-                return Err(super::apply_status(ApplyError::NotPlaced(name.to_string())));
-            }
-            t.uid
-        };
-        let tenant = tenant_of(propose(&self.app, Command::RestartTenant { name, uid }).await?)?;
-        info!(tenant_id = %tenant.name, uid = tenant.uid, generation = tenant.restart_generation, "tenant restart requested");
-        let sm = self.app.state.read();
-        Ok(Response::new(tenant_to_pb(
-            &tenant,
-            &sm.cluster,
-            &self.app.liveness(),
-        )))
+        self.raise_generation(&req.into_inner().name, EngineAction::Restart)
+            .await
+    }
+
+    async fn hibernate_tenant(
+        &self,
+        mut req: Request<pb::HibernateTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        on_leader!(self, req, false, hibernate_tenant);
+        self.raise_generation(&req.into_inner().name, EngineAction::Hibernate)
+            .await
+    }
+
+    async fn wake_tenant(
+        &self,
+        mut req: Request<pb::WakeTenantRequest>,
+    ) -> Result<Response<pb::Tenant>, Status> {
+        on_leader!(self, req, false, wake_tenant);
+        self.raise_generation(&req.into_inner().name, EngineAction::Wake)
+            .await
     }
 
     async fn update_tenant(
@@ -274,11 +345,18 @@ impl Operator for OperatorService {
         on_leader!(self, req, false, update_tenant);
         let req = req.into_inner();
         let name = parse_name(&req.name)?;
-        if req.cpu.is_empty() && req.memory.is_empty() && req.storage.is_empty() {
+        if req.cpu.is_empty()
+            && req.memory.is_empty()
+            && req.storage.is_empty()
+            && req.idle_after.is_empty()
+            && req.hibernate.is_empty()
+        {
             return Err(Status::invalid_argument(
-                "resources: give at least one of cpu, memory, storage",
+                "resources: give at least one of cpu, memory, storage, idle_after or hibernate",
             ));
         }
+        let idle_after = parse_idle_after(&req.idle_after)?;
+        let hibernate = parse_hibernate(&req.hibernate)?;
         linearizable(&self.app).await?;
         let (uid, current) = {
             let sm = self.app.state.read();
@@ -312,11 +390,13 @@ impl Operator for OperatorService {
                     uid,
                     resources,
                     overcommit: self.app.settings.overcommit_ratio,
+                    idle_after,
+                    hibernate,
                 },
             )
             .await?,
         )?;
-        info!(tenant_id = %tenant.name, uid = tenant.uid, cpu = %tenant.resources.cpu, memory = %tenant.resources.memory, storage = %tenant.resources.storage, "tenant updated");
+        info!(tenant_id = %tenant.name, uid = tenant.uid, cpu = %tenant.resources.cpu, memory = %tenant.resources.memory, storage = %tenant.resources.storage, idle_after = %tenant.idle_after, hibernate = %tenant.hibernate, "tenant updated");
         let sm = self.app.state.read();
         Ok(Response::new(tenant_to_pb(
             &tenant,
@@ -523,7 +603,7 @@ mod tests {
             cpu: cpu.into(),
             memory: memory.into(),
             storage: storage.into(),
-            constraints: Vec::new(),
+            ..Default::default()
         }
     }
 
@@ -535,6 +615,27 @@ mod tests {
             (req("a", "postgres", "-1", "1GiB", "1GiB"), "cpu:"),
             (req("a", "postgres", "1", "0", "1GiB"), "memory:"),
             (req("a", "postgres", "1", "1GiB", "ten"), "storage:"),
+            (
+                pb::CreateTenantRequest {
+                    idle_after: "soon".into(),
+                    ..req("a", "postgres", "1", "1GiB", "1GiB")
+                },
+                "idle_after:",
+            ),
+            (
+                pb::CreateTenantRequest {
+                    idle_after: "0s".into(),
+                    ..req("a", "postgres", "1", "1GiB", "1GiB")
+                },
+                "idle_after:",
+            ),
+            (
+                pb::CreateTenantRequest {
+                    hibernate: "pause".into(),
+                    ..req("a", "postgres", "1", "1GiB", "1GiB")
+                },
+                "hibernate:",
+            ),
         ];
         for (r, field) in cases {
             let status = parse_spec(&r).unwrap_err();
@@ -583,5 +684,37 @@ mod tests {
         r.constraints = vec!["zone=a".into(), "zone=b".into()];
         let err = parse_spec(&r).unwrap_err();
         assert_eq!(err.message(), "constraints: zone asked to be both a and b");
+    }
+
+    #[test]
+    fn the_hibernation_policy_defaults_when_empty_and_parses_when_given() {
+        let spec = parse_spec(&req("a", "postgres", "1", "1GiB", "1GiB")).unwrap();
+        assert_eq!(
+            (spec.idle_after, spec.hibernate),
+            (IdleAfter::default(), HibernateMode::Stop)
+        );
+        let spec = parse_spec(&pb::CreateTenantRequest {
+            idle_after: "never".into(),
+            hibernate: "freeze".into(),
+            ..req("a", "postgres", "1", "1GiB", "1GiB")
+        })
+        .unwrap();
+        assert_eq!(
+            (spec.idle_after, spec.hibernate),
+            (IdleAfter::Never, HibernateMode::Freeze)
+        );
+        // On update, empty means unchanged.
+        assert_eq!(parse_idle_after("").unwrap(), None);
+        assert_eq!(parse_hibernate("").unwrap(), None);
+        assert_eq!(
+            parse_idle_after("90s").unwrap(),
+            Some(IdleAfter::After(std::time::Duration::from_secs(90)))
+        );
+        let err = parse_hibernate("pause").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            err.message(),
+            "hibernate: \"pause\" is not a mode; use \"stop\" or \"freeze\""
+        );
     }
 }

@@ -49,6 +49,11 @@ pub fn tenant_to_pb(t: &TenantRecord, cluster: &ClusterState, live: &Liveness) -
             .map(str::to_string)
             .unwrap_or_default(),
         restart_generation: t.restart_generation,
+        idle_after: t.idle_after.to_string(),
+        hibernate: t.hibernate.as_str().to_string(),
+        hibernate_generation: t.hibernate_generation,
+        wake_generation: t.wake_generation,
+        connections: live.connections(&t.name).to_vec(),
     }
 }
 

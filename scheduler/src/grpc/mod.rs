@@ -35,7 +35,7 @@ pub fn apply_status(e: ApplyError) -> Status {
         ApplyError::Shrink { .. } | ApplyError::NotReportable { .. } => {
             Status::invalid_argument(e.to_string())
         }
-        ApplyError::Deleting(_) | ApplyError::DoesNotFit { .. } | ApplyError::NotPlaced(_) => {
+        ApplyError::Deleting(_) | ApplyError::DoesNotFit { .. } | ApplyError::NotPlaced { .. } => {
             Status::failed_precondition(e.to_string())
         }
     }

@@ -1,9 +1,10 @@
 //! The contract between the scheduler and its agents, through the real scheduler: a heartbeat
-//! changes only what an agent may say (starting, running, failed, about the tenants placed on its
-//! node) and its pending resizes show in `tenant get`, `tenant restart` reaches the node's desired
-//! set, and every answer names the cluster, which is chosen once and kept. The first three use
-//! simulated nodes (one-shot agent API calls, nothing behind them) and need no root; the last runs
-//! a real agent against a scheduler replaced by a freshly bootstrapped one.
+//! changes only what an agent may say (starting, running, hibernated, waking, failed, about the
+//! tenants placed on its node) and its pending resizes show in `tenant get`, `tenant restart`
+//! reaches the node's desired set, and every answer names the cluster, which is chosen once and
+//! kept. The first three use simulated nodes (one-shot agent API calls, nothing behind them) and
+//! need no root; the last runs a real agent against a scheduler replaced by a freshly bootstrapped
+//! one.
 
 use std::time::Duration;
 
@@ -79,11 +80,9 @@ fn t130_a_heartbeat_changes_only_what_an_agent_may_report_about_its_own_tenants_
         ..Default::default()
     });
     let reports = [
-        // States that are the scheduler's to decide, or not built yet.
+        // States that are the scheduler's to decide.
         ("a", observed("t", uid, "pending")),
         ("a", observed("t", uid, "lost")),
-        ("a", observed("t", uid, "hibernated")),
-        ("a", observed("t", uid, "waking")),
         // The agent's word only for a tenant it was told to delete.
         ("a", observed("t", uid, "deleting")),
         // Another tenant that once had the name.
@@ -134,6 +133,11 @@ fn t130_a_heartbeat_changes_only_what_an_agent_may_report_about_its_own_tenants_
     assert_eq!(now["resize_pending"], Value::Null, "finished: {now}");
 
     // What node a may say still goes through.
+    for state in ["hibernated", "waking", "running"] {
+        heartbeat_with(&url, "a", vec![observed("t", uid, state)]).unwrap();
+        let now = ctl_json(&set, &["tenant", "get", "t"]);
+        assert_eq!(now["state"], state, "{now}");
+    }
     let mut failed = observed("t", uid, "failed");
     failed.reason = "engine exited with status 1".into();
     heartbeat_with(&url, "a", vec![failed]).unwrap();

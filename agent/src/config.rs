@@ -32,6 +32,9 @@ pub struct FileConfig {
     pub reserve_memory: Option<String>,
     pub reserve_storage: Option<String>,
     pub pids_max: Option<u64>,
+    /// Open client connections one tenant may hold through the proxy (default: from the
+    /// engine's max_connections, see `proxy::Budget`).
+    pub max_clients_per_tenant: Option<u64>,
     pub labels: Option<BTreeMap<String, String>>,
     pub stop_tenants_on_exit: Option<bool>,
     pub log_format: Option<dormant_common::telemetry::LogFormat>,
@@ -56,6 +59,7 @@ pub struct Settings {
     pub reserve_memory: Bytes,
     pub reserve_storage: Bytes,
     pub pids_max: u64,
+    pub max_clients_per_tenant: Option<u64>,
     pub labels: BTreeMap<String, String>,
     pub stop_tenants_on_exit: bool,
 }
@@ -136,6 +140,12 @@ impl Settings {
                 "pids_max: {pids_max} is too small for any engine (at least 16)"
             )));
         }
+        let max_clients_per_tenant = pick!(max_clients_per_tenant);
+        if max_clients_per_tenant == Some(0) {
+            return Err(SettingsError::Invalid(
+                "max_clients_per_tenant: must be greater than 0".into(),
+            ));
+        }
         Ok(Settings {
             scheduler: pick!(scheduler).unwrap_or_else(|| "http://127.0.0.1:7400".into()),
             node_id,
@@ -160,6 +170,7 @@ impl Settings {
             reserve_memory: bytes("reserve_memory", pick!(reserve_memory), 512 << 20)?,
             reserve_storage: bytes("reserve_storage", pick!(reserve_storage), 1 << 30)?,
             pids_max,
+            max_clients_per_tenant,
             labels: pick!(labels).unwrap_or_default(),
             stop_tenants_on_exit: pick!(stop_tenants_on_exit).unwrap_or(false),
         })

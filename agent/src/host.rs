@@ -66,8 +66,12 @@ pub struct Host {
     pub uid_lock: std::sync::Mutex<()>,
     pub listen_host: IpAddr,
     pub pids_max: u64,
+    /// Overrides the open-connection cap derived from each engine's limit.
+    pub max_clients_per_tenant: Option<u64>,
     /// Signalled when any tenant changes state, so the reporter tells the scheduler at once.
     pub changed: Arc<tokio::sync::Notify>,
+    /// Tenant ports kept open across agent restarts.
+    pub endpoints: crate::endpoints::Endpoints,
 }
 
 /// Where one tenant's files live.

@@ -7,8 +7,10 @@
 pub mod cgroup;
 pub mod config;
 pub mod crash;
+pub mod endpoints;
 pub mod engine;
 pub mod host;
+pub mod keeper;
 pub mod process;
 pub mod proxy;
 pub mod reconcile;
@@ -107,6 +109,9 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
         "cgroup driver"
     );
     info!(engines = ?engines.keys().collect::<Vec<_>>(), "engines offered");
+    raise_fd_limit();
+    // After the lock: only the agent that holds the state directory takes its kept ports.
+    let endpoints = endpoints::Endpoints::open(&state_dir, std::env::current_exe().ok());
     Ok(Host {
         state_dir,
         state_lock,
@@ -116,8 +121,25 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
         uid_lock: std::sync::Mutex::new(()),
         listen_host: settings.listen_host,
         pids_max: settings.pids_max,
+        max_clients_per_tenant: settings.max_clients_per_tenant,
         changed: Arc::new(tokio::sync::Notify::new()),
+        endpoints,
     })
+}
+
+/// Every client connection costs the agent a descriptor or two: the soft limit is raised to the
+/// hard one (systemd's unit sets `LimitNOFILE`), and each tenant's clients are capped well below
+/// it (`proxy::Budget`), so one tenant cannot use up what the others need.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => tracing::warn!(error = %e, soft, hard, "raising the open-files limit"),
+        },
+        Ok((soft, _)) => info!(limit = soft, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "reading the open-files limit"),
+    }
 }
 
 /// Runs the agent until `shutdown` resolves. Tenants keep running afterwards unless
@@ -157,14 +179,22 @@ pub async fn run(
             "the state directory's filesystem holds more than reserve_storage of other data: capacity is the filesystem's size less the reserve, so tenants may get less than promised; raise reserve_storage or give the state directory a filesystem of its own"
         );
     }
+    let names = records.iter().map(|r| r.spec.name.to_string()).collect();
+    host.endpoints.forget_all_but(&names);
     let mut tenants = reconcile::Tenants::new(host.clone());
     tenants.resume(records, found.quarantined);
+    let host_for_exit = host.clone();
     let reporter = report::Reporter::new(settings.clone(), host)?;
     reporter.run(&mut tenants, shutdown).await;
     info!(
         stop_tenants = settings.stop_tenants_on_exit,
         "agent stopping"
     );
+    let endpoints_host = host_for_exit;
     tenants.shutdown(settings.stop_tenants_on_exit).await;
+    if settings.stop_tenants_on_exit {
+        // Nothing is left to keep a port for.
+        endpoints_host.endpoints.close_keeper();
+    }
     Ok(())
 }

@@ -58,11 +58,26 @@ struct Args {
     stop_tenants_on_exit: bool,
     #[arg(long)]
     log_json: bool,
+    /// Run as the host's listener keeper on this socket (the agent starts it; see the agent's
+    /// `keeper` module).
+    #[arg(long, hide = true)]
+    keep_listeners: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(socket) = &args.keep_listeners {
+        // No runtime, no threads: the keeper only holds sockets.
+        return dormant_agent::keeper::run(socket).context("listener keeper");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(agent(args))
+}
+
+async fn agent(args: Args) -> anyhow::Result<()> {
     let file = match &args.config {
         Some(path) => dormant_common::config::load::<FileConfig>(path)?,
         None => FileConfig::default(),

@@ -4,6 +4,11 @@
 //! is what wakes a hibernated tenant (the supervisor watches `Clients`). Counts per tenant: open
 //! connections with their peers, connections in total, bytes in and out, last activity.
 //!
+//! A graceful stop hands every connection over instead of cutting it: the pumps stop between
+//! chunks (no byte is held in the agent then: what is in flight waits in the kernel's socket
+//! buffers), and the client and engine sockets go to the listener keeper for the next agent,
+//! which resumes them (`Parked`, `serve`'s `resumed`).
+//!
 //! The data path: a connection holds no buffer while it is quiet. When a side becomes readable a
 //! 64 KiB buffer is taken (never zeroed), drained into the other side, and dropped when the side
 //! has nothing more, so 5,000 idle clients cost sockets, not 640 MB of buffers. Counters are
@@ -20,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn, Instrument};
 
@@ -47,8 +52,8 @@ pub enum Upstream {
     Waiting,
     /// The engine answers: clients are forwarded.
     Ready,
-    /// The tenant hibernates: clients wait, and their arrival (counted in `Clients::accepted`)
-    /// wakes it.
+    /// The tenant hibernates: clients wait, and the first byte one sends (counted in
+    /// `Clients::spoke`) wakes it.
     Hibernated,
     /// The tenant is `failed` (or going away): clients are closed at once instead of waiting
     /// for an engine that is not coming.
@@ -56,11 +61,35 @@ pub enum Upstream {
 }
 
 /// The clients of a tenant, as its supervisor watches them: it hibernates after a while with
-/// none open, and wakes when one more was accepted.
+/// none open, and wakes when one more has spoken. (PostgreSQL and Redis clients speak first; a
+/// TCP health check that connects and closes wakes nothing.)
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Clients {
     pub open: u64,
     pub accepted: u64,
+    /// Connections that sent their first byte.
+    pub spoke: u64,
+}
+
+/// What one tenant's clients may hold of the agent: open connections, and connections that have
+/// not sent a byte yet (those cost a socket each and no engine connection: the engine is only
+/// reached once the client speaks). Beyond either, a new connection is closed at once, so one
+/// tenant's clients cannot use up the descriptors every other tenant needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub max_open: u64,
+    pub max_silent: u64,
+}
+
+impl Budget {
+    /// From the engine's own connection limit: twice it (clients beyond the engine's limit get
+    /// the engine's own refusal, not the proxy's), and silent ones bounded apart.
+    pub fn for_engine(max_connections: u64) -> Self {
+        Self {
+            max_open: (2 * max_connections + 16).max(64),
+            max_silent: 256,
+        }
+    }
 }
 
 /// One open client connection.
@@ -75,6 +104,8 @@ pub struct OpenConnection {
 pub struct Traffic {
     pub open: u64,
     pub total: u64,
+    /// Closed at once, over the tenant's budget.
+    pub refused: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// The last connect, disconnect or chunk of bytes, in ms since the epoch (0 = never).
@@ -90,6 +121,10 @@ pub struct ProxyStats {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     last_activity_unix_ms: AtomicU64,
+    /// Open connections that have not sent a byte yet.
+    silent: AtomicU64,
+    /// Connections closed at once for being over the budget.
+    refused: AtomicU64,
     /// Open connections by their accept number.
     open: Mutex<BTreeMap<u64, OpenConnection>>,
 }
@@ -101,6 +136,8 @@ impl Default for ProxyStats {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             last_activity_unix_ms: AtomicU64::new(0),
+            silent: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             open: Mutex::default(),
         }
     }
@@ -132,11 +169,22 @@ impl ProxyStats {
         Traffic {
             open: clients.open,
             total: clients.accepted,
+            refused: self.refused.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             last_activity_unix_ms: self.last_activity_unix_ms.load(Ordering::Relaxed),
             connections,
         }
+    }
+
+    /// Whether one more client fits the budget; counts it refused if not.
+    fn admits(&self, budget: &Budget) -> bool {
+        let fits = self.clients.borrow().open < budget.max_open
+            && self.silent.load(Ordering::Relaxed) < budget.max_silent;
+        if !fits {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        fits
     }
 
     fn touch(&self) {
@@ -159,9 +207,11 @@ impl ProxyStats {
             .insert(id, OpenConnection { peer, opened });
         self.last_activity_unix_ms
             .store(unix_ms(opened), Ordering::Relaxed);
+        self.silent.fetch_add(1, Ordering::Relaxed);
         Admitted {
             stats: self.clone(),
             id,
+            silent: true,
         }
     }
 }
@@ -170,10 +220,24 @@ impl ProxyStats {
 struct Admitted {
     stats: Arc<ProxyStats>,
     id: u64,
+    silent: bool,
+}
+
+impl Admitted {
+    /// The client sent its first byte: a hibernated tenant wakes on this.
+    fn spoke(&mut self) {
+        if std::mem::take(&mut self.silent) {
+            self.stats.silent.fetch_sub(1, Ordering::Relaxed);
+            self.stats.clients.send_modify(|c| c.spoke += 1);
+        }
+    }
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
+        if self.silent {
+            self.stats.silent.fetch_sub(1, Ordering::Relaxed);
+        }
         self.stats
             .open
             .lock()
@@ -184,10 +248,38 @@ impl Drop for Admitted {
     }
 }
 
-/// A running proxy. Dropping it closes the port and every connection through it.
+/// A connection stopped between chunks for the next agent: the client, and its engine
+/// connection once it had one.
+#[derive(Debug)]
+pub struct Parked {
+    pub client: std::net::TcpStream,
+    pub engine: Option<std::os::unix::net::UnixStream>,
+}
+
+/// How long a graceful stop waits for connections to reach a point between chunks (a client
+/// that does not read its results holds one mid-write); the rest are cut.
+const PARK_WAIT: Duration = Duration::from_secs(5);
+
+/// A running proxy. Dropping it closes the port and every connection through it; `hand_over`
+/// stops it keeping the connections.
 #[derive(Debug)]
 pub struct ProxyHandle {
     task: JoinHandle<()>,
+    park: Option<oneshot::Sender<oneshot::Sender<Vec<Parked>>>>,
+}
+
+impl ProxyHandle {
+    /// Stops accepting, and stops every connection between two chunks; returns them.
+    pub async fn hand_over(mut self) -> Vec<Parked> {
+        let (tx, rx) = oneshot::channel();
+        let Some(park) = self.park.take() else {
+            return Vec::new();
+        };
+        if park.send(tx).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
 }
 
 impl Drop for ProxyHandle {
@@ -206,18 +298,30 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
 /// Serves `listener`, forwarding to `socket` whenever `ready` says the engine answers, counting
 /// in `stats`. The socket must be owned by `owner` (the tenant's uid) and is never reached
 /// through a symlink. Log lines carry the current span (the tenant's).
+/// `resumed` are the connections a previous agent handed over: they carry on first.
 pub fn serve(
     listener: TcpListener,
     socket: PathBuf,
     owner: nix::unistd::Uid,
     ready: watch::Receiver<Upstream>,
     stats: Arc<ProxyStats>,
+    budget: Budget,
+    resumed: Vec<Parked>,
 ) -> ProxyHandle {
-    let upstream = Target { socket, owner };
+    let upstream = Target {
+        socket,
+        owner,
+        budget,
+    };
+    let (park, park_rx) = oneshot::channel();
     let task = tokio::spawn(
-        accept_loop(listener, upstream, ready, stats).instrument(tracing::Span::current()),
+        accept_loop(listener, upstream, ready, stats, resumed, park_rx)
+            .instrument(tracing::Span::current()),
     );
-    ProxyHandle { task }
+    ProxyHandle {
+        task,
+        park: Some(park),
+    }
 }
 
 /// Where clients are forwarded.
@@ -225,6 +329,7 @@ pub fn serve(
 struct Target {
     socket: PathBuf,
     owner: nix::unistd::Uid,
+    budget: Budget,
 }
 
 async fn accept_loop(
@@ -232,19 +337,51 @@ async fn accept_loop(
     target: Target,
     ready: watch::Receiver<Upstream>,
     stats: Arc<ProxyStats>,
+    resumed: Vec<Parked>,
+    mut park_rx: oneshot::Receiver<oneshot::Sender<Vec<Parked>>>,
 ) {
     // Connection tasks live in this set: aborting the accept loop drops it and ends them all.
     let mut connections = JoinSet::new();
-    loop {
+    let (parking, park) = watch::channel(false);
+    let conn = |client: TcpStream, peer, engine| {
+        // Counted before anything else: a hibernated tenant wakes on this.
+        let admitted = stats.admit(peer);
+        forward(
+            client,
+            peer,
+            engine,
+            target.clone(),
+            ready.clone(),
+            stats.clone(),
+            admitted,
+            park.clone(),
+        )
+        .instrument(tracing::Span::current())
+    };
+    for parked in resumed {
+        match resume(parked) {
+            Ok((client, peer, engine)) => {
+                info!(%peer, with_engine = engine.is_some(), "client connection taken over from the previous agent");
+                connections.spawn(conn(client, peer, engine));
+            }
+            Err(e) => warn!(error = %e, "resuming a handed-over connection"),
+        }
+    }
+    let reply = loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((client, peer)) => {
+                Ok((client, peer)) if stats.admits(&target.budget) => {
                     let _ = client.set_nodelay(true);
-                    // Counted before anything else: a hibernated tenant wakes on this.
-                    let admitted = stats.admit(peer);
                     info!(%peer, "client connected");
-                    let conn = forward(client, peer, target.clone(), ready.clone(), stats.clone(), admitted);
-                    connections.spawn(conn.instrument(tracing::Span::current()));
+                    connections.spawn(conn(client, peer, None));
+                }
+                Ok((_, peer)) => {
+                    // Closed at once: the tenant's clients hold all the budget allows.
+                    let refused = stats.refused.load(Ordering::Relaxed);
+                    if refused.is_power_of_two() {
+                        let c = *stats.clients.borrow();
+                        warn!(%peer, open = c.open, silent = stats.silent.load(Ordering::Relaxed), max_open = target.budget.max_open, max_silent = target.budget.max_silent, refused, "client closed: over the tenant's connection budget");
+                    }
                 }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
@@ -252,8 +389,49 @@ async fn accept_loop(
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            reply = &mut park_rx => match reply {
+                Ok(reply) => break reply,
+                // The handle is gone without a hand-over: keep serving until aborted.
+                Err(_) => std::future::pending().await,
+            },
+        }
+    };
+    // Hand over: no more accepts (the port stays open in the keeper), every connection stops
+    // between chunks.
+    drop(listener);
+    parking.send_replace(true);
+    let mut parked = Vec::new();
+    let deadline = tokio::time::Instant::now() + PARK_WAIT;
+    while !connections.is_empty() {
+        match tokio::time::timeout_at(deadline, connections.join_next()).await {
+            Ok(Some(Ok(Some(p)))) => parked.push(p),
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(_) => {
+                warn!(
+                    cut = connections.len(),
+                    "connections still mid-write after the hand-over wait; cut"
+                );
+                break;
+            }
         }
     }
+    let _ = reply.send(parked);
+}
+
+/// A handed-over connection as tokio streams.
+fn resume(parked: Parked) -> io::Result<(TcpStream, SocketAddr, Option<tokio::net::UnixStream>)> {
+    parked.client.set_nonblocking(true)?;
+    let peer = parked.client.peer_addr()?;
+    let client = TcpStream::from_std(parked.client)?;
+    let engine = match parked.engine {
+        Some(e) => {
+            e.set_nonblocking(true)?;
+            Some(tokio::net::UnixStream::from_std(e)?)
+        }
+        None => None,
+    };
+    Ok((client, peer, engine))
 }
 
 /// Waits until the engine answers and connects to it; `None` when the client is to be closed.
@@ -307,24 +485,84 @@ async fn connect_engine(
     }
 }
 
+/// Serves one client until it or the engine hangs up; with a hand-over under way, returns the
+/// connection stopped between chunks.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     client: TcpStream,
     peer: SocketAddr,
+    engine: Option<tokio::net::UnixStream>,
     target: Target,
     mut ready: watch::Receiver<Upstream>,
     stats: Arc<ProxyStats>,
-    admitted: Admitted,
-) {
-    let Some(engine) = connect_engine(peer, &target, &mut ready).await else {
-        return;
+    mut admitted: Admitted,
+    mut park: watch::Receiver<bool>,
+) -> Option<Parked> {
+    let engine = match engine {
+        Some(engine) => {
+            admitted.spoke();
+            engine
+        }
+        None => {
+            // Nothing is asked of the engine (no wake, no backend) until the client speaks.
+            let spoke = tokio::select! {
+                spoke = first_byte(&client) => spoke,
+                _ = park.wait_for(|p| *p) => {
+                    return client.into_std().ok().map(|client| Parked { client, engine: None });
+                }
+                // A failed tenant closes its clients at once, silent ones too.
+                _ = ready.wait_for(|u| *u == Upstream::Down) => false,
+            };
+            if !spoke {
+                debug!(%peer, "client closed without a byte");
+                return None;
+            }
+            admitted.spoke();
+            let connected = tokio::select! {
+                connected = connect_engine(peer, &target, &mut ready) => connected,
+                _ = park.wait_for(|p| *p) => {
+                    return client.into_std().ok().map(|client| Parked { client, engine: None });
+                }
+            };
+            connected?
+        }
     };
     let (client_read, client_write) = client.into_split();
     let (engine_read, engine_write) = engine.into_split();
-    let up = pump(client_read, engine_write, &stats.bytes_in, &stats);
-    let down = pump(engine_read, client_write, &stats.bytes_out, &stats);
+    let up = pump(
+        client_read,
+        engine_write,
+        &stats.bytes_in,
+        &stats,
+        park.clone(),
+    );
+    let down = pump(engine_read, client_write, &stats.bytes_out, &stats, park);
     let outcome = tokio::try_join!(up, down);
-    debug!(%peer, result = ?outcome.map(|_| ()), "client disconnected");
     drop(admitted);
+    match outcome {
+        Ok(((_, _, true), (_, _, true))) => {
+            debug!(%peer, "client disconnected");
+            None
+        }
+        Ok(((client_read, engine_write, _), (engine_read, client_write, _))) => {
+            let client = client_read.reunite(client_write).ok()?.into_std().ok()?;
+            let engine = engine_read.reunite(engine_write).ok()?.into_std().ok()?;
+            Some(Parked {
+                client,
+                engine: Some(engine),
+            })
+        }
+        Err(e) => {
+            debug!(%peer, error = %e, "client connection ended");
+            None
+        }
+    }
+}
+
+/// Resolves once the client has sent a byte (true) or hung up without one (false).
+async fn first_byte(client: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(client.peek(&mut probe).await, Ok(n) if n > 0)
 }
 
 /// The read side of a socket half: waits for data without holding a buffer.
@@ -352,15 +590,20 @@ impl ReadHalf for tokio::net::unix::OwnedReadHalf {
 }
 
 /// Moves bytes from `from` to `to` until `from` ends (then shuts `to`'s write side, so the
-/// other direction can still finish) or either side fails.
-async fn pump(
-    from: impl ReadHalf,
-    mut to: impl AsyncWrite + Unpin,
+/// other direction can still finish; `true`), or until a hand-over stops it between chunks
+/// (`false`), or either side fails. Gives both halves back.
+async fn pump<R: ReadHalf, W: AsyncWrite + Unpin>(
+    from: R,
+    mut to: W,
     counter: &AtomicU64,
     stats: &ProxyStats,
-) -> io::Result<()> {
+    mut park: watch::Receiver<bool>,
+) -> io::Result<(R, W, bool)> {
     loop {
-        from.readable().await?;
+        tokio::select! {
+            readable = from.readable() => readable?,
+            _ = park.wait_for(|p| *p) => return Ok((from, to, false)),
+        }
         let mut buf = Vec::with_capacity(CHUNK);
         loop {
             buf.clear();
@@ -368,7 +611,7 @@ async fn pump(
                 Ok(0) => {
                     // The peer closed its side; a socket already gone needs no shutdown.
                     let _ = to.shutdown().await;
-                    return Ok(());
+                    return Ok((from, to, true));
                 }
                 Ok(n) => {
                     to.write_all(&buf).await?;
@@ -395,11 +638,17 @@ mod tests {
         upstream: watch::Sender<Upstream>,
         stats: Arc<ProxyStats>,
         handle: ProxyHandle,
+        sock: PathBuf,
+        listener_copy: std::os::fd::OwnedFd,
         _dir: tempfile::TempDir,
     }
 
-    /// A proxy in front of an echo engine that answers `ping` with `pong` and echoes the rest.
+    /// A proxy in front of an echo engine.
     async fn echo_engine(state: Upstream) -> Served {
+        echo_engine_with(state, Budget::for_engine(8)).await
+    }
+
+    async fn echo_engine_with(state: Upstream, budget: Budget) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("s");
         let engine = UnixListener::bind(&sock).unwrap();
@@ -415,20 +664,28 @@ mod tests {
         });
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        // What the keeper would hold: a copy of the listener.
+        let listener_copy = std::os::fd::AsFd::as_fd(&listener)
+            .try_clone_to_owned()
+            .unwrap();
         let (upstream, rx) = watch::channel(state);
         let stats = Arc::new(ProxyStats::default());
         let handle = serve(
             listener,
-            sock,
+            sock.clone(),
             nix::unistd::Uid::current(),
             rx,
             stats.clone(),
+            budget,
+            Vec::new(),
         );
         Served {
             addr,
             upstream,
             stats,
             handle,
+            sock,
+            listener_copy,
             _dir: dir,
         }
     }
@@ -445,6 +702,7 @@ mod tests {
         client.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"ping");
         drop(s.handle);
+        drop(s.listener_copy);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
             TcpStream::connect(s.addr).await.is_err(),
@@ -464,7 +722,10 @@ mod tests {
         let t = s.stats.traffic();
         assert_eq!((t.open, t.total), (1, 1));
         assert_eq!(t.connections[0].peer, mine);
+        // Connected but silent: no wake yet.
+        assert_eq!(clients.borrow().spoke, 0);
         client.write_all(b"hello").await.unwrap();
+        clients.wait_for(|c| c.spoke == 1).await.unwrap();
         s.upstream.send(Upstream::Ready).unwrap();
         let mut buf = [0u8; 5];
         client.read_exact(&mut buf).await.unwrap();
@@ -513,5 +774,89 @@ mod tests {
             .expect("closed, not held")
             .unwrap_or(0);
         assert_eq!(n, 0);
+    }
+
+    /// A graceful hand-over stops connections between chunks and a new proxy carries them on:
+    /// the forwarded one keeps its engine connection, the waiting one still waits, nothing is
+    /// lost either way, and the port accepted clients meanwhile.
+    #[tokio::test]
+    async fn handed_over_connections_carry_on_in_the_next_proxy() {
+        let s = echo_engine(Upstream::Ready).await;
+        let mut forwarded = TcpStream::connect(s.addr).await.unwrap();
+        forwarded.write_all(b"one").await.unwrap();
+        let mut buf = [0u8; 3];
+        forwarded.read_exact(&mut buf).await.unwrap();
+        s.upstream.send(Upstream::Hibernated).unwrap();
+        let mut waiting = TcpStream::connect(s.addr).await.unwrap();
+        waiting.write_all(b"wait").await.unwrap();
+        s.stats.clients().wait_for(|c| c.spoke == 2).await.unwrap();
+        let parked = s.handle.hand_over().await;
+        assert_eq!(parked.len(), 2);
+        assert_eq!(parked.iter().filter(|p| p.engine.is_some()).count(), 1);
+        // Between the two agents: sent now, answered by the next one.
+        forwarded.write_all(b"two").await.unwrap();
+        let mut late = TcpStream::connect(s.addr).await.unwrap();
+        late.write_all(b"late").await.unwrap();
+        let listener = std::net::TcpListener::from(s.listener_copy);
+        listener.set_nonblocking(true).unwrap();
+        let (upstream, rx) = watch::channel(Upstream::Ready);
+        let stats = Arc::new(ProxyStats::default());
+        let _next = serve(
+            TcpListener::from_std(listener).unwrap(),
+            s.sock.clone(),
+            nix::unistd::Uid::current(),
+            rx,
+            stats.clone(),
+            Budget::for_engine(8),
+            parked,
+        );
+        forwarded.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"two");
+        let mut four = [0u8; 4];
+        waiting.read_exact(&mut four).await.unwrap();
+        assert_eq!(&four, b"wait");
+        late.read_exact(&mut four).await.unwrap();
+        assert_eq!(&four, b"late");
+        assert_eq!(stats.traffic().open, 3);
+        drop(upstream);
+    }
+
+    /// Over the budget, a new client is closed at once and counted; clients within it are
+    /// untouched.
+    #[tokio::test]
+    async fn clients_over_the_budget_are_closed_and_counted() {
+        let budget = Budget {
+            max_open: 3,
+            max_silent: 2,
+        };
+        let s = echo_engine_with(Upstream::Ready, budget).await;
+        let mut clients = s.stats.clients();
+        let silent: Vec<_> = futures_connect(s.addr, 2).await;
+        clients.wait_for(|c| c.accepted == 2).await.unwrap();
+        // A third silent one is one too many.
+        let mut third = TcpStream::connect(s.addr).await.unwrap();
+        let mut buf = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut buf))
+            .await
+            .expect("closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert_eq!(s.stats.traffic().refused, 1);
+        // One that speaks is served while silent ones wait.
+        drop(silent);
+        clients.wait_for(|c| c.open == 0).await.unwrap();
+        let mut talker = TcpStream::connect(s.addr).await.unwrap();
+        talker.write_all(b"hi").await.unwrap();
+        let mut two = [0u8; 2];
+        talker.read_exact(&mut two).await.unwrap();
+        assert_eq!(&two, b"hi");
+    }
+
+    async fn futures_connect(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(TcpStream::connect(addr).await.unwrap());
+        }
+        out
     }
 }

@@ -476,12 +476,37 @@ impl Cluster {
     }
 }
 
+/// Ends the agent's listener keeper for `state_dir` through its socket, and by its pid if it
+/// does not go. Nothing to do when none runs.
+pub fn stop_keeper(state_dir: &Path) {
+    let sock = state_dir.join("keeper/keeper.sock");
+    let Ok(mut keeper) = dormant_agent::keeper::KeeperClient::connect(&sock) else {
+        return;
+    };
+    let pid = keeper.pid().ok();
+    let _ = keeper.exit();
+    if let Some(pid) = pid {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while crate::process::pid_alive(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if crate::process::pid_alive(pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for a in &mut self.agents {
             if let Some(mut p) = a.proc.take() {
                 p.kill();
             }
+            // The listener keeper outlives agents by design (it keeps tenant ports open).
+            stop_keeper(&a.state_dir);
         }
         self.kill_scheduler();
         // Tenant engines outlive agents by design: kill them by the PIDs in the test's cgroups.

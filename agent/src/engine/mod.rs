@@ -39,6 +39,11 @@ pub struct EngineTemplate {
     pub readiness: Readiness,
 }
 
+/// PostgreSQL's `max_connections` for a tenant of this memory: in proportion, 20 to 500.
+pub fn max_connections(memory_bytes: u64) -> u64 {
+    ((memory_bytes >> 20) / 8).clamp(20, 500)
+}
+
 /// The values a template's placeholders take for one tenant.
 #[derive(Debug, Clone)]
 pub struct TenantContext {
@@ -51,7 +56,7 @@ impl TenantContext {
         // PostgreSQL sizing that follows the tenant's memory: a quarter for shared buffers,
         // connections in proportion, so the smallest tier fits in 256 MiB.
         let shared_buffers_mb = (mib / 4).clamp(8, 8192);
-        let max_connections = (mib / 8).clamp(20, 500);
+        let max_connections = max_connections(memory_bytes);
         let vars = BTreeMap::from([
             ("data", data.display().to_string()),
             ("run", run.display().to_string()),

@@ -25,7 +25,7 @@ use crate::crash_point;
 use crate::engine::{postgres, EngineTemplate, Readiness, TenantContext};
 use crate::host::{Host, TenantPaths};
 use crate::process::{Exit, Watched};
-use crate::proxy::{self, ProxyHandle};
+use crate::proxy::{self, ProxyError, ProxyHandle};
 use crate::spawn::{self, Isolation, SpawnRequest};
 use crate::tenant_fs;
 
@@ -120,6 +120,10 @@ pub trait Runtime: Send + 'static {
     /// `prepare` mounts it and the supervisor grows it then).
     fn grow_storage(&self, bytes: u64) -> impl Future<Output = Result<(), TenantError>> + Send;
 
+    /// Stops serving clients without cutting them: the listener stays open in the keeper and
+    /// open connections are handed over to the next agent (an agent stopping gracefully).
+    fn hand_over(&mut self) -> impl Future<Output = ()> + Send;
+
     /// Removes every trace of the tenant: endpoint, cgroup, volume (unmounted, detached,
     /// deleted), directories. The cgroup must be empty. Safe to repeat.
     fn remove(&mut self) -> impl Future<Output = Result<(), TenantError>> + Send;
@@ -192,6 +196,16 @@ impl HostRuntime {
             children: Arc::default(),
             host,
         }
+    }
+
+    /// What this tenant's clients may hold of the proxy.
+    fn budget(&self) -> proxy::Budget {
+        let mut budget =
+            proxy::Budget::for_engine(crate::engine::max_connections(self.resources.memory.0));
+        if let Some(max) = self.host.max_clients_per_tenant {
+            budget.max_open = max;
+        }
+        budget
     }
 
     fn cgroup(&self) -> Box<dyn TenantCgroup> {
@@ -460,7 +474,23 @@ impl Runtime for HostRuntime {
         self.identity = Some(identity);
         if self.proxy.is_none() {
             let addr = std::net::SocketAddr::new(self.host.listen_host, self.port);
-            let listener = proxy::bind(addr).await?;
+            // The port kept open across agent restarts, if it is there (see `endpoints`).
+            let listener = self
+                .host
+                .endpoints
+                .listener(self.name.as_str(), addr)
+                .and_then(tokio::net::TcpListener::from_std)
+                .map_err(|source| ProxyError { addr, source })?;
+            let resumed = self
+                .host
+                .endpoints
+                .take_handed_over(self.name.as_str())
+                .into_iter()
+                .map(|h| proxy::Parked {
+                    client: h.client.into(),
+                    engine: h.engine.map(Into::into),
+                })
+                .collect();
             let socket = self.context().fill_path(&engine.socket);
             self.proxy = Some(proxy::serve(
                 listener,
@@ -468,6 +498,8 @@ impl Runtime for HostRuntime {
                 identity.0,
                 self.ready.clone(),
                 self.stats.clone(),
+                self.budget(),
+                resumed,
             ));
         }
         Ok(())
@@ -715,8 +747,43 @@ impl Runtime for HostRuntime {
         .await
     }
 
+    async fn hand_over(&mut self) {
+        let Some(proxy) = self.proxy.take() else {
+            return;
+        };
+        let parked = proxy.hand_over().await;
+        if parked.is_empty() {
+            return;
+        }
+        let host = self.host.clone();
+        let name = self.name.to_string();
+        let count = parked.len();
+        let handed = tokio::task::spawn_blocking(move || {
+            use std::os::fd::AsRawFd;
+            parked
+                .iter()
+                .filter(|p| {
+                    let mut fds = vec![p.client.as_raw_fd()];
+                    fds.extend(p.engine.as_ref().map(AsRawFd::as_raw_fd));
+                    host.endpoints.hand_over(&name, &fds)
+                })
+                .count()
+        })
+        .await
+        .unwrap_or(0);
+        info!(
+            handed_over = handed,
+            cut = count - handed,
+            "client connections handed over to the next agent"
+        );
+    }
+
     async fn remove(&mut self) -> Result<(), TenantError> {
         self.proxy = None;
+        let host = self.host.clone();
+        let name = self.name.to_string();
+        // The port closes for good (the keeper's copy too).
+        let _ = tokio::task::spawn_blocking(move || host.endpoints.forget(&name)).await;
         let host = self.host.clone();
         let paths = self.paths.clone();
         let cgroup = self.cgroup();

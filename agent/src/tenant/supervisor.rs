@@ -100,11 +100,11 @@ enum Phase<E> {
         adopt: bool,
     },
     Running(E),
-    /// The engine is stopped (`frozen` is `None`) or frozen; clients accepted beyond
-    /// `accepted_at` wake it.
+    /// The engine is stopped (`frozen` is `None`) or frozen; a client that speaks beyond the
+    /// `spoke_at` count wakes it (a TCP probe that connects and closes does not).
     Hibernated {
         frozen: Option<E>,
-        accepted_at: u64,
+        spoke_at: u64,
     },
     Backoff(String),
     Failed(String),
@@ -272,10 +272,7 @@ impl<R: Runtime> Supervisor<R> {
             phase = match phase {
                 Phase::Start { adopt } => self.start(adopt).await,
                 Phase::Running(engine) => self.running(engine).await,
-                Phase::Hibernated {
-                    frozen,
-                    accepted_at,
-                } => self.hibernated(frozen, accepted_at).await,
+                Phase::Hibernated { frozen, spoke_at } => self.hibernated(frozen, spoke_at).await,
                 Phase::Backoff(reason) => self.backoff(reason).await,
                 Phase::Failed(reason) => self.failed(reason).await,
                 Phase::Delete { engine, ready } => {
@@ -295,6 +292,9 @@ impl<R: Runtime> Supervisor<R> {
                                 let _ = self.rt.kill_all().await;
                             }
                         }
+                    } else {
+                        // The next agent takes the port and the open connections over.
+                        self.rt.hand_over().await;
                     }
                     return;
                 }
@@ -454,7 +454,7 @@ impl<R: Runtime> Supervisor<R> {
         }
         if self.record.hibernated && adopt && self.rt.is_initialized() {
             // Hibernated when the agent stopped: it stays so until a client comes. Any client
-            // this agent accepted (counts start at 0) wakes it.
+            // that spoke to this agent (counts start at 0) wakes it.
             return self.now_hibernated(None, 0);
         }
         if self.status.borrow().state != TenantState::Starting || !self.status.borrow().announced {
@@ -781,26 +781,23 @@ impl<R: Runtime> Supervisor<R> {
         let hibernations = self.hibernations;
         self.status.send_modify(|o| o.hibernations = hibernations);
         info!(%mode, "tenant hibernated");
-        Ok(self.now_hibernated(frozen, clients.accepted))
+        Ok(self.now_hibernated(frozen, clients.spoke))
     }
 
     /// Enters `Hibernated`: clients wait and wake the tenant.
-    fn now_hibernated(&mut self, frozen: Option<R::Engine>, accepted_at: u64) -> Phase<R::Engine> {
+    fn now_hibernated(&mut self, frozen: Option<R::Engine>, spoke_at: u64) -> Phase<R::Engine> {
         self.ready.send_replace(Upstream::Hibernated);
         self.status
             .send_modify(|o| o.pid = frozen.as_ref().map(EngineProcess::pid));
         self.set(TenantState::Hibernated, None);
-        Phase::Hibernated {
-            frozen,
-            accepted_at,
-        }
+        Phase::Hibernated { frozen, spoke_at }
     }
 
     /// Hibernated until a client arrives or a wake is asked for.
     async fn hibernated(
         &mut self,
         mut frozen: Option<R::Engine>,
-        accepted_at: u64,
+        spoke_at: u64,
     ) -> Phase<R::Engine> {
         loop {
             self.take_deferred().await;
@@ -836,7 +833,7 @@ impl<R: Runtime> Supervisor<R> {
                 }
             };
             let event = tokio::select! {
-                woken = self.clients.wait_for(|c| c.accepted > accepted_at) => match woken {
+                woken = self.clients.wait_for(|c| c.spoke > spoke_at) => match woken {
                     Ok(_) => Asleep::Client,
                     Err(_) => Asleep::ProxyGone,
                 },

@@ -22,6 +22,7 @@ const CREATE_STEPS: &[&str] = &[
     "start.after_spawn",
 ];
 const RESTART_STEPS: &[&str] = &["restart.after_intent", "restart.after_stop"];
+const HIBERNATE_STEPS: &[&str] = &["hibernate.after_intent", "hibernate.after_stop"];
 const RESIZE_STEPS: &[&str] = &[
     "resize.after_record",
     "resize.after_limits",
@@ -38,7 +39,14 @@ const DELETE_STEPS: &[&str] = &[
 
 #[test]
 fn every_crash_point_has_a_case() {
-    let covered: Vec<&str> = [CREATE_STEPS, RESTART_STEPS, RESIZE_STEPS, DELETE_STEPS].concat();
+    let covered: Vec<&str> = [
+        CREATE_STEPS,
+        RESTART_STEPS,
+        HIBERNATE_STEPS,
+        RESIZE_STEPS,
+        DELETE_STEPS,
+    ]
+    .concat();
     assert_eq!(
         covered,
         dormant_agent::crash::STEPS,
@@ -252,6 +260,55 @@ fn restart_crash(test: &str, step: &str) {
     assert!(record.get("restarting_from").is_none(), "{record}");
 }
 
+/// A redis tenant hibernating after 2 s idle, with the agent killed at `step` (`freeze` mode for
+/// the step after the freeze, so the next agent finds a frozen engine; `stop` for the intent):
+/// after the restart the tenant is (or becomes again) hibernated, a client wakes it and reads
+/// what was saved, and the record says it is awake.
+fn hibernate_crash(test: &str, step: &str) {
+    if !require_root(test) {
+        return;
+    }
+    let mode = if step == "hibernate.after_stop" {
+        "freeze"
+    } else {
+        "stop"
+    };
+    let mut cluster = Cluster::start(test);
+    cluster.add_agent("n1");
+    let out = cluster.create(
+        "dozy",
+        "redis",
+        ["0.25", "128MiB", "128MiB"],
+        &["--idle-after", "2s", "--hibernate", mode],
+    );
+    assert!(out.success, "{}", out.stderr);
+    let t = out.json();
+    let password = t["credentials"]["password"].as_str().unwrap().to_string();
+    let endpoint = t["endpoint"].as_str().unwrap().to_string();
+    assert_eq!(
+        redis_cli(&endpoint, &password, &["SET", "k", "kept"]),
+        Ok("OK".into())
+    );
+    assert_eq!(redis_cli(&endpoint, &password, &["SAVE"]), Ok("OK".into()));
+    arm(&mut cluster, step);
+    crash_and_restart(&mut cluster, step);
+    cluster.wait_tenant_state("dozy", "hibernated", Duration::from_secs(60));
+    assert_eq!(
+        redis_cli(&endpoint, &password, &["GET", "k"]),
+        Ok("kept".into())
+    );
+    cluster.wait_tenant_state("dozy", "running", Duration::from_secs(30));
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(cluster.agents[0].state_dir.join("tenants/dozy/tenant.json")).unwrap(),
+    )
+    .unwrap();
+    // Written once the engine answers again (it may hibernate again 2 s later: then it says so).
+    assert!(
+        record.get("hibernated").is_none() || cluster.tenant("dozy")["state"] == "hibernated",
+        "{record}"
+    );
+}
+
 /// A running redis tenant resized with the agent killed at `step`: after the restart the new
 /// CPU limit is in force, the record says the new size, and the engine never restarted.
 fn resize_crash(test: &str, step: &str) {
@@ -364,6 +421,11 @@ cases! { create_crash:
 cases! { restart_crash:
     restart_after_intent => "restart.after_intent",
     restart_after_stop => "restart.after_stop",
+}
+
+cases! { hibernate_crash:
+    hibernate_after_intent => "hibernate.after_intent",
+    hibernate_after_stop => "hibernate.after_stop",
 }
 
 cases! { resize_crash:

@@ -193,6 +193,7 @@ impl Runtime for FakeRuntime {
             None => Ok(()),
         }
     }
+    async fn hand_over(&mut self) {}
     async fn remove(&mut self) -> Result<(), TenantError> {
         self.step("remove");
         if let Some(e) = self.host().remove_errors.pop_front() {
@@ -285,6 +286,7 @@ impl Harness {
         self.clients.send_modify(|c| {
             c.open += 1;
             c.accepted += 1;
+            c.spoke += 1;
         });
     }
     /// A client disconnects.

@@ -1,0 +1,263 @@
+//! Tenant ports that outlive the agent process: every listener the agent opens is also handed to
+//! the host's listener keeper (`keeper`), and an agent that starts takes back the listeners (and
+//! the connections a gracefully stopping agent handed over) instead of binding afresh. Without a
+//! keeper (it could not be started) ports still work, they just close with the agent; that is
+//! logged, never fatal.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+
+use tracing::{info, warn};
+
+use crate::keeper::{KeeperClient, KeeperError};
+
+const LISTEN: &str = "listen/";
+const CONN: &str = "conn/";
+/// Connections waiting to be accepted while the agent is away (the kernel caps it at somaxconn).
+const BACKLOG: u32 = 4096;
+
+/// A connection the previous agent handed over: the client, and the engine connection when it
+/// had one (else the client was still waiting for its engine).
+#[derive(Debug)]
+pub struct HandedOver {
+    pub client: OwnedFd,
+    pub engine: Option<OwnedFd>,
+}
+
+#[derive(Debug)]
+pub struct Endpoints {
+    keeper_path: PathBuf,
+    program: Option<PathBuf>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    keeper: Option<KeeperClient>,
+    /// Listeners the keeper held when this agent started, by tenant, until the tenant takes its.
+    inherited: BTreeMap<String, OwnedFd>,
+    handed_over: BTreeMap<String, Vec<HandedOver>>,
+    /// A copy of every listener registered, to give a restarted keeper.
+    registered: BTreeMap<String, OwnedFd>,
+    next_handover: u64,
+}
+
+impl Endpoints {
+    /// Connects to the host's keeper at `<state_dir>/keeper/keeper.sock` (starting it from
+    /// `program` if none runs) and takes back what it holds.
+    pub fn open(state_dir: &Path, program: Option<PathBuf>) -> Self {
+        let dir = state_dir.join("keeper");
+        let keeper_path = dir.join("keeper.sock");
+        let endpoints = Self {
+            keeper_path,
+            program,
+            inner: Mutex::default(),
+        };
+        if let Err(e) = prepare_dir(&dir) {
+            warn!(error = %e, dir = %dir.display(), "no listener keeper: tenant ports will close while the agent restarts");
+            return endpoints;
+        }
+        let mut inner = endpoints.lock();
+        match endpoints.keeper(&mut inner) {
+            Ok(keeper) => {
+                let listeners = keeper.get(LISTEN, false);
+                let connections = keeper.get(CONN, true);
+                match (listeners, connections) {
+                    (Ok(listeners), Ok(connections)) => {
+                        let (l, c) = (listeners.len(), connections.len());
+                        for (key, mut fds) in listeners {
+                            if let (Some(name), Some(fd)) = (key.strip_prefix(LISTEN), fds.pop()) {
+                                inner.inherited.insert(name.to_string(), fd);
+                            }
+                        }
+                        for (key, mut fds) in connections {
+                            let Some(name) = key
+                                .strip_prefix(CONN)
+                                .and_then(|rest| rest.split('/').next())
+                            else {
+                                continue;
+                            };
+                            if fds.is_empty() {
+                                continue;
+                            }
+                            let client = fds.remove(0);
+                            inner.handed_over.entry(name.to_string()).or_default().push(
+                                HandedOver {
+                                    client,
+                                    engine: fds.pop(),
+                                },
+                            );
+                        }
+                        info!(
+                            listeners = l,
+                            connections = c,
+                            "took back the tenant ports (and handed-over connections) the listener keeper held"
+                        );
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        warn!(error = %e, "reading the listener keeper");
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "no listener keeper: tenant ports will close while the agent restarts")
+            }
+        }
+        drop(inner);
+        endpoints
+    }
+
+    /// No keeper at all (unit tests).
+    pub fn without_keeper() -> Self {
+        Self {
+            keeper_path: PathBuf::new(),
+            program: None,
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The keeper connection, (re)connecting or starting it; a restarted keeper gets every
+    /// registered listener again.
+    fn keeper<'a>(&self, inner: &'a mut Inner) -> Result<&'a mut KeeperClient, KeeperError> {
+        if inner.keeper.is_none() {
+            let mut client = match &self.program {
+                Some(program) => KeeperClient::connect_or_start(&self.keeper_path, program)?,
+                None => KeeperClient::connect(&self.keeper_path)?,
+            };
+            for (name, fd) in &inner.registered {
+                client.put(&format!("{LISTEN}{name}"), &[fd.as_raw_fd()])?;
+            }
+            if let Ok(pid) = client.pid() {
+                info!(pid, socket = %self.keeper_path.display(), "listener keeper");
+            }
+            inner.keeper = Some(client);
+        }
+        inner.keeper.as_mut().ok_or_else(|| KeeperError::Protocol {
+            path: self.keeper_path.clone(),
+            answer: "(not connected)".into(),
+        })
+    }
+
+    /// Runs `f` against the keeper, reconnecting once if it went away; false if it failed.
+    fn with_keeper(
+        &self,
+        inner: &mut Inner,
+        what: &str,
+        f: impl Fn(&mut KeeperClient) -> Result<(), KeeperError>,
+    ) -> bool {
+        if self.keeper_path.as_os_str().is_empty() {
+            return false;
+        }
+        for attempt in 0..2 {
+            match self.keeper(inner).and_then(&f) {
+                Ok(()) => return true,
+                Err(e) => {
+                    inner.keeper = None;
+                    if attempt == 0 {
+                        warn!(error = %e, what, "listener keeper; reconnecting");
+                    } else {
+                        warn!(error = %e, what, "listener keeper unavailable: this port closes while the agent restarts");
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    /// The tenant's listener on `addr`: the one kept from before if it is there (the port never
+    /// closed), else a new one, which the keeper gets a copy of.
+    pub fn listener(
+        &self,
+        tenant: &str,
+        addr: SocketAddr,
+    ) -> std::io::Result<std::net::TcpListener> {
+        let mut inner = self.lock();
+        if let Some(fd) = inner.inherited.remove(tenant) {
+            let listener = std::net::TcpListener::from(fd);
+            if listener.local_addr().ok() == Some(addr) {
+                listener.set_nonblocking(true)?;
+                let copy = listener.as_fd().try_clone_to_owned()?;
+                inner.registered.insert(tenant.to_string(), copy);
+                return Ok(listener);
+            }
+            // The tenant's port changed while the agent was away: the old one closes.
+        }
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(BACKLOG)?.into_std()?;
+        let copy = listener.as_fd().try_clone_to_owned()?;
+        let raw = copy.as_raw_fd();
+        let key = format!("{LISTEN}{tenant}");
+        self.with_keeper(&mut inner, "keeping a listener", |k| k.put(&key, &[raw]));
+        inner.registered.insert(tenant.to_string(), copy);
+        Ok(listener)
+    }
+
+    /// The connections the previous agent handed over for `tenant`.
+    pub fn take_handed_over(&self, tenant: &str) -> Vec<HandedOver> {
+        self.lock().handed_over.remove(tenant).unwrap_or_default()
+    }
+
+    /// Hands a connection to the keeper for the next agent (a graceful stop).
+    pub fn hand_over(&self, tenant: &str, fds: &[RawFd]) -> bool {
+        let mut inner = self.lock();
+        inner.next_handover += 1;
+        let key = format!("{CONN}{tenant}/{}", inner.next_handover);
+        self.with_keeper(&mut inner, "handing over a connection", |k| {
+            k.put(&key, fds)
+        })
+    }
+
+    /// The tenant is gone from this host: its port closes for good.
+    pub fn forget(&self, tenant: &str) {
+        let mut inner = self.lock();
+        inner.inherited.remove(tenant);
+        inner.handed_over.remove(tenant);
+        inner.registered.remove(tenant);
+        let key = format!("{LISTEN}{tenant}");
+        self.with_keeper(&mut inner, "closing a listener", |k| k.delete(&key));
+    }
+
+    /// Closes the kept ports of tenants this host no longer has (after resuming the records).
+    pub fn forget_all_but(&self, tenants: &BTreeSet<String>) {
+        let stale: Vec<String> = self
+            .lock()
+            .inherited
+            .keys()
+            .filter(|name| !tenants.contains(*name))
+            .cloned()
+            .collect();
+        for name in stale {
+            info!(tenant_id = %name, "closing a kept port of a tenant this host no longer has");
+            self.forget(&name);
+        }
+    }
+
+    /// Ends the keeper (the agent stops its tenants for good: `stop_tenants_on_exit`).
+    pub fn close_keeper(&self) {
+        let mut inner = self.lock();
+        if let Some(keeper) = inner.keeper.take() {
+            if let Err(e) = keeper.exit() {
+                warn!(error = %e, "ending the listener keeper");
+            }
+        }
+    }
+}
+
+/// The keeper's directory: root's only (the socket gives out tenant ports).
+fn prepare_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}

@@ -71,10 +71,11 @@ pub struct Clients {
     pub spoke: u64,
 }
 
-/// What one tenant's clients may hold of the agent: open connections, and connections that have
-/// not sent a byte yet (those cost a socket each and no engine connection: the engine is only
-/// reached once the client speaks). Beyond either, a new connection is closed at once, so one
-/// tenant's clients cannot use up the descriptors every other tenant needs.
+/// What one tenant's clients may hold of the agent: open connections (beyond them a new one is
+/// closed at once), and of those, connections that have not sent a byte yet (they cost a socket
+/// each and no engine connection: the engine is only reached once the client speaks; beyond the
+/// bound the oldest silent one is closed, so a flood of them never locks out a client that
+/// speaks). One tenant's clients cannot use up the descriptors every other tenant needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budget {
     pub max_open: u64,
@@ -83,11 +84,17 @@ pub struct Budget {
 
 impl Budget {
     /// From the engine's own connection limit: twice it (clients beyond the engine's limit get
-    /// the engine's own refusal, not the proxy's), and silent ones bounded apart.
+    /// the engine's own refusal, not the proxy's).
     pub fn for_engine(max_connections: u64) -> Self {
+        Self::with_max_open((2 * max_connections + 16).max(64))
+    }
+
+    /// Silent connections may take half of the open ones: a flood of them leaves room for
+    /// clients that speak.
+    pub fn with_max_open(max_open: u64) -> Self {
         Self {
-            max_open: (2 * max_connections + 16).max(64),
-            max_silent: 256,
+            max_open,
+            max_silent: (max_open / 2).max(1),
         }
     }
 }
@@ -106,6 +113,8 @@ pub struct Traffic {
     pub total: u64,
     /// Closed at once, over the tenant's budget.
     pub refused: u64,
+    /// Closed without a byte sent, to make room for newer clients.
+    pub evicted: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// The last connect, disconnect or chunk of bytes, in ms since the epoch (0 = never).
@@ -121,10 +130,14 @@ pub struct ProxyStats {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     last_activity_unix_ms: AtomicU64,
-    /// Open connections that have not sent a byte yet.
-    silent: AtomicU64,
+    /// Open connections that have not sent a byte yet, by accept number.
+    silent: Mutex<std::collections::BTreeSet<u64>>,
+    /// Silent connections up to this accept number are closed (the oldest go first).
+    evict: watch::Sender<u64>,
     /// Connections closed at once for being over the budget.
     refused: AtomicU64,
+    /// Silent connections closed to make room for newer ones.
+    evicted: AtomicU64,
     /// Open connections by their accept number.
     open: Mutex<BTreeMap<u64, OpenConnection>>,
 }
@@ -136,8 +149,10 @@ impl Default for ProxyStats {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             last_activity_unix_ms: AtomicU64::new(0),
-            silent: AtomicU64::new(0),
+            silent: Mutex::default(),
+            evict: watch::channel(0).0,
             refused: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
             open: Mutex::default(),
         }
     }
@@ -170,6 +185,7 @@ impl ProxyStats {
             open: clients.open,
             total: clients.accepted,
             refused: self.refused.load(Ordering::Relaxed),
+            evicted: self.evicted.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             last_activity_unix_ms: self.last_activity_unix_ms.load(Ordering::Relaxed),
@@ -179,8 +195,7 @@ impl ProxyStats {
 
     /// Whether one more client fits the budget; counts it refused if not.
     fn admits(&self, budget: &Budget) -> bool {
-        let fits = self.clients.borrow().open < budget.max_open
-            && self.silent.load(Ordering::Relaxed) < budget.max_silent;
+        let fits = self.clients.borrow().open < budget.max_open;
         if !fits {
             self.refused.fetch_add(1, Ordering::Relaxed);
         }
@@ -193,7 +208,7 @@ impl ProxyStats {
     }
 
     /// Counts a client in; the returned guard counts it out when dropped.
-    fn admit(self: &Arc<Self>, peer: SocketAddr) -> Admitted {
+    fn admit(self: &Arc<Self>, peer: SocketAddr, budget: &Budget) -> Admitted {
         let mut id = 0;
         self.clients.send_modify(|c| {
             c.open += 1;
@@ -207,7 +222,22 @@ impl ProxyStats {
             .insert(id, OpenConnection { peer, opened });
         self.last_activity_unix_ms
             .store(unix_ms(opened), Ordering::Relaxed);
-        self.silent.fetch_add(1, Ordering::Relaxed);
+        let evicted = {
+            let mut silent = self.silent.lock().unwrap_or_else(PoisonError::into_inner);
+            silent.insert(id);
+            if silent.len() as u64 > budget.max_silent {
+                silent.pop_first()
+            } else {
+                None
+            }
+        };
+        if let Some(oldest) = evicted {
+            self.evict.send_modify(|e| *e = (*e).max(oldest));
+            let n = self.evicted.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                warn!(%peer, max_silent = budget.max_silent, evicted = n, "the oldest silent client closed: the tenant holds its bound of connections that have not sent a byte");
+            }
+        }
         Admitted {
             stats: self.clone(),
             id,
@@ -227,7 +257,11 @@ impl Admitted {
     /// The client sent its first byte: a hibernated tenant wakes on this.
     fn spoke(&mut self) {
         if std::mem::take(&mut self.silent) {
-            self.stats.silent.fetch_sub(1, Ordering::Relaxed);
+            self.stats
+                .silent
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&self.id);
             self.stats.clients.send_modify(|c| c.spoke += 1);
         }
     }
@@ -236,7 +270,11 @@ impl Admitted {
 impl Drop for Admitted {
     fn drop(&mut self) {
         if self.silent {
-            self.stats.silent.fetch_sub(1, Ordering::Relaxed);
+            self.stats
+                .silent
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&self.id);
         }
         self.stats
             .open
@@ -344,8 +382,8 @@ async fn accept_loop(
     let mut connections = JoinSet::new();
     let (parking, park) = watch::channel(false);
     let conn = |client: TcpStream, peer, engine| {
-        // Counted before anything else: a hibernated tenant wakes on this.
-        let admitted = stats.admit(peer);
+        // Counted open before anything else: an open client keeps the tenant awake.
+        let admitted = stats.admit(peer, &target.budget);
         forward(
             client,
             peer,
@@ -380,7 +418,7 @@ async fn accept_loop(
                     let refused = stats.refused.load(Ordering::Relaxed);
                     if refused.is_power_of_two() {
                         let c = *stats.clients.borrow();
-                        warn!(%peer, open = c.open, silent = stats.silent.load(Ordering::Relaxed), max_open = target.budget.max_open, max_silent = target.budget.max_silent, refused, "client closed: over the tenant's connection budget");
+                        warn!(%peer, open = c.open, max_open = target.budget.max_open, max_silent = target.budget.max_silent, refused, "client closed: over the tenant's connection budget");
                     }
                 }
                 Err(e) => {
@@ -505,6 +543,7 @@ async fn forward(
         }
         None => {
             // Nothing is asked of the engine (no wake, no backend) until the client speaks.
+            let mut evict = stats.evict.subscribe();
             let spoke = tokio::select! {
                 spoke = first_byte(&client) => spoke,
                 _ = park.wait_for(|p| *p) => {
@@ -512,6 +551,11 @@ async fn forward(
                 }
                 // A failed tenant closes its clients at once, silent ones too.
                 _ = ready.wait_for(|u| *u == Upstream::Down) => false,
+                // Too many silent ones: the oldest go.
+                _ = evict.wait_for(|e| *e >= admitted.id) => {
+                    debug!(%peer, "silent client closed: newer clients need the room");
+                    false
+                }
             };
             if !spoke {
                 debug!(%peer, "client closed without a byte");
@@ -831,25 +875,42 @@ mod tests {
         };
         let s = echo_engine_with(Upstream::Ready, budget).await;
         let mut clients = s.stats.clients();
-        let silent: Vec<_> = futures_connect(s.addr, 2).await;
+        let mut silent: Vec<_> = futures_connect(s.addr, 2).await;
         clients.wait_for(|c| c.accepted == 2).await.unwrap();
-        // A third silent one is one too many.
-        let mut third = TcpStream::connect(s.addr).await.unwrap();
+        // A third silent one closes the oldest silent one, not itself.
+        let third = TcpStream::connect(s.addr).await.unwrap();
         let mut buf = Vec::new();
-        let n = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut buf))
+        let n = tokio::time::timeout(Duration::from_secs(5), silent[0].read_to_end(&mut buf))
             .await
-            .expect("closed at once")
+            .expect("the oldest silent one is closed at once")
             .unwrap_or(0);
         assert_eq!(n, 0);
-        assert_eq!(s.stats.traffic().refused, 1);
-        // One that speaks is served while silent ones wait.
-        drop(silent);
-        clients.wait_for(|c| c.open == 0).await.unwrap();
+        clients.wait_for(|c| c.open == 2).await.unwrap();
+        // A client that speaks is served beside the silent ones.
         let mut talker = TcpStream::connect(s.addr).await.unwrap();
         talker.write_all(b"hi").await.unwrap();
         let mut two = [0u8; 2];
         talker.read_exact(&mut two).await.unwrap();
         assert_eq!(&two, b"hi");
+        // It arrived silent too, so the next oldest silent one went.
+        let n = tokio::time::timeout(Duration::from_secs(5), silent[1].read_to_end(&mut buf))
+            .await
+            .expect("the next oldest silent one is closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        clients.wait_for(|c| c.open == 2).await.unwrap();
+        // Third (silent) and the talker are open; one more fits, the one after is closed at once
+        // and counted.
+        let _fourth = TcpStream::connect(s.addr).await.unwrap();
+        clients.wait_for(|c| c.open == 3).await.unwrap();
+        let mut fifth = TcpStream::connect(s.addr).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), fifth.read_to_end(&mut buf))
+            .await
+            .expect("closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert_eq!(s.stats.traffic().refused, 1);
+        drop((silent, third));
     }
 
     async fn futures_connect(addr: SocketAddr, n: usize) -> Vec<TcpStream> {

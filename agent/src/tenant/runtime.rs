@@ -200,12 +200,12 @@ impl HostRuntime {
 
     /// What this tenant's clients may hold of the proxy.
     fn budget(&self) -> proxy::Budget {
-        let mut budget =
-            proxy::Budget::for_engine(crate::engine::max_connections(self.resources.memory.0));
-        if let Some(max) = self.host.max_clients_per_tenant {
-            budget.max_open = max;
+        match self.host.max_clients_per_tenant {
+            Some(max) => proxy::Budget::with_max_open(max),
+            None => {
+                proxy::Budget::for_engine(crate::engine::max_connections(self.resources.memory.0))
+            }
         }
-        budget
     }
 
     fn cgroup(&self) -> Box<dyn TenantCgroup> {

@@ -16,6 +16,7 @@ mod t30_restarts;
 mod t35_lifecycle;
 mod t36_sweep;
 mod t38_ports_outlive_the_agent;
+mod t39_client_budget;
 mod t40_pending_until_room;
 mod t50_bad_input;
 mod t55_isolation;

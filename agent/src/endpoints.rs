@@ -229,15 +229,19 @@ impl Endpoints {
         self.with_keeper(&mut inner, "closing a listener", |k| k.delete(&key));
     }
 
-    /// Closes the kept ports of tenants this host no longer has (after resuming the records).
+    /// Closes the kept ports (and handed-over connections) of tenants this host no longer has
+    /// (after reading the records).
     pub fn forget_all_but(&self, tenants: &BTreeSet<String>) {
-        let stale: Vec<String> = self
-            .lock()
-            .inherited
-            .keys()
-            .filter(|name| !tenants.contains(*name))
-            .cloned()
-            .collect();
+        let stale: BTreeSet<String> = {
+            let inner = self.lock();
+            inner
+                .inherited
+                .keys()
+                .chain(inner.handed_over.keys())
+                .filter(|name| !tenants.contains(*name))
+                .cloned()
+                .collect()
+        };
         for name in stale {
             info!(tenant_id = %name, "closing a kept port of a tenant this host no longer has");
             self.forget(&name);

@@ -15,6 +15,7 @@ mod t20_cgroup_limits;
 mod t30_restarts;
 mod t35_lifecycle;
 mod t36_sweep;
+mod t37_hibernate;
 mod t38_ports_outlive_the_agent;
 mod t39_client_budget;
 mod t40_pending_until_room;

@@ -97,6 +97,11 @@ pub trait TenantCgroup: Debug + Send + Sync {
     fn freeze(&self) -> Result<(), CgroupError>;
     /// Undoes `freeze` and waits until the cgroup runs again.
     fn thaw(&self) -> Result<(), CgroupError>;
+    /// Gives back what an empty cgroup is still charged for (the page cache of its files), so
+    /// a hibernated tenant costs no memory. Best effort: the kernel may keep some.
+    fn reclaim_memory(&self) -> Result<(), CgroupError> {
+        Ok(())
+    }
     /// Removes the cgroup; it must be empty. Missing is fine.
     fn delete(&self) -> Result<(), CgroupError>;
     /// The path shown in logs and errors.

@@ -232,6 +232,11 @@ impl TenantCgroup for V1Cgroup {
         })
     }
 
+    fn reclaim_memory(&self) -> Result<(), CgroupError> {
+        // Only allowed (and only meaningful) once no task is left in the cgroup.
+        write_file(&self.memory.join("memory.force_empty"), "0")
+    }
+
     fn delete(&self) -> Result<(), CgroupError> {
         for dir in self.dirs() {
             remove_dir(dir)?;

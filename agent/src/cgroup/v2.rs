@@ -325,6 +325,28 @@ impl TenantCgroup for V2Cgroup {
         })
     }
 
+    fn reclaim_memory(&self) -> Result<(), CgroupError> {
+        // `memory.reclaim` (Linux 5.19) takes how much to reclaim: all of what is charged.
+        let file = self.file("memory.reclaim");
+        if !file.exists() {
+            return Ok(());
+        }
+        let current = read_u64(&self.file("memory.current"))?;
+        if current == 0 {
+            return Ok(());
+        }
+        // It answers EAGAIN when it could not reclaim all of it; what it did reclaim stays so.
+        match write_file(&file, &current.to_string()) {
+            Ok(()) => Ok(()),
+            Err(CgroupError::Write { source, .. })
+                if source.raw_os_error() == Some(nix::libc::EAGAIN) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn delete(&self) -> Result<(), CgroupError> {
         remove_dir(&self.dir)
     }

@@ -19,6 +19,9 @@ pub enum Readiness {
     PidFileStatus(String),
     /// The Unix socket accepts a connection.
     SocketAccepts,
+    /// Redis answers `PING` with `PONG` after `AUTH` with the tenant's password. (Its socket
+    /// accepts, and answers `-LOADING`, while it still reads its data.)
+    RedisPing,
 }
 
 #[derive(Debug, Clone)]

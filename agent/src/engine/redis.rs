@@ -44,6 +44,68 @@ pub fn template(server: &Path) -> EngineTemplate {
         stop_signal: Signal::SIGTERM,
         stop_timeout: Duration::from_secs(30),
         socket: s("{run}/redis.sock"),
-        readiness: Readiness::SocketAccepts,
+        readiness: Readiness::RedisPing,
+    }
+}
+
+/// Whether Redis answers on `socket`: `AUTH` then `PING` must get `+OK` and `+PONG` (a Redis
+/// still loading its data answers `-LOADING` to the `PING`).
+pub async fn answers_ping(socket: tokio::net::UnixStream, password: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = socket;
+    let request = format!(
+        "*2\r\n$4\r\nAUTH\r\n${}\r\n{password}\r\n*1\r\n$4\r\nPING\r\n",
+        password.len()
+    );
+    if socket.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 256];
+    let read = async {
+        // Two replies, each a line.
+        while answer.iter().filter(|b| **b == b'\n').count() < 2 && answer.len() < 4096 {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(1), read)
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    answer.starts_with(b"+OK\r\n+PONG\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A fake Redis (named as one) that answers the AUTH and then `pong` for the PING.
+    async fn fake_redis(pong: &'static [u8]) -> bool {
+        let (client, mut server) = tokio::net::UnixStream::pair().unwrap();
+        let serve = tokio::spawn(async move {
+            let mut buf = vec![0u8; 256];
+            let n = server.read(&mut buf).await.unwrap();
+            let request = String::from_utf8_lossy(&buf[..n]).into_owned();
+            server.write_all(b"+OK\r\n").await.unwrap();
+            server.write_all(pong).await.unwrap();
+            request
+        });
+        let ok = answers_ping(client, "pw").await;
+        let request = serve.await.unwrap();
+        assert!(request.contains("AUTH\r\n$2\r\npw\r\n"), "{request}");
+        ok
+    }
+
+    #[tokio::test]
+    async fn ready_only_once_it_answers_pong() {
+        assert!(fake_redis(b"+PONG\r\n").await);
+        assert!(!fake_redis(b"-LOADING Redis is loading the dataset in memory\r\n").await);
     }
 }

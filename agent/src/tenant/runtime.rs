@@ -98,6 +98,10 @@ pub trait Runtime: Send + 'static {
     /// frozen does nothing.
     fn thaw(&self) -> impl Future<Output = Result<(), TenantError>> + Send;
 
+    /// Gives back the memory an empty cgroup is still charged for (a hibernated tenant's page
+    /// cache); best effort.
+    fn reclaim_memory(&self) -> impl Future<Output = ()> + Send;
+
     /// SIGKILLs every process of the tenant; returns how many there were.
     fn kill_all(&self) -> impl Future<Output = Result<usize, TenantError>> + Send;
 
@@ -590,7 +594,7 @@ impl Runtime for HostRuntime {
                 .strip_prefix(&self.paths.data)
                 .ok()
                 .map(std::path::Path::to_path_buf),
-            Readiness::SocketAccepts => None,
+            Readiness::SocketAccepts | Readiness::RedisPing => None,
         };
         let data = self.paths.data.clone();
         let pid_file = self.paths.pid_file();
@@ -654,6 +658,14 @@ impl Runtime for HostRuntime {
                         .await
                         .is_ok()
                 }
+                Readiness::RedisPing => {
+                    match tenant_fs::connect_socket(&ctx.fill_path(&engine.socket), uid).await {
+                        Ok(socket) => {
+                            crate::engine::redis::answers_ping(socket, &self.password).await
+                        }
+                        Err(_) => false,
+                    }
+                }
             };
             if ready {
                 return Ok(());
@@ -693,6 +705,25 @@ impl Runtime for HostRuntime {
     async fn thaw(&self) -> Result<(), TenantError> {
         let cgroup = self.cgroup();
         blocking("thaw", &self.paths.dir, move || Ok(cgroup.thaw()?)).await
+    }
+
+    async fn reclaim_memory(&self) {
+        let cgroup = self.cgroup();
+        let reclaimed = blocking("reclaim", &self.paths.dir, move || {
+            let before = cgroup.usage().map(|u| u.memory_bytes).unwrap_or(0);
+            cgroup.reclaim_memory()?;
+            let after = cgroup.usage().map(|u| u.memory_bytes).unwrap_or(0);
+            Ok((before, after))
+        })
+        .await;
+        match reclaimed {
+            Ok((before, after)) => info!(
+                before = %dormant_common::Bytes(before).human(),
+                after = %dormant_common::Bytes(after).human(),
+                "reclaimed the hibernated tenant's memory"
+            ),
+            Err(e) => warn!(error = %e, "reclaiming the hibernated tenant's memory"),
+        }
     }
 
     async fn kill_all(&self) -> Result<usize, TenantError> {

@@ -660,6 +660,11 @@ impl<R: Runtime> Supervisor<R> {
         // No engine is coming: clients are closed at once rather than left waiting.
         self.ready.send_replace(Upstream::Down);
         self.waking_since = None;
+        if self.record.hibernated {
+            // A wake that failed: the next agent must not take it for hibernated.
+            self.record.hibernated = false;
+            self.write_record_or_warn("recording the failed wake").await;
+        }
         self.set(TenantState::Failed, Some(reason));
         self.status.send_modify(|o| o.pid = None);
         loop {
@@ -759,6 +764,8 @@ impl<R: Runtime> Supervisor<R> {
         let frozen = match mode {
             HibernateMode::Stop => {
                 self.rt.stop(&engine).await;
+                // The page cache of its files stays charged to the cgroup otherwise.
+                self.rt.reclaim_memory().await;
                 None
             }
             HibernateMode::Freeze => match self.rt.freeze().await {

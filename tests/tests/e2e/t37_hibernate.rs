@@ -273,13 +273,13 @@ fn idle_tenants_stop_and_wake_on_a_connection_with_their_data() {
     );
     assert!(cgroup_pids(&cluster, "sleepy", "memory").is_empty());
     assert!(!pid_alive(engine));
-    // The engine's memory is gone: no anonymous or shared memory. The page cache of the files
-    // it read (the volume's, its libraries') may stay charged to the cgroup, reclaimable.
+    // The engine's memory is gone: no anonymous or shared memory, and the page cache of the
+    // files it read is given back when it hibernates: the cgroup's charge drops to about zero.
     let hibernated = Memory::of(&cluster, "sleepy");
     eprintln!("sleepy hibernated: {hibernated:?}");
     let both = format!("running: {running:?}, hibernated: {hibernated:?}");
     assert_eq!((hibernated.anon, hibernated.shmem), (0, 0), "{both}");
-    assert!(hibernated.usage < running.usage, "{both}");
+    assert!(hibernated.usage < 4 << 20, "{both}");
     assert!(
         hibernated.not_page_cache() < 8 << 20
             && hibernated.not_page_cache() < running.not_page_cache(),

@@ -166,6 +166,9 @@ impl Runtime for FakeRuntime {
         }
         Ok(())
     }
+    async fn reclaim_memory(&self) {
+        self.step("reclaim");
+    }
     async fn kill_all(&self) -> Result<usize, TenantError> {
         self.step("kill_all");
         let running = self.host().running.take();
@@ -769,7 +772,8 @@ async fn an_idle_tenant_hibernates_by_stopping_its_engine_and_a_client_wakes_it(
     assert_eq!(began.elapsed().as_secs(), 30, "hibernated after idle_after");
     assert_eq!((o.hibernations, o.pid), (1, None));
     assert_eq!(*h.ready.borrow(), Upstream::Hibernated);
-    assert_eq!(h.steps().last().unwrap(), "stop");
+    let steps = h.steps();
+    assert_eq!(steps[steps.len() - 2..], ["stop", "reclaim"]);
     // The intent was recorded before the engine stopped.
     assert!(h.rt.host().records.last().unwrap().hibernated);
     // A client arrives: the engine is spawned (nothing prepared again) and the client served.
@@ -779,7 +783,7 @@ async fn an_idle_tenant_hibernates_by_stopping_its_engine_and_a_client_wakes_it(
     assert!(o.last_wake.is_some());
     assert_eq!(*h.ready.borrow(), Upstream::Ready);
     let steps = h.steps();
-    assert_eq!(steps[steps.len() - 2..], ["stop", "spawn"]);
+    assert_eq!(steps[steps.len() - 3..], ["stop", "reclaim", "spawn"]);
     assert!(!h.rt.host().records.last().unwrap().hibernated);
 }
 
@@ -876,6 +880,8 @@ async fn a_wake_that_cannot_start_the_engine_ends_failed_and_closes_waiting_clie
     let o = h.wait_state(TenantState::Failed).await;
     assert!(o.reason.unwrap().contains("before it was ready"));
     assert_eq!(*h.ready.borrow(), Upstream::Down, "waiting clients closed");
+    // A later agent does not take it for hibernated.
+    assert!(!h.rt.host().records.last().unwrap().hibernated);
 }
 
 #[tokio::test(start_paused = true)]

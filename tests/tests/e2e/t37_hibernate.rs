@@ -795,3 +795,44 @@ fn a_wake_that_cannot_start_the_engine_fails_and_closes_its_clients() {
     cluster.wait_tenant_state("broken", "running", WAIT);
     assert_eq!(psql(&uri, "SELECT v FROM kept"), Ok("survives".into()));
 }
+
+/// Point 3 on either cgroup version (the v2 VM runs this one; Redis, so no initdb under the VM's
+/// emulated CPU): a frozen Redis keeps its process and memory, and a client thaws that same
+/// process, which answers with its data.
+#[test]
+fn freeze_keeps_a_redis_engine_frozen_until_a_client_comes() {
+    if !require_root("freeze_keeps_a_redis_engine_frozen_until_a_client_comes") {
+        return;
+    }
+    let mut cluster = Cluster::start("t37r");
+    cluster.add_agent("n1");
+    let out = cluster.create(
+        "frosty",
+        "redis",
+        ["0.25", "128MiB", "128MiB"],
+        &["--idle-after", "2s", "--hibernate", "freeze"],
+    );
+    assert!(out.success, "{}", out.stderr);
+    let t = out.json();
+    let password = t["credentials"]["password"].as_str().unwrap().to_string();
+    let endpoint = t["endpoint"].as_str().unwrap().to_string();
+    assert_eq!(
+        redis_cli(&endpoint, &password, &["SET", "k", "cold"]),
+        Ok("OK".into())
+    );
+    let pid = cluster.engine_pid(0, "frosty");
+    let born = start_time(pid);
+    cluster.wait_tenant_state("frosty", "hibernated", WAIT);
+    assert_eq!(freezer_state(&cluster, "frosty"), "FROZEN");
+    assert!(
+        pid_alive(pid) && start_time(pid) == born,
+        "the same engine, kept"
+    );
+    assert_eq!(
+        redis_cli(&endpoint, &password, &["GET", "k"]),
+        Ok("cold".into())
+    );
+    assert_eq!(freezer_state(&cluster, "frosty"), "THAWED");
+    assert_eq!(cluster.engine_pid(0, "frosty"), pid);
+    assert_eq!(start_time(pid), born);
+}

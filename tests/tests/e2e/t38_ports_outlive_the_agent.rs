@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use dormant_tests::{psql, require_root, wait_until, Cluster};
+use dormant_tests::{psql, require_root, wait_until, Cluster, PsqlSession};
 
 /// kill -9 the agent while clients connect in a loop: no connection is refused, and every
 /// client that connected while the agent was down is served once it is back, a hibernated
@@ -110,16 +110,31 @@ fn a_graceful_agent_restart_cuts_no_connection_mid_query() {
     cluster.add_agent("n1");
     let t = cluster.create_tenant("steady", "1", "512MiB", "256MiB");
     let uri = t["credentials"]["uri"].as_str().unwrap().to_string();
+    // The clients' queries wait on a lock this session holds: they stay mid-query for as long
+    // as the test needs, however slow the host. The session itself is a client too.
+    let mut holder = PsqlSession::connect(&uri);
+    assert_eq!(
+        holder.query(
+            "SELECT 1 FROM (SELECT pg_advisory_lock(7)) AS held;",
+            Duration::from_secs(30)
+        ),
+        Ok("1".into())
+    );
     let clients: Vec<_> = (0..20)
         .map(|i| {
             let uri = uri.clone();
-            std::thread::spawn(move || psql(&uri, &format!("SELECT pg_sleep(3), {i}")))
+            std::thread::spawn(move || {
+                psql(
+                    &uri,
+                    &format!("SELECT {i} FROM (SELECT pg_advisory_lock_shared(7)) AS waited"),
+                )
+            })
         })
         .collect();
-    wait_until(Duration::from_secs(20), "20 clients mid-query", || {
+    wait_until(Duration::from_secs(60), "20 clients mid-query", || {
         let n: u64 = psql(
             &uri,
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(3)%'",
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_advisory_lock_shared(7)%' AND wait_event_type = 'Lock'",
         )
         .ok()?
         .parse()
@@ -134,8 +149,13 @@ fn a_graceful_agent_restart_cuts_no_connection_mid_query() {
         .signal(nix::sys::signal::Signal::SIGTERM);
     cluster.wait_agent_exit(0, Duration::from_secs(30));
     cluster.start_agent(0);
+    // The lock holder's connection was handed over too: it lets the clients finish.
+    assert_eq!(
+        holder.query("SELECT pg_advisory_unlock(7);", Duration::from_secs(30)),
+        Ok("t".into())
+    );
     for (i, c) in clients.into_iter().enumerate() {
-        assert_eq!(c.join().unwrap(), Ok(format!("|{i}")), "client {i}");
+        assert_eq!(c.join().unwrap(), Ok(i.to_string()), "client {i}");
     }
     assert_eq!(
         cluster.engine_pid(0, "steady"),

@@ -2,13 +2,15 @@
 //! the host's listener keeper (`keeper`), and an agent that starts takes back the listeners (and
 //! the connections a gracefully stopping agent handed over) instead of binding afresh. Without a
 //! keeper (it could not be started) ports still work, they just close with the agent; that is
-//! logged, never fatal.
+//! logged, and tried again later; a port held by the keeper but not taken back at start is asked
+//! for when binding finds it in use.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -17,7 +19,10 @@ use crate::keeper::{KeeperClient, KeeperError};
 const LISTEN: &str = "listen/";
 const CONN: &str = "conn/";
 /// Connections waiting to be accepted while the agent is away (the kernel caps it at somaxconn).
-const BACKLOG: u32 = 4096;
+const BACKLOG: i32 = 4096;
+/// After the keeper could not be reached, how long before it is tried again (meanwhile ports
+/// work, they just close with the agent).
+const KEEPER_RETRY: Duration = Duration::from_secs(30);
 
 /// A connection the previous agent handed over: the client, and the engine connection when it
 /// had one (else the client was still waiting for its engine).
@@ -43,6 +48,8 @@ struct Inner {
     /// A copy of every listener registered, to give a restarted keeper.
     registered: BTreeMap<String, OwnedFd>,
     next_handover: u64,
+    /// The keeper failed: not tried again before this.
+    retry_at: Option<Instant>,
 }
 
 impl Endpoints {
@@ -63,10 +70,19 @@ impl Endpoints {
         let mut inner = endpoints.lock();
         match endpoints.keeper(&mut inner) {
             Ok(keeper) => {
-                let listeners = keeper.get(LISTEN, false);
-                let connections = keeper.get(CONN, true);
-                match (listeners, connections) {
-                    (Ok(listeners), Ok(connections)) => {
+                // Each read on its own: a failed one leaves the other's result usable (and a
+                // listener not taken back here is asked for again when its bind finds the port
+                // held, see `listener`).
+                let listeners = keeper.get(LISTEN, false).unwrap_or_else(|e| {
+                    warn!(error = %e, "reading the kept listeners");
+                    Vec::new()
+                });
+                let connections = keeper.get(CONN, true).unwrap_or_else(|e| {
+                    warn!(error = %e, "reading the handed-over connections");
+                    Vec::new()
+                });
+                {
+                    {
                         let (l, c) = (listeners.len(), connections.len());
                         for (key, mut fds) in listeners {
                             if let (Some(name), Some(fd)) = (key.strip_prefix(LISTEN), fds.pop()) {
@@ -96,9 +112,6 @@ impl Endpoints {
                             connections = c,
                             "took back the tenant ports (and handed-over connections) the listener keeper held"
                         );
-                    }
-                    (Err(e), _) | (_, Err(e)) => {
-                        warn!(error = %e, "reading the listener keeper");
                     }
                 }
             }
@@ -150,29 +163,36 @@ impl Endpoints {
         &self,
         inner: &mut Inner,
         what: &str,
-        f: impl Fn(&mut KeeperClient) -> Result<(), KeeperError>,
+        mut f: impl FnMut(&mut KeeperClient) -> Result<(), KeeperError>,
     ) -> bool {
-        if self.keeper_path.as_os_str().is_empty() {
+        if self.keeper_path.as_os_str().is_empty()
+            || inner.retry_at.is_some_and(|at| Instant::now() < at)
+        {
             return false;
         }
         for attempt in 0..2 {
-            match self.keeper(inner).and_then(&f) {
-                Ok(()) => return true,
+            match self.keeper(inner).and_then(&mut f) {
+                Ok(()) => {
+                    inner.retry_at = None;
+                    return true;
+                }
                 Err(e) => {
                     inner.keeper = None;
                     if attempt == 0 {
                         warn!(error = %e, what, "listener keeper; reconnecting");
                     } else {
-                        warn!(error = %e, what, "listener keeper unavailable: this port closes while the agent restarts");
+                        warn!(error = %e, what, retry_in = ?KEEPER_RETRY, "listener keeper unavailable: ports close while the agent restarts");
                     }
                 }
             }
         }
+        inner.retry_at = Some(Instant::now() + KEEPER_RETRY);
         false
     }
 
     /// The tenant's listener on `addr`: the one kept from before if it is there (the port never
-    /// closed), else a new one, which the keeper gets a copy of.
+    /// closed), else a new one, which the keeper gets a copy of. Blocking (it may talk to the
+    /// keeper): call it off the async workers.
     pub fn listener(
         &self,
         tenant: &str,
@@ -189,13 +209,30 @@ impl Endpoints {
             }
             // The tenant's port changed while the agent was away: the old one closes.
         }
-        let socket = match addr {
-            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        let listener = match bind(addr) {
+            Ok(listener) => listener,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                // Perhaps the keeper holds it and could not say so at start: ask for it.
+                let key = format!("{LISTEN}{tenant}");
+                let mut kept = None;
+                self.with_keeper(&mut inner, "asking for a kept listener", |k| {
+                    kept = k.get(&key, false)?.into_iter().find(|(k, _)| *k == key);
+                    Ok(())
+                });
+                let Some(fd) = kept.and_then(|(_, mut fds)| fds.pop()) else {
+                    return Err(e);
+                };
+                let listener = std::net::TcpListener::from(fd);
+                if listener.local_addr().ok() != Some(addr) {
+                    return Err(e);
+                }
+                listener.set_nonblocking(true)?;
+                let copy = listener.as_fd().try_clone_to_owned()?;
+                inner.registered.insert(tenant.to_string(), copy);
+                return Ok(listener);
+            }
+            Err(e) => return Err(e),
         };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        let listener = socket.listen(BACKLOG)?.into_std()?;
         let copy = listener.as_fd().try_clone_to_owned()?;
         let raw = copy.as_raw_fd();
         let key = format!("{LISTEN}{tenant}");
@@ -257,6 +294,21 @@ impl Endpoints {
             }
         }
     }
+}
+
+/// A listening socket on `addr` with a backlog deep enough to hold clients while the agent is
+/// away, non-blocking for tokio.
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM.cloexec(),
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// The keeper's directory: root's only (the socket gives out tenant ports).

@@ -19,7 +19,8 @@
 //! ```
 //!
 //! Under systemd the unit's `KillMode=process` leaves it running across `systemctl restart`.
-//! One process per host, never one per tenant. Departure from systemd's own file-descriptor
+//! One process per state directory (so per host: one agent per host), never one per tenant; a
+//! lock next to the socket refuses a second one. Departure from systemd's own file-descriptor
 //! store: the store needs `Type=notify` and systemd; the keeper works the same with or without it.
 
 #![allow(unsafe_code)]
@@ -35,8 +36,10 @@ use nix::sys::socket::{
     SockType, UnixAddr,
 };
 
-/// Descriptors in one message: a listener, or a client and its engine connection.
-const MAX_FDS: usize = 4;
+/// Descriptors one message may carry. We send at most two (a client and its engine
+/// connection); room for more means a message is never truncated, which would leave the
+/// descriptors the kernel did pass open and unowned.
+const MAX_FDS: usize = 16;
 const MAX_MESSAGE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +54,8 @@ pub enum KeeperError {
     Protocol { path: PathBuf, answer: String },
     #[error("listener keeper {path}: did not start within {waited:?}")]
     NotStarted { path: PathBuf, waited: Duration },
+    #[error("listener keeper {path}: another keeper holds {lock}")]
+    AlreadyRunning { path: PathBuf, lock: PathBuf },
 }
 
 fn errno<'a>(
@@ -118,6 +123,24 @@ fn recv(fd: &OwnedFd) -> nix::Result<Option<(String, Vec<OwnedFd>)>> {
 /// The keeper process: serves `socket` until told to exit. Returns only on `EXIT` or an error
 /// that leaves it unable to serve.
 pub fn run(socket_path: &Path) -> Result<(), KeeperError> {
+    // One keeper per socket: a second one would take the socket's name and orphan the first,
+    // with every port it holds. The lock is held for the process's life.
+    let lock_path = socket_path.with_extension("lock");
+    let lock_file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| KeeperError::Io {
+            path: lock_path.clone(),
+            what: "open the lock",
+            source,
+        })?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| KeeperError::AlreadyRunning {
+            path: socket_path.to_path_buf(),
+            lock: lock_path.clone(),
+        })?;
     let listener = seqpacket().map_err(errno(socket_path, "socket"))?;
     match std::fs::remove_file(socket_path) {
         Ok(()) => {}
@@ -139,8 +162,12 @@ pub fn run(socket_path: &Path) -> Result<(), KeeperError> {
     loop {
         let conn = match socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
             Ok(fd) => owned(fd),
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(errno(socket_path, "accept")(e)),
+            // Whatever it is (EMFILE, ECONNABORTED, ENOMEM), giving up would close every port
+            // it holds: it waits and tries again.
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
         };
         // Only our own uid (root) may take tenant sockets.
         match socket::getsockopt(&conn, socket::sockopt::PeerCredentials) {
@@ -214,8 +241,16 @@ impl KeeperClient {
     /// Connects to the keeper at `path`, starting it (as `program --keep-listeners PATH`) when
     /// none answers.
     pub fn connect_or_start(path: &Path, program: &Path) -> Result<Self, KeeperError> {
-        if let Ok(client) = Self::connect(path) {
-            return Ok(client);
+        match Self::connect(path) {
+            Ok(client) => return Ok(client),
+            // Only when none listens is one started (a busy or slow keeper is not replaced;
+            // its lock would refuse a second one anyway).
+            Err(KeeperError::Io { source, .. })
+                if matches!(
+                    source.raw_os_error(),
+                    Some(nix::libc::ENOENT) | Some(nix::libc::ECONNREFUSED)
+                ) => {}
+            Err(e) => return Err(e),
         }
         let mut cmd = std::process::Command::new(program);
         cmd.arg("--keep-listeners")

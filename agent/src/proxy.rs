@@ -1,8 +1,9 @@
 //! The tenant's TCP endpoint: accepts on the tenant's port for the tenant's whole life (hibernated
 //! included) and copies bytes both ways to the engine's Unix socket. A client that arrives while
-//! the engine is starting, hibernated or waking waits for it instead of being refused; its arrival
-//! is what wakes a hibernated tenant (the supervisor watches `Clients`). Counts per tenant: open
-//! connections with their peers, connections in total, bytes in and out, last activity.
+//! the engine is starting, hibernated or waking waits for it instead of being refused; its first
+//! byte is what wakes a hibernated tenant (the supervisor watches `Clients`). Counts per tenant:
+//! open connections with their peers, connections in total, bytes in and out, last activity.
+//! Each tenant's clients are held to a budget (`Budget`).
 //!
 //! A graceful stop hands every connection over instead of cutting it: the pumps stop between
 //! chunks (no byte is held in the agent then: what is in flight waits in the kernel's socket
@@ -31,6 +32,14 @@ use tracing::{debug, info, warn, Instrument};
 
 /// How long a client waits for a starting or waking engine before its connection is closed.
 const READY_WAIT: Duration = Duration::from_secs(60);
+/// How long a client may stay connected without sending a byte (to an engine whose clients
+/// speak first).
+const SILENT_WAIT: Duration = Duration::from_secs(30);
+/// TCP keepalive on client connections: a client that vanished (a host powered off, a NAT that
+/// dropped the flow) is found out in about 2 minutes instead of holding its slot for hours.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 6;
 /// How long a refused connect waits for the supervisor to see the engine gone.
 const ENGINE_GONE_WAIT: Duration = Duration::from_secs(1);
 /// The buffer a side borrows while it has bytes to move.
@@ -61,30 +70,37 @@ pub enum Upstream {
 }
 
 /// The clients of a tenant, as its supervisor watches them: it hibernates after a while with
-/// none open, and wakes when one more has spoken. (PostgreSQL and Redis clients speak first; a
-/// TCP health check that connects and closes wakes nothing.)
+/// no client that has spoken still connected, and wakes when one more has spoken. (PostgreSQL
+/// and Redis clients speak first: a TCP health check that connects and closes neither wakes a
+/// tenant nor keeps it awake. For an engine whose server speaks first, a connection counts as
+/// spoken when it is accepted.)
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Clients {
     pub open: u64,
     pub accepted: u64,
-    /// Connections that sent their first byte.
+    /// Connections that sent their first byte, in total.
     pub spoke: u64,
+    /// Open connections that have spoken.
+    pub speaking: u64,
 }
 
 /// What one tenant's clients may hold of the agent: open connections (beyond them a new one is
 /// closed at once), and of those, connections that have not sent a byte yet (they cost a socket
 /// each and no engine connection: the engine is only reached once the client speaks; beyond the
 /// bound the oldest silent one is closed, so a flood of them never locks out a client that
-/// speaks). One tenant's clients cannot use up the descriptors every other tenant needs.
+/// speaks, and none stays silent longer than `SILENT_WAIT`). One tenant's clients cannot use up
+/// the descriptors every other tenant needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budget {
     pub max_open: u64,
     pub max_silent: u64,
+    /// How long a client may stay connected without sending a byte.
+    pub silent_wait: Duration,
 }
 
 impl Budget {
     /// From the engine's own connection limit: twice it (clients beyond the engine's limit get
-    /// the engine's own refusal, not the proxy's).
+    /// the engine's own refusal, not the proxy's), at least 64.
     pub fn for_engine(max_connections: u64) -> Self {
         Self::with_max_open((2 * max_connections + 16).max(64))
     }
@@ -95,6 +111,7 @@ impl Budget {
         Self {
             max_open,
             max_silent: (max_open / 2).max(1),
+            silent_wait: SILENT_WAIT,
         }
     }
 }
@@ -130,10 +147,9 @@ pub struct ProxyStats {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     last_activity_unix_ms: AtomicU64,
-    /// Open connections that have not sent a byte yet, by accept number.
-    silent: Mutex<std::collections::BTreeSet<u64>>,
-    /// Silent connections up to this accept number are closed (the oldest go first).
-    evict: watch::Sender<u64>,
+    /// Open connections that have not sent a byte yet, by accept number, each with the way to
+    /// close it (the oldest go first when there are too many).
+    silent: Mutex<BTreeMap<u64, oneshot::Sender<()>>>,
     /// Connections closed at once for being over the budget.
     refused: AtomicU64,
     /// Silent connections closed to make room for newer ones.
@@ -150,7 +166,6 @@ impl Default for ProxyStats {
             bytes_out: AtomicU64::new(0),
             last_activity_unix_ms: AtomicU64::new(0),
             silent: Mutex::default(),
-            evict: watch::channel(0).0,
             refused: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             open: Mutex::default(),
@@ -166,7 +181,8 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 }
 
 impl ProxyStats {
-    /// The open and accepted counts, for the supervisor's idle and wake decisions.
+    /// The client counts (open, accepted, spoken, speaking), for the supervisor's idle and wake
+    /// decisions.
     pub fn clients(&self) -> watch::Receiver<Clients> {
         self.clients.subscribe()
     }
@@ -207,12 +223,18 @@ impl ProxyStats {
             .store(unix_ms(SystemTime::now()), Ordering::Relaxed);
     }
 
-    /// Counts a client in; the returned guard counts it out when dropped.
-    fn admit(self: &Arc<Self>, peer: SocketAddr, budget: &Budget) -> Admitted {
+    /// Counts a client in; the returned guard counts it out when dropped. A client that has
+    /// `spoken` (handed over with its engine connection, or of a server-speaks-first engine) is
+    /// never silent.
+    fn admit(self: &Arc<Self>, peer: SocketAddr, budget: &Budget, spoken: bool) -> Admitted {
         let mut id = 0;
         self.clients.send_modify(|c| {
             c.open += 1;
             c.accepted += 1;
+            if spoken {
+                c.spoke += 1;
+                c.speaking += 1;
+            }
             id = c.accepted;
         });
         let opened = SystemTime::now();
@@ -222,26 +244,31 @@ impl ProxyStats {
             .insert(id, OpenConnection { peer, opened });
         self.last_activity_unix_ms
             .store(unix_ms(opened), Ordering::Relaxed);
-        let evicted = {
-            let mut silent = self.silent.lock().unwrap_or_else(PoisonError::into_inner);
-            silent.insert(id);
-            if silent.len() as u64 > budget.max_silent {
-                silent.pop_first()
-            } else {
-                None
-            }
-        };
-        if let Some(oldest) = evicted {
-            self.evict.send_modify(|e| *e = (*e).max(oldest));
-            let n = self.evicted.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() {
-                warn!(%peer, max_silent = budget.max_silent, evicted = n, "the oldest silent client closed: the tenant holds its bound of connections that have not sent a byte");
+        let (evict, evicted) = oneshot::channel();
+        if !spoken {
+            let oldest = {
+                let mut silent = self.silent.lock().unwrap_or_else(PoisonError::into_inner);
+                silent.insert(id, evict);
+                if silent.len() as u64 > budget.max_silent {
+                    silent.pop_first()
+                } else {
+                    None
+                }
+            };
+            // Closes that one only (dropping its sender ends its wait).
+            if let Some((_, oldest)) = oldest {
+                drop(oldest);
+                let n = self.evicted.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    warn!(%peer, max_silent = budget.max_silent, evicted = n, "the oldest silent client closed: the tenant holds its bound of connections that have not sent a byte");
+                }
             }
         }
         Admitted {
             stats: self.clone(),
             id,
-            silent: true,
+            silent: !spoken,
+            evicted,
         }
     }
 }
@@ -251,6 +278,8 @@ struct Admitted {
     stats: Arc<ProxyStats>,
     id: u64,
     silent: bool,
+    /// Resolves when this silent client is closed to make room for newer ones.
+    evicted: oneshot::Receiver<()>,
 }
 
 impl Admitted {
@@ -262,7 +291,10 @@ impl Admitted {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&self.id);
-            self.stats.clients.send_modify(|c| c.spoke += 1);
+            self.stats.clients.send_modify(|c| {
+                c.spoke += 1;
+                c.speaking += 1;
+            });
         }
     }
 }
@@ -281,7 +313,13 @@ impl Drop for Admitted {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&self.id);
-        self.stats.clients.send_modify(|c| c.open -= 1);
+        let spoken = !self.silent;
+        self.stats.clients.send_modify(|c| {
+            c.open -= 1;
+            if spoken {
+                c.speaking -= 1;
+            }
+        });
         self.stats.touch();
     }
 }
@@ -295,7 +333,7 @@ pub struct Parked {
 }
 
 /// How long a graceful stop waits for connections to reach a point between chunks (a client
-/// that does not read its results holds one mid-write); the rest are cut.
+/// that does not read what it is sent holds one mid-write); the rest are cut.
 const PARK_WAIT: Duration = Duration::from_secs(5);
 
 /// A running proxy. Dropping it closes the port and every connection through it; `hand_over`
@@ -326,34 +364,19 @@ impl Drop for ProxyHandle {
     }
 }
 
-/// Binds the tenant's port; done before the engine starts so a port clash is reported early.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ProxyError { addr, source })
-}
-
-/// Serves `listener`, forwarding to `socket` whenever `ready` says the engine answers, counting
-/// in `stats`. The socket must be owned by `owner` (the tenant's uid) and is never reached
-/// through a symlink. Log lines carry the current span (the tenant's).
-/// `resumed` are the connections a previous agent handed over: they carry on first.
+/// Serves `listener`, forwarding to `target` whenever `ready` says the engine answers, counting
+/// in `stats`. Log lines carry the current span (the tenant's). `resumed` are the connections a
+/// previous agent handed over: they carry on first.
 pub fn serve(
     listener: TcpListener,
-    socket: PathBuf,
-    owner: nix::unistd::Uid,
+    target: Target,
     ready: watch::Receiver<Upstream>,
     stats: Arc<ProxyStats>,
-    budget: Budget,
     resumed: Vec<Parked>,
 ) -> ProxyHandle {
-    let upstream = Target {
-        socket,
-        owner,
-        budget,
-    };
     let (park, park_rx) = oneshot::channel();
     let task = tokio::spawn(
-        accept_loop(listener, upstream, ready, stats, resumed, park_rx)
+        accept_loop(listener, target, ready, stats, resumed, park_rx)
             .instrument(tracing::Span::current()),
     );
     ProxyHandle {
@@ -362,12 +385,17 @@ pub fn serve(
     }
 }
 
-/// Where clients are forwarded.
+/// Where a tenant's clients are forwarded, and on what terms.
 #[derive(Debug, Clone)]
-struct Target {
-    socket: PathBuf,
-    owner: nix::unistd::Uid,
-    budget: Budget,
+pub struct Target {
+    /// The engine's Unix socket: owned by `owner` (the tenant's uid), never reached through a
+    /// symlink.
+    pub socket: PathBuf,
+    pub owner: nix::unistd::Uid,
+    pub budget: Budget,
+    /// The engine's clients send the first byte (PostgreSQL, Redis): the engine is reached, and
+    /// a hibernated tenant woken, only once one does.
+    pub client_speaks_first: bool,
 }
 
 async fn accept_loop(
@@ -381,9 +409,11 @@ async fn accept_loop(
     // Connection tasks live in this set: aborting the accept loop drops it and ends them all.
     let mut connections = JoinSet::new();
     let (parking, park) = watch::channel(false);
-    let conn = |client: TcpStream, peer, engine| {
-        // Counted open before anything else: an open client keeps the tenant awake.
-        let admitted = stats.admit(peer, &target.budget);
+    let conn = |client: TcpStream, peer, engine: Option<tokio::net::UnixStream>| {
+        keep_alive(&client);
+        // Counted before anything else.
+        let spoken = engine.is_some() || !target.client_speaks_first;
+        let admitted = stats.admit(peer, &target.budget, spoken);
         forward(
             client,
             peer,
@@ -537,31 +567,32 @@ async fn forward(
     mut park: watch::Receiver<bool>,
 ) -> Option<Parked> {
     let engine = match engine {
-        Some(engine) => {
-            admitted.spoke();
-            engine
-        }
+        Some(engine) => engine,
         None => {
-            // Nothing is asked of the engine (no wake, no backend) until the client speaks.
-            let mut evict = stats.evict.subscribe();
-            let spoke = tokio::select! {
-                spoke = first_byte(&client) => spoke,
-                _ = park.wait_for(|p| *p) => {
-                    return client.into_std().ok().map(|client| Parked { client, engine: None });
+            if admitted.silent {
+                // Nothing is asked of the engine (no wake, no backend) until the client speaks.
+                let spoke = tokio::select! {
+                    spoke = first_byte(&client) => spoke,
+                    _ = park.wait_for(|p| *p) => {
+                        return client.into_std().ok().map(|client| Parked { client, engine: None });
+                    }
+                    // A failed tenant closes its clients at once, silent ones too.
+                    _ = ready.wait_for(|u| *u == Upstream::Down) => false,
+                    // Too many silent ones: the oldest go.
+                    _ = &mut admitted.evicted => {
+                        debug!(%peer, "silent client closed: newer clients need the room");
+                        false
+                    }
+                    () = tokio::time::sleep(target.budget.silent_wait) => {
+                        debug!(%peer, wait = ?target.budget.silent_wait, "client closed: not a byte in time");
+                        false
+                    }
+                };
+                if !spoke {
+                    return None;
                 }
-                // A failed tenant closes its clients at once, silent ones too.
-                _ = ready.wait_for(|u| *u == Upstream::Down) => false,
-                // Too many silent ones: the oldest go.
-                _ = evict.wait_for(|e| *e >= admitted.id) => {
-                    debug!(%peer, "silent client closed: newer clients need the room");
-                    false
-                }
-            };
-            if !spoke {
-                debug!(%peer, "client closed without a byte");
-                return None;
+                admitted.spoke();
             }
-            admitted.spoke();
             let connected = tokio::select! {
                 connected = connect_engine(peer, &target, &mut ready) => connected,
                 _ = park.wait_for(|p| *p) => {
@@ -581,14 +612,28 @@ async fn forward(
         park.clone(),
     );
     let down = pump(engine_read, client_write, &stats.bytes_out, &stats, park);
-    let outcome = tokio::try_join!(up, down);
+    // The engine closing its side ends the session (a database does not half-close): the
+    // client's slot is not held until it notices. The client closing its side lets the engine
+    // finish answering.
+    tokio::pin!(up, down);
+    let outcome = tokio::select! {
+        d = &mut down => match d {
+            Ok((er, cw, true)) => Ok((None, (er, cw, true))),
+            Ok(parked) => (&mut up).await.map(|u| (Some(u), parked)),
+            Err(e) => Err(e),
+        },
+        u = &mut up => match u {
+            Ok(u) => (&mut down).await.map(|d| (Some(u), d)),
+            Err(e) => Err(e),
+        },
+    };
     drop(admitted);
     match outcome {
-        Ok(((_, _, true), (_, _, true))) => {
+        Ok((None, _)) | Ok((Some((_, _, true)), (_, _, true))) => {
             debug!(%peer, "client disconnected");
             None
         }
-        Ok(((client_read, engine_write, _), (engine_read, client_write, _))) => {
+        Ok((Some((client_read, engine_write, _)), (engine_read, client_write, _))) => {
             let client = client_read.reunite(client_write).ok()?.into_std().ok()?;
             let engine = engine_read.reunite(engine_write).ok()?.into_std().ok()?;
             Some(Parked {
@@ -601,6 +646,15 @@ async fn forward(
             None
         }
     }
+}
+
+/// TCP keepalive on a client socket (see `KEEPALIVE_IDLE`); best effort.
+fn keep_alive(client: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let _ = socket2::SockRef::from(client).set_tcp_keepalive(&keepalive);
 }
 
 /// Resolves once the client has sent a byte (true) or hung up without one (false).
@@ -661,6 +715,10 @@ async fn pump<R: ReadHalf, W: AsyncWrite + Unpin>(
                     to.write_all(&buf).await?;
                     counter.fetch_add(n as u64, Ordering::Relaxed);
                     stats.touch();
+                    // A stream that never pauses still stops between two chunks.
+                    if *park.borrow() {
+                        return Ok((from, to, false));
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -676,6 +734,12 @@ mod tests {
     use tokio::net::UnixListener;
 
     use super::*;
+
+    async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| ProxyError { addr, source })
+    }
 
     struct Served {
         addr: SocketAddr,
@@ -716,11 +780,14 @@ mod tests {
         let stats = Arc::new(ProxyStats::default());
         let handle = serve(
             listener,
-            sock.clone(),
-            nix::unistd::Uid::current(),
+            Target {
+                socket: sock.clone(),
+                owner: nix::unistd::Uid::current(),
+                budget,
+                client_speaks_first: true,
+            },
             rx,
             stats.clone(),
-            budget,
             Vec::new(),
         );
         Served {
@@ -847,11 +914,14 @@ mod tests {
         let stats = Arc::new(ProxyStats::default());
         let _next = serve(
             TcpListener::from_std(listener).unwrap(),
-            s.sock.clone(),
-            nix::unistd::Uid::current(),
+            Target {
+                socket: s.sock.clone(),
+                owner: nix::unistd::Uid::current(),
+                budget: Budget::for_engine(8),
+                client_speaks_first: true,
+            },
             rx,
             stats.clone(),
-            Budget::for_engine(8),
             parked,
         );
         forwarded.read_exact(&mut buf).await.unwrap();
@@ -872,6 +942,7 @@ mod tests {
         let budget = Budget {
             max_open: 3,
             max_silent: 2,
+            silent_wait: Duration::from_secs(60),
         };
         let s = echo_engine_with(Upstream::Ready, budget).await;
         let mut clients = s.stats.clients();
@@ -919,5 +990,91 @@ mod tests {
             out.push(TcpStream::connect(addr).await.unwrap());
         }
         out
+    }
+
+    /// A proxy in front of `engine`'s listener, for the tests below.
+    async fn in_front_of(
+        sock: PathBuf,
+        budget: Budget,
+        client_speaks_first: bool,
+    ) -> (
+        SocketAddr,
+        Arc<ProxyStats>,
+        ProxyHandle,
+        watch::Sender<Upstream>,
+    ) {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (upstream, rx) = watch::channel(Upstream::Ready);
+        let stats = Arc::new(ProxyStats::default());
+        let handle = serve(
+            listener,
+            Target {
+                socket: sock,
+                owner: nix::unistd::Uid::current(),
+                budget,
+                client_speaks_first,
+            },
+            rx,
+            stats.clone(),
+            Vec::new(),
+        );
+        (addr, stats, handle, upstream)
+    }
+
+    /// The engine closing a session (an authentication timeout) frees the client's slot at
+    /// once, though the client itself never closes; and a client that never speaks is closed
+    /// after the silent wait. Neither can hold the tenant's budget forever.
+    #[tokio::test]
+    async fn slots_are_freed_when_the_engine_closes_or_the_client_stays_silent() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let engine = UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = engine.accept().await.unwrap();
+                // Reads one byte, then hangs up, as an engine ending a session does.
+                let mut one = [0u8; 1];
+                let _ = s.read_exact(&mut one).await;
+            }
+        });
+        let budget = Budget {
+            silent_wait: Duration::from_millis(200),
+            ..Budget::with_max_open(8)
+        };
+        let (addr, stats, _handle, _up) = in_front_of(sock, budget, true).await;
+        let mut clients = stats.clients();
+        let mut spoke_and_stays = TcpStream::connect(addr).await.unwrap();
+        spoke_and_stays.write_all(b"x").await.unwrap();
+        let _silent_and_stays = TcpStream::connect(addr).await.unwrap();
+        clients.wait_for(|c| c.accepted == 2).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), clients.wait_for(|c| c.open == 0))
+            .await
+            .expect("both slots freed")
+            .unwrap();
+        assert_eq!(clients.borrow().speaking, 0);
+    }
+
+    /// An engine whose server speaks first (a greeting) is connected to as soon as a client is
+    /// accepted, and that client counts as spoken.
+    #[tokio::test]
+    async fn a_server_that_speaks_first_greets_a_silent_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let engine = UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = engine.accept().await.unwrap();
+            s.write_all(b"hello").await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let (addr, stats, _handle, _up) = in_front_of(sock, Budget::with_max_open(8), false).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut greeting = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut greeting))
+            .await
+            .expect("greeted")
+            .unwrap();
+        assert_eq!(&greeting, b"hello");
+        assert_eq!(stats.clients().borrow().speaking, 1);
     }
 }

@@ -227,11 +227,15 @@ impl Tenants {
         self.kept = kept;
     }
 
-    /// Ends every task; engines keep running unless `stop_engines`.
+    /// Ends every task, all at once (each hands its connections over, which may take a few
+    /// seconds for a slow reader: one tenant must not hold up the others); engines keep running
+    /// unless `stop_engines`.
     pub async fn shutdown(self, stop_engines: bool) {
+        let mut tasks = tokio::task::JoinSet::new();
         for (_, h) in self.handles {
-            h.shutdown(stop_engines).await;
+            tasks.spawn(h.shutdown(stop_engines));
         }
+        while tasks.join_next().await.is_some() {}
     }
 }
 

@@ -35,6 +35,12 @@ pub struct EngineConfig {
     pub socket: String,
     /// Ready when this PostgreSQL-style pid file says so; otherwise when the socket accepts.
     pub ready_pid_file: Option<String>,
+    /// Whether clients send the first byte (default false: the engine is connected to as soon
+    /// as a client is accepted, as a server that greets first needs).
+    #[serde(default)]
+    pub client_speaks_first: bool,
+    /// Open client connections one tenant may hold (default 1024).
+    pub max_clients: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -111,6 +117,8 @@ impl EngineConfig {
                 Some(path) => Readiness::PidFileStatus(path),
                 None => Readiness::SocketAccepts,
             },
+            client_speaks_first: self.client_speaks_first,
+            max_clients: Some(self.max_clients.unwrap_or(1024)),
         })
     }
 }

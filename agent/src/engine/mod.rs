@@ -40,6 +40,12 @@ pub struct EngineTemplate {
     /// The Unix socket the proxy connects to.
     pub socket: String,
     pub readiness: Readiness,
+    /// Clients send the first byte (PostgreSQL, Redis); a server that speaks first (a MySQL-style
+    /// greeting) is connected to as soon as a client is accepted.
+    pub client_speaks_first: bool,
+    /// Open client connections one tenant may hold through the proxy; `None`: from PostgreSQL's
+    /// `max_connections` for the tenant's memory (see `proxy::Budget::for_engine`).
+    pub max_clients: Option<u64>,
 }
 
 /// PostgreSQL's `max_connections` for a tenant of this memory: in proportion, 20 to 500.

@@ -64,6 +64,8 @@ pub fn template(bin: &Path) -> EngineTemplate {
         stop_timeout: Duration::from_secs(30),
         socket: s("{run}/.s.PGSQL.5432"),
         readiness: Readiness::PidFileStatus(s("{data}/pgdata/postmaster.pid")),
+        client_speaks_first: true,
+        max_clients: None,
     }
 }
 

@@ -17,6 +17,10 @@ pub fn find_server() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// Redis' `maxclients` for every tenant (its default, 10,000, is more than one tenant may hold
+/// of the agent).
+const MAX_CLIENTS: u64 = 1000;
+
 pub fn template(server: &Path) -> EngineTemplate {
     let s = |v: &str| v.to_string();
     EngineTemplate {
@@ -33,6 +37,7 @@ pub fn template(server: &Path) -> EngineTemplate {
                requirepass {password}\n\
                maxmemory {memory_bytes_three_quarters}\n\
                maxmemory-policy noeviction\n\
+               maxclients 1000\n\
                appendonly yes\n\
                appendfsync everysec\n\
                save \"\"\n\
@@ -45,6 +50,9 @@ pub fn template(server: &Path) -> EngineTemplate {
         stop_timeout: Duration::from_secs(30),
         socket: s("{run}/redis.sock"),
         readiness: Readiness::RedisPing,
+        client_speaks_first: true,
+        // Above Redis' own `maxclients`, so a client beyond it gets Redis' own error.
+        max_clients: Some(MAX_CLIENTS + 24),
     }
 }
 

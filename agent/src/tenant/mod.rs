@@ -36,7 +36,8 @@ pub struct Observed {
     pub hibernate_generation: u64,
     pub wake_generation: u64,
     /// Times the tenant hibernated and woke (since this agent started), and how long the last
-    /// wake took from the first client's arrival until the engine answered.
+    /// wake took, from when the supervisor saw the first client's byte (or the wake request)
+    /// until the engine answered.
     pub hibernations: u64,
     pub wakes: u64,
     pub last_wake: Option<std::time::Duration>,

@@ -156,9 +156,9 @@ pub struct HostRuntime {
     children: Arc<Mutex<BTreeSet<i32>>>,
 }
 
-/// How long to wait before looking at readiness again, `elapsed` into the wait. A waking tenant's
-/// clients are waiting: the first second is polled every millisecond (a PostgreSQL is ready in
-/// about 40 ms), then every 20 ms, so a long crash recovery costs little.
+/// How long to wait before looking at readiness again, `elapsed` into the wait. Clients may be
+/// waiting (a wake, a restart): the first second of every start is polled every millisecond (a
+/// PostgreSQL is ready in about 40 ms), then every 20 ms, so a long crash recovery costs little.
 fn readiness_poll(elapsed: Duration) -> Duration {
     if elapsed < Duration::from_secs(1) {
         Duration::from_millis(1)
@@ -203,10 +203,12 @@ impl HostRuntime {
     }
 
     /// What this tenant's clients may hold of the proxy.
-    fn budget(&self) -> proxy::Budget {
-        match self.host.max_clients_per_tenant {
-            Some(max) => proxy::Budget::with_max_open(max),
-            None => {
+    /// Taken when the endpoint opens (a resize applies at the next agent start, as PostgreSQL's
+    /// `max_connections` does at the next engine start).
+    fn budget(&self, engine: &EngineTemplate) -> proxy::Budget {
+        match (self.host.max_clients_per_tenant, engine.max_clients) {
+            (Some(max), _) | (None, Some(max)) => proxy::Budget::with_max_open(max),
+            (None, None) => {
                 proxy::Budget::for_engine(crate::engine::max_connections(self.resources.memory.0))
             }
         }
@@ -479,12 +481,14 @@ impl Runtime for HostRuntime {
         if self.proxy.is_none() {
             let addr = std::net::SocketAddr::new(self.host.listen_host, self.port);
             // The port kept open across agent restarts, if it is there (see `endpoints`).
-            let listener = self
-                .host
-                .endpoints
-                .listener(self.name.as_str(), addr)
-                .and_then(tokio::net::TcpListener::from_std)
-                .map_err(|source| ProxyError { addr, source })?;
+            let (host, name) = (self.host.clone(), self.name.to_string());
+            let listener =
+                tokio::task::spawn_blocking(move || host.endpoints.listener(&name, addr))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r)
+                    .and_then(tokio::net::TcpListener::from_std)
+                    .map_err(|source| ProxyError { addr, source })?;
             let resumed = self
                 .host
                 .endpoints
@@ -496,13 +500,17 @@ impl Runtime for HostRuntime {
                 })
                 .collect();
             let socket = self.context().fill_path(&engine.socket);
+            let target = proxy::Target {
+                socket,
+                owner: identity.0,
+                budget: self.budget(&engine),
+                client_speaks_first: engine.client_speaks_first,
+            };
             self.proxy = Some(proxy::serve(
                 listener,
-                socket,
-                identity.0,
+                target,
                 self.ready.clone(),
                 self.stats.clone(),
-                self.budget(),
                 resumed,
             ));
         }
@@ -732,6 +740,11 @@ impl Runtime for HostRuntime {
             let pids = cgroup.pids()?;
             if !pids.is_empty() {
                 cgroup.kill_all()?;
+            }
+            // Left thawed: whatever starts in it next (an init, an engine) must run, and a
+            // hibernated tenant's cgroup may be frozen (v2's cgroup.kill does not thaw it).
+            if cgroup.display_path().exists() {
+                cgroup.thaw()?;
             }
             Ok(pids.len())
         })

@@ -438,12 +438,27 @@ impl<R: Runtime> Supervisor<R> {
                     warn!(error = %e, "recording the finished restart");
                 }
             }
-            if self.record.hibernated && self.record.spec.hibernate == HibernateMode::Freeze {
-                // Frozen (or being frozen) when the agent stopped: it stays so. Freezing again
-                // finishes a freeze the crash cut short.
-                match self.rt.freeze().await {
-                    Ok(()) => return self.now_hibernated(Some(engine), 0),
-                    Err(e) => warn!(error = %e, "freezing the hibernated engine again; it runs"),
+            if self.record.hibernated {
+                match self.record.spec.hibernate {
+                    // Frozen (or being frozen) when the agent stopped: it stays so. Freezing
+                    // again finishes a freeze the crash cut short.
+                    HibernateMode::Freeze => match self.rt.freeze().await {
+                        Ok(()) => return self.now_hibernated(Some(engine), 0),
+                        Err(e) => {
+                            warn!(error = %e, "freezing the hibernated engine again; it runs")
+                        }
+                    },
+                    // Being stopped when the agent stopped (or frozen before the mode changed to
+                    // stop): the hibernation is finished as recorded.
+                    HibernateMode::Stop => {
+                        info!("finishing a hibernation interrupted by an agent restart");
+                        if let Err(e) = self.rt.thaw().await {
+                            warn!(error = %e, "thawing the engine to stop it");
+                        }
+                        self.rt.stop(&engine).await;
+                        self.rt.reclaim_memory().await;
+                        return self.now_hibernated(None, 0);
+                    }
                 }
             }
             // A frozen engine never becomes ready: thawed first (nothing to do if it runs).
@@ -521,11 +536,20 @@ impl<R: Runtime> Supervisor<R> {
         }
         let since = Instant::now();
         let oom_before = self.rt.oom_kills();
-        // When the last client left (or the engine became ready): idleness counts from here.
+        // When the last client that spoke left (or the engine became ready): idleness counts
+        // from here.
         let mut idle_since = Instant::now();
+        let mut speaking_before = self.clients.borrow_and_update().speaking;
         let mut clients_gone = false;
         loop {
             self.take_deferred().await;
+            // Read here, at every turn, so a close seen while another branch ran still moves
+            // the idle clock (never a stale one that hibernates at once).
+            let speaking = self.clients.borrow_and_update().speaking;
+            if speaking == 0 && speaking_before > 0 {
+                idle_since = Instant::now();
+            }
+            speaking_before = speaking;
             if let Some(generation) = self.wake_wanted.take() {
                 // Already awake: only noted.
                 self.record.spec.wake_generation = generation;
@@ -533,11 +557,17 @@ impl<R: Runtime> Supervisor<R> {
                     .await;
                 self.publish_generations();
             }
-            if let Some(generation) = self.hibernate_wanted.take() {
+            // A requested hibernation waits for the open client connections to close: it never
+            // cuts a client off, nor leaves one on a frozen engine.
+            if let (Some(generation), 0) = (self.hibernate_wanted, speaking) {
                 info!(generation, "hibernate requested");
-                match self.hibernate(engine, false, Some(generation)).await {
+                self.hibernate_wanted = None;
+                match self.hibernate(engine, Some(generation)).await {
                     Ok(phase) => return phase,
-                    Err(kept) => engine = kept,
+                    Err(kept) => {
+                        engine = kept;
+                        self.hibernate_wanted = Some(generation);
+                    }
                 }
                 continue;
             }
@@ -561,20 +591,17 @@ impl<R: Runtime> Supervisor<R> {
             let retry_grow = tokio::time::sleep(GROW_RETRY);
             let idle_after = self.record.spec.idle_after.duration();
             let idle_at = match idle_after {
-                Some(d) if self.clients.borrow().open == 0 => Some(idle_since + d),
+                Some(d) if speaking == 0 => Some(idle_since + d),
                 _ => None,
             };
             tokio::select! {
+                // A client came, spoke or left: looked at on the next turn.
                 changed = self.clients.changed(), if !clients_gone => {
                     clients_gone = changed.is_err();
-                    // A client came (and maybe went) or the last one left.
-                    if self.clients.borrow_and_update().open == 0 {
-                        idle_since = Instant::now();
-                    }
                 }
                 () = sleep_until_some(idle_at) => {
                     info!(idle_after = %self.record.spec.idle_after, "no client connection for idle_after: hibernating");
-                    match self.hibernate(engine, true, None).await {
+                    match self.hibernate(engine, None).await {
                         Ok(phase) => return phase,
                         Err(kept) => engine = kept,
                     }
@@ -738,18 +765,17 @@ impl<R: Runtime> Supervisor<R> {
     }
 
     /// Hibernates a running engine. From the first step new clients wait (and will wake it);
-    /// when `idle` decided it, a client counted in between keeps the engine running instead.
-    /// Gives the engine back when it keeps running.
+    /// a client that spoke in between keeps the engine running instead. Gives the engine back
+    /// when it keeps running.
     async fn hibernate(
         &mut self,
         engine: R::Engine,
-        idle: bool,
         generation: Option<u64>,
     ) -> Result<Phase<R::Engine>, R::Engine> {
         self.ready.send_replace(Upstream::Hibernated);
         let clients = *self.clients.borrow();
-        if idle && clients.open > 0 {
-            info!("a client connected as the tenant went idle: it stays awake");
+        if clients.speaking > 0 {
+            info!("a client connected as the tenant was to hibernate: it stays awake");
             self.ready.send_replace(Upstream::Ready);
             return Err(engine);
         }
@@ -860,6 +886,10 @@ impl<R: Runtime> Supervisor<R> {
                 Asleep::FrozenExit(exit) => {
                     warn!(%exit, "the frozen engine ended; the next wake starts a new one");
                     frozen = None;
+                    // A process started in a frozen cgroup would never run.
+                    if let Err(e) = self.rt.thaw().await {
+                        warn!(error = %e, "thawing the empty cgroup");
+                    }
                     self.status.send_modify(|o| o.pid = None);
                 }
                 Asleep::Request(Some(Request::Delete)) => {

@@ -290,11 +290,15 @@ impl Harness {
             c.open += 1;
             c.accepted += 1;
             c.spoke += 1;
+            c.speaking += 1;
         });
     }
     /// A client disconnects.
     fn disconnect(&self) {
-        self.clients.send_modify(|c| c.open -= 1);
+        self.clients.send_modify(|c| {
+            c.open -= 1;
+            c.speaking -= 1;
+        });
     }
     /// Lets the supervisor run until it waits for something.
     async fn settle(&self) {
@@ -983,4 +987,57 @@ async fn a_policy_change_takes_effect_on_a_running_tenant() {
     assert!(h.rt.host().frozen);
     let last = h.rt.host().records.last().unwrap().clone();
     assert_eq!(last.spec.hibernate, HibernateMode::Freeze);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_requested_hibernation_waits_for_open_clients_to_leave() {
+    let mut h = new_tenant();
+    h.wait_state(TenantState::Running).await;
+    h.connect();
+    h.send(Request::Hibernate(1));
+    h.settle().await;
+    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    assert_eq!(h.status.borrow().state, TenantState::Running);
+    h.disconnect();
+    let o = h.wait_state(TenantState::Hibernated).await;
+    assert_eq!(o.hibernate_generation, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_connection_neither_keeps_a_tenant_awake_nor_wakes_it() {
+    let mut h = idle_tenant(30, HibernateMode::Stop);
+    h.wait_state(TenantState::Running).await;
+    // A TCP probe: connected, never a byte.
+    h.clients.send_modify(|c| {
+        c.open += 1;
+        c.accepted += 1;
+    });
+    h.wait_state(TenantState::Hibernated).await;
+    h.clients.send_modify(|c| {
+        c.open += 1;
+        c.accepted += 1;
+    });
+    h.settle().await;
+    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    assert_eq!(h.status.borrow().state, TenantState::Hibernated);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hibernation_cut_short_by_an_agent_restart_is_finished() {
+    let engine = FakeEngine::new(42);
+    engine.make_ready();
+    let mut record = TenantRecord::new(spec());
+    record.hibernated = true;
+    let mut h = start(
+        FakeHost {
+            initialized: true,
+            running: Some(engine),
+            ..Default::default()
+        },
+        record,
+        false,
+    );
+    let o = h.wait_state(TenantState::Hibernated).await;
+    assert_eq!(o.pid, None);
+    assert_eq!(h.steps(), ["adopt", "prepare", "stop", "reclaim"]);
 }

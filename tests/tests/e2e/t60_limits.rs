@@ -163,9 +163,10 @@ fn a_spinning_tenant_is_held_to_its_cpu_quota() {
     // The quota engaged: the kernel throttled the tenant in the window.
     assert!(throttled1 > throttled0, "never throttled");
     match CgroupVersion::of_host() {
-        // Native: within 10% of the quota.
+        // Native: never more than the quota (10% for accounting); less only when the host's
+        // two cores are busy with the rest of the suite, which runs beside it.
         CgroupVersion::V1 => assert!(
-            (cores_used - 0.5).abs() <= 0.05,
+            cores_used > 0.05 && cores_used <= 0.55,
             "used {cores_used:.3} cores, quota 0.5"
         ),
         // Emulated (the v2 VM): the guest's vCPUs get what the host gives them, so the tenant may

@@ -223,7 +223,9 @@ impl Bare {
 
     /// Starts the engine and times spawn → first answer (`SELECT 1`, or `PING` after `AUTH`),
     /// retrying every millisecond, then stops it gracefully (as hibernation's stop does).
-    pub async fn timed_start(&self) -> anyhow::Result<Duration> {
+    /// Also returns one more fresh connection's time to the now running engine: what a
+    /// connection costs without Dormant's proxy in between.
+    pub async fn timed_start(&self) -> anyhow::Result<(Duration, Duration)> {
         for (path, content) in &self.template.files {
             private_file(
                 &self.ctx.fill_path(path),
@@ -239,11 +241,8 @@ impl Bare {
             .then(|| self.pg_config())
             .transpose()?;
         let socket = self.socket();
-        let t0 = Instant::now();
-        let mut child = Transient::spawn(self.name, cmd)?;
-        let deadline = t0 + ATTEMPT_TIMEOUT;
-        loop {
-            let answered = match &pg {
+        let ask = || async {
+            match &pg {
                 Some(cfg) => pg_select1(cfg).await,
                 // Not answered until it has loaded its data, as a tenant's client sees it.
                 None => match tokio::net::UnixStream::connect(&socket).await {
@@ -254,8 +253,13 @@ impl Bare {
                     },
                     Err(e) => Err(e.into()),
                 },
-            };
-            let Err(error) = answered else { break };
+            }
+        };
+        let t0 = Instant::now();
+        let mut child = Transient::spawn(self.name, cmd)?;
+        let deadline = t0 + ATTEMPT_TIMEOUT;
+        loop {
+            let Err(error) = ask().await else { break };
             if let Err(e) = child.check_running() {
                 bail!(
                     "{e:#}; last lines of {}:\n{}",
@@ -272,9 +276,50 @@ impl Bare {
             tokio::time::sleep(RETRY).await;
         }
         let took = t0.elapsed();
+        let t1 = Instant::now();
+        ask()
+            .await
+            .context("a second connection to the running engine")?;
+        let running = t1.elapsed();
         child
             .stop(self.template.stop_signal, self.template.stop_timeout)
             .await?;
-        Ok(took)
+        Ok((took, running))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake Redis that answers `reply` to whatever it is sent.
+    async fn answer(reply: &'static [u8]) -> anyhow::Result<RedisAnswer> {
+        let (client, mut server) = tokio::io::duplex(1024);
+        tokio::spawn(async move {
+            let mut buf = [0u8; 256];
+            let _ = server.read(&mut buf).await;
+            // In two pieces: a reply may arrive split.
+            let (a, b) = reply.split_at(reply.len() / 2);
+            let _ = server.write_all(a).await;
+            let _ = server.write_all(b).await;
+        });
+        redis_ping(client, "pw").await
+    }
+
+    #[tokio::test]
+    async fn redis_replies_are_told_apart() {
+        assert_eq!(
+            answer(b"+OK\r\n+PONG\r\n").await.ok(),
+            Some(RedisAnswer::Pong)
+        );
+        assert_eq!(
+            answer(b"+OK\r\n-LOADING Redis is loading the dataset in memory\r\n")
+                .await
+                .ok(),
+            Some(RedisAnswer::Loading)
+        );
+        assert!(answer(b"-WRONGPASS invalid password\r\n+PONG\r\n")
+            .await
+            .is_err());
     }
 }

@@ -399,15 +399,40 @@ impl Host {
 
     /// `took_ms` of every `tenant woke` line the agent logged for `name`, in order.
     pub fn logged_wakes(&self, name: &str) -> Vec<Duration> {
-        let text = std::fs::read_to_string(&self.agent_log).unwrap_or_default();
-        text.lines()
-            // The supervisor's span: `tenant{tenant_id=NAME uid=N}`.
-            .filter(|l| l.contains("tenant woke") && l.contains(&format!("tenant_id={name} ")))
-            .filter_map(|l| {
-                let v = l.split("took_ms=").nth(1)?.split_whitespace().next()?;
-                let ms: f64 = v.parse().ok()?;
-                Some(Duration::from_secs_f64(ms / 1e3))
-            })
-            .collect()
+        wakes_in_log(
+            &std::fs::read_to_string(&self.agent_log).unwrap_or_default(),
+            name,
+        )
+    }
+}
+
+fn wakes_in_log(text: &str, name: &str) -> Vec<Duration> {
+    text.lines()
+        // The supervisor's span: `tenant{tenant_id=NAME uid=N}`.
+        .filter(|l| l.contains("tenant woke") && l.contains(&format!("tenant_id={name} ")))
+        .filter_map(|l| {
+            let v = l.split("took_ms=").nth(1)?.split_whitespace().next()?;
+            let ms: f64 = v.parse().ok()?;
+            Some(Duration::from_secs_f64(ms / 1e3))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wakes_are_read_from_the_agent_log_by_tenant() {
+        let log = "\
+2026-11-30T14:00:55.209171Z  INFO tenant{tenant_id=wake-pg uid=4}: dormant_agent::tenant::supervisor: tenant woke took_ms=34.5
+2026-11-30T14:00:55.209171Z  INFO tenant{tenant_id=wake-pg-2 uid=5}: dormant_agent::tenant::supervisor: tenant woke took_ms=99
+2026-11-30T14:00:55.361189Z  INFO dormant_agent::reconcile: hibernate requested tenant_id=wake-pg generation=33
+2026-11-30T14:00:56.209171Z  INFO tenant{tenant_id=wake-pg uid=4}: dormant_agent::tenant::supervisor: tenant woke took_ms=0.25
+";
+        assert_eq!(
+            wakes_in_log(log, "wake-pg"),
+            vec![Duration::from_micros(34_500), Duration::from_micros(250)]
+        );
     }
 }

@@ -521,3 +521,27 @@ fn start_pgbouncer(
         .with_context(|| format!("pgbouncer; log:\n{}", log_tail(&log, 20)))?;
     Ok((child, port))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_pgbench_figures() {
+        let out = "pgbench (15.18 (Debian 15.18-0+deb12u1))\n\
+                   number of transactions actually processed: 312345\n\
+                   latency average = 0.512 ms\n\
+                   initial connection time = 12.345 ms\n\
+                   tps = 15617.250000 (without initial connection time)\n";
+        assert_eq!(field(out, "tps = ").ok(), Some(15617.25));
+        assert_eq!(field(out, "latency average = ").ok(), Some(0.512));
+        assert!(field("no figures", "tps = ").is_err());
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0].into_iter()), 2.5);
+        assert_eq!(median(std::iter::empty()), 0.0);
+    }
+}

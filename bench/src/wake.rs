@@ -148,6 +148,8 @@ struct Series {
     warm: Vec<Duration>,
     /// spawn → answer of the bare engine.
     bare: Vec<Duration>,
+    /// connect() → answer with the bare engine running, on its Unix socket.
+    bare_running: Vec<Duration>,
     /// Wakes whose first answer was Redis's `-LOADING` instead of the reply, and how many such
     /// answers in all.
     wakes_loading: u32,
@@ -315,7 +317,9 @@ async fn measure(
         // With the tenant hibernated, nothing of it competes with the bare engine's start, and
         // the bare engine is stopped again before the wake.
         if let Some(bare) = bare {
-            s.bare.push(bare.timed_start().await.context("bare start")?);
+            let (start, running) = bare.timed_start().await.context("bare start")?;
+            s.bare.push(start);
+            s.bare_running.push(running);
         }
         let (took, loading) = client
             .timed()
@@ -382,6 +386,12 @@ fn stop_mode_section(report: &mut Report, key: &str, title: &str, engine: Engine
         &format!("running: connect → {q}"),
         "running",
         &s.warm,
+    );
+    row_latency(
+        report,
+        &format!("bare running: connect → {q}"),
+        "bare_running",
+        &s.bare_running,
     );
     let (w, b) = (Latency::of(&s.wake), Latency::of(&s.bare));
     let (r50, r99) = (ratio(w.p50, b.p50), ratio(w.p99, b.p99));

@@ -244,7 +244,7 @@ impl Cluster {
     }
 
     /// Runs dormantctl; returns stdout, stderr and whether it succeeded.
-    async fn ctl_raw(
+    pub async fn ctl_raw(
         &self,
         url: Option<&str>,
         args: &[&str],

@@ -1,15 +1,21 @@
 //! `dormant-bench`: benchmarks of a real scheduler cluster, run by hand (never from the tests).
 //! `placement` measures tenant creates per second against an etcd baseline; `heartbeats` measures
-//! what thousands of idle agents cost the leader. Each prints a table, or JSON with `--json`.
+//! what thousands of idle agents cost the leader; `wake` and `proxy` run a real agent and measure
+//! what hibernation and the TCP proxy cost a tenant's clients. Each prints a table, or JSON with
+//! `--json`.
 
 mod cluster;
+mod engines;
 mod etcd;
 mod heartbeats;
+mod host;
 mod placement;
 mod procs;
+mod proxy;
 mod report;
 mod sim;
 mod stats;
+mod wake;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,9 +41,15 @@ enum Command {
     Placement(placement::Args),
     /// Leader CPU, latency and Raft entries while many idle agents heartbeat.
     Heartbeats(heartbeats::Args),
+    /// Wake latency of hibernated PostgreSQL and Redis tenants, next to bare engine starts
+    /// (root: runs a real agent).
+    Wake(wake::Args),
+    /// pgbench through the agent's proxy, next to the Unix socket, haproxy and pgbouncer (root:
+    /// runs a real agent).
+    Proxy(proxy::Args),
 }
 
-/// Flags both benchmarks take.
+/// Flags both scheduler benchmarks take.
 #[derive(Debug, clap::Args)]
 pub struct Common {
     /// Where dormant-scheduler and dormantctl are (default: this executable's directory).
@@ -95,12 +107,16 @@ fn main() -> ExitCode {
     let json = match &cli.command {
         Command::Placement(a) => a.common.json,
         Command::Heartbeats(a) => a.common.json,
+        Command::Wake(a) => a.host.json,
+        Command::Proxy(a) => a.host.json,
     };
     let result = runtime.block_on(async {
         let run = async {
             match cli.command {
                 Command::Placement(a) => placement::run(a).await,
                 Command::Heartbeats(a) => heartbeats::run(a).await,
+                Command::Wake(a) => wake::run(a).await,
+                Command::Proxy(a) => proxy::run(a).await,
             }
         };
         // On a signal the run's future is dropped, and with it the guard that kills the children

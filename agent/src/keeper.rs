@@ -18,6 +18,9 @@
 //! EXIT                   close everything and end  -> OK
 //! ```
 //!
+//! Handed-over connections that no agent takes within `HANDOVER_TTL` (a `systemctl stop` hands
+//! them over too) are closed; listeners are kept until the agent says otherwise.
+//!
 //! Under systemd the unit's `KillMode=process` leaves it running across `systemctl restart`.
 //! One process per state directory (so per host: one agent per host), never one per tenant; a
 //! lock next to the socket refuses a second one. Departure from systemd's own file-descriptor
@@ -35,6 +38,10 @@ use nix::sys::socket::{
     self, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
     SockType, UnixAddr,
 };
+
+/// How long handed-over connections wait for the next agent (a `systemctl stop` hands them over
+/// too, and no agent may come): then they are closed. Listeners are kept for ever.
+pub const HANDOVER_TTL: Duration = Duration::from_secs(120);
 
 /// Descriptors one message may carry. We send at most two (a client and its engine
 /// connection); room for more means a message is never truncated, which would leave the
@@ -120,9 +127,17 @@ fn recv(fd: &OwnedFd) -> nix::Result<Option<(String, Vec<OwnedFd>)>> {
     Ok(Some((String::from_utf8_lossy(&buf[..n]).into_owned(), fds)))
 }
 
+/// What the keeper holds: descriptors by key, with when they came.
+type Held = BTreeMap<String, (std::time::Instant, Vec<OwnedFd>)>;
+
 /// The keeper process: serves `socket` until told to exit. Returns only on `EXIT` or an error
 /// that leaves it unable to serve.
 pub fn run(socket_path: &Path) -> Result<(), KeeperError> {
+    run_with(socket_path, HANDOVER_TTL)
+}
+
+/// `run`, closing handed-over connections no agent took within `handover_ttl`.
+pub fn run_with(socket_path: &Path, handover_ttl: Duration) -> Result<(), KeeperError> {
     // One keeper per socket: a second one would take the socket's name and orphan the first,
     // with every port it holds. The lock is held for the process's life.
     let lock_path = socket_path.with_extension("lock");
@@ -157,9 +172,20 @@ pub fn run(socket_path: &Path) -> Result<(), KeeperError> {
     socket::bind(listener.as_raw_fd(), &addr).map_err(errno(socket_path, "bind"))?;
     socket::listen(&listener, Backlog::new(8).unwrap_or(Backlog::MAXCONN))
         .map_err(errno(socket_path, "listen"))?;
-    let mut held: BTreeMap<String, Vec<OwnedFd>> = BTreeMap::new();
+    let mut held = Held::new();
     let me = nix::unistd::getuid();
+    // Wakes up now and then without an agent, to close stale handed-over connections.
+    let tick = u16::try_from((handover_ttl / 2).as_millis().clamp(10, 10_000)).unwrap_or(10_000);
     loop {
+        let mut ready = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&listener),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let readable = nix::poll::poll(&mut ready, tick).is_ok_and(|n| n > 0);
+        held.retain(|key, (since, _)| !key.starts_with("conn/") || since.elapsed() < handover_ttl);
+        if !readable {
+            continue;
+        }
         let conn = match socket::accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
             Ok(fd) => owned(fd),
             // Whatever it is (EMFILE, ECONNABORTED, ENOMEM), giving up would close every port
@@ -181,7 +207,7 @@ pub fn run(socket_path: &Path) -> Result<(), KeeperError> {
 }
 
 /// Serves one agent until it hangs up; true when it asked the keeper to exit.
-fn serve(conn: &OwnedFd, held: &mut BTreeMap<String, Vec<OwnedFd>>) -> bool {
+fn serve(conn: &OwnedFd, held: &mut Held) -> bool {
     loop {
         let Ok(Some((text, fds))) = recv(conn) else {
             return false;
@@ -189,7 +215,7 @@ fn serve(conn: &OwnedFd, held: &mut BTreeMap<String, Vec<OwnedFd>>) -> bool {
         let (verb, arg) = text.split_once(' ').unwrap_or((text.as_str(), ""));
         let ok = match verb {
             "PUT" if !arg.is_empty() => {
-                held.insert(arg.to_string(), fds);
+                held.insert(arg.to_string(), (std::time::Instant::now(), fds));
                 send(conn, "OK", &[])
             }
             "DEL" => {
@@ -204,7 +230,7 @@ fn serve(conn: &OwnedFd, held: &mut BTreeMap<String, Vec<OwnedFd>>) -> bool {
                     .collect();
                 let mut result = Ok(());
                 for key in keys {
-                    let raw: Vec<RawFd> = held[&key].iter().map(AsRawFd::as_raw_fd).collect();
+                    let raw: Vec<RawFd> = held[&key].1.iter().map(AsRawFd::as_raw_fd).collect();
                     result = send(conn, &format!("K {key}"), &raw);
                     if result.is_err() {
                         break;
@@ -422,6 +448,31 @@ mod tests {
         assert_eq!(next.get("conn/", false).unwrap()[0].1.len(), 2);
         next.delete("conn/acme/1").unwrap();
         assert!(next.get("conn/", false).unwrap().is_empty());
+        next.exit().unwrap();
+        thread.join().unwrap();
+    }
+
+    /// Handed-over connections no agent takes are closed after the TTL; listeners stay.
+    #[test]
+    fn handed_over_connections_expire_listeners_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keeper.sock");
+        let p = path.clone();
+        let thread = std::thread::spawn(move || run_with(&p, Duration::from_millis(200)).unwrap());
+        let mut client = loop {
+            if let Ok(c) = KeeperClient::connect(&path) {
+                break c;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        client.put("listen/a", &[listener.as_raw_fd()]).unwrap();
+        client.put("conn/a/1", &[listener.as_raw_fd()]).unwrap();
+        drop(client);
+        std::thread::sleep(Duration::from_millis(600));
+        let mut next = KeeperClient::connect(&path).unwrap();
+        assert!(next.get("conn/", false).unwrap().is_empty());
+        assert_eq!(next.get("listen/", false).unwrap().len(), 1);
         next.exit().unwrap();
         thread.join().unwrap();
     }

@@ -68,68 +68,63 @@ impl Endpoints {
             return endpoints;
         }
         let mut inner = endpoints.lock();
-        match endpoints.keeper(&mut inner) {
-            Ok(keeper) => {
-                // Each read on its own: a failed one leaves the other's result usable (and a
-                // listener not taken back here is asked for again when its bind finds the port
-                // held, see `listener`).
-                let listeners = keeper.get(LISTEN, false).unwrap_or_else(|e| {
-                    warn!(error = %e, "reading the kept listeners");
-                    Vec::new()
-                });
-                let connections = keeper.get(CONN, true).unwrap_or_else(|e| {
-                    warn!(error = %e, "reading the handed-over connections");
-                    Vec::new()
-                });
-                {
-                    {
-                        let (l, c) = (listeners.len(), connections.len());
-                        for (key, mut fds) in listeners {
-                            if let (Some(name), Some(fd)) = (key.strip_prefix(LISTEN), fds.pop()) {
-                                inner.inherited.insert(name.to_string(), fd);
-                            }
-                        }
-                        for (key, mut fds) in connections {
-                            let Some(name) = key
-                                .strip_prefix(CONN)
-                                .and_then(|rest| rest.split('/').next())
-                            else {
-                                continue;
-                            };
-                            if fds.is_empty() {
-                                continue;
-                            }
-                            let client = fds.remove(0);
-                            inner.handed_over.entry(name.to_string()).or_default().push(
-                                HandedOver {
-                                    client,
-                                    engine: fds.pop(),
-                                },
-                            );
-                        }
-                        info!(
-                            listeners = l,
-                            connections = c,
-                            "took back the tenant ports (and handed-over connections) the listener keeper held"
-                        );
-                    }
-                }
-            }
+        let (listeners, connections) = match endpoints.keeper(&mut inner) {
+            // Each read on its own: a failed one leaves the other's result usable (and a
+            // listener not taken back here is asked for again when its bind finds the port
+            // held, see `listener`).
+            Ok(keeper) => (keeper.get(LISTEN, false), keeper.get(CONN, true)),
             Err(e) => {
-                warn!(error = %e, "no listener keeper: tenant ports will close while the agent restarts")
+                warn!(error = %e, "no listener keeper: tenant ports will close while the agent restarts");
+                (Ok(Vec::new()), Ok(Vec::new()))
             }
+        };
+        if listeners.is_err() || connections.is_err() {
+            // A late answer would be read as the next one's: reconnect before the next request.
+            inner.keeper = None;
+        }
+        let listeners = listeners.unwrap_or_else(|e| {
+            warn!(error = %e, "reading the kept listeners");
+            Vec::new()
+        });
+        let connections = connections.unwrap_or_else(|e| {
+            warn!(error = %e, "reading the handed-over connections");
+            Vec::new()
+        });
+        let (l, c) = (listeners.len(), connections.len());
+        for (key, mut fds) in listeners {
+            if let (Some(name), Some(fd)) = (key.strip_prefix(LISTEN), fds.pop()) {
+                inner.inherited.insert(name.to_string(), fd);
+            }
+        }
+        for (key, mut fds) in connections {
+            let Some(name) = key
+                .strip_prefix(CONN)
+                .and_then(|rest| rest.split('/').next())
+            else {
+                continue;
+            };
+            if fds.is_empty() {
+                continue;
+            }
+            let client = fds.remove(0);
+            inner
+                .handed_over
+                .entry(name.to_string())
+                .or_default()
+                .push(HandedOver {
+                    client,
+                    engine: fds.pop(),
+                });
+        }
+        if l + c > 0 {
+            info!(
+                listeners = l,
+                connections = c,
+                "took back the tenant ports (and handed-over connections) the listener keeper held"
+            );
         }
         drop(inner);
         endpoints
-    }
-
-    /// No keeper at all (unit tests).
-    pub fn without_keeper() -> Self {
-        Self {
-            keeper_path: PathBuf::new(),
-            program: None,
-            inner: Mutex::default(),
-        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

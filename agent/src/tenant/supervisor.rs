@@ -511,8 +511,23 @@ impl<R: Runtime> Supervisor<R> {
         match ready {
             Ok(Ok(())) => Phase::Running(engine),
             Ok(Err(e)) => self.start_failed(e.to_string()).await,
+            Err(Interrupt::Restart(generation)) if self.answers_now(&engine).await => {
+                // Asked while its readiness was still being checked (an adopted engine, which
+                // usually answers at once): a ready engine is restarted the graceful way, with
+                // its intent recorded first, from `running`.
+                self.want_restart(generation);
+                Phase::Running(engine)
+            }
             Err(i) => self.interrupted(i, Some(engine), false).await,
         }
+    }
+
+    /// Whether `engine` answers within a moment.
+    async fn answers_now(&self, engine: &R::Engine) -> bool {
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), self.rt.wait_ready(engine)).await,
+            Ok(Ok(()))
+        )
     }
 
     async fn running(&mut self, mut engine: R::Engine) -> Phase<R::Engine> {

@@ -1041,3 +1041,35 @@ async fn a_hibernation_cut_short_by_an_agent_restart_is_finished() {
     assert_eq!(o.pid, None);
     assert_eq!(h.steps(), ["adopt", "prepare", "stop", "reclaim"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_asked_while_an_adopted_engine_is_checked_is_graceful_if_it_answers() {
+    let engine = FakeEngine::new(42);
+    let mut h = start(
+        FakeHost {
+            initialized: true,
+            running: Some(engine.clone()),
+            ready_at_once: true,
+            ..Default::default()
+        },
+        TenantRecord::new(spec()),
+        false,
+    );
+    h.settle().await;
+    h.send(Request::Restart(1));
+    h.settle().await;
+    // It answers within the moment the supervisor gives it: stopped gracefully, intent first.
+    engine.make_ready();
+    h.status
+        .wait_for(|o| o.state == TenantState::Running && o.restart_generation == 1)
+        .await
+        .unwrap();
+    let steps = h.steps();
+    assert!(steps.contains(&"stop".to_string()), "{steps:?}");
+    assert!(h
+        .rt
+        .host()
+        .records
+        .iter()
+        .any(|r| r.restarting_from == Some(42)));
+}

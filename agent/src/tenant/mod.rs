@@ -113,7 +113,8 @@ pub(crate) fn io_err<'a>(
     }
 }
 
-/// The last lines of the engine's log (from its last 4 KiB), for a failure's reason.
+/// The last lines of the engine's log (from its last 4 KiB), for a failure's reason: the
+/// tenant's own text, so control characters are escaped (it is stored and shown to operators).
 pub(crate) fn log_tail(path: &std::path::Path) -> String {
     use std::io::{Read, Seek, SeekFrom};
     let mut content = String::new();
@@ -125,5 +126,5 @@ pub(crate) fn log_tail(path: &std::path::Path) -> String {
         content = String::from_utf8_lossy(&bytes).into_owned();
     }
     let lines: Vec<&str> = content.lines().rev().take(3).collect();
-    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    dormant_common::text::escape_control(&lines.into_iter().rev().collect::<Vec<_>>().join(" | "))
 }

@@ -133,7 +133,17 @@ pub fn cluster_json(c: &pb::ClusterStatusResponse, cluster_id: Option<&str>) -> 
 }
 
 /// Renders rows under a header with columns padded to their widest cell.
+/// Cells are escaped (`escape_control`): some carry text from tenants (a failure's reason).
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            row.iter()
+                .map(|c| dormant_common::text::escape_control(c))
+                .collect()
+        })
+        .collect();
+    let rows = rows.as_slice();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

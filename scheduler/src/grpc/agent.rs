@@ -191,7 +191,8 @@ impl AgentApi for AgentService {
                 name,
                 uid: t.uid,
                 state,
-                reason: (!t.reason.is_empty()).then(|| t.reason.clone()),
+                // The tenant's own text (its log lines): stored escaped and bounded.
+                reason: (!t.reason.is_empty()).then(|| stored_reason(&t.reason)),
                 seen: TenantSeen::from_report(t),
             });
         }
@@ -295,6 +296,23 @@ impl AgentApi for AgentService {
     }
 }
 
+/// Longest reason kept, in bytes (a reason is the last lines of a log, not the log).
+const MAX_REASON_BYTES: usize = 1024;
+
+/// A reason as stored in Raft: control characters escaped, at most `MAX_REASON_BYTES`.
+fn stored_reason(reason: &str) -> String {
+    let mut text = dormant_common::text::escape_control(reason);
+    if text.len() > MAX_REASON_BYTES {
+        let mut end = MAX_REASON_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -303,6 +321,14 @@ mod tests {
     use dormant_common::TenantState;
 
     use super::*;
+
+    #[test]
+    fn a_stored_reason_is_escaped_and_bounded() {
+        let reason = stored_reason(&format!("\u{1b}[2J{}", "é".repeat(2000)));
+        assert!(reason.starts_with("\\x1b[2J"), "{reason}");
+        assert!(reason.len() <= MAX_REASON_BYTES + '…'.len_utf8());
+        assert!(reason.ends_with('…'));
+    }
     use crate::state::test_utils::res;
 
     fn record() -> TenantRecord {

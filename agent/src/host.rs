@@ -30,14 +30,8 @@ pub enum HostError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("state_dir {path}: must be an absolute path outside /tmp, /var/tmp and /dev/shm (each tenant gets private ones, which would hide it from the tenant)")]
+    #[error("state_dir {path}: must be an absolute path outside /tmp, /var/tmp and /dev/shm (the host cleans those; tenants' records and volumes must last)")]
     StateDirPlace { path: PathBuf },
-    #[error("state_dir {state_dir}: {path} has mode {mode:04o}; tenants (each its own uid) pass through it to reach their sockets under {state_dir}/run, so it needs search permission for others (o+x, e.g. chmod 0711 {path})")]
-    StateDirClosed {
-        state_dir: PathBuf,
-        path: PathBuf,
-        mode: u32,
-    },
     #[error(
         "state_dir {path}: another agent (pid {holder}) is using it; one agent per state directory"
     )]
@@ -108,6 +102,10 @@ impl TenantPaths {
     }
     pub fn group(&self) -> PathBuf {
         self.dir.join("group")
+    }
+    /// An empty root-only directory the engine's root is built on, in its mount namespace only.
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("root")
     }
     /// The tenant's volume: a root-owned image beside the record, mounted as `data`.
     pub fn volume(&self) -> crate::volume::Volume {
@@ -185,9 +183,8 @@ impl Host {
     }
 }
 
-/// Directories every tenant gets a private tmpfs over: a state directory there would be hidden
-/// from the tenants.
-pub const PRIVATE_IN_TENANTS: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
+/// Directories the host empties (at boot, or by age): no place for records and volumes.
+const CLEANED_BY_THE_HOST: [&str; 3] = ["/tmp", "/var/tmp", "/dev/shm"];
 
 /// Creates the state directory, takes it for this agent alone (see `lock_state_dir`), checks its
 /// socket paths will fit, and returns its canonical path with the lock
@@ -199,14 +196,14 @@ pub fn prepare_state_dir(
         path: dir.to_path_buf(),
         source,
     };
-    if !dir.is_absolute() || PRIVATE_IN_TENANTS.iter().any(|p| dir.starts_with(p)) {
+    if !dir.is_absolute() || CLEANED_BY_THE_HOST.iter().any(|p| dir.starts_with(p)) {
         return Err(HostError::StateDirPlace {
             path: dir.to_path_buf(),
         });
     }
     std::fs::create_dir_all(dir).map_err(io)?;
     let dir = &std::fs::canonicalize(dir).map_err(io)?;
-    if PRIVATE_IN_TENANTS.iter().any(|p| dir.starts_with(p)) {
+    if CLEANED_BY_THE_HOST.iter().any(|p| dir.starts_with(p)) {
         return Err(HostError::StateDirPlace {
             path: dir.to_path_buf(),
         });
@@ -214,26 +211,11 @@ pub fn prepare_state_dir(
     // Before anything else is touched: another agent may be using the directory.
     let lock = lock_state_dir(dir)?;
     use std::os::unix::fs::PermissionsExt;
-    // Tenants reach `<state_dir>/run/<uid>` as their own uid: every directory on the way must
-    // let others pass. Refused here, at start, rather than as a failed init per tenant later.
-    for ancestor in dir.ancestors() {
-        let mode = std::fs::metadata(ancestor)
-            .map_err(io)?
-            .permissions()
-            .mode();
-        if mode & 0o001 == 0 {
-            return Err(HostError::StateDirClosed {
-                state_dir: dir.to_path_buf(),
-                path: ancestor.to_path_buf(),
-                mode: mode & 0o7777,
-            });
-        }
-    }
-    for sub in ["tenants", "run"] {
-        let path = dir.join(sub);
+    // Root's alone, whatever the umask: tenants see none of it (their roots are built from it as
+    // root), and it holds their passwords.
+    for path in [dir.to_path_buf(), dir.join("tenants"), dir.join("run")] {
         std::fs::create_dir_all(&path).map_err(io)?;
-        // Tenants pass through to their own directories; none may list the others.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o711)).map_err(io)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
     }
     share_tenant_mounts(&dir.join("tenants"))?;
     // <state_dir>/run/<uid>/.s.PGSQL.5432 must fit in sockaddr_un (108 bytes).

@@ -15,6 +15,7 @@ pub mod process;
 pub mod proxy;
 pub mod reconcile;
 pub mod report;
+pub mod socket_dir;
 pub mod spawn;
 pub mod sweep;
 pub mod tenant;
@@ -89,6 +90,9 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
     // Checks that change nothing come first: a bad engine stops the agent before it touches
     // the host.
     let engines = engines(settings)?;
+    // Root's files are root's alone whatever the caller's umask (the unit sets `UMask=0077`
+    // too): records, logs, the keeper's socket. What tenants read is opened to them explicitly.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let (state_dir, state_lock) = host::prepare_state_dir(&settings.state_dir)?;
     // Before the driver prepares the (new) parent: a refused start changes nothing there.
     host::check_cgroup_parent(

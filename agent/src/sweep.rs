@@ -208,7 +208,12 @@ pub fn sweep(host: &Host, found: &OnDisk) -> Swept {
         {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.parse::<u64>().is_ok() && !known_uids.contains(&name) {
-                remove_dir(&entry.path(), &mut swept);
+                let path = entry.path();
+                match crate::socket_dir::unmount(&path) {
+                    Ok(()) => {}
+                    Err(e) => warn!(path = %path.display(), error = %e, "sweep: unmount"),
+                }
+                remove_dir(&path, &mut swept);
             }
         }
     }

@@ -97,12 +97,32 @@ fn raft_config(settings: &Settings) -> Result<openraft::Config, AppError> {
         .map_err(|e| AppError::RaftConfig(e.to_string()))
 }
 
+/// Directories under `dir` (itself included) 0700, files 0600; symlinks are left alone.
+fn make_private(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.is_dir() {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        for entry in std::fs::read_dir(dir)? {
+            make_private(&entry?.path())?;
+        }
+    } else if meta.is_file() {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
 /// Runs a replica until `shutdown` resolves.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
-    std::fs::create_dir_all(&settings.data_dir).map_err(|source| AppError::DataDir {
-        path: settings.data_dir.display().to_string(),
-        source,
-    })?;
+    // The store holds every tenant's password: files this process creates are its own (the
+    // unit sets `UMask=0077` too), and what an older version left readable is closed.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    std::fs::create_dir_all(&settings.data_dir)
+        .and_then(|()| make_private(&settings.data_dir))
+        .map_err(|source| AppError::DataDir {
+            path: settings.data_dir.display().to_string(),
+            source,
+        })?;
     let (log_store, sm_store) = store::open(&settings.data_dir.join("raft"))?;
     let state = sm_store.shared();
     let network = PeerNetwork::default();

@@ -41,6 +41,10 @@ pub struct EngineConfig {
     pub client_speaks_first: bool,
     /// Open client connections one tenant may hold (default 1024).
     pub max_clients: Option<u64>,
+    /// Calls of the tenant seccomp filter's deny list this engine needs back, by name (e.g.
+    /// `["ptrace"]`); `clone` lifts the check on namespace flags.
+    #[serde(default)]
+    pub seccomp_allow: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -78,6 +82,14 @@ impl EngineConfig {
             if !path.exists() {
                 return Err(err("start", format!("{program} does not exist")));
             }
+            if !visible_in_tenants(path) {
+                return Err(err(
+                    "start",
+                    format!(
+                        "{program} is not inside a tenant's root: programs run from /usr (or /bin, /sbin, /lib*)"
+                    ),
+                ));
+            }
         }
         if self.init.iter().any(Vec::is_empty) {
             return Err(err("init", "every command must name a program".into()));
@@ -100,6 +112,8 @@ impl EngineConfig {
                 )
             })?,
         };
+        crate::spawn::seccomp::check_allowed(&self.seccomp_allow)
+            .map_err(|e| err("seccomp_allow", e.to_string()))?;
         let stop_timeout = Duration::from_millis(self.stop_timeout_ms.unwrap_or(30_000));
         if stop_timeout.is_zero() {
             return Err(err("stop_timeout_ms", "must be greater than 0".into()));
@@ -119,8 +133,19 @@ impl EngineConfig {
             },
             client_speaks_first: self.client_speaks_first,
             max_clients: Some(self.max_clients.unwrap_or(1024)),
+            seccomp_allow: self.seccomp_allow,
         })
     }
+}
+
+/// Whether a tenant's root (`spawn::root`) shows `path`: it holds `/usr` and the top-level
+/// program directories only.
+fn visible_in_tenants(path: &Path) -> bool {
+    [
+        "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+    ]
+    .iter()
+    .any(|top| path.starts_with(top))
 }
 
 #[cfg(test)]
@@ -207,6 +232,23 @@ mod tests {
                     ..base()
                 },
                 "engines.x.stop_timeout_ms",
+            ),
+            (
+                "x",
+                EngineConfig {
+                    // Exists, but a tenant's root holds /usr and the program directories only.
+                    start: vec!["/etc/hostname".into()],
+                    ..base()
+                },
+                "engines.x.start: /etc/hostname is not inside a tenant's root",
+            ),
+            (
+                "x",
+                EngineConfig {
+                    seccomp_allow: vec!["ptrace".into(), "execve".into()],
+                    ..base()
+                },
+                "engines.x.seccomp_allow: \"execve\" is not a call",
             ),
         ];
         for (name, config, expected) in cases {

@@ -46,6 +46,9 @@ pub struct EngineTemplate {
     /// Open client connections one tenant may hold through the proxy; `None`: from PostgreSQL's
     /// `max_connections` for the tenant's memory (see `proxy::Budget::for_engine`).
     pub max_clients: Option<u64>,
+    /// Calls of the tenant seccomp filter's deny list this engine gets back (see
+    /// `spawn::seccomp`); empty for the built-in engines.
+    pub seccomp_allow: Vec<String>,
 }
 
 /// PostgreSQL's `max_connections` for a tenant of this memory: in proportion, 20 to 500.

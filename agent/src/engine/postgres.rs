@@ -66,6 +66,7 @@ pub fn template(bin: &Path) -> EngineTemplate {
         readiness: Readiness::PidFileStatus(s("{data}/pgdata/postmaster.pid")),
         client_speaks_first: true,
         max_clients: None,
+        seccomp_allow: Vec::new(),
     }
 }
 

@@ -53,6 +53,7 @@ pub fn template(server: &Path) -> EngineTemplate {
         client_speaks_first: true,
         // Above Redis' own `maxclients`, so a client beyond it gets Redis' own error.
         max_clients: Some(MAX_CLIENTS + 24),
+        seccomp_allow: Vec::new(),
     }
 }
 

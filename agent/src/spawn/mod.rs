@@ -1,6 +1,7 @@
 //! Starting an engine process isolated: in its tenant's cgroup from its first instruction, in its
-//! own mount, pid, uts, ipc and net namespaces, as the tenant's own uid with `no_new_privs`, no
-//! capabilities and sensible rlimits. `plan` says what happens between fork and exec, `sys` does
+//! own mount, pid, uts, ipc, net and cgroup namespaces, in a minimal root of its own (`root`), as
+//! the tenant's own uid with `no_new_privs`, no capabilities, sensible rlimits and a seccomp
+//! filter (`seccomp`). `plan` says what happens between fork and exec, `sys` does
 //! it; this module wires them to `std::process::Command`.
 //!
 //! The engine is PID 1 of its pid namespace. To get there without a helper process that stays
@@ -10,6 +11,8 @@
 //! without an init; PostgreSQL and Redis reap what they start.
 
 pub mod plan;
+pub mod root;
+pub mod seccomp;
 pub mod sys;
 
 use std::fs::File;
@@ -20,7 +23,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-pub use plan::{Isolation, PlanError, Step, TENANT_DATA_PATH};
+pub use plan::{Isolation, PlanError, Step, TENANT_DATA_PATH, TENANT_RUN_PATH};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -28,6 +31,8 @@ pub enum SpawnError {
     EmptyCommand,
     #[error(transparent)]
     Plan(#[from] PlanError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     #[error("open cgroup file {path}: {source}")]
     CgroupFile {
         path: PathBuf,

@@ -25,6 +25,15 @@ pub trait Sys {
         flags: libc::c_ulong,
         data: Option<&CStr>,
     ) -> io::Result<()>;
+    fn mkdir(&mut self, path: &CStr, mode: libc::mode_t) -> io::Result<()>;
+    /// Creates an empty file (for a bind to cover); an existing one is fine.
+    fn create_file(&mut self, path: &CStr) -> io::Result<()>;
+    fn symlink(&mut self, target: &CStr, link: &CStr) -> io::Result<()>;
+    /// `chdir(new_root)`, `pivot_root(".", ".")`, `umount2(".", MNT_DETACH)`, `chdir("/")`.
+    fn pivot_root(&mut self, new_root: &CStr) -> io::Result<()>;
+    fn chdir(&mut self, path: &CStr) -> io::Result<()>;
+    fn umask(&mut self, mode: libc::mode_t);
+    fn seccomp(&mut self, filter: &[seccompiler::sock_filter]) -> io::Result<()>;
     fn sethostname(&mut self, name: &CStr) -> io::Result<()>;
     fn loopback_up(&mut self) -> io::Result<()>;
     fn setrlimit(
@@ -64,8 +73,9 @@ pub fn execute(steps: &[Step], sys: &mut impl Sys, report_fd: RawFd) -> io::Resu
 fn run_step(step: &Step, sys: &mut impl Sys) -> io::Result<()> {
     const ROOT: &CStr = c"/";
     const PROC: &CStr = c"proc";
-    const PROC_DIR: &CStr = c"/proc";
     const TMPFS: &CStr = c"tmpfs";
+    const MQUEUE: &CStr = c"mqueue";
+    const PSEUDO: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     match step {
         Step::NewSession => sys.setsid(),
         Step::JoinCgroup(fd) => sys.write_fd(*fd, b"0"),
@@ -80,37 +90,37 @@ fn run_step(step: &Step, sys: &mut impl Sys) -> io::Result<()> {
             None => Ok(()),
         },
         Step::MakeMountsSlave => sys.mount(None, ROOT, None, libc::MS_REC | libc::MS_SLAVE, None),
-        Step::MountProc => sys.mount(
-            Some(PROC),
-            PROC_DIR,
-            Some(PROC),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            None,
-        ),
-        Step::MountTmpfs { target, options } => sys.mount(
-            Some(TMPFS),
-            target,
-            Some(TMPFS),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some(options),
-        ),
+        Step::SetUmask(mode) => {
+            sys.umask(*mode);
+            Ok(())
+        }
+        Step::MountProc { target } => sys.mount(Some(PROC), target, Some(PROC), PSEUDO, None),
+        Step::MountMqueue { target } => sys.mount(Some(MQUEUE), target, Some(MQUEUE), PSEUDO, None),
+        Step::MountTmpfs { target, options } => {
+            sys.mount(Some(TMPFS), target, Some(TMPFS), PSEUDO, Some(options))
+        }
+        Step::MakeDir { path, mode } => sys.mkdir(path, *mode),
+        Step::MakeFile { path } => sys.create_file(path),
+        Step::Symlink { target, link } => sys.symlink(target, link),
         Step::Bind {
             source,
             target,
-            read_only,
+            access,
         } => {
             sys.mount(Some(source), target, None, libc::MS_BIND, None)?;
             // Flags other than MS_BIND take effect only on a remount of the bind.
-            let mut flags = libc::MS_BIND
-                | libc::MS_REMOUNT
-                | libc::MS_NOSUID
-                | libc::MS_NODEV
-                | libc::MS_NOEXEC;
-            if *read_only {
-                flags |= libc::MS_RDONLY;
-            }
-            sys.mount(None, target, None, flags, None)
+            sys.mount(None, target, None, access.remount_flags(), None)
         }
+        Step::PivotRoot { new_root } => sys.pivot_root(new_root),
+        // A bind remount sets the mount's flags to exactly these: keep nosuid,nodev,noexec.
+        Step::RemountReadOnly { target } => sys.mount(
+            None,
+            target,
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | PSEUDO,
+            None,
+        ),
+        Step::Chdir(path) => sys.chdir(path),
         Step::SetHostname(name) => sys.sethostname(name),
         Step::LoopbackUp => sys.loopback_up(),
         Step::SetRlimit {
@@ -122,6 +132,7 @@ fn run_step(step: &Step, sys: &mut impl Sys) -> io::Result<()> {
         Step::DropSupplementaryGroups => sys.setgroups_empty(),
         Step::SetGid(gid) => sys.setresgid(*gid),
         Step::SetUid(uid) => sys.setresuid(*uid),
+        Step::Seccomp(filter) => sys.seccomp(filter),
     }
 }
 
@@ -129,6 +140,15 @@ fn run_step(step: &Step, sys: &mut impl Sys) -> io::Result<()> {
 pub struct LinuxSys;
 
 fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `check` for `syscall(2)`, which returns a long.
+fn check_long(rc: libc::c_long) -> io::Result<()> {
     if rc == -1 {
         Err(io::Error::last_os_error())
     } else {
@@ -194,6 +214,77 @@ impl Sys for LinuxSys {
                 ptr_or_null(fstype),
                 flags,
                 ptr_or_null(data).cast(),
+            )
+        })
+    }
+
+    fn mkdir(&mut self, path: &CStr, mode: libc::mode_t) -> io::Result<()> {
+        // SAFETY: a NUL-terminated path.
+        check(unsafe { libc::mkdir(path.as_ptr(), mode) })
+    }
+
+    fn create_file(&mut self, path: &CStr) -> io::Result<()> {
+        // SAFETY: a NUL-terminated path; the descriptor is ours and closed at once.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                0o644,
+            )
+        };
+        check(fd)?;
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+        Ok(())
+    }
+
+    fn symlink(&mut self, target: &CStr, link: &CStr) -> io::Result<()> {
+        // SAFETY: NUL-terminated paths.
+        check(unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) })
+    }
+
+    fn pivot_root(&mut self, new_root: &CStr) -> io::Result<()> {
+        const DOT: &CStr = c".";
+        const ROOT: &CStr = c"/";
+        // SAFETY: NUL-terminated paths. pivot_root(".", ".") stacks the old root under the new
+        // one at the same place (as runc does); detaching it leaves no way back.
+        unsafe {
+            check(libc::chdir(new_root.as_ptr()))?;
+            check_long(libc::syscall(
+                libc::SYS_pivot_root,
+                DOT.as_ptr(),
+                DOT.as_ptr(),
+            ))?;
+            check(libc::umount2(DOT.as_ptr(), libc::MNT_DETACH))?;
+            check(libc::chdir(ROOT.as_ptr()))
+        }
+    }
+
+    fn chdir(&mut self, path: &CStr) -> io::Result<()> {
+        // SAFETY: a NUL-terminated path.
+        check(unsafe { libc::chdir(path.as_ptr()) })
+    }
+
+    fn umask(&mut self, mode: libc::mode_t) {
+        // SAFETY: plain mode bits; umask cannot fail.
+        unsafe { libc::umask(mode) };
+    }
+
+    fn seccomp(&mut self, filter: &[seccompiler::sock_filter]) -> io::Result<()> {
+        let len = libc::c_ushort::try_from(filter.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let prog = libc::sock_fprog {
+            len,
+            // seccompiler's sock_filter has libc's layout (repr(C), same fields).
+            filter: filter.as_ptr().cast_mut().cast(),
+        };
+        // SAFETY: prog points at `filter`, valid for the call; no_new_privs is set before.
+        check_long(unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0,
+                &raw const prog,
             )
         })
     }
@@ -322,6 +413,27 @@ impl Sys for RecordingSys {
             "mount({source:?}, {target:?}, {fstype:?}, {flags:#x}, {data:?})"
         ))
     }
+    fn mkdir(&mut self, path: &CStr, mode: libc::mode_t) -> io::Result<()> {
+        self.call(format!("mkdir({path:?}, {mode:o})"))
+    }
+    fn create_file(&mut self, path: &CStr) -> io::Result<()> {
+        self.call(format!("create({path:?})"))
+    }
+    fn symlink(&mut self, target: &CStr, link: &CStr) -> io::Result<()> {
+        self.call(format!("symlink({target:?}, {link:?})"))
+    }
+    fn pivot_root(&mut self, new_root: &CStr) -> io::Result<()> {
+        self.call(format!("pivot_root({new_root:?})"))
+    }
+    fn chdir(&mut self, path: &CStr) -> io::Result<()> {
+        self.call(format!("chdir({path:?})"))
+    }
+    fn umask(&mut self, mode: libc::mode_t) {
+        let _ = self.call(format!("umask({mode:o})"));
+    }
+    fn seccomp(&mut self, filter: &[seccompiler::sock_filter]) -> io::Result<()> {
+        self.call(format!("seccomp({} instructions)", filter.len()))
+    }
     fn sethostname(&mut self, name: &CStr) -> io::Result<()> {
         self.call(format!("sethostname({name:?})"))
     }
@@ -354,6 +466,7 @@ impl Sys for RecordingSys {
 mod tests {
     use super::*;
     use crate::spawn::plan::{isolated, Isolation};
+    use crate::spawn::root::HostRoot;
     use std::path::Path;
 
     fn steps() -> Vec<Step> {
@@ -362,13 +475,22 @@ mod tests {
             9,
             &Isolation {
                 hostname: "acme",
+                root: Path::new("/t/root"),
+                host: &HostRoot::default(),
                 volume: Path::new("/t/data"),
+                run: Path::new("/r/200001"),
                 uid: 200_001,
                 gid: 200_002,
                 passwd: Path::new("/t/passwd"),
                 group: Path::new("/t/group"),
                 tmp_bytes: 1 << 20,
                 max_open_files: 1024,
+                seccomp: &[vec![seccompiler::sock_filter {
+                    code: 6,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x7fff_0000,
+                }]],
             },
         )
         .unwrap()
@@ -385,16 +507,27 @@ mod tests {
             "unshare(",
             "fork",
             "mount(None, \"/\", None, 0x84000, None)",
-            "mount(Some(\"proc\"), \"/proc\", Some(\"proc\"), 0xe, None)",
-            "mount(Some(\"/t/data\"), \"/srv\", None, 0x1000, None)",
-            "mount(Some(\"/t/passwd\"), \"/etc/passwd\", None, 0x1000, None)",
-            "mount(Some(\"tmpfs\"), \"/tmp\", Some(\"tmpfs\"), 0x6, Some(\"size=1048576,mode=1777\"))",
+            "umask(0)",
+            "mount(Some(\"tmpfs\"), \"/t/root/\", Some(\"tmpfs\"), 0xe, Some(\"size=1048576,mode=0755\"))",
+            "mount(Some(\"/usr\"), \"/t/root/usr\", None, 0x1000, None)",
+            "mount(Some(\"/t/passwd\"), \"/t/root/etc/passwd\", None, 0x1000, None)",
+            "mount(Some(\"/t/data\"), \"/t/root/srv\", None, 0x1000, None)",
+            "mount(Some(\"tmpfs\"), \"/t/root/tmp\", Some(\"tmpfs\"), 0xe, Some(\"size=1048576,mode=1777\"))",
+            "mount(Some(\"/r/200001\"), \"/t/root/run/engine\", None, 0x1000, None)",
+            "mount(Some(\"/dev/null\"), \"/t/root/dev/null\", None, 0x1000, None)",
+            "mount(Some(\"mqueue\"), \"/t/root/dev/mqueue\", Some(\"mqueue\"), 0xe, None)",
+            "mount(Some(\"proc\"), \"/t/root/proc\", Some(\"proc\"), 0xe, None)",
+            "pivot_root(\"/t/root\")",
+            "mount(None, \"/\", None, 0x102f, None)",
+            "chdir(\"/srv\")",
+            "umask(77)",
             "sethostname(\"acme\")",
             "loopback_up",
             "no_new_privs",
             "setgroups([])",
             "setresgid(200002)",
             "setresuid(200001)",
+            "seccomp(1 instructions)",
         ];
         let mut at = 0;
         for e in expected {
@@ -405,7 +538,7 @@ mod tests {
         }
         assert_eq!(
             sys.calls.last().map(String::as_str),
-            Some("setresuid(200001)")
+            Some("seccomp(1 instructions)")
         );
     }
 
@@ -414,11 +547,18 @@ mod tests {
         let steps = steps();
         let proc_step = steps
             .iter()
-            .position(|s| matches!(s, Step::MountProc))
+            .position(|s| matches!(s, Step::MountProc { .. }))
             .unwrap();
-        // Calls before MountProc: one per step, but the fork is one call too.
+        // Steps make one call or more (a bind two): find the call that mounts /proc.
+        let mut dry = RecordingSys::default();
+        execute(&steps, &mut dry, 9).unwrap();
+        let proc_call = dry
+            .calls
+            .iter()
+            .position(|c| c.starts_with("mount(Some(\"proc\")"))
+            .unwrap();
         let mut sys = RecordingSys {
-            fail_at: Some(proc_step),
+            fail_at: Some(proc_call),
             ..Default::default()
         };
         let err = execute(&steps, &mut sys, 9).unwrap_err();

@@ -242,12 +242,12 @@ impl HostRuntime {
         )
     }
 
-    /// Placeholders as the engine sees them, inside its mount namespace: the volume is at the
-    /// fixed path `TENANT_DATA_PATH` whatever the host's layout (command lines, config contents).
+    /// Placeholders as the engine sees them, inside its root: the volume and the socket directory
+    /// are at fixed paths whatever the host's layout (command lines, config contents).
     fn engine_context(&self) -> TenantContext {
         TenantContext::new(
             std::path::Path::new(spawn::TENANT_DATA_PATH),
-            &self.paths.run,
+            std::path::Path::new(spawn::TENANT_RUN_PATH),
             &self.password,
             self.resources.memory.0,
         )
@@ -261,6 +261,14 @@ impl HostRuntime {
         })
     }
 
+    /// The socket directory as a tmpfs of the tenant's own (see `socket_dir`); only while
+    /// nothing of the tenant runs.
+    fn mount_socket_dir(&self) -> Result<(), TenantError> {
+        let (uid, gid) = self.identity()?;
+        crate::socket_dir::ensure_mounted(&self.paths.run, uid, gid)
+            .map_err(io_err("mount", &self.paths.run))
+    }
+
     /// What starting `argv` isolated takes (the tenant's cgroup, namespaces, uid), owned, so
     /// the fork can run on a blocking thread.
     fn spawn_job(&self, argv: Vec<String>) -> Result<SpawnJob, TenantError> {
@@ -268,6 +276,13 @@ impl HostRuntime {
         Ok(SpawnJob {
             argv,
             cwd: self.paths.data.clone(),
+            root: self.paths.root(),
+            run: self.paths.run.clone(),
+            seccomp_allow: self
+                .engine
+                .as_ref()
+                .map(|e| e.seccomp_allow.clone())
+                .unwrap_or_default(),
             cgroup_procs: self.cgroup().procs_files(),
             log: self.paths.log(),
             hostname: self.name.to_string(),
@@ -321,6 +336,9 @@ impl HostRuntime {
 struct SpawnJob {
     argv: Vec<String>,
     cwd: std::path::PathBuf,
+    root: std::path::PathBuf,
+    run: std::path::PathBuf,
+    seccomp_allow: Vec<String>,
     cgroup_procs: Vec<std::path::PathBuf>,
     log: std::path::PathBuf,
     hostname: String,
@@ -335,6 +353,10 @@ struct SpawnJob {
 impl SpawnJob {
     /// Forks and execs (blocking: the child's set-up is waited for); returns the PID.
     fn run(&self) -> Result<i32, TenantError> {
+        // Read at every start: a package upgrade on the host shows in the next engine's root.
+        let host = spawn::root::HostRoot::read(std::path::Path::new("/"));
+        let seccomp =
+            spawn::seccomp::filters(&self.seccomp_allow).map_err(spawn::SpawnError::from)?;
         let pid = spawn::spawn(&SpawnRequest {
             argv: &self.argv,
             cwd: &self.cwd,
@@ -342,7 +364,11 @@ impl SpawnJob {
             log: &self.log,
             isolation: Isolation {
                 hostname: &self.hostname,
+                root: &self.root,
+                host: &host,
                 volume: &self.cwd,
+                run: &self.run,
+                seccomp: &seccomp,
                 uid: self.uid,
                 gid: self.gid,
                 passwd: &self.passwd,
@@ -370,8 +396,8 @@ fn prepare_host(
     use std::os::unix::fs::PermissionsExt;
     let p = paths;
     std::fs::create_dir_all(&p.dir).map_err(io_err("create", &p.dir))?;
-    // Root's: other tenants may pass through (to nothing they can read), not list.
-    std::fs::set_permissions(&p.dir, std::fs::Permissions::from_mode(0o711))
+    // Root's alone: the tenant reaches what it needs through its own root (bound as root).
+    std::fs::set_permissions(&p.dir, std::fs::Permissions::from_mode(0o700))
         .map_err(io_err("chmod", &p.dir))?;
     // The intent first: from here on, an agent started after a crash knows this tenant.
     record::write(p, record)?;
@@ -390,6 +416,10 @@ fn prepare_host(
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
             .map_err(io_err("chmod", &path))?;
     }
+    let root = p.root();
+    std::fs::create_dir_all(&root).map_err(io_err("create", &root))?;
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err("chmod", &root))?;
     cgroup.create()?;
     cgroup.apply(limits)?;
     crash_point!("create.after_cgroup");
@@ -457,7 +487,9 @@ fn remove_host(
         crash_point!("delete.after_trash");
         tenant_fs::remove_tree(&target).map_err(io_err("remove", &target))?;
     }
-    // The tenant wrote here (its socket directory): it may be arbitrarily deep.
+    crate::socket_dir::unmount(&paths.run).map_err(io_err("unmount", &paths.run))?;
+    // The tenant wrote here (its socket directory, under an older agent): it may be arbitrarily
+    // deep.
     tenant_fs::remove_tree(&paths.run).map_err(io_err("remove", &paths.run))
 }
 
@@ -534,6 +566,7 @@ impl Runtime for HostRuntime {
         }
         let data = self.paths.data.clone();
         blocking("empty", &self.paths.data, move || empty_data_dir(&data)).await?;
+        self.mount_socket_dir()?;
         let ctx = self.context();
         let engine_ctx = self.engine_context();
         let files: Vec<_> = engine
@@ -585,6 +618,7 @@ impl Runtime for HostRuntime {
                 "killed what was left in the cgroup before starting the engine"
             );
         }
+        self.mount_socket_dir()?;
         let ctx = self.context();
         let engine_ctx = self.engine_context();
         let (uid, gid) = self.identity()?;

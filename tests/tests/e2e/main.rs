@@ -21,6 +21,7 @@ mod t39_client_budget;
 mod t40_pending_until_room;
 mod t50_bad_input;
 mod t55_isolation;
+mod t56_hostile_tenant;
 mod t60_limits;
 mod t70_cgroup_driver;
 mod t80_engines;

@@ -185,7 +185,17 @@ fn create_crash(test: &str, step: &str) {
         "one volume, one loop device: {:?}",
         loop_devices_under(&state)
     );
-    assert_eq!(mounts_under(&state).len(), 1, "{:?}", mounts_under(&state));
+    // Its volume and its socket directory, each mounted once.
+    let mounts = mounts_under(&state);
+    let uid = t["uid"].as_u64().unwrap();
+    assert_eq!(
+        mounts,
+        [
+            state.join("tenants/crashy/data"),
+            state.join("run").join(uid.to_string())
+        ],
+        "{mounts:?}"
+    );
     let log = cluster.agent_log(0);
     if step == "create.during_init" {
         // The init the crash interrupted was killed before the second one began.
@@ -298,14 +308,19 @@ fn hibernate_crash(test: &str, step: &str) {
         Ok("kept".into())
     );
     cluster.wait_tenant_state("dozy", "running", Duration::from_secs(30));
-    let record: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(cluster.agents[0].state_dir.join("tenants/dozy/tenant.json")).unwrap(),
-    )
-    .unwrap();
-    // Written once the engine answers again (it may hibernate again 2 s later: then it says so).
-    assert!(
-        record.get("hibernated").is_none() || cluster.tenant("dozy")["state"] == "hibernated",
-        "{record}"
+    // Written once the engine answers again. It may hibernate again 2 s later: then the record
+    // says so a moment before the scheduler hears of it, so a record that says hibernated must
+    // be matched by the scheduler within a few heartbeats.
+    let path = cluster.agents[0].state_dir.join("tenants/dozy/tenant.json");
+    wait_until(
+        Duration::from_secs(10),
+        "the record to agree with the tenant's state",
+        || {
+            let record: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+            (record.get("hibernated").is_none() || cluster.tenant("dozy")["state"] == "hibernated")
+                .then_some(())
+        },
     );
 }
 

@@ -37,6 +37,11 @@ pub struct FileConfig {
     pub max_clients_per_tenant: Option<u64>,
     pub labels: Option<BTreeMap<String, String>>,
     pub stop_tenants_on_exit: Option<bool>,
+    /// The certificate chain (PEM) tenants' clients get, whose names cover the endpoints.
+    pub tenant_tls_cert: Option<PathBuf>,
+    pub tenant_tls_key: Option<PathBuf>,
+    /// Serve plaintext clients too (default: only when no tenant certificate is configured).
+    pub tenant_plaintext: Option<bool>,
     pub log_format: Option<dormant_common::telemetry::LogFormat>,
 }
 
@@ -62,6 +67,9 @@ pub struct Settings {
     pub max_clients_per_tenant: Option<u64>,
     pub labels: BTreeMap<String, String>,
     pub stop_tenants_on_exit: bool,
+    /// TLS on tenant endpoints: certificate chain and key.
+    pub tenant_tls: Option<(PathBuf, PathBuf)>,
+    pub tenant_plaintext: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +154,29 @@ impl Settings {
                 "max_clients_per_tenant: must be greater than 0".into(),
             ));
         }
+        let tenant_tls = match (pick!(tenant_tls_cert), pick!(tenant_tls_key)) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(SettingsError::Invalid(
+                    "tenant_tls_key: required with tenant_tls_cert".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(SettingsError::Invalid(
+                    "tenant_tls_cert: required with tenant_tls_key".into(),
+                ))
+            }
+        };
+        let tenant_plaintext = match (pick!(tenant_plaintext), &tenant_tls) {
+            (Some(false), None) => {
+                return Err(SettingsError::Invalid(
+                    "tenant_plaintext: false needs tenant_tls_cert and tenant_tls_key (no TLS without a certificate)".into(),
+                ))
+            }
+            (Some(allowed), _) => allowed,
+            (None, tls) => tls.is_none(),
+        };
         Ok(Settings {
             scheduler: pick!(scheduler).unwrap_or_else(|| "http://127.0.0.1:7400".into()),
             node_id,
@@ -173,6 +204,8 @@ impl Settings {
             max_clients_per_tenant,
             labels: pick!(labels).unwrap_or_default(),
             stop_tenants_on_exit: pick!(stop_tenants_on_exit).unwrap_or(false),
+            tenant_tls,
+            tenant_plaintext,
         })
     }
 }

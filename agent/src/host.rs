@@ -62,6 +62,8 @@ pub struct Host {
     pub pids_max: u64,
     /// Overrides the open-connection cap derived from each engine's limit.
     pub max_clients_per_tenant: Option<u64>,
+    /// TLS for tenants' clients (`None`: plaintext only).
+    pub tenant_tls: Option<crate::tenant_tls::TenantTls>,
     /// Signalled when any tenant changes state, so the reporter tells the scheduler at once.
     pub changed: Arc<tokio::sync::Notify>,
     /// Tenant ports kept open across agent restarts.

@@ -20,12 +20,13 @@ pub mod spawn;
 pub mod sweep;
 pub mod tenant;
 pub mod tenant_fs;
+pub mod tenant_tls;
 pub mod volume;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::Settings;
 use crate::host::Host;
@@ -48,6 +49,8 @@ pub enum AgentError {
     Records(tenant::record::RecordError),
     #[error("sweeping the host at start: {0}")]
     Sweep(String),
+    #[error(transparent)]
+    TenantTls(#[from] tenant_tls::TenantTlsError),
     #[error("engines: no engine is available: install postgresql or redis-server, or define [engines.NAME] in the config")]
     NoEngines,
 }
@@ -114,6 +117,17 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
     );
     info!(engines = ?engines.keys().collect::<Vec<_>>(), "engines offered");
     raise_fd_limit();
+    let tenant_tls = match &settings.tenant_tls {
+        Some((cert, key)) => Some(tenant_tls::TenantTls::load(
+            cert,
+            key,
+            settings.tenant_plaintext,
+        )?),
+        None => {
+            warn!("tenant endpoints are plaintext: set tenant_tls_cert and tenant_tls_key to serve them over TLS");
+            None
+        }
+    };
     // After the lock: only the agent that holds the state directory takes its kept ports.
     let endpoints = endpoints::Endpoints::open(&state_dir, std::env::current_exe().ok());
     Ok(Host {
@@ -126,6 +140,7 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
         listen_host: settings.listen_host,
         pids_max: settings.pids_max,
         max_clients_per_tenant: settings.max_clients_per_tenant,
+        tenant_tls,
         changed: Arc::new(tokio::sync::Notify::new()),
         endpoints,
     })

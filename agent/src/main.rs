@@ -56,6 +56,14 @@ struct Args {
     /// Stop tenants' engines when the agent exits (for `dormantctl dev`; never in production).
     #[arg(long)]
     stop_tenants_on_exit: bool,
+    /// Certificate chain (PEM) tenants' clients get over TLS; its names must cover --advertise.
+    #[arg(long)]
+    tenant_tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    tenant_tls_key: Option<PathBuf>,
+    /// Serve plaintext tenant clients too (the default only without a tenant certificate).
+    #[arg(long)]
+    tenant_plaintext: bool,
     #[arg(long)]
     log_json: bool,
     /// Run as the host's listener keeper on this socket (the agent starts it; see the agent's
@@ -101,6 +109,9 @@ async fn agent(args: Args) -> anyhow::Result<()> {
         tenant_uids: args.tenant_uids,
         postgres_bin_dir: args.postgres_bin_dir,
         stop_tenants_on_exit: args.stop_tenants_on_exit.then_some(true),
+        tenant_tls_cert: args.tenant_tls_cert,
+        tenant_tls_key: args.tenant_tls_key,
+        tenant_plaintext: args.tenant_plaintext.then_some(true),
         ..Default::default()
     };
     let settings = Settings::merge(cli, file)?;

@@ -14,6 +14,10 @@
 //! move and keeps it (taking one per burst cost an allocation of pages and a trim of the heap
 //! per query); a connection that never spoke holds none, so 5,000 silent clients cost sockets,
 //! not buffers. Counters are updated per chunk, never per byte.
+//!
+//! TLS (`tenant_tls`) is terminated here, once the client has spoken: a TLS session lives in this
+//! process, so a hand-over closes TLS connections (their clients reconnect); plaintext ones carry
+//! on.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -24,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -44,6 +48,8 @@ const KEEPALIVE_PROBES: u32 = 6;
 const ENGINE_GONE_WAIT: Duration = Duration::from_secs(1);
 /// The buffer of one side of a connection.
 const CHUNK: usize = 32 * 1024;
+/// How long a client has to complete its TLS handshake.
+const TLS_HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
 /// Open connections listed in a report (all are counted).
 pub const LISTED_CONNECTIONS: usize = 100;
 
@@ -396,6 +402,63 @@ pub struct Target {
     /// The engine's clients send the first byte (PostgreSQL, Redis): the engine is reached, and
     /// a hibernated tenant woken, only once one does.
     pub client_speaks_first: bool,
+    /// TLS offered to clients; `None`: plaintext only.
+    pub tls: Option<crate::tenant_tls::TenantTls>,
+    /// Sent to a plaintext client refused when TLS is required, in the engine's protocol (a
+    /// PostgreSQL `ErrorResponse`, a Redis error), so its user reads why; may be empty.
+    pub plaintext_refusal: Vec<u8>,
+}
+
+/// A client after the TLS negotiation.
+enum Client {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// Terminates TLS if the client opens with it (or must); `None` when the client is to be closed.
+async fn negotiate(mut client: TcpStream, peer: SocketAddr, target: &Target) -> Option<Client> {
+    use crate::tenant_tls::{accept_ssl_request, opening, Opening};
+    let Some(tls) = &target.tls else {
+        return Some(Client::Plain(client));
+    };
+    let opened = if target.client_speaks_first {
+        match tokio::time::timeout(TLS_HANDSHAKE_WAIT, opening(&client)).await {
+            Ok(Ok(Some(o))) => o,
+            _ => return None,
+        }
+    } else if tls.plaintext {
+        // A server that speaks first: the client's first bytes cannot be waited for.
+        return Some(Client::Plain(client));
+    } else {
+        Opening::ClientHello
+    };
+    if opened == Opening::Plaintext {
+        if tls.plaintext {
+            return Some(Client::Plain(client));
+        }
+        info!(%peer, "plaintext client refused: this node serves tenants over TLS only");
+        if !target.plaintext_refusal.is_empty() {
+            let _ = client.write_all(&target.plaintext_refusal).await;
+        }
+        return None;
+    }
+    let handshake = async {
+        if opened == Opening::PostgresSslRequest {
+            accept_ssl_request(&mut client).await?;
+        }
+        tls.acceptor.accept(client).await
+    };
+    match tokio::time::timeout(TLS_HANDSHAKE_WAIT, handshake).await {
+        Ok(Ok(stream)) => Some(Client::Tls(Box::new(stream))),
+        Ok(Err(e)) => {
+            info!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            info!(%peer, "TLS handshake not completed in time");
+            None
+        }
+    }
 }
 
 async fn accept_loop(
@@ -566,8 +629,8 @@ async fn forward(
     mut admitted: Admitted,
     mut park: watch::Receiver<bool>,
 ) -> Option<Parked> {
-    let engine = match engine {
-        Some(engine) => engine,
+    let (client, engine) = match engine {
+        Some(engine) => (client, engine),
         None => {
             if admitted.silent {
                 // Nothing is asked of the engine (no wake, no backend) until the client speaks.
@@ -593,13 +656,25 @@ async fn forward(
                 }
                 admitted.spoke();
             }
+            let client = match negotiate(client, peer, &target).await? {
+                Client::Plain(client) => client,
+                Client::Tls(client) => {
+                    let engine = tokio::select! {
+                        connected = connect_engine(peer, &target, &mut ready) => connected?,
+                        // A TLS session cannot be handed over: the client reconnects.
+                        _ = park.wait_for(|p| *p) => return None,
+                    };
+                    forward_tls(*client, engine, peer, &stats, admitted, park).await;
+                    return None;
+                }
+            };
             let connected = tokio::select! {
                 connected = connect_engine(peer, &target, &mut ready) => connected,
                 _ = park.wait_for(|p| *p) => {
                     return client.into_std().ok().map(|client| Parked { client, engine: None });
                 }
             };
-            connected?
+            (client, connected?)
         }
     };
     let (client_read, client_write) = client.into_split();
@@ -645,6 +720,72 @@ async fn forward(
             debug!(%peer, error = %e, "client connection ended");
             None
         }
+    }
+}
+
+/// Serves one TLS client until it or the engine hangs up, or a hand-over begins (then the
+/// connection is closed: its TLS session cannot leave this process).
+async fn forward_tls(
+    client: tokio_rustls::server::TlsStream<TcpStream>,
+    engine: tokio::net::UnixStream,
+    peer: SocketAddr,
+    stats: &ProxyStats,
+    admitted: Admitted,
+    park: watch::Receiver<bool>,
+) {
+    let (client_read, client_write) = tokio::io::split(client);
+    let (engine_read, engine_write) = engine.into_split();
+    let up = pump_stream(
+        client_read,
+        engine_write,
+        &stats.bytes_in,
+        stats,
+        park.clone(),
+    );
+    let down = pump_stream(engine_read, client_write, &stats.bytes_out, stats, park);
+    tokio::pin!(up, down);
+    // As in `forward`: the engine closing ends the session; the client closing its side lets
+    // the engine finish answering.
+    let outcome = tokio::select! {
+        d = &mut down => d,
+        u = &mut up => match u {
+            Ok(true) => (&mut down).await,
+            other => other,
+        },
+    };
+    drop(admitted);
+    match outcome {
+        Ok(true) => debug!(%peer, "TLS client disconnected"),
+        Ok(false) => info!(%peer, "TLS client closed for the hand-over to the next agent"),
+        Err(e) => debug!(%peer, error = %e, "TLS client connection ended"),
+    }
+}
+
+/// `pump` for streams without a split readiness (a TLS session): `true` when `from` ended,
+/// `false` when a hand-over stopped it.
+async fn pump_stream<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    mut from: R,
+    mut to: W,
+    counter: &AtomicU64,
+    stats: &ProxyStats,
+    mut park: watch::Receiver<bool>,
+) -> io::Result<bool> {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        // `read` is cancel-safe: a hand-over between reads loses nothing.
+        let n = tokio::select! {
+            n = from.read(&mut buf) => n?,
+            _ = park.wait_for(|p| *p) => return Ok(false),
+        };
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return Ok(true);
+        }
+        to.write_all(&buf[..n]).await?;
+        // TLS records leave only on a flush.
+        to.flush().await?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        stats.touch();
     }
 }
 
@@ -788,6 +929,8 @@ mod tests {
                 owner: nix::unistd::Uid::current(),
                 budget,
                 client_speaks_first: true,
+                tls: None,
+                plaintext_refusal: Vec::new(),
             },
             rx,
             stats.clone(),
@@ -922,6 +1065,8 @@ mod tests {
                 owner: nix::unistd::Uid::current(),
                 budget: Budget::for_engine(8),
                 client_speaks_first: true,
+                tls: None,
+                plaintext_refusal: Vec::new(),
             },
             rx,
             stats.clone(),
@@ -1017,6 +1162,8 @@ mod tests {
                 owner: nix::unistd::Uid::current(),
                 budget,
                 client_speaks_first,
+                tls: None,
+                plaintext_refusal: Vec::new(),
             },
             rx,
             stats.clone(),

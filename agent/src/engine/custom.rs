@@ -134,6 +134,7 @@ impl EngineConfig {
             client_speaks_first: self.client_speaks_first,
             max_clients: Some(self.max_clients.unwrap_or(1024)),
             seccomp_allow: self.seccomp_allow,
+            plaintext_refusal: Vec::new(),
         })
     }
 }

@@ -49,6 +49,8 @@ pub struct EngineTemplate {
     /// Calls of the tenant seccomp filter's deny list this engine gets back (see
     /// `spawn::seccomp`); empty for the built-in engines.
     pub seccomp_allow: Vec<String>,
+    /// What a plaintext client refused by a TLS-only node reads, in the engine's protocol.
+    pub plaintext_refusal: Vec<u8>,
 }
 
 /// PostgreSQL's `max_connections` for a tenant of this memory: in proportion, 20 to 500.

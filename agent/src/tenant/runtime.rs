@@ -537,6 +537,8 @@ impl Runtime for HostRuntime {
                 owner: identity.0,
                 budget: self.budget(&engine),
                 client_speaks_first: engine.client_speaks_first,
+                tls: self.host.tenant_tls.clone(),
+                plaintext_refusal: engine.plaintext_refusal.clone(),
             };
             self.proxy = Some(proxy::serve(
                 listener,

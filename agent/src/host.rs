@@ -68,6 +68,8 @@ pub struct Host {
     pub pids_max: u64,
     /// Overrides the open-connection cap derived from each engine's limit.
     pub max_clients_per_tenant: Option<u64>,
+    /// How much of each engine's output is kept.
+    pub engine_log: crate::engine_log::LogLimits,
     /// Signalled when any tenant changes state, so the reporter tells the scheduler at once.
     pub changed: Arc<tokio::sync::Notify>,
     /// Tenant ports kept open across agent restarts.
@@ -95,6 +97,8 @@ impl TenantPaths {
     pub fn pid_file(&self) -> PathBuf {
         self.dir.join("engine.pid")
     }
+    /// The engine's output, as the agent's pump writes it (`engine_log`); the previous part
+    /// is `engine.log.1`.
     pub fn log(&self) -> PathBuf {
         self.dir.join("engine.log")
     }

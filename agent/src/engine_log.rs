@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,9 +23,12 @@ use tracing::{info, warn, Instrument};
 pub const PIPE_SIZE: usize = 1 << 20;
 /// One read. Small: every tenant has a pump.
 const READ_CHUNK: usize = 64 << 10;
-/// While dropping, at most one read per this long: a flooder gets at most `READ_CHUNK` per
-/// pause through (64 MiB/s), and the agent does not spin on it.
-const DROP_PAUSE: Duration = Duration::from_millis(1);
+/// The pump reads what is in the pipe (at most `BATCH`), then pauses this long with the pipe
+/// out of its epoll set: a flooder gets through at most about 64 MiB/s (the rest waits in its
+/// full pipe, holding it back), and the agent is woken at most 100 times a second per tenant,
+/// not once per line the engine writes (every write to a pipe wakes its epoll waiters).
+const PAUSE: Duration = Duration::from_millis(10);
+const BATCH: usize = 640 << 10;
 /// The smallest `engine_log_max` the agent accepts.
 pub const MIN_MAX_BYTES: u64 = 128 << 10;
 
@@ -142,6 +145,18 @@ pub fn admit(chunk: &[u8], allowance: u64) -> usize {
         .map_or(0, |i| i + 1)
 }
 
+/// What the bucket's `tokens` let through a read of `n` bytes: everything, but during a flood
+/// (dropping, and the read filled the buffer) only once a whole read's worth has gathered, so a
+/// flood is logged in a few large writes a second, not a line per read. A short read (the flood
+/// is over) gets what there is: the lines after a flood are the interesting ones.
+pub fn allowance(tokens: u64, dropping: bool, n: usize) -> u64 {
+    if dropping && n >= READ_CHUNK && tokens < READ_CHUNK as u64 {
+        0
+    } else {
+        tokens
+    }
+}
+
 /// What changed in dropping: nothing, it began, or it ended after so many bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
@@ -151,38 +166,52 @@ pub enum DropEvent {
     Ended { dropped: u64 },
 }
 
-/// Whether output is being dropped, and how much since it began.
+/// Whether output is being dropped, and how much since it began. Dropping ends only after
+/// `DROP_QUIET` without a dropped byte: a flood that the bucket lets a little of through now and
+/// then is one episode, not one per read.
 #[derive(Debug, Default, Clone)]
 pub struct Drops {
-    current: Option<u64>,
+    /// Dropped in the current episode, and when the last byte was.
+    current: Option<(u64, Instant)>,
     total: u64,
 }
 
+/// How long without a dropped byte ends a dropping episode.
+pub const DROP_QUIET: Duration = Duration::from_secs(1);
+
 impl Drops {
-    /// One read: `kept` bytes written, `dropped` bytes not.
-    pub fn record(&mut self, kept: usize, dropped: usize) -> DropEvent {
+    /// One read at `now`: `dropped` bytes of it not written.
+    pub fn record(&mut self, dropped: usize, now: Instant) -> DropEvent {
         let dropped = dropped as u64;
         self.total += dropped;
         match (&mut self.current, dropped) {
             (None, 0) => DropEvent::None,
             (None, n) => {
-                self.current = Some(n);
+                self.current = Some((n, now));
                 DropEvent::Started
             }
-            (Some(sum), n) if n > 0 || kept == 0 => {
-                *sum += n;
-                DropEvent::None
-            }
-            (Some(sum), _) => {
+            (Some((sum, last)), 0) => {
+                if now.saturating_duration_since(*last) < DROP_QUIET {
+                    return DropEvent::None;
+                }
                 let dropped = *sum;
                 self.current = None;
                 DropEvent::Ended { dropped }
+            }
+            (Some((sum, last)), n) => {
+                *sum += n;
+                *last = now;
+                DropEvent::None
             }
         }
     }
 
     pub fn total(&self) -> u64 {
         self.total
+    }
+
+    pub fn dropping(&self) -> bool {
+        self.current.is_some()
     }
 }
 
@@ -379,7 +408,6 @@ impl Drop for Pump {
 impl Pump {
     /// Starts reading `read` (the pipe's read end) into `log`. Call inside the tenant's span:
     /// the pump's events carry it.
-    #[allow(unsafe_code)]
     pub fn start(
         read: OwnedFd,
         log: RotatingLog,
@@ -393,20 +421,16 @@ impl Pump {
             what: "set non-blocking",
             source: e.into(),
         })?;
-        let read = File::from(read);
-        // SAFETY: the file moves into the AsyncFd, which owns it until dropped, so the
-        // registered descriptor stays open and unchanged for the AsyncFd's whole life.
-        let read = unsafe {
-            tokio::io::unix::AsyncFd::register_with_interest(read, tokio::io::Interest::READABLE)
-        }
-        .map_err(|e| EngineLogError::Pipe {
-            what: "register with the runtime",
-            source: std::io::Error::other(e.to_string()),
-        })?;
         let dropped = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(
-            pump(read, log, limits, dropped.clone()).instrument(tracing::Span::current()),
-        );
+        let state = PumpState {
+            log: Arc::new(Mutex::new(log)),
+            limits,
+            bucket: TokenBucket::new(limits.rate, limits.burst(), Instant::now()),
+            drops: Drops::default(),
+            write_failing: false,
+            dropped_total: dropped.clone(),
+        };
+        let task = tokio::spawn(pump(File::from(read), state).instrument(tracing::Span::current()));
         Ok(Self { task, dropped })
     }
 
@@ -416,54 +440,46 @@ impl Pump {
     }
 }
 
-async fn read_some(
-    read: &tokio::io::unix::AsyncFd<File>,
-    buf: &mut [u8],
-) -> std::io::Result<usize> {
-    loop {
-        let mut guard = read.readable().await?;
-        match guard.try_io(|f| f.get_ref().read(buf)) {
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Ok(result) => return result,
-            Err(_would_block) => {}
-        }
-    }
+/// Puts the pipe in the runtime's epoll set (taken out again by `AsyncFd::into_inner`).
+#[allow(unsafe_code)]
+fn register(read: File) -> std::io::Result<tokio::io::unix::AsyncFd<File>> {
+    // SAFETY: the file moves into the AsyncFd, which owns it until dropped or taken back with
+    // `into_inner` (which deregisters it first), so the registered descriptor stays open and
+    // unchanged while registered.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(read, tokio::io::Interest::READABLE) }
+        .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
-async fn pump(
-    read: tokio::io::unix::AsyncFd<File>,
-    log: RotatingLog,
+/// What the pump carries from one read to the next.
+struct PumpState {
+    log: Arc<Mutex<RotatingLog>>,
     limits: LogLimits,
+    bucket: TokenBucket,
+    drops: Drops,
+    write_failing: bool,
     dropped_total: Arc<AtomicU64>,
-) {
-    let fd = read.get_ref().as_raw_fd();
-    let log = Arc::new(Mutex::new(log));
-    let mut buf = vec![0u8; READ_CHUNK];
-    let mut bucket = TokenBucket::new(limits.rate, limits.burst(), Instant::now());
-    let mut drops = Drops::default();
-    let mut write_failing = false;
-    loop {
-        let n = match read_some(&read, &mut buf).await {
-            // Every write end closed (the agent keeps one, so only if it was not recovered).
-            Ok(0) => {
-                info!(fd, "engine output pipe closed");
-                return;
-            }
-            Ok(n) => n,
-            Err(e) => {
-                warn!(error = %e, "reading the engine's output: it is no longer logged");
-                return;
-            }
-        };
-        let chunk = &buf[..n];
-        let kept = admit(chunk, bucket.available(Instant::now()));
-        bucket.spend(kept as u64);
-        let dropped = n - kept;
-        let event = drops.record(kept, dropped);
+}
+
+impl PumpState {
+    /// One read's bytes (none: a quiet second while dropping): written as far as the bucket
+    /// allows, the rest dropped and counted.
+    async fn take(&mut self, chunk: &[u8]) {
+        let now = Instant::now();
+        let tokens = allowance(
+            self.bucket.available(now),
+            self.drops.dropping(),
+            chunk.len(),
+        );
+        let kept = admit(chunk, tokens);
+        self.bucket.spend(kept as u64);
+        let dropped = chunk.len() - kept;
+        self.dropped_total
+            .fetch_add(dropped as u64, Ordering::Relaxed);
+        let event = self.drops.record(dropped, now);
         match event {
             DropEvent::None => {}
             DropEvent::Started => warn!(
-                rate = limits.rate,
+                rate = self.limits.rate,
                 "the engine writes more than engine_log_rate: dropping its output"
             ),
             DropEvent::Ended { dropped } => info!(
@@ -471,35 +487,83 @@ async fn pump(
                 "the engine's output is logged again"
             ),
         }
-        if kept > 0 || matches!(event, DropEvent::Ended { .. }) {
-            let bytes = chunk[..kept].to_vec();
-            let log = log.clone();
-            let written = tokio::task::spawn_blocking(move || {
-                let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
-                if let DropEvent::Ended { dropped } = event {
-                    log.note(&format!(
-                        "{dropped} bytes of engine output dropped (over engine_log_rate)"
-                    ))?;
+        if kept == 0 && !matches!(event, DropEvent::Ended { .. }) {
+            return;
+        }
+        let bytes = chunk[..kept].to_vec();
+        let log = self.log.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let mut log = log.lock().unwrap_or_else(PoisonError::into_inner);
+            if let DropEvent::Ended { dropped } = event {
+                log.note(&format!(
+                    "{dropped} bytes of engine output dropped (over engine_log_rate)"
+                ))?;
+            }
+            log.write(&bytes)
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => self.write_failing = false,
+            Ok(Err(e)) => {
+                self.dropped_total.fetch_add(kept as u64, Ordering::Relaxed);
+                if !self.write_failing {
+                    warn!(error = %e, "writing the engine's log: its output is dropped");
                 }
-                log.write(&bytes)
-            })
-            .await;
-            match written {
-                Ok(Ok(())) => write_failing = false,
-                Ok(Err(e)) => {
-                    dropped_total.fetch_add(kept as u64, Ordering::Relaxed);
-                    if !write_failing {
-                        warn!(error = %e, "writing the engine's log: its output is dropped");
-                    }
-                    write_failing = true;
-                }
-                Err(e) => warn!(error = %e, "writing the engine's log"),
+                self.write_failing = true;
+            }
+            Err(e) => warn!(error = %e, "writing the engine's log"),
+        }
+    }
+}
+
+async fn pump(mut read: File, mut state: PumpState) {
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let registered = match register(read) {
+            Ok(registered) => registered,
+            Err(e) => {
+                warn!(error = %e, "watching the engine's output: it is no longer logged");
+                return;
+            }
+        };
+        // Until there is something to read; while dropping, a quiet second ends the episode.
+        let ready = if state.drops.dropping() {
+            tokio::time::timeout(DROP_QUIET, registered.readable())
+                .await
+                .ok()
+        } else {
+            Some(registered.readable().await)
+        };
+        match ready {
+            None => state.take(&[]).await,
+            Some(Ok(_guard)) => {}
+            Some(Err(e)) => {
+                warn!(error = %e, "watching the engine's output: it is no longer logged");
+                return;
             }
         }
-        if dropped > 0 {
-            dropped_total.fetch_add(dropped as u64, Ordering::Relaxed);
-            tokio::time::sleep(DROP_PAUSE).await;
+        let mut batch = 0;
+        while batch < BATCH {
+            match registered.get_ref().read(&mut buf) {
+                // Every write end closed (the agent keeps one, so only if it was not recovered).
+                Ok(0) => {
+                    info!("engine output pipe closed");
+                    return;
+                }
+                Ok(n) => {
+                    batch += n;
+                    state.take(&buf[..n]).await;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    warn!(error = %e, "reading the engine's output: it is no longer logged");
+                    return;
+                }
+            }
         }
+        read = registered.into_inner();
+        tokio::time::sleep(PAUSE).await;
     }
 }
 
@@ -539,15 +603,32 @@ mod tests {
     }
 
     #[test]
-    fn drops_report_start_once_and_end_with_the_count() {
+    fn while_dropping_only_a_whole_read_is_let_through() {
+        assert_eq!(allowance(100, false, READ_CHUNK), 100);
+        assert_eq!(allowance(100, true, READ_CHUNK), 0);
+        let chunk = READ_CHUNK as u64;
+        assert_eq!(allowance(chunk, true, READ_CHUNK), chunk);
+        // A short read: the flood is over, its lines get what there is.
+        assert_eq!(allowance(100, true, 20), 100);
+    }
+
+    #[test]
+    fn drops_report_start_once_and_end_with_the_count_after_a_quiet_second() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
         let mut d = Drops::default();
-        assert_eq!(d.record(10, 0), DropEvent::None);
-        assert_eq!(d.record(5, 100), DropEvent::Started);
-        assert_eq!(d.record(0, 200), DropEvent::None);
-        assert_eq!(d.record(0, 0), DropEvent::None);
-        assert_eq!(d.record(7, 0), DropEvent::Ended { dropped: 300 });
-        assert_eq!(d.record(7, 0), DropEvent::None);
-        assert_eq!(d.total(), 300);
+        assert_eq!(d.record(0, ms(0)), DropEvent::None);
+        assert_eq!(d.record(100, ms(1)), DropEvent::Started);
+        assert!(d.dropping());
+        assert_eq!(d.record(200, ms(2)), DropEvent::None);
+        // A read let through in the middle of the flood does not end it.
+        assert_eq!(d.record(0, ms(500)), DropEvent::None);
+        assert_eq!(d.record(50, ms(600)), DropEvent::None);
+        assert_eq!(d.record(0, ms(1599)), DropEvent::None);
+        assert_eq!(d.record(0, ms(1600)), DropEvent::Ended { dropped: 350 });
+        assert!(!d.dropping());
+        assert_eq!(d.record(0, ms(1601)), DropEvent::None);
+        assert_eq!(d.total(), 350);
     }
 
     #[test]
@@ -628,8 +709,8 @@ mod tests {
                 w.write_all(&line).unwrap();
                 sent += line.len() as u64;
             }
-            // Once the pump has drained the flood and the bucket has refilled a little.
-            std::thread::sleep(Duration::from_millis(300));
+            // Once the pump has drained the flood and a quiet second has ended the drops.
+            std::thread::sleep(Duration::from_millis(1500));
             w.write_all(b"the end\n").unwrap();
             sent
         });

@@ -36,6 +36,12 @@ pub struct FileConfig {
     /// engine's max_connections, see `proxy::Budget`).
     pub max_clients_per_tenant: Option<u64>,
     pub labels: Option<BTreeMap<String, String>>,
+    /// Each tenant's engine output kept on the host, `engine.log` and `engine.log.1` together
+    /// (default 8MiB, at least 128KiB).
+    pub engine_log_max: Option<String>,
+    /// Engine output written to the log at most, per second and tenant (default 1MiB); beyond it
+    /// output is dropped and counted.
+    pub engine_log_rate: Option<String>,
     pub stop_tenants_on_exit: Option<bool>,
     /// The certificate chain (PEM) tenants' clients get, whose names cover the endpoints.
     pub tenant_tls_cert: Option<PathBuf>,
@@ -66,6 +72,7 @@ pub struct Settings {
     pub pids_max: u64,
     pub max_clients_per_tenant: Option<u64>,
     pub labels: BTreeMap<String, String>,
+    pub engine_log: crate::engine_log::LogLimits,
     pub stop_tenants_on_exit: bool,
     /// TLS on tenant endpoints: certificate chain and key.
     pub tenant_tls: Option<(PathBuf, PathBuf)>,
@@ -177,6 +184,27 @@ impl Settings {
             (Some(allowed), _) => allowed,
             (None, tls) => tls.is_none(),
         };
+        let log_default = crate::engine_log::LogLimits::default();
+        let engine_log = crate::engine_log::LogLimits {
+            max_bytes: bytes(
+                "engine_log_max",
+                pick!(engine_log_max),
+                log_default.max_bytes,
+            )?
+            .0,
+            rate: bytes("engine_log_rate", pick!(engine_log_rate), log_default.rate)?.0,
+        };
+        if engine_log.max_bytes < crate::engine_log::MIN_MAX_BYTES {
+            return Err(SettingsError::Invalid(format!(
+                "engine_log_max: {} is too small (at least 128KiB)",
+                Bytes(engine_log.max_bytes)
+            )));
+        }
+        if engine_log.rate == 0 {
+            return Err(SettingsError::Invalid(
+                "engine_log_rate: must be greater than 0".into(),
+            ));
+        }
         Ok(Settings {
             scheduler: pick!(scheduler).unwrap_or_else(|| "http://127.0.0.1:7400".into()),
             node_id,
@@ -203,6 +231,7 @@ impl Settings {
             pids_max,
             max_clients_per_tenant,
             labels: pick!(labels).unwrap_or_default(),
+            engine_log,
             stop_tenants_on_exit: pick!(stop_tenants_on_exit).unwrap_or(false),
             tenant_tls,
             tenant_plaintext,
@@ -278,5 +307,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("reserve_memory:"), "{err}");
+    }
+
+    #[test]
+    fn engine_log_limits_default_parse_and_refuse_nonsense() {
+        let s = Settings::merge(base(), FileConfig::default()).unwrap();
+        assert_eq!(s.engine_log, crate::engine_log::LogLimits::default());
+        let mut cli = base();
+        cli.engine_log_max = Some("2MiB".into());
+        cli.engine_log_rate = Some("64KiB".into());
+        let s = Settings::merge(cli, FileConfig::default()).unwrap();
+        assert_eq!(s.engine_log.max_bytes, 2 << 20);
+        assert_eq!(s.engine_log.rate, 64 << 10);
+        for (max, rate, field) in [
+            ("1KiB", "1MiB", "engine_log_max:"),
+            ("lots", "1MiB", "engine_log_max:"),
+            ("8MiB", "0", "engine_log_rate:"),
+        ] {
+            let mut cli = base();
+            cli.engine_log_max = Some(max.into());
+            cli.engine_log_rate = Some(rate.into());
+            let err = Settings::merge(cli, FileConfig::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(field), "{err}");
+        }
     }
 }

@@ -4,6 +4,10 @@
 //! keeper (it could not be started) ports still work, they just close with the agent; that is
 //! logged, and tried again later; a port held by the keeper but not taken back at start is asked
 //! for when binding finds it in use.
+//!
+//! The keeper also holds each tenant's engine-output pipe (`log/<tenant>`: its read and write
+//! ends, see `engine_log`), so an engine that outlives the agent keeps its output going to the
+//! next agent.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -18,6 +22,7 @@ use crate::keeper::{KeeperClient, KeeperError};
 
 const LISTEN: &str = "listen/";
 const CONN: &str = "conn/";
+const LOG: &str = "log/";
 /// Connections waiting to be accepted while the agent is away (the kernel caps it at somaxconn).
 const BACKLOG: i32 = 4096;
 /// After the keeper could not be reached, how long before it is tried again (meanwhile ports
@@ -45,8 +50,12 @@ struct Inner {
     /// Listeners the keeper held when this agent started, by tenant, until the tenant takes its.
     inherited: BTreeMap<String, OwnedFd>,
     handed_over: BTreeMap<String, Vec<HandedOver>>,
+    /// Engine-output pipes (read end, write end) the keeper held when this agent started.
+    inherited_logs: BTreeMap<String, (OwnedFd, OwnedFd)>,
     /// A copy of every listener registered, to give a restarted keeper.
     registered: BTreeMap<String, OwnedFd>,
+    /// A copy of every engine-output pipe registered, likewise.
+    registered_logs: BTreeMap<String, (OwnedFd, OwnedFd)>,
     next_handover: u64,
     /// The keeper failed: not tried again before this.
     retry_at: Option<Instant>,
@@ -68,17 +77,27 @@ impl Endpoints {
             return endpoints;
         }
         let mut inner = endpoints.lock();
-        let (listeners, connections) = match endpoints.keeper(&mut inner) {
+        let (listeners, connections, logs) = match endpoints.keeper(&mut inner) {
             // Each read on its own: a failed one leaves the other's result usable (and a
             // listener not taken back here is asked for again when its bind finds the port
-            // held, see `listener`).
-            Ok(keeper) => (keeper.get(LISTEN, false), keeper.get(CONN, true)),
+            // held, see `listener`). The pipes are read only after both succeeded (a late
+            // answer would be taken for theirs; a pipe not read here is asked for again by
+            // `take_log_pipe`).
+            Ok(keeper) => {
+                let listeners = keeper.get(LISTEN, false);
+                let connections = keeper.get(CONN, true);
+                let logs = match (&listeners, &connections) {
+                    (Ok(_), Ok(_)) => keeper.get(LOG, false),
+                    _ => Ok(Vec::new()),
+                };
+                (listeners, connections, logs)
+            }
             Err(e) => {
                 warn!(error = %e, "no listener keeper: tenant ports will close while the agent restarts");
-                (Ok(Vec::new()), Ok(Vec::new()))
+                (Ok(Vec::new()), Ok(Vec::new()), Ok(Vec::new()))
             }
         };
-        if listeners.is_err() || connections.is_err() {
+        if listeners.is_err() || connections.is_err() || logs.is_err() {
             // A late answer would be read as the next one's: reconnect before the next request.
             inner.keeper = None;
         }
@@ -90,7 +109,16 @@ impl Endpoints {
             warn!(error = %e, "reading the handed-over connections");
             Vec::new()
         });
-        let (l, c) = (listeners.len(), connections.len());
+        let logs = logs.unwrap_or_else(|e| {
+            warn!(error = %e, "reading the kept engine-output pipes");
+            Vec::new()
+        });
+        let (l, c, o) = (listeners.len(), connections.len(), logs.len());
+        for (key, fds) in logs {
+            if let (Some(name), Some(pipe)) = (key.strip_prefix(LOG), log_pipe(fds)) {
+                inner.inherited_logs.insert(name.to_string(), pipe);
+            }
+        }
         for (key, mut fds) in listeners {
             if let (Some(name), Some(fd)) = (key.strip_prefix(LISTEN), fds.pop()) {
                 inner.inherited.insert(name.to_string(), fd);
@@ -116,11 +144,12 @@ impl Endpoints {
                     engine: fds.pop(),
                 });
         }
-        if l + c > 0 {
+        if l + c + o > 0 {
             info!(
                 listeners = l,
                 connections = c,
-                "took back the tenant ports (and handed-over connections) the listener keeper held"
+                engine_output_pipes = o,
+                "took back the tenant ports (and handed-over connections, engine-output pipes) the listener keeper held"
             );
         }
         drop(inner);
@@ -141,6 +170,12 @@ impl Endpoints {
             };
             for (name, fd) in &inner.registered {
                 client.put(&format!("{LISTEN}{name}"), &[fd.as_raw_fd()])?;
+            }
+            for (name, (read, write)) in &inner.registered_logs {
+                client.put(
+                    &format!("{LOG}{name}"),
+                    &[read.as_raw_fd(), write.as_raw_fd()],
+                )?;
             }
             if let Ok(pid) = client.pid() {
                 info!(pid, socket = %self.keeper_path.display(), "listener keeper");
@@ -251,14 +286,54 @@ impl Endpoints {
         })
     }
 
-    /// The tenant is gone from this host: its port closes for good.
+    /// The tenant's engine-output pipe (read end, write end) kept from before, if the keeper
+    /// holds it. Blocking (it may talk to the keeper).
+    pub fn take_log_pipe(&self, tenant: &str) -> Option<(OwnedFd, OwnedFd)> {
+        let mut inner = self.lock();
+        if let Some(pipe) = inner.inherited_logs.remove(tenant) {
+            return Some(pipe);
+        }
+        // The keeper may hold it though it could not say so at start.
+        let key = format!("{LOG}{tenant}");
+        let mut kept = None;
+        self.with_keeper(&mut inner, "asking for a kept engine-output pipe", |k| {
+            kept = k.get(&key, false)?.into_iter().find(|(k, _)| *k == key);
+            Ok(())
+        });
+        kept.and_then(|(_, fds)| log_pipe(fds))
+    }
+
+    /// Gives the keeper a copy of the tenant's engine-output pipe, so the next agent can read
+    /// what the engine writes after this one is gone. False if the keeper could not take it.
+    pub fn keep_log_pipe(&self, tenant: &str, read: &OwnedFd, write: &OwnedFd) -> bool {
+        let (Ok(r), Ok(w)) = (read.try_clone(), write.try_clone()) else {
+            return false;
+        };
+        let mut inner = self.lock();
+        let key = format!("{LOG}{tenant}");
+        let fds = [r.as_raw_fd(), w.as_raw_fd()];
+        let kept = self.with_keeper(&mut inner, "keeping an engine-output pipe", |k| {
+            k.put(&key, &fds)
+        });
+        inner.registered_logs.insert(tenant.to_string(), (r, w));
+        kept
+    }
+
+    /// The tenant is gone from this host: its port closes for good, and the keeper forgets its
+    /// engine-output pipe.
     pub fn forget(&self, tenant: &str) {
         let mut inner = self.lock();
         inner.inherited.remove(tenant);
         inner.handed_over.remove(tenant);
         inner.registered.remove(tenant);
+        inner.inherited_logs.remove(tenant);
+        inner.registered_logs.remove(tenant);
         let key = format!("{LISTEN}{tenant}");
-        self.with_keeper(&mut inner, "closing a listener", |k| k.delete(&key));
+        let log = format!("{LOG}{tenant}");
+        self.with_keeper(&mut inner, "closing a listener", |k| {
+            k.delete(&key)?;
+            k.delete(&log)
+        });
     }
 
     /// Closes the kept ports (and handed-over connections) of tenants this host no longer has
@@ -270,6 +345,7 @@ impl Endpoints {
                 .inherited
                 .keys()
                 .chain(inner.handed_over.keys())
+                .chain(inner.inherited_logs.keys())
                 .filter(|name| !tenants.contains(*name))
                 .cloned()
                 .collect()
@@ -289,6 +365,16 @@ impl Endpoints {
             }
         }
     }
+}
+
+/// A kept engine-output pipe's two ends, as `keep_log_pipe` put them.
+fn log_pipe(mut fds: Vec<OwnedFd>) -> Option<(OwnedFd, OwnedFd)> {
+    if fds.len() != 2 {
+        return None;
+    }
+    let write = fds.pop()?;
+    let read = fds.pop()?;
+    Some((read, write))
 }
 
 /// A listening socket on `addr` with a backlog deep enough to hold clients while the agent is

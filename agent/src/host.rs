@@ -64,6 +64,8 @@ pub struct Host {
     pub max_clients_per_tenant: Option<u64>,
     /// TLS for tenants' clients (`None`: plaintext only).
     pub tenant_tls: Option<crate::tenant_tls::TenantTls>,
+    /// How much of each engine's output is kept.
+    pub engine_log: crate::engine_log::LogLimits,
     /// Signalled when any tenant changes state, so the reporter tells the scheduler at once.
     pub changed: Arc<tokio::sync::Notify>,
     /// Tenant ports kept open across agent restarts.
@@ -91,6 +93,8 @@ impl TenantPaths {
     pub fn pid_file(&self) -> PathBuf {
         self.dir.join("engine.pid")
     }
+    /// The engine's output, as the agent's pump writes it (`engine_log`); the previous part
+    /// is `engine.log.1`.
     pub fn log(&self) -> PathBuf {
         self.dir.join("engine.log")
     }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod crash;
 pub mod endpoints;
 pub mod engine;
+pub mod engine_log;
 pub mod host;
 pub mod keeper;
 pub mod process;
@@ -141,6 +142,7 @@ pub fn prepare_host(settings: &Settings) -> Result<Host, AgentError> {
         pids_max: settings.pids_max,
         max_clients_per_tenant: settings.max_clients_per_tenant,
         tenant_tls,
+        engine_log: settings.engine_log,
         changed: Arc::new(tokio::sync::Notify::new()),
         endpoints,
     })

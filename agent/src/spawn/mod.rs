@@ -17,8 +17,7 @@ pub mod sys;
 
 use std::fs::File;
 use std::io::Read as _;
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -38,11 +37,8 @@ pub enum SpawnError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("open log {path}: {source}")]
-    Log {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("engine output pipe: {0}")]
+    Output(std::io::Error),
     #[error("report pipe: {0}")]
     Pipe(std::io::Error),
     #[error("spawn {program}: step {step} failed: {source}")]
@@ -67,8 +63,9 @@ pub struct SpawnRequest<'a> {
     pub cwd: &'a Path,
     /// `cgroup.procs` files the child joins before anything else.
     pub cgroup_procs: &'a [PathBuf],
-    /// stdout and stderr are appended here (created root-only).
-    pub log: &'a Path,
+    /// stdout and stderr: the write end of the tenant's output pipe (`engine_log`), never a
+    /// file the tenant could fill the host's disk through.
+    pub output: BorrowedFd<'a>,
     pub isolation: Isolation<'a>,
 }
 
@@ -101,17 +98,11 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<i32, SpawnError> {
                 })
         })
         .collect::<Result<_, _>>()?;
-    let log_err = |source| SpawnError::Log {
-        path: req.log.to_path_buf(),
-        source,
-    };
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(req.log)
-        .map_err(log_err)?;
-    let log2 = log.try_clone().map_err(log_err)?;
+    let stdout = req
+        .output
+        .try_clone_to_owned()
+        .map_err(SpawnError::Output)?;
+    let stderr = stdout.try_clone().map_err(SpawnError::Output)?;
     let (report_read, report_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Pipe(e.into()))?;
     let cgroup_fds: Vec<RawFd> = cgroup_files.iter().map(AsRawFd::as_raw_fd).collect();
@@ -134,8 +125,8 @@ pub fn spawn(req: &SpawnRequest<'_>) -> Result<i32, SpawnError> {
         .env("LANG", "C.UTF-8")
         .env("HOME", "/tmp")
         .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2);
+        .stdout(stdout)
+        .stderr(stderr);
     let child_steps = steps.clone();
     // SAFETY: the closure runs in the forked child before exec; `execute` with `LinuxSys` makes
     // only async-signal-safe system calls on values prepared before the fork (the steps, the

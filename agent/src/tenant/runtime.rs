@@ -23,6 +23,7 @@ use super::{io_err, log_tail, TenantError};
 use crate::cgroup::{Limits, TenantCgroup};
 use crate::crash_point;
 use crate::engine::{postgres, EngineTemplate, Readiness, TenantContext};
+use crate::engine_log;
 use crate::host::{Host, TenantPaths};
 use crate::process::{Exit, Watched};
 use crate::proxy::{self, ProxyError, ProxyHandle};
@@ -154,6 +155,18 @@ pub struct HostRuntime {
     stats: Arc<proxy::ProxyStats>,
     /// Processes this agent started (we are the subreaper): reaped if no `Watched` did.
     children: Arc<Mutex<BTreeSet<i32>>>,
+    /// The engine's output pipe and the pump that logs it; opened by `prepare`.
+    output: Option<EngineOutput>,
+    /// An engine was adopted: its output pipe should come back from the keeper.
+    adopted: bool,
+}
+
+/// The tenant's output pipe: the write end every process spawned gets as stdout and stderr
+/// (kept by the agent too, so the pipe never ends between engines), and the pump reading it.
+#[derive(Debug)]
+struct EngineOutput {
+    write: Arc<std::os::fd::OwnedFd>,
+    _pump: engine_log::Pump,
 }
 
 /// How long to wait before looking at readiness again, `elapsed` into the wait. Clients may be
@@ -198,8 +211,50 @@ impl HostRuntime {
             ready,
             stats,
             children: Arc::default(),
+            output: None,
+            adopted: false,
             host,
         }
+    }
+
+    /// The engine's output pipe taken back from the keeper (an engine that outlived the last
+    /// agent writes to it), or a new one given to the keeper; and its pump started.
+    async fn open_output(&mut self) -> Result<(), TenantError> {
+        let host = self.host.clone();
+        let name = self.name.to_string();
+        let path = self.paths.log();
+        let limits = self.host.engine_log;
+        let log_err = |e: engine_log::EngineLogError| TenantError::Io {
+            what: "engine log",
+            path: self.paths.log(),
+            source: std::io::Error::other(e),
+        };
+        let (pipe, log, recovered) = tokio::task::spawn_blocking(move || {
+            let (pipe, recovered) = match host.endpoints.take_log_pipe(&name) {
+                Some((read, write)) => (engine_log::LogPipe { read, write }, true),
+                None => (engine_log::LogPipe::new()?, false),
+            };
+            // The keeper's copy outlives us; without it (no keeper) the engine's output is
+            // lost while no agent runs, and `with_keeper` has said so.
+            host.endpoints.keep_log_pipe(&name, &pipe.read, &pipe.write);
+            let log = engine_log::RotatingLog::open(&path, limits.per_file())?;
+            Ok((pipe, log, recovered))
+        })
+        .await
+        .map_err(|e| io_err("engine log", &self.paths.log())(std::io::Error::other(e)))?
+        .map_err(log_err)?;
+        if recovered {
+            info!("took back the engine's output pipe from the listener keeper");
+        } else if self.adopted {
+            warn!("the adopted engine's output pipe was not kept (no listener keeper held it): its output is lost until it restarts");
+        }
+        let engine_log::LogPipe { read, write } = pipe;
+        let pump = engine_log::Pump::start(read, log, limits).map_err(log_err)?;
+        self.output = Some(EngineOutput {
+            write: Arc::new(write),
+            _pump: pump,
+        });
+        Ok(())
     }
 
     /// What this tenant's clients may hold of the proxy.
@@ -269,6 +324,17 @@ impl HostRuntime {
             .map_err(io_err("mount", &self.paths.run))
     }
 
+    fn output_pipe(&self) -> Result<Arc<std::os::fd::OwnedFd>, TenantError> {
+        self.output
+            .as_ref()
+            .map(|o| o.write.clone())
+            .ok_or_else(|| TenantError::Io {
+                what: "engine output",
+                path: self.paths.log(),
+                source: std::io::Error::other("the tenant was not prepared"),
+            })
+    }
+
     /// What starting `argv` isolated takes (the tenant's cgroup, namespaces, uid), owned, so
     /// the fork can run on a blocking thread.
     fn spawn_job(&self, argv: Vec<String>) -> Result<SpawnJob, TenantError> {
@@ -284,7 +350,7 @@ impl HostRuntime {
                 .map(|e| e.seccomp_allow.clone())
                 .unwrap_or_default(),
             cgroup_procs: self.cgroup().procs_files(),
-            log: self.paths.log(),
+            output: self.output_pipe()?,
             hostname: self.name.to_string(),
             uid: uid.as_raw(),
             gid: gid.as_raw(),
@@ -340,7 +406,7 @@ struct SpawnJob {
     run: std::path::PathBuf,
     seccomp_allow: Vec<String>,
     cgroup_procs: Vec<std::path::PathBuf>,
-    log: std::path::PathBuf,
+    output: Arc<std::os::fd::OwnedFd>,
     hostname: String,
     uid: u32,
     gid: u32,
@@ -361,7 +427,7 @@ impl SpawnJob {
             argv: &self.argv,
             cwd: &self.cwd,
             cgroup_procs: &self.cgroup_procs,
-            log: &self.log,
+            output: std::os::fd::AsFd::as_fd(&*self.output),
             isolation: Isolation {
                 hostname: &self.hostname,
                 root: &self.root,
@@ -510,6 +576,9 @@ impl Runtime for HostRuntime {
         })
         .await?;
         self.identity = Some(identity);
+        if self.output.is_none() {
+            self.open_output().await?;
+        }
         if self.proxy.is_none() {
             let addr = std::net::SocketAddr::new(self.host.listen_host, self.port);
             // The port kept open across agent restarts, if it is there (see `endpoints`).
@@ -607,6 +676,7 @@ impl Runtime for HostRuntime {
             return None;
         }
         let watched = Watched::new(pid).ok()?;
+        self.adopted = true;
         info!(pid, "adopted running engine");
         Some(watched)
     }
@@ -860,6 +930,8 @@ impl Runtime for HostRuntime {
 
     async fn remove(&mut self) -> Result<(), TenantError> {
         self.proxy = None;
+        // No more output to log; the keeper forgets its copy of the pipe below.
+        self.output = None;
         let host = self.host.clone();
         let name = self.name.to_string();
         // The port closes for good (the keeper's copy too).

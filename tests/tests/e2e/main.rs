@@ -19,6 +19,7 @@ mod t37_hibernate;
 mod t38_ports_outlive_the_agent;
 mod t39_client_budget;
 mod t40_pending_until_room;
+mod t41_engine_log_bounded;
 mod t50_bad_input;
 mod t55_isolation;
 mod t56_hostile_tenant;

@@ -10,6 +10,7 @@ pub mod quantity;
 pub mod resources;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 
 pub use name::{NameError, NodeName, TenantName};
 pub use quantity::{Bytes, MilliCpu, QuantityError};

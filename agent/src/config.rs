@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use dormant_common::tls::{TlsError, TlsFiles};
 use dormant_common::{Bytes, NodeName};
 use serde::Deserialize;
 
@@ -38,6 +39,12 @@ pub struct FileConfig {
     pub labels: Option<BTreeMap<String, String>>,
     pub stop_tenants_on_exit: Option<bool>,
     pub log_format: Option<dormant_common::telemetry::LogFormat>,
+    /// The cluster's CA, this node's certificate (`dormant://node/<node-id>`) and its key, PEM.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Plaintext gRPC to the scheduler, no certificate: for trying things out only.
+    pub insecure: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -62,6 +69,8 @@ pub struct Settings {
     pub max_clients_per_tenant: Option<u64>,
     pub labels: BTreeMap<String, String>,
     pub stop_tenants_on_exit: bool,
+    /// Mutual TLS files; `None` only with `insecure = true`.
+    pub tls: Option<TlsFiles>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +82,8 @@ pub enum SettingsError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Parses `START-END` (inclusive) into a port range.
@@ -146,8 +157,15 @@ impl Settings {
                 "max_clients_per_tenant: must be greater than 0".into(),
             ));
         }
+        let tls = TlsFiles::resolve(
+            pick!(insecure).unwrap_or(false),
+            pick!(ca),
+            pick!(cert),
+            pick!(key),
+        )?;
         Ok(Settings {
-            scheduler: pick!(scheduler).unwrap_or_else(|| "http://127.0.0.1:7400".into()),
+            tls,
+            scheduler: pick!(scheduler).unwrap_or_else(|| "127.0.0.1:7400".into()),
             node_id,
             state_dir: pick!(state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/dormant")),
             advertise: pick!(advertise).ok_or(SettingsError::Missing {
@@ -186,6 +204,7 @@ mod tests {
         FileConfig {
             node_id: Some("n1".into()),
             advertise: Some("127.0.0.1".into()),
+            insecure: Some(true),
             ..Default::default()
         }
     }
@@ -224,11 +243,26 @@ mod tests {
             toml::from_str("node_id = \"file\"\nadvertise = \"h\"\nports = \"100-200\"\n").unwrap();
         let cli = FileConfig {
             node_id: Some("flag".into()),
+            insecure: Some(true),
             ..Default::default()
         };
         let s = Settings::merge(cli, file).unwrap();
         assert_eq!(s.node_id.as_str(), "flag");
         assert_eq!(s.ports, (100, 200));
+    }
+
+    #[test]
+    fn tls_files_are_required_unless_insecure() {
+        let cli = FileConfig {
+            insecure: None,
+            ..base()
+        };
+        let err = Settings::merge(cli.clone(), FileConfig::default()).unwrap_err();
+        assert!(err.to_string().starts_with("ca: required for TLS"), "{err}");
+        let file: FileConfig =
+            toml::from_str("ca = \"/c\"\ncert = \"/n.pem\"\nkey = \"/n.key\"\n").unwrap();
+        let s = Settings::merge(cli, file).unwrap();
+        assert_eq!(s.tls.unwrap().key, PathBuf::from("/n.key"));
     }
 
     #[test]

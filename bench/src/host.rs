@@ -195,6 +195,10 @@ impl Host {
             "--cgroup-parent".into(),
             cgroup_parent.display().to_string(),
         ];
+        let agent_args: Vec<String> = agent_args
+            .into_iter()
+            .chain(cluster.security.node_args(NODE_ID))
+            .collect();
         let agent = guard.spawn("agent", &agent_bin, &agent_args)?;
         let host = Self {
             cluster,

@@ -164,3 +164,25 @@ impl Security {
         self.transport(&node(id))
     }
 }
+
+/// An endpoint at `url` that trusts `ca_pem` and presents `identity`'s certificate, or none:
+/// for tests of what the scheduler refuses (no certificate, one from another CA).
+pub fn endpoint_with(
+    url: &str,
+    ca_pem: &str,
+    identity: Option<&TlsFiles>,
+) -> tonic::transport::Endpoint {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+    if let Some(f) = identity {
+        let cert = std::fs::read(&f.cert).expect("read cert");
+        let key = std::fs::read(&f.key).expect("read key");
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .expect("url")
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .timeout(std::time::Duration::from_secs(10))
+        .tls_config(tls)
+        .expect("tls config")
+}

@@ -69,7 +69,7 @@ struct Args {
     key: Option<PathBuf>,
     /// Plaintext gRPC to the scheduler, without a certificate (trying things out only; logs a
     /// warning).
-    #[arg(long, env = "DORMANT_INSECURE")]
+    #[arg(long, env = "DORMANT_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     insecure: bool,
     /// Run as the host's listener keeper on this socket (the agent starts it; see the agent's
     /// `keeper` module).

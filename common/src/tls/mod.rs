@@ -48,6 +48,9 @@ pub enum TlsError {
     Url { url: String, why: String },
 }
 
+/// How long a client waits for a server to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The three PEM files of a process: the CA that signs every certificate of the cluster, this
 /// process's certificate, and its private key.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -147,11 +150,14 @@ impl TlsMaterial {
         })
     }
 
-    /// Client side: trust only the cluster's CA, present this certificate.
+    /// Client side: trust only the cluster's CA, present this certificate. A server that takes
+    /// the connection but never finishes the handshake (a stopped process) fails it after
+    /// [`HANDSHAKE_TIMEOUT`] instead of holding the caller.
     pub fn client_config(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .timeout(HANDSHAKE_TIMEOUT)
     }
 }
 

@@ -56,7 +56,7 @@ struct Args {
     key: Option<PathBuf>,
     /// Serve and call plaintext gRPC, with no certificates and no identities (trying things out
     /// only; logs a warning).
-    #[arg(long, env = "DORMANT_INSECURE")]
+    #[arg(long, env = "DORMANT_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     insecure: bool,
     /// Log as JSON lines instead of plain text.
     #[arg(long)]

@@ -30,7 +30,12 @@ struct Cli {
     #[arg(long, global = true, env = "DORMANT_KEY")]
     key: Option<PathBuf>,
     /// Plaintext gRPC without certificates, to a scheduler started with --insecure.
-    #[arg(long, global = true, env = "DORMANT_INSECURE")]
+    #[arg(
+        long,
+        global = true,
+        env = "DORMANT_INSECURE",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     insecure: bool,
     /// Output format of read commands.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]

@@ -165,11 +165,21 @@ pub async fn connect(
     let url = endpoint.uri().to_string();
     let channel = endpoint.connect().await.map_err(|e| CtlError::Connect {
         url: url.clone(),
-        why: std::error::Error::source(&e)
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| e.to_string()),
+        why: root_cause(&e),
     })?;
     Ok(OperatorClient::new(channel))
+}
+
+/// The last error of a chain: "Connection refused", or the TLS reason ("invalid peer
+/// certificate: UnknownIssuer"), rather than tonic's "transport error".
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut why = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        why = s.to_string();
+        source = s.source();
+    }
+    why
 }
 
 /// Polls `get_tenant` until `done` says so, or the timeout passes.

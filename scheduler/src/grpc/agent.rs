@@ -2,7 +2,8 @@
 //! leader's memory (a follower forwards it), commits only *changes* (a down node back, a tenant's
 //! new state), and answers with the node's desired tenant set. Every answer names the cluster,
 //! which agents check against the one they belong to; until the cluster has an identity there is
-//! no answer.
+//! no answer. A node speaks only as itself (its certificate's identity, `authz`), checked before
+//! anything else, forwarding included; a registration's strings have bounded sizes.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;

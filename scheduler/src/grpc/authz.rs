@@ -3,7 +3,8 @@
 //! logging the peer's address and identity:
 //! - `Raft`: replicas only;
 //! - `Operator`: operators, and replicas (a follower forwarding an operator's call, which it
-//!   authorised before forwarding; a leader probing a new replica);
+//!   authorised before forwarding; a leader probing a new replica); tenants' secrets
+//!   (`GetCredentials`) only to operators, and to replicas forwarding ([`may_read_secrets`]);
 //! - `AgentApi`: nodes and replicas; the handler then checks that a node speaks only as itself
 //!   ([`node_may_act_as`]), before forwarding, so a leader can trust what a replica forwards.
 //!
@@ -168,6 +169,30 @@ pub fn node_may_act_as<T>(req: &Request<T>, node_id: &str, rpc: &str) -> Result<
     }
 }
 
+/// Whether the caller may read a tenant's secrets (`GetCredentials`): an operator, or a replica
+/// forwarding an operator's call (it carries `forward::FORWARDED_BY`; the follower checked the
+/// operator before forwarding). A replica asking for itself is refused: nothing in a replica
+/// needs tenants' passwords but the agent API's desired sets.
+pub fn may_read_secrets<T>(req: &Request<T>, rpc: &str) -> Result<(), Status> {
+    let Some(caller) = req.extensions().get::<Caller>() else {
+        return Err(Status::internal(
+            "operator API request without a checked caller",
+        ));
+    };
+    let forwarded = req.metadata().contains_key(super::forward::FORWARDED_BY);
+    match &caller.identity {
+        None | Some(PeerIdentity::Operator(_)) => Ok(()),
+        Some(PeerIdentity::Replica(_)) if forwarded => Ok(()),
+        Some(other) => {
+            let (peer, identity) = caller.describe();
+            warn!(peer = %peer, identity = %identity, rpc, "refused: only an operator may read tenants' secrets");
+            Err(Status::permission_denied(format!(
+                "{rpc}: {other} may not read tenants' secrets (operators only)"
+            )))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use dormant_common::NodeName;
@@ -210,6 +235,21 @@ mod tests {
         let forwarded = Some(PeerIdentity::Replica(1));
         assert!(node_may_act_as(&with_caller(forwarded), "b", "Heartbeat").is_ok());
         assert!(node_may_act_as(&with_caller(None), "b", "Heartbeat").is_ok());
+    }
+
+    #[test]
+    fn secrets_go_to_operators_and_to_replicas_only_when_forwarding() {
+        let op = Some(PeerIdentity::Operator("admin".into()));
+        assert!(may_read_secrets(&with_caller(op), "GetCredentials").is_ok());
+        let replica = Some(PeerIdentity::Replica(2));
+        let err = may_read_secrets(&with_caller(replica.clone()), "GetCredentials").unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        let mut forwarded = with_caller(replica);
+        forwarded.metadata_mut().insert(
+            crate::grpc::forward::FORWARDED_BY,
+            tonic::metadata::MetadataValue::from(1u64),
+        );
+        assert!(may_read_secrets(&forwarded, "GetCredentials").is_ok());
     }
 
     #[test]

@@ -227,6 +227,33 @@ fn t161_a_node_certificate_speaks_only_for_its_own_node_and_reads_only_its_secre
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&password));
 
+    // Secrets go to operators, also through a follower (which forwards them with its replica
+    // certificate), never to a replica asking for itself.
+    let via_follower = set.ctl_at(follower, &["tenant", "credentials", "tb", "-o", "json"]);
+    assert!(via_follower.success, "{}", via_follower.stderr);
+    assert_eq!(via_follower.json()["password"], password.as_str());
+    let as_replica = set.security.transport(&PeerIdentity::Replica(1));
+    let refused = block_on(async {
+        OperatorClient::new(
+            as_replica
+                .endpoint(&set.url(leader))
+                .unwrap()
+                .connect_lazy(),
+        )
+        .get_credentials(pb::GetCredentialsRequest { name: "tb".into() })
+        .await
+    })
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    logged(
+        &set,
+        leader,
+        &[
+            "refused: only an operator may read tenants' secrets",
+            "identity=dormant://replica/1",
+        ],
+    );
+
     // A node with a valid certificate that never registered changes nothing.
     let unknown = heartbeat_with(&set.security, &set.url(leader), "c", Vec::new()).unwrap();
     assert!(

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use dormant_common::tls::{TlsError, TlsFiles};
 use dormant_common::{Bytes, NodeName};
 use serde::Deserialize;
 
@@ -43,12 +44,20 @@ pub struct FileConfig {
     /// output is dropped and counted.
     pub engine_log_rate: Option<String>,
     pub stop_tenants_on_exit: Option<bool>,
-    /// The certificate chain (PEM) tenants' clients get, whose names cover the endpoints.
+    /// The certificate chain (PEM) tenants' clients get, whose names cover the endpoints
+    /// (default: the node's `cert` and `key`).
     pub tenant_tls_cert: Option<PathBuf>,
     pub tenant_tls_key: Option<PathBuf>,
-    /// Serve plaintext clients too (default: only when no tenant certificate is configured).
+    /// Serve plaintext clients too (default: only when there is no certificate: `--insecure`
+    /// without tenant_tls_cert).
     pub tenant_plaintext: Option<bool>,
     pub log_format: Option<dormant_common::telemetry::LogFormat>,
+    /// The cluster's CA, this node's certificate (`dormant://node/<node-id>`) and its key, PEM.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Plaintext gRPC to the scheduler, no certificate: for trying things out only.
+    pub insecure: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +86,8 @@ pub struct Settings {
     /// TLS on tenant endpoints: certificate chain and key.
     pub tenant_tls: Option<(PathBuf, PathBuf)>,
     pub tenant_plaintext: bool,
+    /// Mutual TLS files; `None` only with `insecure = true`.
+    pub tls: Option<TlsFiles>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +99,8 @@ pub enum SettingsError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Parses `START-END` (inclusive) into a port range.
@@ -161,9 +174,16 @@ impl Settings {
                 "max_clients_per_tenant: must be greater than 0".into(),
             ));
         }
+        let tls = TlsFiles::resolve(
+            pick!(insecure).unwrap_or(false),
+            pick!(ca),
+            pick!(cert),
+            pick!(key),
+        )?;
         let tenant_tls = match (pick!(tenant_tls_cert), pick!(tenant_tls_key)) {
             (Some(cert), Some(key)) => Some((cert, key)),
-            (None, None) => None,
+            // The node's own certificate (its names cover the endpoints when issued for them).
+            (None, None) => tls.as_ref().map(|t| (t.cert.clone(), t.key.clone())),
             (Some(_), None) => {
                 return Err(SettingsError::Invalid(
                     "tenant_tls_key: required with tenant_tls_cert".into(),
@@ -178,7 +198,7 @@ impl Settings {
         let tenant_plaintext = match (pick!(tenant_plaintext), &tenant_tls) {
             (Some(false), None) => {
                 return Err(SettingsError::Invalid(
-                    "tenant_plaintext: false needs tenant_tls_cert and tenant_tls_key (no TLS without a certificate)".into(),
+                    "tenant_plaintext: false needs a certificate (tenant_tls_cert and tenant_tls_key, or the node's cert and key)".into(),
                 ))
             }
             (Some(allowed), _) => allowed,
@@ -206,7 +226,8 @@ impl Settings {
             ));
         }
         Ok(Settings {
-            scheduler: pick!(scheduler).unwrap_or_else(|| "http://127.0.0.1:7400".into()),
+            tls,
+            scheduler: pick!(scheduler).unwrap_or_else(|| "127.0.0.1:7400".into()),
             node_id,
             state_dir: pick!(state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/dormant")),
             advertise: pick!(advertise).ok_or(SettingsError::Missing {
@@ -248,6 +269,7 @@ mod tests {
         FileConfig {
             node_id: Some("n1".into()),
             advertise: Some("127.0.0.1".into()),
+            insecure: Some(true),
             ..Default::default()
         }
     }
@@ -286,11 +308,26 @@ mod tests {
             toml::from_str("node_id = \"file\"\nadvertise = \"h\"\nports = \"100-200\"\n").unwrap();
         let cli = FileConfig {
             node_id: Some("flag".into()),
+            insecure: Some(true),
             ..Default::default()
         };
         let s = Settings::merge(cli, file).unwrap();
         assert_eq!(s.node_id.as_str(), "flag");
         assert_eq!(s.ports, (100, 200));
+    }
+
+    #[test]
+    fn tls_files_are_required_unless_insecure() {
+        let cli = FileConfig {
+            insecure: None,
+            ..base()
+        };
+        let err = Settings::merge(cli.clone(), FileConfig::default()).unwrap_err();
+        assert!(err.to_string().starts_with("ca: required for TLS"), "{err}");
+        let file: FileConfig =
+            toml::from_str("ca = \"/c\"\ncert = \"/n.pem\"\nkey = \"/n.key\"\n").unwrap();
+        let s = Settings::merge(cli, file).unwrap();
+        assert_eq!(s.tls.unwrap().key, PathBuf::from("/n.key"));
     }
 
     #[test]

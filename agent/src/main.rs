@@ -18,7 +18,7 @@ struct Args {
     #[arg(long, env = "DORMANT_AGENT_CONFIG")]
     config: Option<PathBuf>,
     /// Scheduler replicas, comma-separated (any replica answers; the agent moves to the next
-    /// when one stops answering), e.g. http://10.0.0.1:7400,http://10.0.0.2:7400.
+    /// when one stops answering), e.g. https://10.0.0.1:7400,https://10.0.0.2:7400.
     #[arg(long)]
     scheduler: Option<String>,
     /// This host's node id (lowercase letters, digits, '-').
@@ -66,6 +66,19 @@ struct Args {
     tenant_plaintext: bool,
     #[arg(long)]
     log_json: bool,
+    /// The cluster's CA certificate (PEM).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// This node's certificate (PEM), URI SAN dormant://node/<node-id>.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Plaintext gRPC to the scheduler, without a certificate (trying things out only; logs a
+    /// warning).
+    #[arg(long, env = "DORMANT_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure: bool,
     /// Run as the host's listener keeper on this socket (the agent starts it; see the agent's
     /// `keeper` module).
     #[arg(long, hide = true)]
@@ -112,6 +125,10 @@ async fn agent(args: Args) -> anyhow::Result<()> {
         tenant_tls_cert: args.tenant_tls_cert,
         tenant_tls_key: args.tenant_tls_key,
         tenant_plaintext: args.tenant_plaintext.then_some(true),
+        ca: args.ca,
+        cert: args.cert,
+        key: args.key,
+        insecure: args.insecure.then_some(true),
         ..Default::default()
     };
     let settings = Settings::merge(cli, file)?;

@@ -12,10 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dormant_common::hibernation::IdleAfter;
+use dormant_common::tls::{PeerIdentity, TlsError, Transport};
 use dormant_common::TenantName;
 use dormant_proto::v1 as pb;
 use dormant_proto::v1::agent_api_client::AgentApiClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{error, info, warn};
 
 use crate::config::Settings;
@@ -27,10 +28,15 @@ use crate::tenant_fs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("scheduler URL {url:?}: {source}")]
-    Url {
-        url: String,
-        source: tonic::transport::Error,
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(
+        "cert: {path} is the certificate of {found}, not of this node (dormant://node/{node})"
+    )]
+    NotThisNode {
+        path: String,
+        found: String,
+        node: String,
     },
     #[error("scheduler: no address given")]
     NoScheduler,
@@ -164,6 +170,25 @@ fn to_pb(r: &dormant_common::Resources) -> pb::Resources {
 
 impl Reporter {
     pub fn new(settings: Settings, host: Arc<Host>) -> Result<Self, ReportError> {
+        let transport = Transport::new(settings.tls.as_ref())?;
+        match transport.identity() {
+            None => warn!(
+                "--insecure: plaintext gRPC to the scheduler, no certificates; tenants' passwords \
+                 travel in the clear and anyone can speak for this node"
+            ),
+            Some(PeerIdentity::Node(n)) if n == &settings.node_id => {}
+            Some(other) => {
+                return Err(ReportError::NotThisNode {
+                    path: settings
+                        .tls
+                        .as_ref()
+                        .map(|t| t.cert.display().to_string())
+                        .unwrap_or_default(),
+                    found: other.uri(),
+                    node: settings.node_id.to_string(),
+                })
+            }
+        }
         let mut clients = Vec::new();
         for url in settings
             .scheduler
@@ -171,16 +196,9 @@ impl Reporter {
             .map(str::trim)
             .filter(|u| !u.is_empty())
         {
-            let url = if url.contains("://") {
-                url.to_string()
-            } else {
-                format!("http://{url}")
-            };
-            let channel = Endpoint::from_shared(url.clone())
-                .map_err(|source| ReportError::Url {
-                    url: url.clone(),
-                    source,
-                })?
+            let endpoint = transport.endpoint(url)?;
+            let url = endpoint.uri().to_string();
+            let channel = endpoint
                 .connect_timeout(std::time::Duration::from_secs(3))
                 .timeout(std::time::Duration::from_secs(10))
                 .connect_lazy();

@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
+use dormant_common::tls::{PeerIdentity, Transport};
 use dormant_proto::v1 as pb;
 use dormant_proto::v1::operator_client::OperatorClient;
+use dormant_tests::Security;
 use serde::Deserialize;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::procs::{free_port, Guard, ProcId};
 
@@ -60,8 +62,16 @@ pub struct Replica {
 #[derive(Debug)]
 pub struct Cluster {
     pub replicas: Vec<Replica>,
+    /// The cluster's own CA (`dormant_tests::tls`): replicas, dormantctl, the agent and the
+    /// bench's in-process clients use mutual TLS, as in production.
+    pub security: Security,
     ctl: PathBuf,
 }
+
+/// The identity of the bench's in-process gRPC clients: a replica's (never a member), the one
+/// identity that may speak for many nodes at once (as a follower forwarding does) and read the
+/// operator API on the same connections.
+const BENCH_CLIENT: PeerIdentity = PeerIdentity::Replica(u64::MAX);
 
 /// Where `dormant-scheduler` and `dormantctl` are.
 pub fn check_bins(bin_dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
@@ -87,6 +97,7 @@ impl Cluster {
         let (sched, ctl) = check_bins(bin_dir)?;
         let mut cluster = Self {
             replicas: Vec::new(),
+            security: Security::tls_in(&guard.dir().join("tls")),
             ctl,
         };
         if replicas > 1 {
@@ -106,10 +117,11 @@ impl Cluster {
             if id == 1 {
                 args.push("--bootstrap".into());
             }
+            args.extend(cluster.security.replica_args(id));
             let proc = guard.spawn(&format!("replica-{id}"), &sched, &args)?;
             cluster.replicas.push(Replica {
                 id,
-                url: format!("http://127.0.0.1:{port}"),
+                url: cluster.security.url(&format!("127.0.0.1:{port}")),
                 proc,
             });
         }
@@ -131,7 +143,11 @@ impl Cluster {
 
         let others: Vec<Replica> = cluster.replicas[1..].to_vec();
         for r in &others {
-            let addr = r.url.trim_start_matches("http://").to_string();
+            let addr = r
+                .url
+                .split_once("://")
+                .map_or(r.url.as_str(), |(_, a)| a)
+                .to_string();
             eprintln!("adding replica {} at {addr}", r.id);
             // The learner must be serving before the leader can replicate to it.
             wait_listening(&addr, deadline).await?;
@@ -216,7 +232,7 @@ impl Cluster {
         let url = if m.address.contains("://") {
             m.address.clone()
         } else {
-            format!("http://{}", m.address)
+            self.security.url(&m.address)
         };
         Ok((id, url))
     }
@@ -253,6 +269,7 @@ impl Cluster {
         if let Some(url) = url {
             cmd.arg("--scheduler").arg(url);
         }
+        cmd.args(self.security.operator_args());
         // kill_on_drop: an interrupted run must not leave a dormantctl behind either.
         let out = cmd
             .args(args)
@@ -280,11 +297,19 @@ async fn wait_listening(addr: &str, deadline: Instant) -> anyhow::Result<()> {
     }
 }
 
+impl Cluster {
+    /// How the bench's in-process clients connect to the replicas.
+    pub fn client_transport(&self) -> Transport {
+        self.security.transport(&BENCH_CLIENT)
+    }
+}
+
 /// `n` separate HTTP/2 connections to `url`: requests spread over them instead of queueing on one.
-pub async fn channels(url: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
+pub async fn channels(transport: &Transport, url: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
-        let ch = Endpoint::from_shared(url.to_string())
+        let ch = transport
+            .endpoint(url)
             .with_context(|| format!("bad URL {url}"))?
             .connect_timeout(Duration::from_secs(5))
             // A stuck request shows up as an error instead of hanging the run.

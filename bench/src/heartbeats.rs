@@ -59,7 +59,12 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let cluster = Cluster::start(&mut guard, &bin_dir, args.common.replicas).await?;
     let (leader_id, leader_url) = cluster.leader().await?;
     let membership = cluster.status(leader_id).await?;
-    let channels = cluster::channels(&leader_url, args.common.connections).await?;
+    let channels = cluster::channels(
+        &cluster.client_transport(),
+        &leader_url,
+        args.common.connections,
+    )
+    .await?;
 
     eprintln!("registering {} agents with leader {leader_id}", args.agents);
     let t_reg = Instant::now();

@@ -194,7 +194,13 @@ impl Host {
             args.heartbeat_ms.to_string(),
             "--cgroup-parent".into(),
             cgroup_parent.display().to_string(),
+            // Benches compare plaintext and TLS clients on the same tenant.
+            "--tenant-plaintext".into(),
         ];
+        let agent_args: Vec<String> = agent_args
+            .into_iter()
+            .chain(cluster.security.node_args(NODE_ID))
+            .collect();
         let agent = guard.spawn("agent", &agent_bin, &agent_args)?;
         let host = Self {
             cluster,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use dormant_common::tls::Transport;
 use dormant_proto::v1 as pb;
 use dormant_proto::v1::operator_client::OperatorClient;
 use serde_json::json;
@@ -70,7 +71,12 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let cluster = Cluster::start(&mut guard, &bin_dir, args.common.replicas).await?;
     let (leader_id, leader_url) = cluster.leader().await?;
     let membership = cluster.status(leader_id).await?;
-    let channels = cluster::channels(&leader_url, args.common.connections).await?;
+    let channels = cluster::channels(
+        &cluster.client_transport(),
+        &leader_url,
+        args.common.connections,
+    )
+    .await?;
 
     eprintln!("registering {} nodes with leader {leader_id}", args.nodes);
     let names = sim::register_all(&channels, args.nodes, REGISTER_CONCURRENCY).await?;
@@ -169,7 +175,8 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         return Ok(report);
     }
     let url = etcd::start(&mut guard, &args.etcd_bin).await?;
-    let etcd_channels = cluster::channels(&url, args.common.connections).await?;
+    let etcd_channels =
+        cluster::channels(&Transport::Insecure, &url, args.common.connections).await?;
     let kvs: Vec<_> = etcd_channels
         .iter()
         .cloned()

@@ -58,13 +58,15 @@ pub struct Args {
 enum Variant {
     Direct,
     Dormant,
+    DormantTls,
     Haproxy,
     Pgbouncer,
 }
 
-const VARIANTS: [Variant; 4] = [
+const VARIANTS: [Variant; 5] = [
     Variant::Direct,
     Variant::Dormant,
+    Variant::DormantTls,
     Variant::Haproxy,
     Variant::Pgbouncer,
 ];
@@ -74,6 +76,7 @@ impl Variant {
         match self {
             Self::Direct => "direct",
             Self::Dormant => "dormant",
+            Self::DormantTls => "dormant-tls",
             Self::Haproxy => "haproxy",
             Self::Pgbouncer => "pgbouncer",
         }
@@ -83,6 +86,7 @@ impl Variant {
         match self {
             Self::Direct => "direct (Unix socket)",
             Self::Dormant => "Dormant's proxy",
+            Self::DormantTls => "Dormant's proxy, TLS",
             Self::Haproxy => "haproxy (tcp mode)",
             Self::Pgbouncer => "pgbouncer (session)",
         }
@@ -96,6 +100,8 @@ struct Target {
     host: String,
     port: u16,
     proxy_pid: Option<u32>,
+    /// libpq's sslmode (libpq's default, prefer, would take TLS wherever it is offered).
+    sslmode: &'static str,
 }
 
 /// One pgbench run's figures.
@@ -173,6 +179,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         host: run_dir.display().to_string(),
         port: 5432,
         proxy_pid: None,
+        sslmode: "disable",
     };
     eprintln!("pgbench -i -s {}", args.scale);
     bench
@@ -187,16 +194,25 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             host: ep_host.to_string(),
             port: ep_port.parse().context("endpoint port")?,
             proxy_pid: Some(agent_pid),
+            sslmode: "disable",
+        },
+        Target {
+            host: ep_host.to_string(),
+            port: ep_port.parse().context("endpoint port")?,
+            proxy_pid: Some(agent_pid),
+            sslmode: "require",
         },
         Target {
             host: "127.0.0.1".into(),
             port: haproxy.1,
             proxy_pid: haproxy.0.pid(),
+            sslmode: "disable",
         },
         Target {
             host: "127.0.0.1".into(),
             port: pgbouncer.1,
             proxy_pid: pgbouncer.0.pid(),
+            sslmode: "disable",
         },
     ];
     for t in &targets[2..] {
@@ -350,6 +366,7 @@ impl Pgbench {
                 "postgres",
             ])
             .env("PGPASSWORD", &self.creds.password)
+            .env("PGSSLMODE", t.sslmode)
             // An interrupted run must not leave a pgbench behind.
             .kill_on_drop(true);
         let out = cmd.output().await.context("run pgbench")?;

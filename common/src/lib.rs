@@ -11,6 +11,7 @@ pub mod resources;
 pub mod state;
 pub mod telemetry;
 pub mod text;
+pub mod tls;
 
 pub use name::{NameError, NodeName, TenantName};
 pub use quantity::{Bytes, MilliCpu, QuantityError};

@@ -8,14 +8,17 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use dormant_common::tls::{PeerIdentity, Transport};
 use dormant_common::{NodeStatus, TenantState};
 use openraft::BasicNode;
 use tokio::sync::Notify;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::config::Settings;
 use crate::grpc;
+use crate::grpc::authz::{Api, Gate};
 use crate::liveness::Liveness;
 use crate::network::PeerNetwork;
 use crate::placement;
@@ -39,6 +42,23 @@ pub enum AppError {
     Raft(String),
     #[error("bootstrap: {0}")]
     Bootstrap(String),
+    #[error(transparent)]
+    Tls(#[from] dormant_common::tls::TlsError),
+    #[error(transparent)]
+    ServerTls(#[from] grpc::tls::ServerTlsError),
+    #[error(
+        "cert: {path} is the certificate of {found}, not of this replica (dormant://replica/{id})"
+    )]
+    NotThisReplica {
+        path: String,
+        found: String,
+        id: u64,
+    },
+    #[error("listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("serve gRPC on {addr}: {source}")]
     Serve {
         addr: std::net::SocketAddr,
@@ -123,9 +143,29 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             path: settings.data_dir.display().to_string(),
             source,
         })?;
+    let transport = Transport::new(settings.tls.as_ref())?;
+    match transport.identity() {
+        None => warn!(
+            "--insecure: plaintext gRPC, no certificates, no identities; anyone who reaches {} \
+             can act as a replica, a node or an operator",
+            settings.listen
+        ),
+        Some(PeerIdentity::Replica(id)) if *id == settings.id => {}
+        Some(other) => {
+            return Err(AppError::NotThisReplica {
+                path: settings
+                    .tls
+                    .as_ref()
+                    .map(|t| t.cert.display().to_string())
+                    .unwrap_or_default(),
+                found: other.uri(),
+                id: settings.id,
+            })
+        }
+    }
     let (log_store, sm_store) = store::open(&settings.data_dir.join("raft"))?;
     let state = sm_store.shared();
-    let network = PeerNetwork::default();
+    let network = PeerNetwork::new(transport.clone());
     let raft = Raft::new(
         settings.id,
         Arc::new(raft_config(&settings)?),
@@ -179,15 +219,42 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         .build_v1()
         .ok();
 
-    info!(listen = %settings.listen, node_id = settings.id, "scheduler serving");
-    let server = Server::builder()
+    let enforce = matches!(transport, Transport::Tls(_));
+    let gate = |api| Gate::new(api, enforce);
+    let router = Server::builder()
         .add_service(health_service)
         .add_optional_service(reflection)
-        .add_service(grpc::api::server(app.clone()))
-        .add_service(grpc::agent::server(app.clone()))
-        .add_service(grpc::raft::server(raft.clone()))
-        .serve_with_shutdown(settings.listen, shutdown);
-    let served = server.await;
+        .add_service(InterceptedService::new(
+            grpc::api::server(app.clone()),
+            gate(Api::Operator),
+        ))
+        .add_service(InterceptedService::new(
+            grpc::agent::server(app.clone()),
+            gate(Api::Agent),
+        ))
+        .add_service(InterceptedService::new(
+            grpc::raft::server(raft.clone()),
+            gate(Api::Raft),
+        ));
+    let served = match &transport {
+        Transport::Tls(material) => {
+            let config = grpc::tls::server_config(material)?;
+            let listener = tokio::net::TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| AppError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
+            info!(listen = %settings.listen, node_id = settings.id, identity = %material.identity, "scheduler serving (mutual TLS)");
+            router
+                .serve_with_incoming_shutdown(grpc::tls::incoming(listener, config), shutdown)
+                .await
+        }
+        Transport::Insecure => {
+            info!(listen = %settings.listen, node_id = settings.id, "scheduler serving (plaintext, --insecure)");
+            router.serve_with_shutdown(settings.listen, shutdown).await
+        }
+    };
     placer.abort();
     liveness.abort();
     identity.abort();

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use dormant_common::tls::{TlsError, TlsFiles};
 use serde::Deserialize;
 
 use crate::placement::Policy;
@@ -23,6 +24,13 @@ pub struct FileConfig {
     /// Build a snapshot (and compact the log) every this many applied entries.
     pub snapshot_every: Option<u64>,
     pub log_format: Option<dormant_common::telemetry::LogFormat>,
+    /// The cluster's CA, this replica's certificate (`dormant://replica/<id>`, with the DNS
+    /// names or addresses it is reached at) and its key, PEM.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Plaintext gRPC, no certificates, no identities: for trying things out only.
+    pub insecure: Option<bool>,
 }
 
 /// The settings the scheduler runs with, after merging and validation.
@@ -40,6 +48,8 @@ pub struct Settings {
     pub placement: Policy,
     pub node_grace_period: std::time::Duration,
     pub snapshot_every: u64,
+    /// Mutual TLS files; `None` only with `insecure = true`.
+    pub tls: Option<TlsFiles>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +69,8 @@ pub enum SettingsError {
     GracePeriod(u64),
     #[error("snapshot_every: {0} must be at least 10 entries")]
     SnapshotEvery(u64),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 impl Settings {
@@ -100,7 +112,14 @@ impl Settings {
         if snapshot_every < 10 {
             return Err(SettingsError::SnapshotEvery(snapshot_every));
         }
+        let tls = TlsFiles::resolve(
+            cli.insecure.or(file.insecure).unwrap_or(false),
+            cli.ca.or(file.ca),
+            cli.cert.or(file.cert),
+            cli.key.or(file.key),
+        )?;
         Ok(Settings {
+            tls,
             node_grace_period: std::time::Duration::from_millis(grace_ms),
             snapshot_every,
             id,
@@ -137,6 +156,7 @@ mod tests {
             toml::from_str("id = 3\ndata_dir = \"/var/lib/x\"\nplacement = \"spread\"\n").unwrap();
         let cli = FileConfig {
             id: Some(7),
+            insecure: Some(true),
             ..Default::default()
         };
         let s = Settings::merge(cli, file).unwrap();
@@ -156,10 +176,36 @@ mod tests {
             id: Some(1),
             data_dir: Some("/x".into()),
             overcommit_ratio: Some(0.5),
+            insecure: Some(true),
             ..Default::default()
         };
         let err = Settings::merge(cli, FileConfig::default()).unwrap_err();
         assert!(err.to_string().starts_with("overcommit_ratio:"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_are_required_unless_insecure() {
+        let cli = FileConfig {
+            id: Some(1),
+            data_dir: Some("/x".into()),
+            ..Default::default()
+        };
+        let err = Settings::merge(cli.clone(), FileConfig::default()).unwrap_err();
+        assert!(err.to_string().starts_with("ca: required for TLS"), "{err}");
+        let file: FileConfig =
+            toml::from_str("ca = \"/c\"\ncert = \"/r.pem\"\nkey = \"/r.key\"\n").unwrap();
+        let s = Settings::merge(cli.clone(), file).unwrap();
+        assert_eq!(s.tls.unwrap().cert, PathBuf::from("/r.pem"));
+        let insecure = FileConfig {
+            insecure: Some(true),
+            ..cli
+        };
+        assert_eq!(
+            Settings::merge(insecure, FileConfig::default())
+                .unwrap()
+                .tls,
+            None
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The Raft client side: openraft's RPCs to peer replicas over tonic, one cached channel per peer.
+//! The Raft client side: openraft's RPCs to peer replicas over tonic (mutual TLS with the
+//! replica's certificate), one cached channel per peer.
 //! Transport failures map to *unreachable* (openraft backs off), bad replies to *network error*,
 //! and an error the peer's Raft returned to *remote error*.
 
@@ -6,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dormant_common::tls::{TlsError, Transport};
 use dormant_proto::v1::raft_client::RaftClient;
 use dormant_proto::v1::RaftPayload;
 use openraft::error::{
@@ -19,23 +21,39 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::TypeConfig;
 
-/// Hands out peer clients; channels are cached by address and shared between clients.
-#[derive(Debug, Clone, Default)]
+/// Hands out peer clients; channels are cached by address and shared between clients. Every
+/// channel presents this replica's certificate (mutual TLS), unless the replica is `--insecure`.
+#[derive(Debug, Clone)]
 pub struct PeerNetwork {
+    transport: Transport,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
 }
 
 impl PeerNetwork {
-    pub fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    pub fn new(transport: Transport) -> Self {
+        Self {
+            transport,
+            channels: Arc::default(),
+        }
+    }
+
+    /// How this replica connects to others (also to a replica about to join).
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    pub fn channel(&self, addr: &str) -> Result<Channel, TlsError> {
         let mut cache = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(ch) = cache.get(addr) {
             return Ok(ch.clone());
         }
-        let ch = Endpoint::from_shared(format!("http://{addr}"))?
+        let ch = self
+            .transport
+            .endpoint(addr)?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .connect_lazy();
@@ -59,7 +77,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
 pub struct PeerClient {
     target: u64,
     node: BasicNode,
-    channel: Result<Channel, tonic::transport::Error>,
+    channel: Result<Channel, TlsError>,
 }
 
 #[derive(Clone, Copy)]

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::cleanup::{remove_cgroup_subtree, remove_mounts_and_loops};
 use crate::process::ProcGuard;
+use crate::tls::Security;
 use crate::wait::wait_until;
 use crate::CgroupVersion;
 
@@ -75,6 +76,12 @@ pub struct ClusterOptions {
     pub heartbeat_ms: u64,
     /// Extra flags for `dormant-scheduler`.
     pub scheduler_flags: Vec<String>,
+    /// Plaintext gRPC (`--insecure`) instead of mutual TLS from the cluster's own CA: only for
+    /// an agent binary that cannot speak TLS (the upgrade test's older build).
+    pub insecure: bool,
+    /// Agents serve tenants' plaintext clients too (`--tenant-plaintext`; with TLS on, tenant
+    /// endpoints otherwise take TLS clients only). Most tests use plaintext clients.
+    pub tenant_plaintext: bool,
 }
 
 impl Default for ClusterOptions {
@@ -82,6 +89,8 @@ impl Default for ClusterOptions {
         Self {
             heartbeat_ms: 500,
             scheduler_flags: Vec::new(),
+            insecure: false,
+            tenant_plaintext: true,
         }
     }
 }
@@ -125,11 +134,12 @@ pub fn create_args<'a>(
     ]
 }
 
-/// Runs `dormantctl --scheduler <urls> ARGS` from `bins`.
-pub fn run_ctl(bins: &Path, urls: &str, args: &[&str]) -> CtlOutput {
+/// Runs `dormantctl --scheduler <urls> ARGS` from `bins`, as the harness's operator.
+pub fn run_ctl(bins: &Path, security: &Security, urls: &str, args: &[&str]) -> CtlOutput {
     let out = Command::new(bins.join("dormantctl"))
         .arg("--scheduler")
         .arg(urls)
+        .args(security.operator_args())
         .args(args)
         .output()
         .expect("run dormantctl");
@@ -165,6 +175,8 @@ pub struct Cluster {
     scheduler_args: Vec<String>,
     pub url: String,
     pub cgroup_parent: PathBuf,
+    /// The cluster's CA and certificates (or plaintext).
+    pub security: Security,
     bins: PathBuf,
     opts: ClusterOptions,
     dir: tempfile::TempDir,
@@ -186,7 +198,12 @@ impl Cluster {
             .tempdir_in(TEST_ROOT)
             .expect("tempdir");
         let port = free_port();
-        let url = format!("http://127.0.0.1:{port}");
+        let security = if opts.insecure {
+            Security::Insecure
+        } else {
+            Security::tls_in(&dir.path().join("tls"))
+        };
+        let url = security.url(&format!("127.0.0.1:{port}"));
         let unique = dir
             .path()
             .file_name()
@@ -203,6 +220,7 @@ impl Cluster {
             dir.path().join("scheduler").display().to_string(),
             "--bootstrap".into(),
         ];
+        scheduler_args.extend(security.replica_args(1));
         scheduler_args.extend(opts.scheduler_flags.iter().cloned());
         let mut cluster = Self {
             agents: Vec::new(),
@@ -210,6 +228,7 @@ impl Cluster {
             scheduler_args,
             url,
             cgroup_parent,
+            security,
             bins,
             opts,
             dir,
@@ -252,7 +271,7 @@ impl Cluster {
     }
 
     fn agent_args(&self, node_id: &str, state_dir: &Path, ports: (u16, u16)) -> Vec<String> {
-        vec![
+        let mut args: Vec<String> = vec![
             "--scheduler".into(),
             self.url.clone(),
             "--node-id".into(),
@@ -269,7 +288,22 @@ impl Cluster {
             self.opts.heartbeat_ms.to_string(),
             "--cgroup-parent".into(),
             self.cgroup_parent.join(node_id).display().to_string(),
-        ]
+        ];
+        args.extend(self.security.node_args(node_id));
+        // Only with TLS on: without a certificate plaintext is all there is (and the upgrade
+        // test's older agent knows no such flag).
+        if self.opts.tenant_plaintext && self.security.pki().is_some() {
+            args.push("--tenant-plaintext".into());
+        }
+        args
+    }
+
+    /// The cluster CA's certificate (PEM), which clients of tenant endpoints verify against.
+    pub fn ca_file(&self) -> PathBuf {
+        self.security
+            .pki()
+            .map(|p| p.dir().join("ca.pem"))
+            .expect("a TLS cluster")
     }
 
     /// Starts an agent that is expected to refuse to start; returns its exit status and log.
@@ -282,7 +316,12 @@ impl Cluster {
         let mut args = self.agent_args(node_id, &state_dir, free_port_range(2));
         args.extend(extra.iter().map(|a| a.to_string()));
         let log = self.dir.path().join(format!("agent-{node_id}.log"));
-        let mut agent = ProcGuard::spawn(&self.bins.join("dormant-agent"), &args, &log);
+        let mut agent = ProcGuard::spawn_with_env(
+            &self.bins.join("dormant-agent"),
+            &args,
+            &log,
+            &self.security.agent_env(),
+        );
         let status = wait_until(Duration::from_secs(30), "the agent to exit", || {
             agent.try_wait()
         });
@@ -320,7 +359,13 @@ impl Cluster {
 
     pub fn start_agent(&mut self, i: usize) {
         let a = &mut self.agents[i];
-        a.proc = Some(ProcGuard::spawn_with_env(&a.bin, &a.args, &a.log, &a.env));
+        let env: Vec<(String, String)> = self
+            .security
+            .agent_env()
+            .into_iter()
+            .chain(a.env.iter().cloned())
+            .collect();
+        a.proc = Some(ProcGuard::spawn_with_env(&a.bin, &a.args, &a.log, &env));
         let node_id = a.node_id.clone();
         wait_until(Duration::from_secs(30), "the node to be ready", || {
             // An agent that refused to start fails the test now, with its reason.
@@ -361,7 +406,7 @@ impl Cluster {
 
     /// Runs `dormantctl --scheduler <url> ARGS`.
     pub fn ctl(&self, args: &[&str]) -> CtlOutput {
-        run_ctl(&self.bins, &self.url, args)
+        run_ctl(&self.bins, &self.security, &self.url, args)
     }
 
     /// Runs a read command with `-o json` and parses it; panics if it fails.

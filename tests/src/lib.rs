@@ -12,12 +12,14 @@ pub mod process;
 pub mod replicas;
 pub mod session;
 pub mod sim_node;
+pub mod tls;
 pub mod wait;
 
 pub use cluster::{Cluster, ClusterOptions, CtlOutput};
 pub use replicas::Replicas;
 pub use session::PsqlSession;
 pub use sim_node::{SimNode, SimNodeSpec};
+pub use tls::Security;
 pub use wait::wait_until;
 
 /// Which cgroup layout this host (or the v2 VM) runs; tests assert on the files of that layout.

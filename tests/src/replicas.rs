@@ -1,7 +1,8 @@
 //! A scheduler cluster of several real `dormant-scheduler` processes on loopback, formed the way
 //! an operator forms one: bootstrap the first, then `dormantctl cluster add-learner` and
 //! `promote` for the others. Replicas can be killed (-9), paused (SIGSTOP) and restarted on
-//! their own data directory. No agents: tests that need nodes use simulated ones.
+//! their own data directory. No agents: tests that need nodes use simulated ones. Each set has
+//! its own CA (`tls`): replicas, `dormantctl` and simulated nodes use mutual TLS.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use serde_json::Value;
 
 use crate::cluster::{bin_dir, free_port, run_ctl, CtlOutput, TEST_ROOT};
 use crate::process::ProcGuard;
+use crate::tls::Security;
 use crate::wait::wait_until;
 
 #[derive(Debug)]
@@ -27,6 +29,8 @@ pub struct Replica {
 /// Field order matters for Drop: processes first, then the directory.
 pub struct Replicas {
     pub replicas: Vec<Replica>,
+    /// The set's CA and certificates: every replica, `dormantctl` and simulated node has one.
+    pub security: Security,
     bins: PathBuf,
     flags: Vec<String>,
     dir: tempfile::TempDir,
@@ -41,8 +45,10 @@ impl Replicas {
             .prefix("dr-")
             .tempdir_in(TEST_ROOT)
             .expect("tempdir");
+        let security = Security::tls_in(&dir.path().join("tls"));
         let mut set = Self {
             replicas: Vec::new(),
+            security,
             bins: bin_dir(),
             flags: flags.iter().map(|f| f.to_string()).collect(),
             dir,
@@ -76,6 +82,7 @@ impl Replicas {
         if bootstrap {
             args.push("--bootstrap".into());
         }
+        args.extend(self.security.replica_args(id));
         args.extend(self.flags.iter().cloned());
         self.replicas.push(Replica {
             id,
@@ -152,23 +159,23 @@ impl Replicas {
     pub fn urls(&self) -> String {
         self.replicas
             .iter()
-            .map(|r| format!("http://{}", r.addr))
+            .map(|r| self.security.url(&r.addr))
             .collect::<Vec<_>>()
             .join(",")
     }
 
     pub fn url(&self, i: usize) -> String {
-        format!("http://{}", self.replicas[i].addr)
+        self.security.url(&self.replicas[i].addr)
     }
 
     /// `dormantctl` against all replicas (the first that answers is used).
     pub fn ctl(&self, args: &[&str]) -> CtlOutput {
-        run_ctl(&self.bins, &self.urls(), args)
+        run_ctl(&self.bins, &self.security, &self.urls(), args)
     }
 
     /// `dormantctl` against replica `i` only.
     pub fn ctl_at(&self, i: usize, args: &[&str]) -> CtlOutput {
-        run_ctl(&self.bins, &self.url(i), args)
+        run_ctl(&self.bins, &self.security, &self.url(i), args)
     }
 
     /// Replica `i`'s own view (`cluster status --stale`), if it answers.

@@ -3,14 +3,19 @@
 //! liveness at scale), where what a node runs does not matter. Named as the fake it is.
 //! One-shot calls ([`register_once`], [`heartbeat_with`]) let a test say what a node would:
 //! arbitrary observed tenant states, and read the answers (desired set, cluster identity).
+//! Each speaks with the node certificate of its own id from the cluster's CA (`Security`); the
+//! `_via` calls take any transport, to show what another identity, or none, is refused.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use dormant_common::tls::Transport;
 use dormant_proto::v1 as pb;
 use dormant_proto::v1::agent_api_client::AgentApiClient;
+
+use crate::tls::Security;
 
 #[derive(Debug, Clone)]
 pub struct SimNodeSpec {
@@ -52,7 +57,8 @@ pub struct SimNode {
 impl SimNode {
     /// Registers the node with the first of the comma-separated `urls` that answers (waiting up
     /// to 30 s), then heartbeats in the background.
-    pub fn start(urls: &str, spec: SimNodeSpec) -> Self {
+    pub fn start(security: &Security, urls: &str, spec: SimNodeSpec) -> Self {
+        let transport = security.node_transport(&spec.id);
         let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_string()).collect();
         let stop = Arc::new(AtomicBool::new(false));
         let (registered, wait) = mpsc::channel();
@@ -62,7 +68,7 @@ impl SimNode {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(run(urls, spec, flag, registered));
+            rt.block_on(run(transport, urls, spec, flag, registered));
         });
         let cluster_id = match wait.recv_timeout(Duration::from_secs(30)) {
             Ok(Ok(id)) => id,
@@ -100,8 +106,12 @@ impl Drop for SimNode {
     }
 }
 
-async fn client(url: &str) -> Option<AgentApiClient<tonic::transport::Channel>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+async fn client(
+    transport: &Transport,
+    url: &str,
+) -> Option<AgentApiClient<tonic::transport::Channel>> {
+    let endpoint = transport
+        .endpoint(url)
         .ok()?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(10));
@@ -109,6 +119,7 @@ async fn client(url: &str) -> Option<AgentApiClient<tonic::transport::Channel>> 
 }
 
 async fn run(
+    transport: Transport,
     urls: Vec<String>,
     spec: SimNodeSpec,
     stop: Arc<AtomicBool>,
@@ -116,7 +127,7 @@ async fn run(
 ) {
     let mut clients = Vec::new();
     for u in &urls {
-        match client(u).await {
+        match client(&transport, u).await {
             Some(c) => clients.push(c),
             None => {
                 let _ = registered.send(Err(format!("bad URL {u}")));
@@ -196,6 +207,7 @@ pub fn observed(name: &str, uid: u64, state: &str) -> pb::ObservedTenant {
 }
 
 fn one_shot<T>(
+    transport: &Transport,
     url: &str,
     call: impl AsyncFnOnce(
         AgentApiClient<tonic::transport::Channel>,
@@ -206,22 +218,46 @@ fn one_shot<T>(
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let Some(c) = client(url).await else {
+        let Some(c) = client(transport, url).await else {
             return Err(tonic::Status::invalid_argument(format!("bad URL {url}")));
         };
         call(c).await.map(tonic::Response::into_inner)
     })
 }
 
-/// Registers `spec` once at `url` and returns the answer, or the refusal.
-pub fn register_once(url: &str, spec: &SimNodeSpec) -> Result<pb::RegisterResponse, tonic::Status> {
+/// Registers `spec` once at `url`, as node `spec.id`, and returns the answer, or the refusal.
+pub fn register_once(
+    security: &Security,
+    url: &str,
+    spec: &SimNodeSpec,
+) -> Result<pb::RegisterResponse, tonic::Status> {
+    register_via(&security.node_transport(&spec.id), url, spec)
+}
+
+/// [`register_once`] over `transport`, whatever identity it shows.
+pub fn register_via(
+    transport: &Transport,
+    url: &str,
+    spec: &SimNodeSpec,
+) -> Result<pb::RegisterResponse, tonic::Status> {
     let req = registration(spec);
-    one_shot(url, async move |mut c| c.register(req).await)
+    one_shot(transport, url, async move |mut c| c.register(req).await)
 }
 
 /// Sends one heartbeat for `node_id` to `url` reporting `tenants`, and returns the answer (the
 /// desired set, the cluster identity), or the refusal.
 pub fn heartbeat_with(
+    security: &Security,
+    url: &str,
+    node_id: &str,
+    tenants: Vec<pb::ObservedTenant>,
+) -> Result<pb::HeartbeatResponse, tonic::Status> {
+    heartbeat_via(&security.node_transport(node_id), url, node_id, tenants)
+}
+
+/// [`heartbeat_with`] over `transport`, whatever identity it shows.
+pub fn heartbeat_via(
+    transport: &Transport,
     url: &str,
     node_id: &str,
     tenants: Vec<pb::ObservedTenant>,
@@ -233,10 +269,10 @@ pub fn heartbeat_with(
         tenants,
         usage: Some(pb::NodeUsage::default()),
     };
-    one_shot(url, async move |mut c| c.heartbeat(req).await)
+    one_shot(transport, url, async move |mut c| c.heartbeat(req).await)
 }
 
 /// Sends one heartbeat for `node_id` to `url` and returns the desired-set version, or the refusal.
-pub fn heartbeat_once(url: &str, node_id: &str) -> Result<u64, tonic::Status> {
-    heartbeat_with(url, node_id, Vec::new()).map(|r| r.version)
+pub fn heartbeat_once(security: &Security, url: &str, node_id: &str) -> Result<u64, tonic::Status> {
+    heartbeat_with(security, url, node_id, Vec::new()).map(|r| r.version)
 }

@@ -45,6 +45,19 @@ struct Args {
     /// Snapshot and compact the Raft log every this many entries (default 5000).
     #[arg(long)]
     snapshot_every: Option<u64>,
+    /// The cluster's CA certificate (PEM): every peer's certificate must chain to it.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// This replica's certificate (PEM), URI SAN dormant://replica/<id>.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// This replica's private key (PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Serve and call plaintext gRPC, with no certificates and no identities (trying things out
+    /// only; logs a warning).
+    #[arg(long, env = "DORMANT_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure: bool,
     /// Log as JSON lines instead of plain text.
     #[arg(long)]
     log_json: bool,
@@ -82,6 +95,10 @@ async fn main() -> anyhow::Result<()> {
         node_grace_period_ms: args.node_grace_period_ms,
         snapshot_every: args.snapshot_every,
         log_format: None,
+        ca: args.ca,
+        cert: args.cert,
+        key: args.key,
+        insecure: args.insecure.then_some(true),
     };
     let settings = Settings::merge(cli, file)?;
     dormant_scheduler::app::run(settings, shutdown_signal())

@@ -17,9 +17,26 @@ struct Cli {
         long,
         global = true,
         env = "DORMANT_SCHEDULER",
-        default_value = "http://127.0.0.1:7400"
+        default_value = "127.0.0.1:7400"
     )]
     scheduler: String,
+    /// The cluster's CA certificate (PEM).
+    #[arg(long, global = true, env = "DORMANT_CA")]
+    ca: Option<PathBuf>,
+    /// Your operator certificate (PEM), URI SAN dormant://operator/<name>.
+    #[arg(long, global = true, env = "DORMANT_CERT")]
+    cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, global = true, env = "DORMANT_KEY")]
+    key: Option<PathBuf>,
+    /// Plaintext gRPC without certificates, to a scheduler started with --insecure.
+    #[arg(
+        long,
+        global = true,
+        env = "DORMANT_INSECURE",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    insecure: bool,
     /// Output format of read commands.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -47,7 +64,10 @@ enum Top {
     /// Inspect the scheduler's Raft cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
-    /// Run a single-host cluster (scheduler + agent) for trying Dormant.
+    /// Make certificates: a development CA and replica, node and operator certificates.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+    /// Run a single-host cluster (scheduler + agent) for trying Dormant, with mutual TLS.
     Dev {
         /// Directory for all state and logs.
         #[arg(long, default_value = "/var/lib/dormant-dev")]
@@ -137,6 +157,28 @@ enum TenantCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum CertsCmd {
+    /// Write ca.pem/ca.key (made once, reused after) and, for each identity asked, NAME.pem and
+    /// NAME.key (replica-ID, node-ID, operator-NAME) into DIR; files 0600, DIR 0700.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A replica certificate (server and client), dormant://replica/ID (repeatable).
+        #[arg(long = "replica", value_name = "ID")]
+        replicas: Vec<u64>,
+        /// A node certificate, dormant://node/NODE-ID (repeatable).
+        #[arg(long = "node", value_name = "NODE-ID")]
+        nodes: Vec<String>,
+        /// An operator certificate, dormant://operator/NAME (repeatable).
+        #[arg(long = "operator", value_name = "NAME")]
+        operators: Vec<String>,
+        /// A DNS name or IP address the replicas are dialled at (repeatable).
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum NodeCmd {
     /// List nodes with capacity and allocation.
     List,
@@ -196,10 +238,24 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
     if let Top::Dev { dir, listen, ports } = cli.command {
         return ctl::dev::run(ctl::dev::DevOptions { dir, listen, ports }).await;
     }
-    let mut replicas = ctl::Replicas::connect(&cli.scheduler).await?;
+    if let Top::Certs(CertsCmd::Init {
+        dir,
+        replicas,
+        nodes,
+        operators,
+        hosts,
+    }) = &cli.command
+    {
+        for f in ctl::certs::init(dir, replicas, nodes, operators, hosts)? {
+            println!("{}", f.display());
+        }
+        return Ok(());
+    }
+    let transport = ctl::transport(cli.insecure, cli.ca, cli.cert, cli.key)?;
+    let mut replicas = ctl::Replicas::connect(&cli.scheduler, transport).await?;
     let stale = cli.stale;
     match cli.command {
-        Top::Dev { .. } => unreachable!("handled above"),
+        Top::Dev { .. } | Top::Certs(_) => unreachable!("handled above"),
         Top::Tenant(TenantCmd::Create {
             name,
             engine,

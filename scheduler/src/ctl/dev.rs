@@ -1,11 +1,15 @@
 //! `dormantctl dev`: a working single-host cluster on the embedded defaults, for someone trying
 //! Dormant. Starts `dormant-scheduler` and `dormant-agent` (found beside `dormantctl`) as child
 //! processes with all state under one directory, prints how to connect, and stops both on Ctrl-C.
+//! Mutual TLS as everywhere: a development CA and the certificates of replica 1, node `dev` and
+//! operator `admin` under `<dir>/tls` (made at the first start, reused after).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use dormant_common::tls::{dev_ca, PeerIdentity, TlsFiles, Transport};
+use dormant_common::NodeName;
 use dormant_proto::v1 as pb;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -67,7 +71,36 @@ pub async fn run(opts: DevOptions) -> Result<(), CtlError> {
         .map_err(|e| CtlError::Other(format!("create {}: {e}", dir.display())))?;
     let scheduler_bin = sibling("dormant-scheduler")?;
     let agent_bin = sibling("dormant-agent")?;
-    let url = format!("http://{}", opts.listen);
+    let tls_dir = dir.join("tls");
+    let replica = dev_ca::files_in(&tls_dir, &PeerIdentity::Replica(1));
+    let node_id = NodeName::parse("dev").map_err(|e| CtlError::Other(e.to_string()))?;
+    let node = dev_ca::files_in(&tls_dir, &PeerIdentity::Node(node_id));
+    let operator = dev_ca::files_in(&tls_dir, &PeerIdentity::Operator("admin".into()));
+    let complete = [&replica, &node, &operator]
+        .iter()
+        .all(|f| f.ca.exists() && f.cert.exists() && f.key.exists());
+    if !complete {
+        let mut hosts = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        if let Some((host, _)) = opts.listen.rsplit_once(':') {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if !hosts.iter().any(|h| h == host) {
+                hosts.push(host.to_string());
+            }
+        }
+        super::certs::init(&tls_dir, &[1], &["dev".into()], &["admin".into()], &hosts)?;
+    }
+    let operator_transport = Transport::new(Some(&operator))?;
+    let url = operator_transport.url(&opts.listen)?;
+    let tls_args = |f: &TlsFiles| -> [String; 6] {
+        [
+            "--ca".into(),
+            f.ca.display().to_string(),
+            "--cert".into(),
+            f.cert.display().to_string(),
+            "--key".into(),
+            f.key.display().to_string(),
+        ]
+    };
 
     let mut scheduler = spawn(
         &scheduler_bin,
@@ -79,7 +112,10 @@ pub async fn run(opts: DevOptions) -> Result<(), CtlError> {
             "--data-dir".into(),
             dir.join("scheduler").display().to_string(),
             "--bootstrap".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(tls_args(&replica))
+        .collect::<Vec<_>>(),
         &dir.join("scheduler.log"),
     )?;
     let mut agent = spawn(
@@ -99,11 +135,14 @@ pub async fn run(opts: DevOptions) -> Result<(), CtlError> {
             "--ports".into(),
             opts.ports.clone(),
             "--stop-tenants-on-exit".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(tls_args(&node))
+        .collect::<Vec<_>>(),
         &dir.join("agent.log"),
     )?;
 
-    let ready = wait_for_node(&url, &mut scheduler, &mut agent).await;
+    let ready = wait_for_node(&url, &operator_transport, &mut scheduler, &mut agent).await;
     if let Err(e) = ready {
         stop(&mut agent, "dormant-agent").await;
         stop(&mut scheduler, "dormant-scheduler").await;
@@ -129,6 +168,9 @@ pub async fn run(opts: DevOptions) -> Result<(), CtlError> {
         .unwrap_or_else(|_| "dormantctl".into());
     println!("In another terminal:");
     println!("  export DORMANT_SCHEDULER={url}");
+    println!("  export DORMANT_CA={}", operator.ca.display());
+    println!("  export DORMANT_CERT={}", operator.cert.display());
+    println!("  export DORMANT_KEY={}", operator.key.display());
     println!(
         "  {ctl} tenant create acme --engine postgres --cpu 0.5 --memory 512MiB --storage 1GiB"
     );
@@ -147,7 +189,12 @@ pub async fn run(opts: DevOptions) -> Result<(), CtlError> {
     Ok(())
 }
 
-async fn wait_for_node(url: &str, scheduler: &mut Child, agent: &mut Child) -> Result<(), String> {
+async fn wait_for_node(
+    url: &str,
+    transport: &Transport,
+    scheduler: &mut Child,
+    agent: &mut Child,
+) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(Some(status)) = scheduler.try_wait() {
@@ -156,7 +203,7 @@ async fn wait_for_node(url: &str, scheduler: &mut Child, agent: &mut Child) -> R
         if let Ok(Some(status)) = agent.try_wait() {
             return Err(format!("dormant-agent exited at start ({status})"));
         }
-        if let Ok(mut client) = super::connect(url).await {
+        if let Ok(mut client) = super::connect(url, transport).await {
             if let Ok(nodes) = client.list_nodes(pb::ListNodesRequest::default()).await {
                 if nodes.into_inner().nodes.iter().any(|n| n.status == "ready") {
                     return Ok(());

@@ -2,14 +2,17 @@
 //! for scripts; every error names what was wrong. Any replica answers (followers forward to the
 //! leader); while a leader is being elected, calls that were certainly not applied are retried.
 
+pub mod certs;
 pub mod dev;
 pub mod output;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use dormant_common::tls::{TlsError, TlsFiles, Transport};
 use dormant_proto::v1 as pb;
 use dormant_proto::v1::operator_client::OperatorClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -21,17 +24,29 @@ pub enum CtlError {
     Rpc(#[from] tonic::Status),
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("{0}")]
     Other(String),
 }
 
-/// Accepts `http://host:port`, `https://...` or a bare `host:port`.
-pub fn normalize_url(url: &str) -> String {
-    if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("http://{url}")
+/// dormantctl's certificate files: flags `--ca`, `--cert`, `--key` or the environment
+/// (`DORMANT_CA`, `DORMANT_CERT`, `DORMANT_KEY`); plaintext only with `--insecure`
+/// (`DORMANT_INSECURE=1`), which warns on stderr.
+pub fn transport(
+    insecure: bool,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<Transport, CtlError> {
+    let files = TlsFiles::resolve(insecure, ca, cert, key)?;
+    if files.is_none() {
+        eprintln!(
+            "warning: --insecure: plaintext gRPC without certificates; the scheduler must run \
+             with --insecure too"
+        );
     }
+    Ok(Transport::new(files.as_ref())?)
 }
 
 /// How long calls keep retrying while the cluster has no reachable leader.
@@ -52,6 +67,7 @@ pub fn refused_before_proposing(status: &tonic::Status) -> bool {
 /// The scheduler replicas dormantctl was given, and a client for the one in use. A replica that
 /// cannot serve (gone, cut off from its majority, no leader known) is left for the next.
 pub struct Replicas {
+    transport: Transport,
     urls: Vec<String>,
     current: usize,
     client: OperatorClient<Channel>,
@@ -59,7 +75,7 @@ pub struct Replicas {
 
 impl Replicas {
     /// Connects to the first replica in the comma-separated `urls` that answers.
-    pub async fn connect(urls: &str) -> Result<Self, CtlError> {
+    pub async fn connect(urls: &str, transport: Transport) -> Result<Self, CtlError> {
         let list: Vec<String> = urls
             .split(',')
             .map(str::trim)
@@ -68,9 +84,10 @@ impl Replicas {
             .collect();
         let mut last = None;
         for (i, url) in list.iter().enumerate() {
-            match connect(url).await {
+            match connect(url, &transport).await {
                 Ok(client) => {
                     return Ok(Self {
+                        transport,
                         urls: list,
                         current: i,
                         client,
@@ -94,7 +111,7 @@ impl Replicas {
     async fn next(&mut self) {
         for step in 1..self.urls.len() {
             let i = (self.current + step) % self.urls.len();
-            if let Ok(client) = connect(&self.urls[i]).await {
+            if let Ok(client) = connect(&self.urls[i], &self.transport).await {
                 self.current = i;
                 self.client = client;
                 return;
@@ -133,22 +150,36 @@ impl Replicas {
     }
 }
 
-pub async fn connect(url: &str) -> Result<OperatorClient<Channel>, CtlError> {
-    let url = normalize_url(url);
-    let endpoint = Endpoint::from_shared(url.clone())
+pub async fn connect(
+    url: &str,
+    transport: &Transport,
+) -> Result<OperatorClient<Channel>, CtlError> {
+    let endpoint = transport
+        .endpoint(url)
         .map_err(|e| CtlError::BadUrl {
-            url: url.clone(),
+            url: url.to_string(),
             why: e.to_string(),
         })?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30));
+    let url = endpoint.uri().to_string();
     let channel = endpoint.connect().await.map_err(|e| CtlError::Connect {
         url: url.clone(),
-        why: std::error::Error::source(&e)
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| e.to_string()),
+        why: root_cause(&e),
     })?;
     Ok(OperatorClient::new(channel))
+}
+
+/// The last error of a chain: "Connection refused", or the TLS reason ("invalid peer
+/// certificate: UnknownIssuer"), rather than tonic's "transport error".
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut why = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        why = s.to_string();
+        source = s.source();
+    }
+    why
 }
 
 /// Polls `get_tenant` until `done` says so, or the timeout passes.

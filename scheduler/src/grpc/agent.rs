@@ -2,7 +2,8 @@
 //! leader's memory (a follower forwards it), commits only *changes* (a down node back, a tenant's
 //! new state), and answers with the node's desired tenant set. Every answer names the cluster,
 //! which agents check against the one they belong to; until the cluster has an identity there is
-//! no answer.
+//! no answer. A node speaks only as itself (its certificate's identity, `authz`), checked before
+//! anything else, forwarding included; a registration's strings have bounded sizes.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use super::convert::{resources_from_pb, resources_to_pb};
-use super::{forward, propose};
+use super::{authz, forward, propose};
 use crate::app::App;
 use crate::liveness::TenantSeen;
 use crate::state::{
@@ -73,11 +74,81 @@ fn parse_node(id: &str) -> Result<NodeName, Status> {
     NodeName::parse(id).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-fn parse_registration(req: pb::RegisterRequest) -> Result<NodeRecord, Status> {
-    let id = parse_node(&req.node_id)?;
+/// Longest `address` a node may register: a DNS name's limit.
+pub const MAX_ADDRESS_LEN: usize = 253;
+/// Most engines and labels a node may register, and the longest name, label key or label value.
+pub const MAX_ENGINES: usize = 64;
+pub const MAX_LABELS: usize = 64;
+pub const MAX_STRING_LEN: usize = 63;
+
+/// Every string of a registration is kept in the replicated state: each has a bounded size, and
+/// a refusal names the field and the rule.
+fn check_sizes(req: &pb::RegisterRequest) -> Result<(), Status> {
+    let too_long = |field: String, value: &str, max: usize| {
+        Status::invalid_argument(format!(
+            "{field}: {} characters, at most {max} allowed",
+            value.chars().count()
+        ))
+    };
     if req.address.is_empty() {
         return Err(Status::invalid_argument("address: required"));
     }
+    if req.address.len() > MAX_ADDRESS_LEN {
+        return Err(too_long("address".into(), &req.address, MAX_ADDRESS_LEN));
+    }
+    if req
+        .address
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(Status::invalid_argument(
+            "address: must be a host name or an IP address, without spaces or control characters",
+        ));
+    }
+    if req.engines.len() > MAX_ENGINES {
+        return Err(Status::invalid_argument(format!(
+            "engines: {} engines, at most {MAX_ENGINES} allowed",
+            req.engines.len()
+        )));
+    }
+    for e in &req.engines {
+        if e.is_empty() || e.len() > MAX_STRING_LEN {
+            return Err(Status::invalid_argument(format!(
+                "engines: {:?} must have 1 to {MAX_STRING_LEN} characters",
+                e.chars().take(MAX_STRING_LEN).collect::<String>()
+            )));
+        }
+    }
+    if req.labels.len() > MAX_LABELS {
+        return Err(Status::invalid_argument(format!(
+            "labels: {} labels, at most {MAX_LABELS} allowed",
+            req.labels.len()
+        )));
+    }
+    for (k, v) in &req.labels {
+        if k.is_empty() || k.len() > MAX_STRING_LEN {
+            return Err(Status::invalid_argument(format!(
+                "labels: key {:?} must have 1 to {MAX_STRING_LEN} characters",
+                k.chars().take(MAX_STRING_LEN).collect::<String>()
+            )));
+        }
+        if v.len() > MAX_STRING_LEN {
+            return Err(too_long(format!("labels.{k}"), v, MAX_STRING_LEN));
+        }
+    }
+    if req.cgroup_driver.len() > MAX_STRING_LEN {
+        return Err(too_long(
+            "cgroup_driver".into(),
+            &req.cgroup_driver,
+            MAX_STRING_LEN,
+        ));
+    }
+    Ok(())
+}
+
+fn parse_registration(req: pb::RegisterRequest) -> Result<NodeRecord, Status> {
+    let id = parse_node(&req.node_id)?;
+    check_sizes(&req)?;
     let capacity = resources_from_pb(&req.capacity.unwrap_or_default());
     if capacity.cpu.0 == 0 || capacity.memory.0 == 0 || capacity.storage.0 == 0 {
         return Err(Status::invalid_argument(
@@ -135,6 +206,8 @@ impl AgentApi for AgentService {
         &self,
         mut req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        // Before forwarding: the leader trusts what a replica forwards.
+        authz::node_may_act_as(&req, &req.get_ref().node_id, "Register")?;
         if let Some(leader) = forward::to_leader(&self.app, &mut req, false)? {
             return AgentApiClient::new(leader).register(req).await;
         }
@@ -171,6 +244,7 @@ impl AgentApi for AgentService {
         &self,
         mut req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        authz::node_may_act_as(&req, &req.get_ref().node_id, "Heartbeat")?;
         if let Some(leader) = forward::to_leader(&self.app, &mut req, false)? {
             return AgentApiClient::new(leader).heartbeat(req).await;
         }
@@ -352,6 +426,50 @@ mod tests {
             hibernate_generation: 3,
             wake_generation: 4,
         }
+    }
+
+    fn registration() -> pb::RegisterRequest {
+        pb::RegisterRequest {
+            node_id: "a".into(),
+            address: "10.0.0.1".into(),
+            capacity: Some(pb::Resources {
+                milli_cpu: 1000,
+                memory_bytes: 1 << 30,
+                storage_bytes: 1 << 30,
+            }),
+            engines: vec!["postgres".into()],
+            port_range_start: 20000,
+            port_range_end: 20010,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn registration_strings_have_bounded_sizes_named_in_the_refusal() {
+        assert!(parse_registration(registration()).is_ok());
+        let refusal =
+            |r: pb::RegisterRequest| parse_registration(r).unwrap_err().message().to_string();
+        let mut r = registration();
+        r.address = "x".repeat(254);
+        assert_eq!(refusal(r), "address: 254 characters, at most 253 allowed");
+        let mut r = registration();
+        r.engines.push("e".repeat(64));
+        assert!(refusal(r).starts_with("engines: "), "engine name");
+        let mut r = registration();
+        r.engines = (0..65).map(|i| format!("e{i}")).collect();
+        assert_eq!(refusal(r), "engines: 65 engines, at most 64 allowed");
+        let mut r = registration();
+        r.labels.insert("zone".into(), "v".repeat(64));
+        assert_eq!(refusal(r), "labels.zone: 64 characters, at most 63 allowed");
+        let mut r = registration();
+        r.labels.insert("k".repeat(64), "v".into());
+        assert!(refusal(r).starts_with("labels: key "));
+        let mut r = registration();
+        r.labels = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        assert_eq!(refusal(r), "labels: 65 labels, at most 64 allowed");
+        let mut r = registration();
+        r.address = "a b".into();
+        assert!(refusal(r).starts_with("address: must be"));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use super::convert::{credentials, node_to_pb, tenant_to_pb};
-use super::{forward, linearizable, membership, propose};
+use super::{authz, forward, linearizable, membership, propose};
 use crate::app::App;
 use crate::placement;
 use crate::state::{
@@ -472,6 +472,7 @@ impl Operator for OperatorService {
         &self,
         mut req: Request<pb::GetCredentialsRequest>,
     ) -> Result<Response<pb::Credentials>, Status> {
+        authz::may_read_secrets(&req, "GetCredentials")?;
         on_leader!(self, req, false, get_credentials);
         let name = parse_name(&req.into_inner().name)?;
         linearizable(&self.app).await?;

@@ -10,7 +10,6 @@ use dormant_proto::v1::operator_client::OperatorClient;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Membership};
 use tokio::sync::MutexGuard;
-use tonic::transport::Endpoint;
 use tonic::Status;
 use tracing::info;
 
@@ -54,11 +53,14 @@ async fn one_at_a_time(app: &App) -> Result<MutexGuard<'_, ()>, Status> {
 }
 
 /// Asks the replica at `address` who it is, and checks it is a fresh replica `id`.
-async fn probe_new_replica(id: u64, address: &str) -> Result<(), Status> {
+async fn probe_new_replica(app: &App, id: u64, address: &str) -> Result<(), Status> {
     let unreachable = |why: String| {
         Status::failed_precondition(format!("address: {address} does not answer: {why}"))
     };
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+    let endpoint = app
+        .network
+        .transport()
+        .endpoint(address)
         .map_err(|e| Status::invalid_argument(format!("address: {address:?}: {e}")))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(5));
@@ -111,7 +113,7 @@ pub async fn add_learner(app: &App, id: u64, address: String) -> Result<(), Stat
              (start the replica with a new --id and an empty data dir)"
         )));
     }
-    probe_new_replica(id, &address).await?;
+    probe_new_replica(app, id, &address).await?;
     let add = app.raft.add_learner(
         id,
         BasicNode {

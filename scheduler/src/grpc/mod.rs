@@ -1,13 +1,16 @@
 //! The scheduler's gRPC services: `api` for operators, `agent` for hosts, `raft` for peers;
-//! `forward` sends what a follower cannot answer to the leader.
+//! `forward` sends what a follower cannot answer to the leader; `tls` accepts connections and
+//! `authz` decides which identities may call which service.
 //! Errors become `tonic::Status` here, in one place, with deliberate codes.
 
 pub mod agent;
 pub mod api;
+pub mod authz;
 pub mod convert;
 pub mod forward;
 pub mod membership;
 pub mod raft;
+pub mod tls;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use tonic::Status;

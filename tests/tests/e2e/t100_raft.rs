@@ -24,13 +24,13 @@ fn t100_killing_the_leader_loses_no_acknowledged_create() {
     let refused = Arc::new(Mutex::new(Vec::<String>::new()));
     let creator = {
         let (stop, acked, refused) = (stop.clone(), acked.clone(), refused.clone());
-        let (bins, urls) = (bin_dir(), set.urls());
+        let (bins, urls, security) = (bin_dir(), set.urls(), set.security.clone());
         std::thread::spawn(move || {
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 let name = format!("c{n}");
-                let out = run_ctl(&bins, &urls, &create_args(&name));
+                let out = run_ctl(&bins, &security, &urls, &create_args(&name));
                 if out.success {
                     acked.lock().unwrap().push(name);
                 } else {
@@ -239,7 +239,15 @@ fn t103_membership_grows_1_3_5_and_shrinks_to_3_from_the_cli() {
     set.pause(four);
     let slow = {
         let (bins, urls, addr) = (bin_dir(), set.urls(), set.replicas[four].addr.clone());
-        std::thread::spawn(move || run_ctl(&bins, &urls, &["cluster", "add-learner", "4", &addr]))
+        let security = set.security.clone();
+        std::thread::spawn(move || {
+            run_ctl(
+                &bins,
+                &security,
+                &urls,
+                &["cluster", "add-learner", "4", &addr],
+            )
+        })
     };
     std::thread::sleep(Duration::from_millis(1500));
     expect_refusal(
@@ -321,6 +329,7 @@ fn t104_any_replica_answers_and_stale_reads_stay_local() {
     // A node talking only to a follower registers and stays ready: its heartbeats reach the
     // leader, which alone keeps liveness.
     let _node = dormant_tests::SimNode::start(
+        &set.security,
         &set.url(a),
         dormant_tests::SimNodeSpec::new("via-follower-node", 1000, 1024, 10),
     );
@@ -354,9 +363,12 @@ fn t105_a_leader_cut_off_from_its_majority_does_not_answer_heartbeats() {
     let mut set = Replicas::start(3, &[]);
     let leader = set.leader();
     let url = set.url(leader);
-    let _node =
-        dormant_tests::SimNode::start(&url, dormant_tests::SimNodeSpec::new("n1", 1000, 1024, 10));
-    assert!(dormant_tests::sim_node::heartbeat_once(&url, "n1").is_ok());
+    let _node = dormant_tests::SimNode::start(
+        &set.security,
+        &url,
+        dormant_tests::SimNodeSpec::new("n1", 1000, 1024, 10),
+    );
+    assert!(dormant_tests::sim_node::heartbeat_once(&set.security, &url, "n1").is_ok());
     for f in (0..3).filter(|i| *i != leader) {
         set.pause(f);
     }
@@ -364,7 +376,7 @@ fn t105_a_leader_cut_off_from_its_majority_does_not_answer_heartbeats() {
     let refused = wait_until(
         Duration::from_secs(10),
         "the cut-off leader to refuse",
-        || dormant_tests::sim_node::heartbeat_once(&url, "n1").err(),
+        || dormant_tests::sim_node::heartbeat_once(&set.security, &url, "n1").err(),
     );
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(
@@ -377,6 +389,6 @@ fn t105_a_leader_cut_off_from_its_majority_does_not_answer_heartbeats() {
     }
     wait_until(Duration::from_secs(30), "heartbeats answered again", || {
         let leader = set.leader();
-        dormant_tests::sim_node::heartbeat_once(&set.url(leader), "n1").ok()
+        dormant_tests::sim_node::heartbeat_once(&set.security, &set.url(leader), "n1").ok()
     });
 }

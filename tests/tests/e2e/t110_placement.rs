@@ -23,14 +23,17 @@ fn node_of(v: &Value) -> String {
 fn t110_binpack_fills_a_node_first_and_constraints_hold() {
     let set = Replicas::start(1, &[]);
     let _a = SimNode::start(
+        &set.security,
         &set.urls(),
         SimNodeSpec::new("a", 1000, 4096, 100).label("zone", "eu-1"),
     );
     let _b = SimNode::start(
+        &set.security,
         &set.urls(),
         SimNodeSpec::new("b", 1000, 4096, 100).label("zone", "eu-1"),
     );
     let _c = SimNode::start(
+        &set.security,
         &set.urls(),
         SimNodeSpec::new("c", 1000, 4096, 100).label("zone", "us-1"),
     );
@@ -75,8 +78,16 @@ fn t110_binpack_fills_a_node_first_and_constraints_hold() {
 #[test]
 fn t111_spread_alternates_and_overcommit_bounds_reservations() {
     let set = Replicas::start(1, &["--placement", "spread", "--overcommit-ratio", "1.5"]);
-    let _a = SimNode::start(&set.urls(), SimNodeSpec::new("a", 1000, 4096, 100));
-    let _b = SimNode::start(&set.urls(), SimNodeSpec::new("b", 1000, 4096, 100));
+    let _a = SimNode::start(
+        &set.security,
+        &set.urls(),
+        SimNodeSpec::new("a", 1000, 4096, 100),
+    );
+    let _b = SimNode::start(
+        &set.security,
+        &set.urls(),
+        SimNodeSpec::new("b", 1000, 4096, 100),
+    );
     let placed: Vec<String> = (1..=6)
         .map(|n| node_of(&create(&set, &format!("t{n}"), "0.5", &[])))
         .collect();

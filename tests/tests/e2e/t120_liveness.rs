@@ -72,7 +72,7 @@ fn t121_a_quiet_minute_of_heartbeats_writes_no_raft_entry_and_a_new_leader_waits
         .map(|n| {
             let mut spec = SimNodeSpec::new(&format!("sim-{n:02}"), 4000, 8192, 100);
             spec.heartbeat = Duration::from_millis(250);
-            SimNode::start(&set.urls(), spec)
+            SimNode::start(&set.security, &set.urls(), spec)
         })
         .collect();
     set.wait_converged();

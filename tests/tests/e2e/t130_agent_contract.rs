@@ -41,7 +41,7 @@ fn register(set: &Replicas, id: &str) -> pb::RegisterResponse {
         || {
             (0..set.replicas.len())
                 .filter(|i| set.is_up(*i))
-                .find_map(|i| register_once(&set.url(i), &spec).ok())
+                .find_map(|i| register_once(&set.security, &set.url(i), &spec).ok())
         },
     )
 }
@@ -67,7 +67,13 @@ fn t130_a_heartbeat_changes_only_what_an_agent_may_report_about_its_own_tenants_
     // Bin-packing breaks the tie between two empty nodes by the lowest id.
     assert_eq!(t["node"], "a", "{t}");
     let uid = t["uid"].as_u64().unwrap();
-    heartbeat_with(&url, "a", vec![observed("t", uid, "running")]).unwrap();
+    heartbeat_with(
+        &set.security,
+        &url,
+        "a",
+        vec![observed("t", uid, "running")],
+    )
+    .unwrap();
     let before = ctl_json(&set, &["tenant", "get", "t"]);
     assert_eq!(before["state"], "running", "{before}");
     let applied = applied_index(&set);
@@ -95,7 +101,7 @@ fn t130_a_heartbeat_changes_only_what_an_agent_may_report_about_its_own_tenants_
             "node {node} reporting {} (uid {})",
             report.state, report.uid
         );
-        let answer = heartbeat_with(&url, node, vec![report])
+        let answer = heartbeat_with(&set.security, &url, node, vec![report])
             .unwrap_or_else(|s| panic!("{what}: the heartbeat was not answered: {s:?}"));
         assert!(!answer.cluster_id.is_empty(), "{what}: {answer:?}");
         let now = ctl_json(&set, &["tenant", "get", "t"]);
@@ -112,7 +118,7 @@ fn t130_a_heartbeat_changes_only_what_an_agent_may_report_about_its_own_tenants_
     // A resize node a could not finish shows in tenant get, from memory: no Raft entry.
     let mut resizing = observed("t", uid, "running");
     resizing.resize_pending = "storage 2GiB: resize2fs needs CAP_SYS_RESOURCE".into();
-    heartbeat_with(&url, "a", vec![resizing]).unwrap();
+    heartbeat_with(&set.security, &url, "a", vec![resizing]).unwrap();
     let now = ctl_json(&set, &["tenant", "get", "t"]);
     assert_eq!(
         now["resize_pending"], "storage 2GiB: resize2fs needs CAP_SYS_RESOURCE",
@@ -128,19 +134,25 @@ fn t130_a_heartbeat_changes_only_what_an_agent_may_report_about_its_own_tenants_
         applied,
         "a pending resize wrote a Raft entry"
     );
-    heartbeat_with(&url, "a", vec![observed("t", uid, "running")]).unwrap();
+    heartbeat_with(
+        &set.security,
+        &url,
+        "a",
+        vec![observed("t", uid, "running")],
+    )
+    .unwrap();
     let now = ctl_json(&set, &["tenant", "get", "t"]);
     assert_eq!(now["resize_pending"], Value::Null, "finished: {now}");
 
     // What node a may say still goes through.
     for state in ["hibernated", "waking", "running"] {
-        heartbeat_with(&url, "a", vec![observed("t", uid, state)]).unwrap();
+        heartbeat_with(&set.security, &url, "a", vec![observed("t", uid, state)]).unwrap();
         let now = ctl_json(&set, &["tenant", "get", "t"]);
         assert_eq!(now["state"], state, "{now}");
     }
     let mut failed = observed("t", uid, "failed");
     failed.reason = "engine exited with status 1".into();
-    heartbeat_with(&url, "a", vec![failed]).unwrap();
+    heartbeat_with(&set.security, &url, "a", vec![failed]).unwrap();
     let after = ctl_json(&set, &["tenant", "get", "t"]);
     assert_eq!(after["state"], "failed", "{after}");
     assert_eq!(after["reason"], "engine exited with status 1", "{after}");
@@ -156,7 +168,7 @@ fn t131_tenant_restart_raises_the_generation_in_the_nodes_desired_set_and_refuse
     assert_eq!(t["node"], "a", "{t}");
     assert_eq!(t["restart_generation"], 0, "{t}");
     let desired_generation = || {
-        let answer = heartbeat_with(&url, "a", Vec::new()).unwrap();
+        let answer = heartbeat_with(&set.security, &url, "a", Vec::new()).unwrap();
         let t = answer.tenants.iter().find(|d| d.name == "t");
         t.unwrap_or_else(|| panic!("t not in a's desired set: {answer:?}"))
             .restart_generation
@@ -249,7 +261,7 @@ fn t132_the_cluster_identity_is_chosen_once_and_kept_across_leaders_restarts_and
         );
     }
     let new_leader = set.leader();
-    let heartbeat = heartbeat_with(&set.url(new_leader), "a", Vec::new()).unwrap();
+    let heartbeat = heartbeat_with(&set.security, &set.url(new_leader), "a", Vec::new()).unwrap();
     assert_eq!(heartbeat.cluster_id, first);
     let text = set.ctl(&["cluster", "status"]);
     assert!(

@@ -5,11 +5,16 @@
 //! minutes, later runs reuse it.
 //!
 //! The new agent may write new fields into the tenants' records; the old records must only read.
+//!
+//! The old agent cannot speak TLS: this test's cluster is plaintext (`--insecure`), the only one
+//! in the suite.
 
 use std::time::Duration;
 
 use dormant_tests::process::{pid_alive, pids_under, start_time};
-use dormant_tests::{old_agent, psql, redis_cli, require_root, wait_until, Cluster};
+use dormant_tests::{
+    old_agent, psql, redis_cli, require_root, wait_until, Cluster, ClusterOptions,
+};
 
 /// The last commit on main before the agent's rewrite: the layout of state directories, records
 /// and cgroups that running hosts have.
@@ -43,7 +48,16 @@ fn t140_tenants_of_the_previous_agent_are_adopted_without_a_restart() {
     let Some(old) = old_agent::build(test, OLD_AGENT_COMMIT) else {
         return;
     };
-    let mut cluster = Cluster::start("t140");
+    // The one cluster of the suite without TLS: the old agent predates it and can only speak
+    // plaintext, so the scheduler, dormantctl and this tree's agent run with --insecure too
+    // (this tree's agent through DORMANT_INSECURE=1, since it is given the old one's flags).
+    let mut cluster = Cluster::start_with(
+        "t140",
+        ClusterOptions {
+            insecure: true,
+            ..ClusterOptions::default()
+        },
+    );
     cluster.add_agent_from("n1", &old, &[]);
 
     let pg = cluster.create_tenant("keep", "0.25", "256MiB", "256MiB");

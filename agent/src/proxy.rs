@@ -416,47 +416,66 @@ enum Client {
 }
 
 /// Terminates TLS if the client opens with it (or must); `None` when the client is to be closed.
-async fn negotiate(mut client: TcpStream, peer: SocketAddr, target: &Target) -> Option<Client> {
-    use crate::tenant_tls::{accept_ssl_request, opening, Opening};
+/// One deadline covers the whole negotiation: a client that stalls in it frees its slot.
+async fn negotiate(client: TcpStream, peer: SocketAddr, target: &Target) -> Option<Client> {
     let Some(tls) = &target.tls else {
         return Some(Client::Plain(client));
     };
-    let opened = if target.client_speaks_first {
-        match tokio::time::timeout(TLS_HANDSHAKE_WAIT, opening(&client)).await {
-            Ok(Ok(Some(o))) => o,
-            _ => return None,
-        }
-    } else if tls.plaintext {
-        // A server that speaks first: the client's first bytes cannot be waited for.
-        return Some(Client::Plain(client));
-    } else {
-        Opening::ClientHello
-    };
-    if opened == Opening::Plaintext {
-        if tls.plaintext {
-            return Some(Client::Plain(client));
-        }
-        info!(%peer, "plaintext client refused: this node serves tenants over TLS only");
-        if !target.plaintext_refusal.is_empty() {
-            let _ = client.write_all(&target.plaintext_refusal).await;
-        }
-        return None;
-    }
-    let handshake = async {
-        if opened == Opening::PostgresSslRequest {
-            accept_ssl_request(&mut client).await?;
-        }
-        tls.acceptor.accept(client).await
-    };
-    match tokio::time::timeout(TLS_HANDSHAKE_WAIT, handshake).await {
-        Ok(Ok(stream)) => Some(Client::Tls(Box::new(stream))),
+    match tokio::time::timeout(
+        TLS_HANDSHAKE_WAIT,
+        negotiate_with(client, peer, target, tls),
+    )
+    .await
+    {
+        Ok(Ok(client)) => client,
         Ok(Err(e)) => {
-            info!(%peer, error = %e, "TLS handshake failed");
+            info!(%peer, error = %e, "TLS negotiation failed");
             None
         }
         Err(_) => {
-            info!(%peer, "TLS handshake not completed in time");
+            info!(%peer, wait = ?TLS_HANDSHAKE_WAIT, "TLS negotiation not completed in time");
             None
+        }
+    }
+}
+
+async fn negotiate_with(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    target: &Target,
+    tls: &crate::tenant_tls::TenantTls,
+) -> io::Result<Option<Client>> {
+    use crate::tenant_tls::{accept_ssl_request, opening, refuse_gssenc_request, Opening};
+    let opened = loop {
+        if !target.client_speaks_first {
+            if tls.plaintext {
+                // A server that speaks first: the client's first bytes cannot be waited for.
+                return Ok(Some(Client::Plain(client)));
+            }
+            break Opening::ClientHello;
+        }
+        match opening(&client).await? {
+            None => return Ok(None),
+            Some(Opening::PostgresGssEncRequest) => refuse_gssenc_request(&mut client).await?,
+            Some(o) => break o,
+        }
+    };
+    match opened {
+        Opening::PostgresCancelRequest => Ok(Some(Client::Plain(client))),
+        Opening::Plaintext if tls.plaintext => Ok(Some(Client::Plain(client))),
+        Opening::Plaintext => {
+            info!(%peer, "plaintext client refused: this node serves tenants over TLS only");
+            if !target.plaintext_refusal.is_empty() {
+                let _ = client.write_all(&target.plaintext_refusal).await;
+            }
+            Ok(None)
+        }
+        Opening::PostgresSslRequest | Opening::PostgresGssEncRequest | Opening::ClientHello => {
+            if opened == Opening::PostgresSslRequest {
+                accept_ssl_request(&mut client).await?;
+            }
+            let stream = tls.acceptor.accept(client).await?;
+            Ok(Some(Client::Tls(Box::new(stream))))
         }
     }
 }
@@ -770,16 +789,21 @@ async fn pump_stream<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     stats: &ProxyStats,
     mut park: watch::Receiver<bool>,
 ) -> io::Result<bool> {
-    let mut buf = vec![0u8; CHUNK];
+    // No buffer until the first bytes come (an idle client holds none); then a chunk's worth.
+    let mut buf: Vec<u8> = Vec::new();
     loop {
-        // `read` is cancel-safe: a hand-over between reads loses nothing.
+        buf.clear();
+        // `read_buf` is cancel-safe: a hand-over between reads loses nothing.
         let n = tokio::select! {
-            n = from.read(&mut buf) => n?,
+            n = from.read_buf(&mut buf) => n?,
             _ = park.wait_for(|p| *p) => return Ok(false),
         };
         if n == 0 {
             let _ = to.shutdown().await;
             return Ok(true);
+        }
+        if buf.capacity() < CHUNK {
+            buf.reserve_exact(CHUNK - buf.len());
         }
         to.write_all(&buf[..n]).await?;
         // TLS records leave only on a flush.

@@ -2,7 +2,8 @@
 //! sockets and never hold a key): the node's certificate, and telling how a client opens, from
 //! its first bytes, on the tenant's one port: PostgreSQL's in-protocol `SSLRequest` (answered
 //! `S`, then the handshake), a TLS ClientHello from the first byte (Redis' `--tls`, PostgreSQL 17's
-//! direct TLS), or plaintext, which is served only where the operator allows it.
+//! direct TLS), or plaintext, which is served only where the operator allows it. PostgreSQL's
+//! `CancelRequest` always passes in the clear (libpq sends it so on a connection of its own).
 //!
 //! A TLS session lives in this process: a graceful agent restart hands plaintext connections
 //! over to the next agent, but closes TLS ones (their clients reconnect).
@@ -19,6 +20,12 @@ use tokio_rustls::rustls;
 
 /// PostgreSQL's `SSLRequest`: length 8, code 80877103.
 const PG_SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+/// PostgreSQL's `GSSENCRequest`: length 8, code 80877104.
+const PG_GSSENC_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30];
+/// The head of PostgreSQL's `CancelRequest`: length 16, code 80877102 (then a pid and a key).
+const PG_CANCEL_REQUEST: [u8; 8] = [0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+/// ALPN of PostgreSQL's direct TLS (`sslnegotiation=direct`, PostgreSQL 17).
+pub const POSTGRES_ALPN: &[u8] = b"postgresql";
 /// The first byte of a TLS record carrying a handshake message (the ClientHello).
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -50,6 +57,22 @@ pub struct TenantTls {
     pub acceptor: tokio_rustls::TlsAcceptor,
     /// Plaintext clients are served too (the operator allowed it).
     pub plaintext: bool,
+}
+
+impl TenantTls {
+    /// The same certificate, offering `alpn` (an engine's protocol name; libpq's direct TLS
+    /// insists on `postgresql`). Clients that offer no ALPN are served either way.
+    pub fn with_alpn(&self, alpn: &[Vec<u8>]) -> Self {
+        if alpn.is_empty() {
+            return self.clone();
+        }
+        let mut config = rustls::ServerConfig::clone(self.acceptor.config());
+        config.alpn_protocols = alpn.to_vec();
+        Self {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            plaintext: self.plaintext,
+        }
+    }
 }
 
 impl std::fmt::Debug for TenantTls {
@@ -117,15 +140,28 @@ fn read_pem<T>(
 pub enum Opening {
     /// PostgreSQL's `SSLRequest` (8 bytes, still unread).
     PostgresSslRequest,
+    /// PostgreSQL's `GSSENCRequest` (8 bytes, still unread): answered `N`, then the client
+    /// goes on (with an `SSLRequest`, or in the clear).
+    PostgresGssEncRequest,
+    /// PostgreSQL's `CancelRequest`: libpq sends it in the clear on a connection of its own,
+    /// whatever the session's encryption; it carries only a backend pid and a secret key.
+    PostgresCancelRequest,
     /// A TLS handshake from the first byte.
     ClientHello,
     /// Anything else: the engine's own protocol in the clear.
     Plaintext,
 }
 
-/// Looks at the client's first bytes (without reading them). `None`: it hung up first.
+/// Looks at the client's first bytes (without reading them). `None`: it hung up first. The
+/// caller bounds the wait.
 pub async fn opening(client: &TcpStream) -> io::Result<Option<Opening>> {
+    const HEADS: [(&[u8; 8], Opening); 3] = [
+        (&PG_SSL_REQUEST, Opening::PostgresSslRequest),
+        (&PG_GSSENC_REQUEST, Opening::PostgresGssEncRequest),
+        (&PG_CANCEL_REQUEST, Opening::PostgresCancelRequest),
+    ];
     let mut head = [0u8; 8];
+    let mut pause = std::time::Duration::from_millis(1);
     loop {
         let n = client.peek(&mut head).await?;
         if n == 0 {
@@ -134,19 +170,26 @@ pub async fn opening(client: &TcpStream) -> io::Result<Option<Opening>> {
         if head[0] == TLS_HANDSHAKE {
             return Ok(Some(Opening::ClientHello));
         }
-        // Only a prefix of the SSLRequest so far: wait for the rest (it comes in one packet,
-        // but a peek may see part of it). Readiness stays set while bytes wait unread, so the
-        // wait is a short sleep; the caller bounds the whole.
-        if n < PG_SSL_REQUEST.len() && head[..n] == PG_SSL_REQUEST[..n] {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            continue;
+        if n == head.len() {
+            let known = HEADS.iter().find(|(h, _)| **h == head).map(|(_, o)| *o);
+            return Ok(Some(known.unwrap_or(Opening::Plaintext)));
         }
-        return Ok(Some(if head == PG_SSL_REQUEST {
-            Opening::PostgresSslRequest
-        } else {
-            Opening::Plaintext
-        }));
+        // Only a prefix of one of PostgreSQL's requests so far: wait for the rest (it comes in
+        // one packet, but a peek may see part of it). Readiness stays set while bytes wait
+        // unread, so the wait is a sleep, growing so a client that stops there costs little.
+        if !HEADS.iter().any(|(h, _)| h[..n] == head[..n]) {
+            return Ok(Some(Opening::Plaintext));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(200));
     }
+}
+
+/// Consumes a `GSSENCRequest` and says no (`N`): the agent offers no GSSAPI encryption.
+pub async fn refuse_gssenc_request(client: &mut TcpStream) -> io::Result<()> {
+    let mut request = [0u8; 8];
+    client.read_exact(&mut request).await?;
+    client.write_all(b"N").await
 }
 
 /// Consumes the `SSLRequest` and says yes (`S`); the TLS handshake follows.
@@ -198,6 +241,11 @@ mod tests {
             (b"*1\r\n$4\r\nPING\r\n", Some(Opening::Plaintext)),
             // A PostgreSQL startup message: length, then protocol 3.0.
             (&[0, 0, 0, 40, 0, 3, 0, 0][..], Some(Opening::Plaintext)),
+            (&PG_GSSENC_REQUEST[..], Some(Opening::PostgresGssEncRequest)),
+            (
+                &[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e, 0, 0, 0, 7, 1, 2, 3, 4][..],
+                Some(Opening::PostgresCancelRequest),
+            ),
         ] {
             let (mut client, server) = pair().await;
             client.write_all(bytes).await.unwrap();

@@ -45,6 +45,9 @@ pub struct EngineConfig {
     /// `["ptrace"]`); `clone` lifts the check on namespace flags.
     #[serde(default)]
     pub seccomp_allow: Vec<String>,
+    /// Whether the proxy terminates TLS for this engine's clients (default true); false serves
+    /// them in the clear, for a protocol that cannot start with TLS.
+    pub tls: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -135,6 +138,8 @@ impl EngineConfig {
             max_clients: Some(self.max_clients.unwrap_or(1024)),
             seccomp_allow: self.seccomp_allow,
             plaintext_refusal: Vec::new(),
+            tls: self.tls.unwrap_or(true),
+            alpn: Vec::new(),
         })
     }
 }

@@ -51,6 +51,11 @@ pub struct EngineTemplate {
     pub seccomp_allow: Vec<String>,
     /// What a plaintext client refused by a TLS-only node reads, in the engine's protocol.
     pub plaintext_refusal: Vec<u8>,
+    /// Whether the proxy terminates TLS for this engine's clients (a custom engine's own
+    /// protocol may not suit it: then its clients are served in the clear).
+    pub tls: bool,
+    /// ALPN protocol names offered in the TLS handshake (PostgreSQL's direct TLS needs one).
+    pub alpn: Vec<Vec<u8>>,
 }
 
 /// PostgreSQL's `max_connections` for a tenant of this memory: in proportion, 20 to 500.

@@ -67,6 +67,8 @@ pub fn template(bin: &Path) -> EngineTemplate {
         client_speaks_first: true,
         max_clients: None,
         seccomp_allow: Vec::new(),
+        tls: true,
+        alpn: vec![crate::tenant_tls::POSTGRES_ALPN.to_vec()],
         plaintext_refusal: crate::tenant_tls::postgres_error(
             "this endpoint accepts TLS only: connect with sslmode=require or verify-full",
         ),

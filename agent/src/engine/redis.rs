@@ -54,6 +54,8 @@ pub fn template(server: &Path) -> EngineTemplate {
         // Above Redis' own `maxclients`, so a client beyond it gets Redis' own error.
         max_clients: Some(MAX_CLIENTS + 24),
         seccomp_allow: Vec::new(),
+        tls: true,
+        alpn: Vec::new(),
         plaintext_refusal: b"-ERR this endpoint accepts TLS only: connect with --tls\r\n".to_vec(),
     }
 }

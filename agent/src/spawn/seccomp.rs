@@ -11,6 +11,10 @@
 //! fails with `ENOSYS`, because its flags live in memory a filter cannot read, and libc then
 //! falls back to `clone`, whose namespace flags the filter does read.
 //!
+//! On x86_64 a first filter refuses every x32 call (numbers with bit 30 set): the deny list
+//! names x86_64 numbers, and an x32 number for the same call would pass it on a kernel with x32
+//! enabled.
+//!
 //! A custom engine may allow calls of the list back (`seccomp_allow` in its template), by name.
 //! Compiled with Firecracker's `seccompiler` before the fork; the child only installs it.
 
@@ -168,7 +172,49 @@ pub fn filters(allow: &[String]) -> Result<Vec<BpfProgram>, SeccompError> {
     )
     .map_err(compile_err)?;
     programs.insert(0, BpfProgram::try_from(deny).map_err(compile_err)?);
+    #[cfg(target_arch = "x86_64")]
+    programs.insert(0, no_x32());
     Ok(programs)
+}
+
+/// Refuses (`EPERM`) every call whose number has the x32 bit set; allows the rest to the next
+/// filter. seccompiler checks the architecture but not this bit.
+#[cfg(target_arch = "x86_64")]
+fn no_x32() -> BpfProgram {
+    use seccompiler::sock_filter;
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    // BPF_LD | BPF_W | BPF_ABS, BPF_JMP | BPF_JGE | BPF_K, BPF_RET | BPF_K.
+    const LOAD_WORD: u16 = 0x20;
+    const JUMP_IF_AT_LEAST: u16 = 0x35;
+    const RETURN: u16 = 0x06;
+    let errno = libc::SECCOMP_RET_ERRNO | libc::EPERM.unsigned_abs();
+    vec![
+        // seccomp_data.nr is at offset 0.
+        sock_filter {
+            code: LOAD_WORD,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        sock_filter {
+            code: JUMP_IF_AT_LEAST,
+            jt: 0,
+            jf: 1,
+            k: X32_SYSCALL_BIT,
+        },
+        sock_filter {
+            code: RETURN,
+            jt: 0,
+            jf: 0,
+            k: errno,
+        },
+        sock_filter {
+            code: RETURN,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ]
 }
 
 #[cfg(test)]
@@ -178,14 +224,21 @@ mod tests {
     #[test]
     fn the_default_filters_compile_and_deny_the_clone3_fallback_too() {
         let programs = filters(&[]).unwrap();
-        assert_eq!(programs.len(), 2);
+        // The x32 guard (x86_64), the deny list, clone3.
+        assert_eq!(
+            programs.len(),
+            if cfg!(target_arch = "x86_64") { 3 } else { 2 }
+        );
         assert!(programs.iter().all(|p| !p.is_empty()));
     }
 
     #[test]
     fn allowing_clone_drops_the_clone3_filter() {
         let programs = filters(&["clone".into(), "ptrace".into()]).unwrap();
-        assert_eq!(programs.len(), 1);
+        assert_eq!(
+            programs.len(),
+            if cfg!(target_arch = "x86_64") { 2 } else { 1 }
+        );
     }
 
     #[test]

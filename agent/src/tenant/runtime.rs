@@ -606,7 +606,10 @@ impl Runtime for HostRuntime {
                 owner: identity.0,
                 budget: self.budget(&engine),
                 client_speaks_first: engine.client_speaks_first,
-                tls: self.host.tenant_tls.clone(),
+                tls: match &self.host.tenant_tls {
+                    Some(tls) if engine.tls => Some(tls.with_alpn(&engine.alpn)),
+                    _ => None,
+                },
                 plaintext_refusal: engine.plaintext_refusal.clone(),
             };
             self.proxy = Some(proxy::serve(

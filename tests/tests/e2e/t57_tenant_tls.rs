@@ -78,6 +78,43 @@ fn tenants_speak_tls_verified_against_the_cluster_ca_and_plaintext_is_refused() 
     );
     let info = psql_tls(&pg_endpoint, &pg_password, &verify, "\\conninfo").unwrap();
     assert!(info.contains("SSL connection"), "{info}");
+    // Ctrl-C in psql: libpq sends its CancelRequest in the clear on a connection of its own,
+    // which a TLS-only endpoint still takes; the query stops at once.
+    let (host, port) = pg_endpoint.rsplit_once(':').unwrap();
+    let began = std::time::Instant::now();
+    let sleeper = Command::new("psql")
+        .arg(format!(
+            "host={host} port={port} user=postgres dbname=postgres {verify}"
+        ))
+        .args(["-X", "-c", "SELECT pg_sleep(60)"])
+        .env("PGPASSWORD", &pg_password)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(sleeper.id()).unwrap());
+    dormant_tests::wait_until(
+        std::time::Duration::from_secs(30),
+        "the query to run",
+        || {
+            psql_tls(
+                &pg_endpoint,
+                &pg_password,
+                &verify,
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'",
+            )
+            .ok()
+            .filter(|n| n == "1")
+        },
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = sleeper.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("canceling statement due to user request"),
+        "{stderr}"
+    );
+    assert!(began.elapsed() < std::time::Duration::from_secs(50));
     // Plaintext: refused with a message libpq prints.
     let refused = psql_tls(&pg_endpoint, &pg_password, "sslmode=disable", "SELECT 1").unwrap_err();
     assert!(refused.contains("accepts TLS only"), "{refused}");

@@ -502,6 +502,13 @@ fn start_pgbouncer(
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
     let port = free_port()?;
     let sock_dir = socket.parent().context("socket has no directory")?;
+    // pgbouncer runs as the tenant's uid (it refuses root), and the agent keeps its state
+    // directory root's alone: for this bench only, let others pass through `<state>` and
+    // `<state>/run` to the tenant's own socket directory (still the tenant's, mode 0700).
+    for passage in sock_dir.ancestors().skip(1).take(2) {
+        std::fs::set_permissions(passage, std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("chmod {}", passage.display()))?;
+    }
     let users = dir.join("userlist.txt");
     std::fs::write(
         &users,

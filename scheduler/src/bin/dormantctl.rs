@@ -78,6 +78,9 @@ enum Top {
         /// Ports for tenant endpoints, START-END.
         #[arg(long, default_value = "15432-15531")]
         ports: String,
+        /// The agent's cgroup subtree (never the production agent's `dormant/tenants`).
+        #[arg(long, default_value = "dormant-dev/tenants")]
+        cgroup_parent: PathBuf,
     },
 }
 
@@ -235,8 +238,20 @@ fn print_json(v: &serde_json::Value) {
 
 async fn run(cli: Cli) -> Result<(), CtlError> {
     let json = cli.output == Output::Json;
-    if let Top::Dev { dir, listen, ports } = cli.command {
-        return ctl::dev::run(ctl::dev::DevOptions { dir, listen, ports }).await;
+    if let Top::Dev {
+        dir,
+        listen,
+        ports,
+        cgroup_parent,
+    } = cli.command
+    {
+        return ctl::dev::run(ctl::dev::DevOptions {
+            dir,
+            listen,
+            ports,
+            cgroup_parent,
+        })
+        .await;
     }
     if let Top::Certs(CertsCmd::Init {
         dir,

@@ -21,6 +21,7 @@ pub struct DevOptions {
     pub dir: PathBuf,
     pub listen: String,
     pub ports: String,
+    pub cgroup_parent: PathBuf,
 }
 
 fn sibling(name: &str) -> Result<PathBuf, CtlError> {
@@ -129,7 +130,7 @@ pub async fn run(opts: DevOptions) -> Result<(), CtlError> {
             dir.join("agent").display().to_string(),
             // Its own cgroup subtree: never the production agent's `dormant/tenants`.
             "--cgroup-parent".into(),
-            "dormant-dev/tenants".into(),
+            opts.cgroup_parent.display().to_string(),
             "--advertise".into(),
             "127.0.0.1".into(),
             "--ports".into(),

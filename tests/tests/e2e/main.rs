@@ -7,6 +7,7 @@
 mod t100_raft;
 mod t10_create_and_connect;
 mod t110_placement;
+mod t11_dev_session;
 mod t120_liveness;
 mod t130_agent_contract;
 mod t140_upgrade_in_place;

@@ -316,6 +316,15 @@ impl Cluster {
         let mut args = self.agent_args(node_id, &state_dir, free_port_range(2));
         args.extend(extra.iter().map(|a| a.to_string()));
         let log = self.dir.path().join(format!("agent-{node_id}.log"));
+        // An agent that starts after all (the test fails) starts a listener keeper too: it goes
+        // with the test, after the agent (declared first, dropped last).
+        struct KeeperGuard<'a>(&'a Path);
+        impl Drop for KeeperGuard<'_> {
+            fn drop(&mut self) {
+                stop_keeper(self.0);
+            }
+        }
+        let _keeper = KeeperGuard(&state_dir);
         let mut agent = ProcGuard::spawn_with_env(
             &self.bins.join("dormant-agent"),
             &args,

@@ -78,17 +78,6 @@ fn node(id: &str) -> PeerIdentity {
     PeerIdentity::Node(NodeName::parse(id).expect("a valid node id"))
 }
 
-fn file_args(f: &TlsFiles) -> Vec<String> {
-    vec![
-        "--ca".into(),
-        f.ca.display().to_string(),
-        "--cert".into(),
-        f.cert.display().to_string(),
-        "--key".into(),
-        f.key.display().to_string(),
-    ]
-}
-
 impl Security {
     /// TLS with a new CA in `dir`.
     pub fn tls_in(dir: &Path) -> Self {
@@ -118,7 +107,7 @@ impl Security {
     /// `dormant-scheduler`'s flags for replica `id`.
     pub fn replica_args(&self, id: u64) -> Vec<String> {
         match self {
-            Self::Tls(p) => file_args(&p.files(&PeerIdentity::Replica(id))),
+            Self::Tls(p) => p.files(&PeerIdentity::Replica(id)).flags(),
             Self::Insecure => vec!["--insecure".into()],
         }
     }
@@ -126,7 +115,7 @@ impl Security {
     /// `dormant-agent`'s flags for node `id` (none when insecure: see [`Security::agent_env`]).
     pub fn node_args(&self, id: &str) -> Vec<String> {
         match self {
-            Self::Tls(p) => file_args(&p.files(&node(id))),
+            Self::Tls(p) => p.files(&node(id)).flags(),
             Self::Insecure => Vec::new(),
         }
     }
@@ -144,7 +133,7 @@ impl Security {
     /// `dormantctl`'s flags, as operator [`OPERATOR`].
     pub fn operator_args(&self) -> Vec<String> {
         match self {
-            Self::Tls(p) => file_args(&p.files(&PeerIdentity::Operator(OPERATOR.into()))),
+            Self::Tls(p) => p.files(&PeerIdentity::Operator(OPERATOR.into())).flags(),
             Self::Insecure => vec!["--insecure".into()],
         }
     }

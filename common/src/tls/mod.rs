@@ -61,6 +61,19 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
+    /// The command-line flags that name these files (`--ca`, `--cert`, `--key`), for a process
+    /// started with them.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--ca".into(),
+            self.ca.display().to_string(),
+            "--cert".into(),
+            self.cert.display().to_string(),
+            "--key".into(),
+            self.key.display().to_string(),
+        ]
+    }
+
     /// From flags or config keys: all three, or none together with `insecure`. The error names
     /// the missing one, or the conflict.
     pub fn resolve(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use dormant_common::tls::{dev_ca, PeerIdentity, TlsFiles, Transport};
+use dormant_common::tls::{dev_ca, PeerIdentity, Transport};
 use dormant_common::NodeName;
 use dormant_proto::v1 as pb;
 use nix::sys::signal::{kill, Signal};
@@ -92,16 +92,6 @@ pub async fn run(opts: DevOptions) -> Result<(), CtlError> {
     }
     let operator_transport = Transport::new(Some(&operator))?;
     let url = operator_transport.url(&opts.listen)?;
-    let tls_args = |f: &TlsFiles| -> [String; 6] {
-        [
-            "--ca".into(),
-            f.ca.display().to_string(),
-            "--cert".into(),
-            f.cert.display().to_string(),
-            "--key".into(),
-            f.key.display().to_string(),
-        ]
-    };
 
     let mut scheduler = spawn(
         &scheduler_bin,
@@ -115,7 +105,7 @@ pub async fn run(opts: DevOptions) -> Result<(), CtlError> {
             "--bootstrap".into(),
         ]
         .into_iter()
-        .chain(tls_args(&replica))
+        .chain(replica.flags())
         .collect::<Vec<_>>(),
         &dir.join("scheduler.log"),
     )?;
@@ -138,7 +128,7 @@ pub async fn run(opts: DevOptions) -> Result<(), CtlError> {
             "--stop-tenants-on-exit".into(),
         ]
         .into_iter()
-        .chain(tls_args(&node))
+        .chain(node.flags())
         .collect::<Vec<_>>(),
         &dir.join("agent.log"),
     )?;

@@ -160,6 +160,9 @@ pub struct ProxyStats {
     refused: AtomicU64,
     /// Silent connections closed to make room for newer ones.
     evicted: AtomicU64,
+    /// Of those, the ones told to close whose tasks have not counted them out yet: room that
+    /// is already being made (a flood's evictions lag behind its accepts under load).
+    leaving: AtomicU64,
     /// Open connections by their accept number.
     open: Mutex<BTreeMap<u64, OpenConnection>>,
 }
@@ -174,6 +177,7 @@ impl Default for ProxyStats {
             silent: Mutex::default(),
             refused: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
+            leaving: AtomicU64::new(0),
             open: Mutex::default(),
         }
     }
@@ -217,7 +221,8 @@ impl ProxyStats {
 
     /// Whether one more client fits the budget; counts it refused if not.
     fn admits(&self, budget: &Budget) -> bool {
-        let fits = self.clients.borrow().open < budget.max_open;
+        let open = self.clients.borrow().open;
+        let fits = open.saturating_sub(self.leaving.load(Ordering::Relaxed)) < budget.max_open;
         if !fits {
             self.refused.fetch_add(1, Ordering::Relaxed);
         }
@@ -263,6 +268,7 @@ impl ProxyStats {
             };
             // Closes that one only (dropping its sender ends its wait).
             if let Some((_, oldest)) = oldest {
+                self.leaving.fetch_add(1, Ordering::Relaxed);
                 drop(oldest);
                 let n = self.evicted.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
@@ -275,6 +281,22 @@ impl ProxyStats {
             id,
             silent: !spoken,
             evicted,
+        }
+    }
+}
+
+impl ProxyStats {
+    /// Takes a silent client off the list; one no longer there was told to leave (evicted),
+    /// and is now counted out of `leaving`.
+    fn forget_silent(&self, id: u64) {
+        let listed = self
+            .silent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id)
+            .is_some();
+        if !listed {
+            self.leaving.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -292,11 +314,7 @@ impl Admitted {
     /// The client sent its first byte: a hibernated tenant wakes on this.
     fn spoke(&mut self) {
         if std::mem::take(&mut self.silent) {
-            self.stats
-                .silent
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&self.id);
+            self.stats.forget_silent(self.id);
             self.stats.clients.send_modify(|c| {
                 c.spoke += 1;
                 c.speaking += 1;
@@ -308,11 +326,7 @@ impl Admitted {
 impl Drop for Admitted {
     fn drop(&mut self) {
         if self.silent {
-            self.stats
-                .silent
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&self.id);
+            self.stats.forget_silent(self.id);
         }
         self.stats
             .open

@@ -1,7 +1,8 @@
 //! Wires one scheduler replica together: the store, openraft, the gRPC services, and the leader's
-//! background tasks (the placer, which finds room for pending tenants; the liveness watch, which
-//! marks silent nodes down; and, once in the cluster's life, the choice of its identity), then
-//! serves until told to stop.
+//! background tasks (the fence, which commits an entry of each term this replica leads before it
+//! answers from its state, and chooses the cluster's identity once; the placer, which finds room
+//! for pending tenants; the liveness watch, which marks silent nodes down), then serves until told
+//! to stop, or until Raft stops on its own (a storage error): then the process exits non-zero.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -17,9 +18,11 @@ use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::config::Settings;
+use crate::disk::DiskReserve;
+use crate::fence::Fence;
 use crate::grpc;
 use crate::grpc::authz::{Api, Gate};
-use crate::liveness::Liveness;
+use crate::liveness::{Liveness, Verdict, Watch};
 use crate::network::PeerNetwork;
 use crate::placement;
 use crate::read_index::ReadIndex;
@@ -54,6 +57,11 @@ pub enum AppError {
         found: String,
         id: u64,
     },
+    #[error(
+        "raft stopped: {0}; nothing was acknowledged that is not on disk: free the disk (or fix \
+         the error) and start the replica again"
+    )]
+    RaftStopped(String),
     #[error("listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -80,6 +88,10 @@ pub struct App {
     pub membership: tokio::sync::Mutex<()>,
     /// Batched leadership confirmations for linearizable reads and checked writes.
     pub read_index: ReadIndex,
+    /// Which term this replica has fenced (see `fence`).
+    pub fence: Fence,
+    /// The data disk's free space, checked before every proposal.
+    pub disk: DiskReserve,
 }
 
 impl App {
@@ -101,12 +113,21 @@ impl App {
     }
 }
 
+/// How often the leader heartbeats its followers, in ms.
+pub const HEARTBEAT_MS: u64 = 100;
+/// The election timeout's range, in ms; openraft draws one per process. A follower campaigns
+/// after hearing nothing for the leader lease (openraft: the maximum) plus its own timeout, so
+/// 0.8-1.0 s after the leader's last heartbeat (etcd: 1 s). A candidate that saw a longer log
+/// during a contested election waits twice the maximum more (openraft's `smaller_log_timeout`,
+/// armed until its next campaign): 1.8-2.0 s, still inside the 3 s a failover may take.
+pub const ELECTION_TIMEOUT_MS: std::ops::Range<u64> = 300..500;
+
 fn raft_config(settings: &Settings) -> Result<openraft::Config, AppError> {
     let config = openraft::Config {
         cluster_name: "dormant".into(),
-        heartbeat_interval: 250,
-        election_timeout_min: 1000,
-        election_timeout_max: 2000,
+        heartbeat_interval: HEARTBEAT_MS,
+        election_timeout_min: ELECTION_TIMEOUT_MS.start,
+        election_timeout_max: ELECTION_TIMEOUT_MS.end,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
         // Keep some entries past the snapshot so a follower a little behind needs no snapshot.
         max_in_snapshot_log_to_keep: (settings.snapshot_every / 5).min(1000),
@@ -195,6 +216,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         }
     }
 
+    let fence = Fence::spawn(settings.id, raft.clone(), state.clone());
     let app = Arc::new(App {
         settings: settings.clone(),
         raft: raft.clone(),
@@ -203,12 +225,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         placer: Notify::new(),
         network,
         membership: tokio::sync::Mutex::new(()),
-        read_index: ReadIndex::spawn(raft.clone()),
+        read_index: ReadIndex::spawn(settings.id, raft.clone(), fence.clone()),
+        fence,
+        disk: DiskReserve::new(&settings.data_dir, settings.disk_reserve),
     });
 
     let placer = tokio::spawn(place_pending_loop(app.clone()));
     let liveness = tokio::spawn(watch_liveness_loop(app.clone()));
-    let identity = tokio::spawn(choose_cluster_id(app.clone()));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -236,6 +259,29 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             grpc::raft::server(raft.clone()),
             gate(Api::Raft),
         ));
+    // Raft stopping on its own (a storage error, say ENOSPC) ends serving too: a replica that
+    // answers every call with an error helps no one, while a process that exits non-zero is
+    // restarted by systemd and recovers once the disk does.
+    let failure = Arc::new(Mutex::new(None));
+    let shutdown = {
+        let failure = failure.clone();
+        let raft = raft.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                why = raft_failure(raft) => {
+                    tracing::error!(error = %why, "raft stopped on its own: stopping this replica");
+                    *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                    // Connections that do not close must not keep a dead replica up.
+                    tokio::spawn(async {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        tracing::error!("connections still open 10s after raft stopped: exiting");
+                        std::process::exit(1);
+                    });
+                }
+            }
+        }
+    };
     let served = match &transport {
         Transport::Tls(material) => {
             let config = grpc::tls::server_config(material)?;
@@ -257,7 +303,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     };
     placer.abort();
     liveness.abort();
-    identity.abort();
+    if let Some(why) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(AppError::RaftStopped(why));
+    }
     if let Err(e) = raft.shutdown().await {
         warn!(error = %e, "raft shutdown");
     }
@@ -267,41 +315,15 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     })
 }
 
-/// A new cluster identity: 128 random bits in hex.
-fn new_cluster_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
-
-/// Gives the cluster its identity, once: whenever this replica leads and its applied state has
-/// none, it proposes one. That covers a cluster bootstrapped just now and one bootstrapped before
-/// identities existed (its first leader after the upgrade chooses), and a leader that dies before
-/// its choice commits (the next one chooses). Waiting until the leader has applied an entry of its
-/// own term means it has applied every earlier choice, so a second proposal is rare, and harmless:
-/// apply keeps the first. Ends once the applied state has an identity, which it never loses.
-async fn choose_cluster_id(app: Arc<App>) {
-    let mut metrics = app.raft.metrics();
+/// Resolves with the reason once Raft stops without being told to.
+async fn raft_failure(raft: Raft) -> String {
+    let mut metrics = raft.metrics();
     loop {
-        if let Some(id) = app.state.read().cluster.cluster_id.clone() {
-            info!(cluster_id = %id, "cluster identity");
-            return;
+        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            return fatal.to_string();
         }
-        let ready = {
-            let m = metrics.borrow_and_update();
-            m.current_leader == Some(app.settings.id)
-                && m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term)
-        };
-        if ready {
-            if let Err(status) = grpc::propose(&app, Command::SetClusterId(new_cluster_id())).await
-            {
-                warn!(error = %status.message(), "choosing the cluster identity; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            continue;
-        }
-        // Leadership and the applied index show in the metrics; checked at least every second
-        // anyway, as a safety net.
-        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_secs(1), metrics.changed()).await {
-            return; // Raft stopped.
+        if metrics.changed().await.is_err() {
+            return "raft's core ended".to_string();
         }
     }
 }
@@ -332,38 +354,34 @@ async fn place_pending_loop(app: Arc<App>) {
     }
 }
 
-/// On the leader: marks nodes silent for the grace period down. Heartbeats live only in the
-/// leader's memory, so a replica that just became leader first gives every node a fresh grace
-/// period (it has not heard from any of them yet).
+/// On the leader: marks nodes silent for the grace period down, as `liveness::Watch` decides.
+/// Heartbeats live only in the leader's memory: a replica that starts answering them (a new
+/// term, or its quorum back) first gives every node a fresh grace period.
 async fn watch_liveness_loop(app: Arc<App>) {
-    let mut led_term = None;
+    let mut watch = Watch::default();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let term = app.raft.metrics().borrow().current_term;
-        if !app.is_leader() {
-            led_term = None;
-            continue;
-        }
-        let now = std::time::Instant::now();
-        if led_term != Some(term) {
-            led_term = Some(term);
-            let nodes: Vec<_> = app.state.read().cluster.nodes.keys().cloned().collect();
-            app.liveness().grant_grace(nodes, now);
-            info!(term, "leading: every node gets a fresh grace period");
-            continue;
-        }
-        let silent: Vec<_> = {
+        let answering = grpc::current_enough(&app).ok();
+        let verdict = {
             let sm = app.state.read();
-            let mut live = app.liveness();
-            sm.cluster
-                .nodes
-                .values()
-                .filter(|n| n.status == NodeStatus::Ready)
-                .filter(|n| live.silent_for(&n.id, now) >= app.settings.node_grace_period)
-                .map(|n| n.id.clone())
-                .collect()
+            let nodes = sm.cluster.nodes.values().map(|n| (&n.id, n.status));
+            watch.tick(
+                answering,
+                nodes,
+                &mut app.liveness(),
+                app.settings.node_grace_period,
+                std::time::Instant::now(),
+            )
+        };
+        let silent = match verdict {
+            Verdict::Paused => continue,
+            Verdict::GraceGranted => {
+                info!(term = ?answering, "answering heartbeats: every node gets a fresh grace period");
+                continue;
+            }
+            Verdict::Down(silent) => silent,
         };
         for node in silent {
             // Heard from while the previous nodes were being marked? Then it is not silent.
@@ -372,10 +390,15 @@ async fn watch_liveness_loop(app: Arc<App>) {
             {
                 continue;
             }
+            // The lease may have lapsed meanwhile: decide only while heartbeats are answered.
+            let Ok(term) = grpc::current_enough(&app) else {
+                break;
+            };
             warn!(node_id = %node, grace = ?app.settings.node_grace_period, "node silent past its grace period: marking it down, its tenants lost");
             let down = Command::SetNodeStatus {
                 node,
                 status: NodeStatus::Down,
+                decided_in_term: Some(term),
             };
             if let Err(status) = grpc::propose(&app, down).await {
                 warn!(error = %status.message(), "marking a node down");

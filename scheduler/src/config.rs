@@ -31,7 +31,12 @@ pub struct FileConfig {
     pub key: Option<PathBuf>,
     /// Plaintext gRPC, no certificates, no identities: for trying things out only.
     pub insecure: Option<bool>,
+    /// Free space the data disk keeps: writes are refused below it ("256MiB", the default).
+    pub disk_reserve: Option<String>,
 }
+
+/// 256 MiB: room for about a hundred thousand log entries past the point writes stop.
+pub const DEFAULT_DISK_RESERVE: u64 = 256 << 20;
 
 /// The settings the scheduler runs with, after merging and validation.
 #[derive(Debug, Clone)]
@@ -50,6 +55,8 @@ pub struct Settings {
     pub snapshot_every: u64,
     /// Mutual TLS files; `None` only with `insecure = true`.
     pub tls: Option<TlsFiles>,
+    /// Writes are refused while the data disk has less free space than this.
+    pub disk_reserve: dormant_common::Bytes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +78,8 @@ pub enum SettingsError {
     SnapshotEvery(u64),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    DiskReserve(#[from] dormant_common::QuantityError),
 }
 
 impl Settings {
@@ -118,8 +127,13 @@ impl Settings {
             cli.cert.or(file.cert),
             cli.key.or(file.key),
         )?;
+        let disk_reserve = match cli.disk_reserve.or(file.disk_reserve) {
+            Some(text) => dormant_common::Bytes::parse("disk_reserve", &text)?,
+            None => dormant_common::Bytes(DEFAULT_DISK_RESERVE),
+        };
         Ok(Settings {
             tls,
+            disk_reserve,
             node_grace_period: std::time::Duration::from_millis(grace_ms),
             snapshot_every,
             id,
@@ -206,6 +220,23 @@ mod tests {
                 .tls,
             None
         );
+    }
+
+    #[test]
+    fn disk_reserve_is_a_size_named_in_its_refusal() {
+        let cli = |reserve: Option<&str>| FileConfig {
+            id: Some(1),
+            data_dir: Some("/x".into()),
+            insecure: Some(true),
+            disk_reserve: reserve.map(str::to_string),
+            ..Default::default()
+        };
+        let s = Settings::merge(cli(None), FileConfig::default()).unwrap();
+        assert_eq!(s.disk_reserve.0, DEFAULT_DISK_RESERVE);
+        let s = Settings::merge(cli(Some("4MiB")), FileConfig::default()).unwrap();
+        assert_eq!(s.disk_reserve.0, 4 << 20);
+        let err = Settings::merge(cli(Some("lots")), FileConfig::default()).unwrap_err();
+        assert!(err.to_string().starts_with("disk_reserve:"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 pub mod app;
 pub mod config;
 pub mod ctl;
+pub mod disk;
+pub mod fence;
 pub mod grpc;
 pub mod liveness;
 pub mod network;

@@ -1,11 +1,12 @@
 //! What the leader remembers of heartbeats, in memory only: when each node was last heard from,
 //! the latest usage it reported, and each tenant's latest usage (proxy counters included), open
 //! connections and unfinished resize. Heartbeats never become Raft entries; only transitions do.
+//! [`Watch`] decides, tick by tick and with the time passed in, which nodes are down.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use dormant_common::{NodeName, TenantName};
+use dormant_common::{NodeName, NodeStatus, TenantName};
 use dormant_proto::v1::{Connection, NodeUsage, ObservedTenant, TenantUsage};
 
 /// The most open connections kept per tenant. The agent sends at most this many (its usage counts
@@ -118,9 +119,153 @@ impl Liveness {
     }
 }
 
+/// The leader's liveness watch: it judges silence only while heartbeats can be answered.
+///
+/// A heartbeat is answered only by a leader a majority acknowledged within the lease
+/// (`grpc::current_enough`). While that does not hold (no quorum, a new term not yet fenced),
+/// agents are refused through no fault of theirs, so silence proves nothing: the watch decides
+/// nothing, and once it holds again every node gets a fresh grace period, as under a new leader.
+/// A quorum loss of any length therefore marks no node down that kept heartbeating.
+#[derive(Debug, Default)]
+pub struct Watch {
+    /// The term in which heartbeats have been answerable since the last grace was granted.
+    answering_in: Option<u64>,
+}
+
+/// What one tick of the [`Watch`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Heartbeats cannot be answered now: nothing is judged.
+    Paused,
+    /// Heartbeats became answerable (a new term, or a quorum back): every node starts a grace.
+    GraceGranted,
+    /// These ready nodes have been silent for the grace period (possibly none).
+    Down(Vec<NodeName>),
+}
+
+impl Watch {
+    /// One tick at `now`. `answering`: the term this replica leads while it can answer heartbeats,
+    /// `None` when it cannot (not leading, no quorum within the lease, term not fenced).
+    pub fn tick<'a>(
+        &mut self,
+        answering: Option<u64>,
+        nodes: impl IntoIterator<Item = (&'a NodeName, NodeStatus)>,
+        live: &mut Liveness,
+        grace: Duration,
+        now: Instant,
+    ) -> Verdict {
+        let Some(term) = answering else {
+            self.answering_in = None;
+            return Verdict::Paused;
+        };
+        if self.answering_in != Some(term) {
+            self.answering_in = Some(term);
+            live.grant_grace(nodes.into_iter().map(|(n, _)| n.clone()), now);
+            return Verdict::GraceGranted;
+        }
+        Verdict::Down(
+            nodes
+                .into_iter()
+                .filter(|(_, status)| *status == NodeStatus::Ready)
+                .filter(|(n, _)| live.silent_for(n, now) >= grace)
+                .map(|(n, _)| n.clone())
+                .collect(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const GRACE: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn a_node_silent_for_the_grace_while_heartbeats_are_answered_is_down() {
+        let (a, b) = (NodeName::parse("a").unwrap(), NodeName::parse("b").unwrap());
+        let nodes = [(&a, NodeStatus::Ready), (&b, NodeStatus::Ready)];
+        let mut live = Liveness::default();
+        let mut watch = Watch::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(
+            watch.tick(Some(3), nodes, &mut live, GRACE, t0),
+            Verdict::GraceGranted
+        );
+        live.observe(&a, at(9), NodeUsage::default(), []);
+        assert_eq!(
+            watch.tick(Some(3), nodes, &mut live, GRACE, at(9)),
+            Verdict::Down(vec![])
+        );
+        assert_eq!(
+            watch.tick(Some(3), nodes, &mut live, GRACE, at(10)),
+            Verdict::Down(vec![b.clone()])
+        );
+        // A node already down is not marked again.
+        let nodes = [(&a, NodeStatus::Ready), (&b, NodeStatus::Down)];
+        assert_eq!(
+            watch.tick(Some(3), nodes, &mut live, GRACE, at(11)),
+            Verdict::Down(vec![])
+        );
+    }
+
+    #[test]
+    fn a_quorum_loss_of_any_length_judges_no_one_and_ends_with_a_fresh_grace() {
+        let a = NodeName::parse("a").unwrap();
+        let nodes = [(&a, NodeStatus::Ready)];
+        let mut live = Liveness::default();
+        let mut watch = Watch::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        watch.tick(Some(3), nodes, &mut live, GRACE, t0);
+        live.observe(&a, at(1), NodeUsage::default(), []);
+        // 30 s without a quorum: the node's heartbeats were refused, nothing is decided.
+        for s in 2..=31 {
+            assert_eq!(
+                watch.tick(None, nodes, &mut live, GRACE, at(s)),
+                Verdict::Paused
+            );
+        }
+        // The quorum is back in the same term: a fresh grace, not a verdict on the refused time.
+        assert_eq!(
+            watch.tick(Some(3), nodes, &mut live, GRACE, at(32)),
+            Verdict::GraceGranted
+        );
+        assert_eq!(
+            watch.tick(Some(3), nodes, &mut live, GRACE, at(41)),
+            Verdict::Down(vec![])
+        );
+        // Still silent a whole grace after that: down.
+        assert_eq!(
+            watch.tick(Some(3), nodes, &mut live, GRACE, at(42)),
+            Verdict::Down(vec![a.clone()])
+        );
+    }
+
+    #[test]
+    fn a_new_term_starts_a_fresh_grace() {
+        let a = NodeName::parse("a").unwrap();
+        let nodes = [(&a, NodeStatus::Ready)];
+        let mut live = Liveness::default();
+        let mut watch = Watch::default();
+        let t0 = Instant::now();
+        watch.tick(Some(3), nodes, &mut live, GRACE, t0);
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(
+            watch.tick(Some(4), nodes, &mut live, GRACE, later),
+            Verdict::GraceGranted
+        );
+        assert_eq!(
+            watch.tick(
+                Some(4),
+                nodes,
+                &mut live,
+                GRACE,
+                later + Duration::from_secs(1)
+            ),
+            Verdict::Down(vec![])
+        );
+    }
 
     #[test]
     fn silence_counts_from_the_last_heartbeat_or_the_grace_given() {

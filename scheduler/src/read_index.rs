@@ -2,10 +2,13 @@
 //! many concurrent requests one round answers every request that arrived before it started
 //! (etcd batches its ReadIndex the same way). A request that arrives while a round is out waits
 //! for the next one, which starts after it arrived: the answer is as current as its own round.
+//! A leader answers only once its term is fenced (`fence`): openraft's read point alone can
+//! predate a restart.
 
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
+use crate::fence::Fence;
 use crate::grpc::linearizable_now;
 use crate::Raft;
 
@@ -19,9 +22,9 @@ pub struct ReadIndex {
 
 impl ReadIndex {
     /// Starts the batching task on the current runtime.
-    pub fn spawn(raft: Raft) -> Self {
+    pub fn spawn(id: u64, raft: Raft, fence: Fence) -> Self {
         let (queue, waiting) = mpsc::unbounded_channel();
-        tokio::spawn(confirm_in_batches(raft, waiting));
+        tokio::spawn(confirm_in_batches(id, raft, fence, waiting));
         Self { queue }
     }
 
@@ -36,13 +39,30 @@ impl ReadIndex {
     }
 }
 
-async fn confirm_in_batches(raft: Raft, mut waiting: mpsc::UnboundedReceiver<Waiter>) {
+async fn confirm_in_batches(
+    id: u64,
+    raft: Raft,
+    fence: Fence,
+    mut waiting: mpsc::UnboundedReceiver<Waiter>,
+) {
     while let Some(first) = waiting.recv().await {
         let mut batch = vec![first];
         while let Ok(next) = waiting.try_recv() {
             batch.push(next);
         }
-        let result = linearizable_now(&raft).await;
+        let leading_term = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (m.current_leader == Some(id)).then_some(m.current_term)
+        };
+        let result = match leading_term {
+            Some(term) if !fence.wait(term).await => Err(Status::unavailable(format!(
+                "this replica leads term {term} but has not yet committed an entry of it; \
+                 retry shortly"
+            ))),
+            // A follower's check answers where the leader is.
+            _ => linearizable_now(id, &raft).await,
+        };
         for waiter in batch {
             let _ = waiter.send(result.clone());
         }

@@ -246,9 +246,16 @@ pub enum Command {
     },
     /// The leader stopped hearing from a node (`Down`: its tenants become lost) or heard from it
     /// again (`Ready`: its tenants return to the state they had).
+    ///
+    /// `decided_in_term`: the leader's term when it decided (`None` in entries written before it
+    /// existed). Applied only from an entry of that same term: a leader re-elected between deciding
+    /// and proposing decided on what it had heard before, which may no longer hold. Checked where
+    /// the entry's term is known (`store::state_machine`).
     SetNodeStatus {
         node: NodeName,
         status: NodeStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decided_in_term: Option<u64>,
     },
     /// An operator stops or resumes new placements on a node.
     SetNodeCordon {
@@ -535,7 +542,7 @@ impl ClusterState {
                 self.set_tenants_lost(&node.id, false);
                 Ok(Outcome::Node(node))
             }
-            Command::SetNodeStatus { node, status } => {
+            Command::SetNodeStatus { node, status, .. } => {
                 let record = self
                     .nodes
                     .get_mut(&node)
@@ -1027,6 +1034,7 @@ mod tests {
         let down = Command::SetNodeStatus {
             node: a.clone(),
             status: NodeStatus::Down,
+            decided_in_term: None,
         };
         st.apply(4, down.clone()).unwrap();
         assert_eq!(st.nodes[&a].status, NodeStatus::Down);
@@ -1040,6 +1048,7 @@ mod tests {
             Command::SetNodeStatus {
                 node: a.clone(),
                 status: NodeStatus::Ready,
+                decided_in_term: None,
             },
         )
         .unwrap();
@@ -1064,6 +1073,7 @@ mod tests {
             Command::SetNodeStatus {
                 node: a.clone(),
                 status: NodeStatus::Down,
+                decided_in_term: None,
             },
         )
         .unwrap();
@@ -1470,6 +1480,7 @@ mod tests {
             Command::SetNodeStatus {
                 node: a.clone(),
                 status: NodeStatus::Down,
+                decided_in_term: None,
             },
         )
         .unwrap();
@@ -1480,6 +1491,7 @@ mod tests {
             Command::SetNodeStatus {
                 node: a.clone(),
                 status: NodeStatus::Ready,
+                decided_in_term: None,
             },
         )
         .unwrap();

@@ -33,6 +33,8 @@ pub struct Replicas {
     pub security: Security,
     bins: PathBuf,
     flags: Vec<String>,
+    /// Replicas whose data directory is a link to elsewhere (a small filesystem, say).
+    data_links: Vec<(u64, PathBuf)>,
     dir: tempfile::TempDir,
 }
 
@@ -40,6 +42,12 @@ impl Replicas {
     /// Starts `n` replicas: id 1 bootstraps, ids 2..=n join as learners and are promoted.
     /// `flags` go to every `dormant-scheduler`.
     pub fn start(n: u64, flags: &[&str]) -> Self {
+        Self::start_with_data_dir(n, flags, &[])
+    }
+
+    /// `start`, with the data directory of each replica `id` in `links` a symbolic link to its
+    /// path (which the caller owns, mounts and cleans up).
+    pub fn start_with_data_dir(n: u64, flags: &[&str], links: &[(u64, &Path)]) -> Self {
         std::fs::create_dir_all(TEST_ROOT).expect("create test root");
         let dir = tempfile::Builder::new()
             .prefix("dr-")
@@ -51,6 +59,10 @@ impl Replicas {
             security,
             bins: bin_dir(),
             flags: flags.iter().map(|f| f.to_string()).collect(),
+            data_links: links
+                .iter()
+                .map(|(id, path)| (*id, path.to_path_buf()))
+                .collect(),
             dir,
         };
         set.spawn(1, true);
@@ -71,13 +83,17 @@ impl Replicas {
     /// Starts a new replica process `id` (empty data dir) and waits until it answers.
     pub fn spawn(&mut self, id: u64, bootstrap: bool) -> usize {
         let addr = format!("127.0.0.1:{}", free_port());
+        let data_dir = self.dir.path().join(format!("s{id}"));
+        if let Some((_, target)) = self.data_links.iter().find(|(linked, _)| *linked == id) {
+            std::os::unix::fs::symlink(target, &data_dir).expect("link the data directory");
+        }
         let mut args = vec![
             "--id".to_string(),
             id.to_string(),
             "--listen".into(),
             addr.clone(),
             "--data-dir".into(),
-            self.dir.path().join(format!("s{id}")).display().to_string(),
+            data_dir.display().to_string(),
         ];
         if bootstrap {
             args.push("--bootstrap".into());
@@ -142,6 +158,13 @@ impl Replicas {
             p.signal(Signal::SIGCONT);
             self.replicas[i].paused = false;
         }
+    }
+
+    /// How replica `i`'s process ended, if it has (it is then no longer counted as up).
+    pub fn exited(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let status = self.replicas[i].proc.as_mut()?.try_wait()?;
+        self.replicas[i].proc = None;
+        Some(status)
     }
 
     pub fn is_up(&self, i: usize) -> bool {

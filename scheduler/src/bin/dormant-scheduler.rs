@@ -58,6 +58,9 @@ struct Args {
     /// only; logs a warning).
     #[arg(long, env = "DORMANT_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
     insecure: bool,
+    /// Refuse writes while the data disk has less free space than this (default 256MiB).
+    #[arg(long)]
+    disk_reserve: Option<String>,
     /// Log as JSON lines instead of plain text.
     #[arg(long)]
     log_json: bool,
@@ -99,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
         cert: args.cert,
         key: args.key,
         insecure: args.insecure.then_some(true),
+        disk_reserve: args.disk_reserve,
     };
     let settings = Settings::merge(cli, file)?;
     dormant_scheduler::app::run(settings, shutdown_signal())

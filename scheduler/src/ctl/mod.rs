@@ -60,6 +60,7 @@ pub fn refused_before_proposing(status: &tonic::Status) -> bool {
         && (m.starts_with("no leader is elected yet")
             || m.starts_with("this replica is not the leader")
             || m.contains("which is not the leader either")
+            || m.contains("has not yet committed an entry of it")
             || m.contains("is unreachable")
             || m.contains("tcp connect error"))
 }

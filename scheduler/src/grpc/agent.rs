@@ -273,7 +273,7 @@ impl AgentApi for AgentService {
         // The answer is the node's desired set, and the agent removes what is missing from it:
         // it must come from current state, never from a leader that was just elected (and has
         // not applied all that was committed) or one cut off from its majority.
-        super::current_enough(&self.app)?;
+        let term = super::current_enough(&self.app)?;
         let cluster_id = cluster_id(&self.app)?;
 
         // Work out the transitions to commit, from the applied state.
@@ -293,6 +293,7 @@ impl AgentApi for AgentService {
                 commands.push(Command::SetNodeStatus {
                     node: node.clone(),
                     status: NodeStatus::Ready,
+                    decided_in_term: Some(term),
                 });
             }
             let mut seen = Vec::with_capacity(observed.len());

@@ -20,7 +20,7 @@ use crate::app::App;
 /// 30 s request timeout, so the operator reads this answer rather than a client timeout).
 const CATCH_UP: Duration = Duration::from_secs(20);
 
-fn raft_status(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Status {
+fn raft_status(id: u64, e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Status {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
             not_leader(f.leader_id.zip(f.leader_node.map(|n| n.addr)))
@@ -28,7 +28,7 @@ fn raft_status(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Status {
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             Status::failed_precondition(format!("membership: {e}"))
         }
-        RaftError::Fatal(e) => Status::internal(format!("raft stopped: {e}")),
+        RaftError::Fatal(e) => super::raft_stopped(id, &e),
     }
 }
 
@@ -122,7 +122,7 @@ pub async fn add_learner(app: &App, id: u64, address: String) -> Result<(), Stat
         true,
     );
     match tokio::time::timeout(CATCH_UP, add).await {
-        Ok(result) => result.map_err(raft_status)?,
+        Ok(result) => result.map_err(|e| raft_status(app.settings.id, e))?,
         Err(_) => {
             return Err(Status::deadline_exceeded(format!(
                 "learner {id} was not confirmed within {CATCH_UP:?}: it may be added and still \
@@ -151,7 +151,7 @@ pub async fn promote(app: &App, id: u64) -> Result<(), Status> {
     app.raft
         .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
         .await
-        .map_err(raft_status)?;
+        .map_err(|e| raft_status(app.settings.id, e))?;
     info!(member = id, "learner promoted to voter");
     Ok(())
 }
@@ -177,7 +177,7 @@ pub async fn remove(app: &App, id: u64) -> Result<(), Status> {
     app.raft
         .change_membership(change, false)
         .await
-        .map_err(raft_status)?;
+        .map_err(|e| raft_status(app.settings.id, e))?;
     info!(member = id, "member removed");
     Ok(())
 }
@@ -215,7 +215,7 @@ pub async fn status(app: &App) -> Result<pb::ClusterStatusResponse, Status> {
         .raft
         .with_raft_state(|st| st.committed.map(|l| l.index).unwrap_or(0))
         .await
-        .map_err(|e| Status::internal(format!("raft stopped: {e}")))?;
+        .map_err(|e| super::raft_stopped(app.settings.id, &e))?;
     let leader_address = m
         .current_leader
         .and_then(|id| membership.get_node(&id))

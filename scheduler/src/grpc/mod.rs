@@ -49,6 +49,9 @@ const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Commits `command` through Raft and returns what applying it produced.
 pub async fn propose(app: &App, command: Command) -> Result<Outcome, Status> {
+    app.disk
+        .check()
+        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
     let Ok(written) = tokio::time::timeout(COMMIT_WAIT, app.raft.client_write(command)).await
     else {
         return Err(Status::unavailable(format!(
@@ -64,8 +67,16 @@ pub async fn propose(app: &App, command: Command) -> Result<Outcome, Status> {
         Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
             Err(Status::failed_precondition(e.to_string()))
         }
-        Err(RaftError::Fatal(e)) => Err(Status::internal(format!("raft stopped: {e}"))),
+        Err(RaftError::Fatal(e)) => Err(raft_stopped(app.settings.id, &e)),
     }
+}
+
+/// `Unavailable` for a replica whose Raft stopped (a storage error; the process exits): the
+/// caller goes to another replica.
+pub(crate) fn raft_stopped(id: u64, e: &openraft::error::Fatal<u64>) -> Status {
+    Status::unavailable(format!(
+        "replica {id} stopped serving ({e}); it exits and restarts; use another replica"
+    ))
 }
 
 /// Waits until this replica's state reflects every write committed before the call (batched
@@ -74,35 +85,38 @@ pub async fn linearizable(app: &App) -> Result<(), Status> {
     app.read_index.confirm().await
 }
 
-/// How recently a majority must have acknowledged this leader for [`current_enough`]: well under
-/// the election timeout (1 s), so no other leader can have been elected meanwhile.
-const LEASE: std::time::Duration = std::time::Duration::from_millis(750);
+/// How recently a majority must have acknowledged this leader for [`current_enough`]. Followers
+/// refuse to vote while the leader lease (the maximum election timeout) since its last heartbeat
+/// runs, so no other leader can have been elected meanwhile; the margin covers clock drift.
+const LEASE: std::time::Duration =
+    std::time::Duration::from_millis(crate::app::ELECTION_TIMEOUT_MS.end * 7 / 10);
 
-/// A check without a round trip, for the many heartbeats: this replica leads, has applied an entry
-/// of its own term (so everything committed before it led), and a majority acknowledged it within
-/// [`LEASE`] (so it is not a leader cut off and replaced). Its applied state is then at least as
-/// current as anything an agent was told before.
-pub fn current_enough(app: &App) -> Result<(), Status> {
+/// A check without a round trip, for the many heartbeats: this replica leads, has fenced its term
+/// (so its state holds everything committed before, see `fence`), and a majority acknowledged it
+/// within [`LEASE`] (so it is not a leader cut off and replaced). Its applied state is then at
+/// least as current as anything an agent was told before. Returns the term it leads.
+pub fn current_enough(app: &App) -> Result<u64, Status> {
     // Read in place: this runs for every heartbeat, and the metrics carry per-member maps.
-    let (leading, applied_own_term, since_ack) = {
+    let (leading, term, since_ack) = {
         let metrics = app.raft.metrics();
         let m = metrics.borrow();
         (
             m.current_leader == Some(app.settings.id),
-            m.last_applied.map(|l| l.leader_id.term) == Some(m.current_term),
+            m.current_term,
             m.millis_since_quorum_ack,
         )
     };
     if !leading {
         return Err(not_leader(app.leader()));
     }
-    if !applied_own_term {
-        return Err(Status::unavailable(
-            "this leader was just elected and has not applied its first entry; retry shortly",
-        ));
+    if !app.fence.holds(term) {
+        return Err(Status::unavailable(format!(
+            "this replica leads term {term} but has not yet committed an entry of it; retry \
+             shortly"
+        )));
     }
     match since_ack {
-        Some(ms) if u128::from(ms) < LEASE.as_millis() => Ok(()),
+        Some(ms) if u128::from(ms) < LEASE.as_millis() => Ok(term),
         since => Err(Status::unavailable(format!(
             "no quorum: a majority last acknowledged this leader {} ago",
             since.map_or("never".to_string(), |ms| format!("{ms} ms"))
@@ -111,7 +125,7 @@ pub fn current_enough(app: &App) -> Result<(), Status> {
 }
 
 /// One leadership confirmation with a quorum, then waiting for the state machine to catch up.
-pub async fn linearizable_now(raft: &crate::Raft) -> Result<(), Status> {
+pub async fn linearizable_now(id: u64, raft: &crate::Raft) -> Result<(), Status> {
     match raft.ensure_linearizable().await {
         Ok(_) => Ok(()),
         Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
@@ -131,6 +145,6 @@ pub async fn linearizable_now(raft: &crate::Raft) -> Result<(), Status> {
                 e.got
             )))
         }
-        Err(RaftError::Fatal(e)) => Err(Status::internal(format!("raft stopped: {e}"))),
+        Err(RaftError::Fatal(e)) => Err(raft_stopped(id, &e)),
     }
 }

@@ -1,11 +1,13 @@
 //! The state machine: the cluster state in memory, rebuilt at start from the last snapshot plus
 //! the committed log (openraft re-applies it). Snapshots are written to sled and flushed before
-//! openraft is told about them.
+//! openraft is told about them. A snapshot never replaces a newer one: openraft 0.9 builds
+//! snapshots in a task of its own, so one built from older state can finish after a newer one
+//! from the leader was installed.
 
 use std::collections::BTreeSet;
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -17,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::keys::{CurrentSnapshotKey, MetaKey};
 use super::snapshot::StoredSnapshot;
 use super::StoreError;
-use crate::state::{ApplyResult, ClusterState, Outcome};
+use crate::state::{ApplyResult, ClusterState, Command, Outcome};
 use crate::TypeConfig;
 
 type StoreResult<T> = Result<T, StorageError<u64>>;
@@ -66,6 +68,8 @@ pub struct StateMachineStore {
     data: SharedState,
     snapshots: sled::Tree,
     snapshot_seq: Arc<AtomicU64>,
+    /// What the stored snapshot covers; held while a snapshot is compared and stored.
+    stored_covers: Arc<Mutex<Option<LogId<u64>>>>,
 }
 
 fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<u64> {
@@ -82,11 +86,13 @@ impl StateMachineStore {
             data: SharedState::default(),
             snapshots,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
+            stored_covers: Arc::new(Mutex::new(None)),
         };
         let current = store
             .load_snapshot()
             .map_err(|e| StoreError::Snapshot(e.to_string()))?;
         if let Some(snap) = current {
+            *store.covers() = snap.meta.last_log_id;
             let mut data: StateMachineData = serde_json::from_slice(&snap.data)
                 .map_err(|e| StoreError::Snapshot(e.to_string()))?;
             data.remember_members();
@@ -112,21 +118,37 @@ impl StateMachineStore {
             .map_err(|e| snap_err(ErrorVerb::Read, e))
     }
 
-    async fn save_snapshot(&self, snap: &StoredSnapshot) -> StoreResult<()> {
+    fn covers(&self) -> std::sync::MutexGuard<'_, Option<LogId<u64>>> {
+        self.stored_covers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores `snap` unless the stored snapshot covers more of the log; true if stored.
+    async fn save_snapshot(&self, snap: &StoredSnapshot) -> StoreResult<bool> {
         let bytes = serde_json::to_vec(snap).map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        self.snapshots
-            .insert(CurrentSnapshotKey::KEY, bytes)
-            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        {
+            let mut covers = self.covers();
+            if *covers > snap.meta.last_log_id {
+                tracing::info!(
+                    kept = ?covers.map(|l| l.index),
+                    dropped = ?snap.meta.last_log_id.map(|l| l.index),
+                    "a snapshot built from older state finished after a newer one: kept the newer"
+                );
+                return Ok(false);
+            }
+            self.snapshots
+                .insert(CurrentSnapshotKey::KEY, bytes)
+                .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+            *covers = snap.meta.last_log_id;
+        }
         self.snapshots
             .flush_async()
             .await
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        Ok(())
+        Ok(true)
     }
-}
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
-    async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
+    /// The applied state, serialized, with the metadata of a snapshot of it.
+    fn capture(&self) -> StoreResult<StoredSnapshot> {
         let (data, last_applied, membership) = {
             let sm = self.data.read();
             let bytes = serde_json::to_vec(&*sm).map_err(|e| sm_err(ErrorVerb::Read, e))?;
@@ -142,14 +164,17 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             last_membership: membership,
             snapshot_id,
         };
-        self.save_snapshot(&StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        })
-        .await?;
+        Ok(StoredSnapshot { meta, data })
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
+        let built = self.capture()?;
+        self.save_snapshot(&built).await?;
         Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
+            meta: built.meta,
+            snapshot: Box::new(Cursor::new(built.data)),
         })
     }
 }
@@ -175,6 +200,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             sm.last_applied = Some(entry.log_id);
             let result = match entry.payload {
                 EntryPayload::Blank => Ok(Outcome::Nothing),
+                EntryPayload::Normal(Command::SetNodeStatus {
+                    node,
+                    decided_in_term: Some(term),
+                    ..
+                }) if term != entry.log_id.leader_id.term => {
+                    tracing::info!(
+                        node_id = %node,
+                        decided_in_term = term,
+                        entry_term = entry.log_id.leader_id.term,
+                        "dropped a node status decided under an earlier term"
+                    );
+                    Ok(Outcome::Nothing)
+                }
                 EntryPayload::Normal(command) => sm.cluster.apply(entry.log_id.index, command),
                 EntryPayload::Membership(m) => {
                     let ids: Vec<u64> = m.nodes().map(|(id, _)| *id).collect();
@@ -225,5 +263,93 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Membership};
+
+    use super::*;
+
+    fn log_id(index: u64) -> LogId<u64> {
+        LogId::new(CommittedLeaderId::new(1, 1), index)
+    }
+
+    /// A store on `dir` that has applied entries 1..=`applied` (blank ones).
+    async fn store_applied_to(dir: &std::path::Path, applied: u64) -> StateMachineStore {
+        let (_log, mut sm) = super::super::open(dir).expect("open store");
+        let entries = (1..=applied).map(|i| Entry::<TypeConfig> {
+            log_id: log_id(i),
+            payload: EntryPayload::Blank,
+        });
+        sm.apply(entries).await.expect("apply");
+        sm
+    }
+
+    /// A snapshot of another replica's state that covers the log up to `index`.
+    fn leader_snapshot(index: u64) -> (SnapshotMeta<u64, BasicNode>, Box<Cursor<Vec<u8>>>) {
+        let data = StateMachineData {
+            last_applied: Some(log_id(index)),
+            ..Default::default()
+        };
+        let meta = SnapshotMeta {
+            last_log_id: Some(log_id(index)),
+            last_membership: StoredMembership::new(None, Membership::new(vec![], None)),
+            snapshot_id: format!("leader-{index}"),
+        };
+        let bytes = serde_json::to_vec(&data).unwrap();
+        (meta, Box::new(Cursor::new(bytes)))
+    }
+
+    /// What a store reopened on `dir` (a restart) has applied.
+    async fn applied_after_restart(dir: &std::path::Path) -> Option<u64> {
+        let (_log, mut sm) = super::super::open(dir).expect("reopen store");
+        let stored = sm.get_current_snapshot().await.unwrap().map(|s| s.meta);
+        assert_eq!(
+            stored.as_ref().and_then(|m| m.last_log_id),
+            sm.applied_state().await.unwrap().0,
+            "the state loaded is the stored snapshot's"
+        );
+        stored.and_then(|m| m.last_log_id).map(|l| l.index)
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_built_from_older_state_never_replaces_a_newer_installed_one() {
+        // Built (from state at 5), then a newer one (10) installed: the newer is kept.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut sm = store_applied_to(dir.path(), 5).await;
+            sm.build_snapshot().await.unwrap();
+            let (meta, bytes) = leader_snapshot(10);
+            sm.install_snapshot(&meta, bytes).await.unwrap();
+        }
+        assert_eq!(applied_after_restart(dir.path()).await, Some(10));
+
+        // The other order: the build captured state at 5, the newer snapshot was installed
+        // while it ran, and the build finished last. It must not replace the newer one.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut sm = store_applied_to(dir.path(), 5).await;
+            let captured = sm.capture().unwrap();
+            let (meta, bytes) = leader_snapshot(10);
+            sm.install_snapshot(&meta, bytes).await.unwrap();
+            assert!(!sm.save_snapshot(&captured).await.unwrap());
+        }
+        assert_eq!(applied_after_restart(dir.path()).await, Some(10));
+
+        // A newer build still replaces an older stored snapshot.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut sm = store_applied_to(dir.path(), 5).await;
+            sm.build_snapshot().await.unwrap();
+            let more = (6..=8).map(|i| Entry::<TypeConfig> {
+                log_id: log_id(i),
+                payload: EntryPayload::Blank,
+            });
+            sm.apply(more).await.unwrap();
+            sm.build_snapshot().await.unwrap();
+        }
+        assert_eq!(applied_after_restart(dir.path()).await, Some(8));
     }
 }

@@ -1,5 +1,6 @@
 //! `dormant-bench`: benchmarks of a real scheduler cluster, run by hand (never from the tests).
-//! `placement` measures tenant creates per second against an etcd baseline; `heartbeats` measures
+//! `placement` measures tenant creates per second against an etcd baseline; `failover` the time
+//! from a leader's kill to the next acknowledged write, next to etcd's; `heartbeats` measures
 //! what thousands of idle agents cost the leader; `wake` and `proxy` run a real agent and measure
 //! what hibernation and the TCP proxy cost a tenant's clients. Each prints a table, or JSON with
 //! `--json`.
@@ -7,6 +8,7 @@
 mod cluster;
 mod engines;
 mod etcd;
+mod failover;
 mod heartbeats;
 mod host;
 mod placement;
@@ -39,6 +41,8 @@ struct Cli {
 enum Command {
     /// Tenant creates per second on the leader, next to etcd puts per second.
     Placement(placement::Args),
+    /// Leader kill -> first acknowledged create, idle and under load, next to a 3-member etcd.
+    Failover(failover::Args),
     /// Leader CPU, latency and Raft entries while many idle agents heartbeat.
     Heartbeats(heartbeats::Args),
     /// Wake latency of hibernated PostgreSQL and Redis tenants, next to bare engine starts
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
     };
     let json = match &cli.command {
         Command::Placement(a) => a.common.json,
+        Command::Failover(a) => a.common.json,
         Command::Heartbeats(a) => a.common.json,
         Command::Wake(a) => a.host.json,
         Command::Proxy(a) => a.host.json,
@@ -114,6 +119,7 @@ fn main() -> ExitCode {
         let run = async {
             match cli.command {
                 Command::Placement(a) => placement::run(a).await,
+                Command::Failover(a) => failover::run(a).await,
                 Command::Heartbeats(a) => heartbeats::run(a).await,
                 Command::Wake(a) => wake::run(a).await,
                 Command::Proxy(a) => proxy::run(a).await,

@@ -25,6 +25,8 @@ pub struct ProcId(usize);
 #[derive(Debug)]
 struct Proc {
     name: String,
+    bin: PathBuf,
+    args: Vec<String>,
     child: Child,
     log: PathBuf,
     /// Killed on purpose by `stop_all`: no longer expected to run.
@@ -97,6 +99,8 @@ impl Guard {
             .with_context(|| format!("start {}", bin.display()))?;
         self.procs.push(Proc {
             name: name.to_string(),
+            bin: bin.to_path_buf(),
+            args: args.to_vec(),
             child,
             log,
             stopped: false,
@@ -121,6 +125,24 @@ impl Guard {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// kill -9 one child, on purpose (reaped; no longer expected to run until `respawn`).
+    pub fn kill(&mut self, id: ProcId) {
+        let p = &mut self.procs[id.0];
+        p.stopped = true;
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+    }
+
+    /// Starts a killed child again with its arguments, its log appended to.
+    pub fn respawn(&mut self, id: ProcId) -> anyhow::Result<()> {
+        let p = &mut self.procs[id.0];
+        p.child = log_to(Command::new(&p.bin).args(&p.args), &p.log)?
+            .spawn()
+            .with_context(|| format!("restart {}", p.bin.display()))?;
+        p.stopped = false;
         Ok(())
     }
 

@@ -315,6 +315,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_node_status_decided_under_another_term_is_dropped_at_apply() {
+        use crate::state::test_utils::{node, res};
+        use dormant_common::{NodeName, NodeStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, mut sm) = super::super::open(dir.path()).unwrap();
+        let entry = |term: u64, index: u64, command: Command| Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Normal(command),
+        };
+        let a = NodeName::parse("a").unwrap();
+        let down = |decided_in_term| Command::SetNodeStatus {
+            node: a.clone(),
+            status: NodeStatus::Down,
+            decided_in_term,
+        };
+        let status = |sm: &StateMachineStore| sm.shared().read().cluster.nodes[&a].status;
+        sm.apply([
+            entry(2, 1, Command::RegisterNode(node("a", res(1000, 1024, 10)))),
+            // Decided in term 1, proposed after a re-election: dropped.
+            entry(2, 2, down(Some(1))),
+        ])
+        .await
+        .unwrap();
+        assert_eq!(status(&sm), NodeStatus::Ready);
+        // Decided in the entry's own term, or written before terms were carried: applied.
+        sm.apply([entry(2, 3, down(Some(2)))]).await.unwrap();
+        assert_eq!(status(&sm), NodeStatus::Down);
+        sm.apply([entry(
+            2,
+            4,
+            Command::SetNodeStatus {
+                node: a.clone(),
+                status: NodeStatus::Ready,
+                decided_in_term: None,
+            },
+        )])
+        .await
+        .unwrap();
+        assert_eq!(status(&sm), NodeStatus::Ready);
+    }
+
+    #[tokio::test]
     async fn a_snapshot_built_from_older_state_never_replaces_a_newer_installed_one() {
         // Built (from state at 5), then a newer one (10) installed: the newer is kept.
         let dir = tempfile::tempdir().unwrap();

@@ -113,14 +113,17 @@ impl App {
     }
 }
 
-/// How often the leader heartbeats its followers, in ms.
+/// How often the leader heartbeats its followers, in ms. openraft 0.9 also uses it as the timeout
+/// of every append-entries call: a follower slower than that (its fsync) is sent the entries again.
 pub const HEARTBEAT_MS: u64 = 100;
 /// The election timeout's range, in ms; openraft draws one per process. A follower campaigns
 /// after hearing nothing for the leader lease (openraft: the maximum) plus its own timeout, so
-/// 0.8-1.0 s after the leader's last heartbeat (etcd: 1 s). A candidate that saw a longer log
+/// 0.9-1.2 s after the leader's last heartbeat (etcd: 1 s). A candidate that saw a longer log
 /// during a contested election waits twice the maximum more (openraft's `smaller_log_timeout`,
-/// armed until its next campaign): 1.8-2.0 s, still inside the 3 s a failover may take.
-pub const ELECTION_TIMEOUT_MS: std::ops::Range<u64> = 300..500;
+/// armed until its next campaign): 2.1-2.4 s, still inside the 3 s a failover may take. The
+/// maximum is also how long a follower refuses to vote for anyone after a heartbeat, which bounds
+/// the heartbeat lease (`grpc::LEASE`).
+pub const ELECTION_TIMEOUT_MS: std::ops::Range<u64> = 300..600;
 
 fn raft_config(settings: &Settings) -> Result<openraft::Config, AppError> {
     let config = openraft::Config {
@@ -375,6 +378,9 @@ async fn watch_liveness_loop(app: Arc<App>) {
                 std::time::Instant::now(),
             )
         };
+        let Some(decided_in) = answering else {
+            continue;
+        };
         let silent = match verdict {
             Verdict::Paused => continue,
             Verdict::GraceGranted => {
@@ -390,18 +396,30 @@ async fn watch_liveness_loop(app: Arc<App>) {
             {
                 continue;
             }
-            // The lease may have lapsed meanwhile: decide only while heartbeats are answered.
+            // A proposal may have waited out a quorum loss (and heartbeats refused meanwhile):
+            // go on only while heartbeats have been answerable in the term of the verdict.
             let Ok(term) = grpc::current_enough(&app) else {
                 break;
             };
+            if term != decided_in {
+                break;
+            }
             warn!(node_id = %node, grace = ?app.settings.node_grace_period, "node silent past its grace period: marking it down, its tenants lost");
             let down = Command::SetNodeStatus {
                 node,
                 status: NodeStatus::Down,
                 decided_in_term: Some(term),
             };
-            if let Err(status) = grpc::propose(&app, down).await {
+            let proposed_at = std::time::Instant::now();
+            let proposed = grpc::propose(&app, down).await;
+            // A proposal that failed or waited longer than the lease may have waited out a
+            // quorum loss, heartbeats refused meanwhile: start over with a fresh grace.
+            if let Err(status) = &proposed {
                 warn!(error = %status.message(), "marking a node down");
+            }
+            if proposed.is_err() || proposed_at.elapsed() >= grpc::LEASE {
+                watch = Watch::default();
+                break;
             }
         }
     }

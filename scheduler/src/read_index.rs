@@ -50,18 +50,20 @@ async fn confirm_in_batches(
         while let Ok(next) = waiting.try_recv() {
             batch.push(next);
         }
-        let leading_term = {
-            let m = raft.metrics();
-            let m = m.borrow();
-            (m.current_leader == Some(id)).then_some(m.current_term)
-        };
-        let result = match leading_term {
-            Some(term) if !fence.wait(term).await => Err(Status::unavailable(format!(
-                "this replica leads term {term} but has not yet committed an entry of it; \
-                 retry shortly"
-            ))),
-            // A follower's check answers where the leader is.
-            _ => linearizable_now(id, &raft).await,
+        // The read point is an entry of the term this replica leads (openraft's no-op, or the
+        // commit index when later); after a restart it can predate the crash, so the term must
+        // also be fenced by this process. Checked after the confirmation, not before: a replica
+        // that has not published its leadership yet would otherwise skip the fence.
+        let result = match linearizable_now(id, &raft).await {
+            Ok(Some(read_point)) if !fence.wait(read_point.leader_id.term).await => {
+                Err(Status::unavailable(format!(
+                    "this replica leads term {} but has not yet committed an entry of it; \
+                     retry shortly",
+                    read_point.leader_id.term
+                )))
+            }
+            Ok(_) => Ok(()),
+            Err(status) => Err(status),
         };
         for waiter in batch {
             let _ = waiter.send(result.clone());

@@ -85,11 +85,13 @@ pub async fn linearizable(app: &App) -> Result<(), Status> {
     app.read_index.confirm().await
 }
 
-/// How recently a majority must have acknowledged this leader for [`current_enough`]. Followers
-/// refuse to vote while the leader lease (the maximum election timeout) since its last heartbeat
-/// runs, so no other leader can have been elected meanwhile; the margin covers clock drift.
-const LEASE: std::time::Duration =
-    std::time::Duration::from_millis(crate::app::ELECTION_TIMEOUT_MS.end * 7 / 10);
+/// How recently a majority must have acknowledged this leader for [`current_enough`]. A follower
+/// refuses to vote for anyone for the leader lease (the maximum election timeout, 600 ms) after
+/// it received a heartbeat, and openraft counts an acknowledgement from when the heartbeat was
+/// sent. The figure read is openraft's metrics, published on every event and at least every tick
+/// (1.5 heartbeats, 150 ms), so it may be that much old: 350 + 150 = 500 ms leaves 100 ms before
+/// another leader could exist.
+pub(crate) const LEASE: std::time::Duration = std::time::Duration::from_millis(350);
 
 /// A check without a round trip, for the many heartbeats: this replica leads, has fenced its term
 /// (so its state holds everything committed before, see `fence`), and a majority acknowledged it
@@ -97,13 +99,16 @@ const LEASE: std::time::Duration =
 /// least as current as anything an agent was told before. Returns the term it leads.
 pub fn current_enough(app: &App) -> Result<u64, Status> {
     // Read in place: this runs for every heartbeat, and the metrics carry per-member maps.
-    let (leading, term, since_ack) = {
+    let (leading, term, since_ack, sole_voter) = {
         let metrics = app.raft.metrics();
         let m = metrics.borrow();
+        let mut voters = m.membership_config.membership().voter_ids();
+        let sole_voter = voters.next() == Some(app.settings.id) && voters.next().is_none();
         (
             m.current_leader == Some(app.settings.id),
             m.current_term,
             m.millis_since_quorum_ack,
+            sole_voter,
         )
     };
     if !leading {
@@ -116,6 +121,8 @@ pub fn current_enough(app: &App) -> Result<u64, Status> {
         )));
     }
     match since_ack {
+        // The only voter: no other leader can be elected, whatever the time.
+        _ if sole_voter => Ok(term),
         Some(ms) if u128::from(ms) < LEASE.as_millis() => Ok(term),
         since => Err(Status::unavailable(format!(
             "no quorum: a majority last acknowledged this leader {} ago",
@@ -124,10 +131,14 @@ pub fn current_enough(app: &App) -> Result<u64, Status> {
     }
 }
 
-/// One leadership confirmation with a quorum, then waiting for the state machine to catch up.
-pub async fn linearizable_now(id: u64, raft: &crate::Raft) -> Result<(), Status> {
+/// One leadership confirmation with a quorum, then waiting for the state machine to catch up to
+/// the read point, which it returns (an entry of the leader's term).
+pub async fn linearizable_now(
+    id: u64,
+    raft: &crate::Raft,
+) -> Result<Option<openraft::LogId<u64>>, Status> {
     match raft.ensure_linearizable().await {
-        Ok(_) => Ok(()),
+        Ok(read_point) => Ok(read_point),
         Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
             Err(not_leader(f.leader_id.zip(f.leader_node.map(|n| n.addr))))
         }

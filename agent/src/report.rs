@@ -348,6 +348,11 @@ impl Reporter {
             tenants: observed,
             usage: Some(self.probe.sample(&self.settings.state_dir)),
             cluster_id: self.cluster.recorded().unwrap_or_default().to_string(),
+            // The scheduler drops a heartbeat that arrives after this agent stopped waiting.
+            sent_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
+            timeout_ms: u64::try_from(HEARTBEAT_TIMEOUT.as_millis()).unwrap_or(0),
         }
     }
 

@@ -118,6 +118,9 @@ async fn heartbeat_loop(
                 seen_version,
                 tenants: Vec::new(),
                 usage: None,
+                // As an agent sends them: the leader judges each one's transit time.
+                sent_unix_ms: dormant_tests::sim_node::unix_ms_now(),
+                timeout_ms: dormant_tests::sim_node::HEARTBEAT_TIMEOUT_MS,
             })
             .await;
         rec.record(t0.elapsed(), r.as_ref().map(|_| ()).map_err(|s| s.code()));

@@ -50,6 +50,31 @@ impl TenantSeen {
 pub struct Liveness {
     nodes: HashMap<NodeName, NodeSeen>,
     tenants: HashMap<TenantName, TenantSeen>,
+    transit: HashMap<NodeName, Transit>,
+}
+
+/// How many recent transit times are kept per node; their minimum is the node's usual transit.
+const TRANSIT_WINDOW: usize = 32;
+
+/// A node's recent transit times: arrival on the leader's clock less sending on the agent's. The
+/// clocks' offset is in every figure alike, so the minimum is the offset plus the fastest transit,
+/// and a heartbeat is late by how much its figure exceeds that minimum.
+#[derive(Debug, Default)]
+struct Transit {
+    recent: std::collections::VecDeque<i64>,
+    /// When (leader's clock, Unix ms) heartbeats started arriving late without a break.
+    late_since: Option<i64>,
+}
+
+/// Whether a heartbeat is taken or dropped as late.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Arrival {
+    OnTime,
+    /// It arrived this much later than its sender waited for an answer: the agent has given up
+    /// on it and sent newer ones, so what it says is out of date.
+    Late {
+        beyond_timeout_ms: i64,
+    },
 }
 
 impl Liveness {
@@ -70,6 +95,44 @@ impl Liveness {
             },
         );
         self.tenants.extend(tenants);
+    }
+
+    /// Judges a heartbeat `node` sent at `sent_unix_ms` (its clock), waiting `timeout_ms` for an
+    /// answer, that arrived at `arrived_unix_ms` (this replica's clock). Late heartbeats are
+    /// dropped, unless they keep coming late for longer than the timeout: then the agent's clock
+    /// stepped back (NTP), and the new transit times are its usual ones.
+    pub fn judge_arrival(
+        &mut self,
+        node: &NodeName,
+        sent_unix_ms: u64,
+        timeout_ms: u64,
+        arrived_unix_ms: u64,
+    ) -> Arrival {
+        if sent_unix_ms == 0 || timeout_ms == 0 {
+            return Arrival::OnTime; // an agent that does not say
+        }
+        let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let (arrived, timeout) = (to_i64(arrived_unix_ms), to_i64(timeout_ms));
+        let transit = arrived.saturating_sub(to_i64(sent_unix_ms));
+        let t = self.transit.entry(node.clone()).or_default();
+        if let Some(usual) = t.recent.iter().min().copied() {
+            let beyond = transit.saturating_sub(usual).saturating_sub(timeout);
+            if beyond > 0 {
+                let since = *t.late_since.get_or_insert(arrived);
+                if arrived.saturating_sub(since) <= timeout {
+                    return Arrival::Late {
+                        beyond_timeout_ms: beyond,
+                    };
+                }
+                t.recent.clear();
+            }
+        }
+        t.late_since = None;
+        if t.recent.len() == TRANSIT_WINDOW {
+            t.recent.pop_front();
+        }
+        t.recent.push_back(transit);
+        Arrival::OnTime
     }
 
     /// Counts `node` as heard from at `at` without usage (it registered).
@@ -240,6 +303,58 @@ mod tests {
             watch.tick(Some(3), nodes, &mut live, GRACE, at(42)),
             Verdict::Down(vec![a.clone()])
         );
+    }
+
+    #[test]
+    fn a_heartbeat_later_than_its_timeout_beyond_the_usual_transit_is_dropped() {
+        let a = NodeName::parse("a").unwrap();
+        let mut live = Liveness::default();
+        // The agent's clock is 5 s behind the leader's: only differences count.
+        let skew = 5_000;
+        let t0 = 1_700_000_000_000u64;
+        for i in 0..10 {
+            let sent = t0 + i * 1000;
+            let arrived = sent + skew + 2 + (i % 3);
+            assert_eq!(live.judge_arrival(&a, sent, 3000, arrived), Arrival::OnTime);
+        }
+        // Sent at t0 + 10 s, held in a buffer during a cut-off, arriving 9 s later.
+        let sent = t0 + 10_000;
+        assert_eq!(
+            live.judge_arrival(&a, sent, 3000, sent + skew + 9_000),
+            Arrival::Late {
+                beyond_timeout_ms: 9_000 - 2 - 3000
+            }
+        );
+        // Within its timeout: taken.
+        assert_eq!(
+            live.judge_arrival(&a, sent, 3000, sent + skew + 2_500),
+            Arrival::OnTime
+        );
+        // Agents that do not say when they sent are always taken.
+        assert_eq!(live.judge_arrival(&a, 0, 0, t0), Arrival::OnTime);
+    }
+
+    #[test]
+    fn an_agent_clock_stepped_back_is_late_only_until_the_timeout_has_passed() {
+        let a = NodeName::parse("a").unwrap();
+        let mut live = Liveness::default();
+        let t0 = 1_700_000_000_000u64;
+        for i in 0..5 {
+            let at = t0 + i * 1000;
+            live.judge_arrival(&a, at, 3000, at + 1);
+        }
+        // NTP steps the agent's clock 60 s back: its heartbeats look a minute late.
+        let step = 60_000;
+        let judge = |live: &mut Liveness, i: u64| {
+            let at = t0 + i * 1000;
+            live.judge_arrival(&a, at - step, 3000, at + 1)
+        };
+        for i in 5..=8 {
+            assert!(matches!(judge(&mut live, i), Arrival::Late { .. }), "{i}");
+        }
+        // More than the timeout of steady lateness: the new transit is the usual one.
+        assert_eq!(judge(&mut live, 9), Arrival::OnTime);
+        assert_eq!(judge(&mut live, 10), Arrival::OnTime);
     }
 
     #[test]

@@ -160,6 +160,8 @@ async fn run(
             seen_version,
             tenants: Vec::new(),
             usage: Some(pb::NodeUsage::default()),
+            sent_unix_ms: unix_ms_now(),
+            timeout_ms: HEARTBEAT_TIMEOUT_MS,
         };
         match clients[current].heartbeat(req).await {
             Ok(reply) => {
@@ -262,14 +264,38 @@ pub fn heartbeat_via(
     node_id: &str,
     tenants: Vec<pb::ObservedTenant>,
 ) -> Result<pb::HeartbeatResponse, tonic::Status> {
+    heartbeat_sent_at(transport, url, node_id, tenants, unix_ms_now())
+}
+
+/// A heartbeat that says it was sent at `sent_unix_ms` (the node's clock), waiting as an agent
+/// does ([`HEARTBEAT_TIMEOUT_MS`]): one sent long ago arrives as if held up in the network.
+pub fn heartbeat_sent_at(
+    transport: &Transport,
+    url: &str,
+    node_id: &str,
+    tenants: Vec<pb::ObservedTenant>,
+    sent_unix_ms: u64,
+) -> Result<pb::HeartbeatResponse, tonic::Status> {
     let req = pb::HeartbeatRequest {
         cluster_id: String::new(),
         node_id: node_id.into(),
         seen_version: 0,
         tenants,
         usage: Some(pb::NodeUsage::default()),
+        sent_unix_ms,
+        timeout_ms: HEARTBEAT_TIMEOUT_MS,
     };
     one_shot(transport, url, async move |mut c| c.heartbeat(req).await)
+}
+
+/// How long a simulated node says it waits for a heartbeat's answer, as the agent does.
+pub const HEARTBEAT_TIMEOUT_MS: u64 = 3000;
+
+/// This host's wall clock, Unix ms.
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
 }
 
 /// Sends one heartbeat for `node_id` to `url` and returns the desired-set version, or the refusal.

@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use super::convert::{resources_from_pb, resources_to_pb};
 use super::{authz, forward, propose};
 use crate::app::App;
-use crate::liveness::TenantSeen;
+use crate::liveness::{Arrival, TenantSeen};
 use crate::state::{
     agent_reported_states_list, Command, DesiredState, NodeRecord, TenantRecord,
     AGENT_REPORTED_STATES,
@@ -68,6 +68,13 @@ fn check_node_cluster(app: &App, node: &str, theirs: &str) -> Result<(), Status>
         }
         _ => Ok(()),
     }
+}
+
+/// This replica's wall clock in Unix ms (only compared with itself, see `Liveness::judge_arrival`).
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn parse_node(id: &str) -> Result<NodeName, Status> {
@@ -251,6 +258,21 @@ impl AgentApi for AgentService {
         let req = req.into_inner();
         let node = parse_node(&req.node_id)?;
         check_node_cluster(&self.app, &req.node_id, &req.cluster_id)?;
+        let arrival = self.app.liveness().judge_arrival(
+            &node,
+            req.sent_unix_ms,
+            req.timeout_ms,
+            unix_ms_now(),
+        );
+        if let Arrival::Late { beyond_timeout_ms } = arrival {
+            // The agent gave up on it and has sent newer ones: acting on it could only write
+            // out-of-date transitions.
+            tracing::debug!(node_id = %node, beyond_timeout_ms, "dropped a late heartbeat");
+            return Err(Status::deadline_exceeded(format!(
+                "heartbeat from {node} arrived {beyond_timeout_ms} ms after its sender stopped \
+                 waiting (beyond its usual transit time): dropped"
+            )));
+        }
         let mut observed = Vec::with_capacity(req.tenants.len());
         for t in &req.tenants {
             let name =

@@ -209,10 +209,23 @@ fn t171_a_full_data_disk_refuses_writes_naming_it_and_a_replica_that_hits_it_exi
         acked.insert(name);
     }
 
-    // 1. Replica 1 leads (it bootstrapped) and its disk is full: writes are refused with a
-    //    message that names the disk, reads still answer, the replica stays up.
-    let leader = set.leader();
-    assert_eq!(set.replicas[leader].id, 1);
+    // 1. Replica 1 leads (it bootstrapped; an election since moves the lead back) and its disk
+    //    is full: writes are refused with a message that names the disk, reads still answer,
+    //    the replica stays up.
+    let mut leader = set.leader();
+    for _ in 0..5 {
+        if set.replicas[leader].id == 1 {
+            break;
+        }
+        set.kill(leader);
+        let other = set.leader();
+        set.restart(leader);
+        leader = other;
+        set.wait_converged();
+    }
+    assert_eq!(set.replicas[leader].id, 1, "replica 1 never led again");
+    // sled's own background flush (every 500 ms) of what the creates wrote, before the disk fills.
+    std::thread::sleep(Duration::from_secs(1));
     let filled = disk.fill();
     eprintln!("filled the leader's disk with {filled} bytes");
     let out = set.ctl(&create_args("while-full"));
@@ -374,4 +387,49 @@ fn t173_a_quorum_lost_for_30s_marks_no_node_down_that_kept_heartbeating() {
         );
     }
     drop(nodes);
+}
+
+#[test]
+fn t174_a_heartbeat_held_up_past_its_timeout_is_dropped_and_changes_nothing() {
+    use dormant_tests::sim_node::{heartbeat_sent_at, register_once, unix_ms_now};
+    let set = Replicas::start(1, &["--node-grace-period-ms", "1500"]);
+    let url = set.url(0);
+    let spec = SimNodeSpec::new("late", 1000, 1024, 10);
+    register_once(&set.security, &url, &spec).expect("register");
+    let transport = set.security.node_transport("late");
+    let on_time = || heartbeat_sent_at(&transport, &url, "late", Vec::new(), unix_ms_now());
+    for _ in 0..5 {
+        on_time().expect("an on-time heartbeat is answered");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = || {
+        let out = set.ctl(&["node", "list", "-o", "json"]);
+        assert!(out.success, "{}", out.stderr);
+        let nodes = out.json();
+        let node = nodes.as_array().unwrap().iter().find(|n| n["id"] == "late");
+        node.and_then(|n| n["status"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the silent node to go down",
+        || (status() == "down").then_some(()),
+    );
+    let applied = set.status(0).unwrap()["applied_index"].clone();
+    // Sent 10 s ago: its sender stopped waiting 7 s ago. Taking it would write `ready` from news
+    // the agent itself has given up on.
+    let late = heartbeat_sent_at(&transport, &url, "late", Vec::new(), unix_ms_now() - 10_000)
+        .expect_err("a late heartbeat is dropped");
+    assert_eq!(late.code(), tonic::Code::DeadlineExceeded, "{late:?}");
+    assert!(late.message().contains("dropped"), "{}", late.message());
+    assert_eq!(status(), "down");
+    assert_eq!(
+        set.status(0).unwrap()["applied_index"],
+        applied,
+        "it wrote an entry"
+    );
+    // The next one on time brings the node back.
+    on_time().expect("an on-time heartbeat is answered");
+    assert_eq!(status(), "ready");
 }

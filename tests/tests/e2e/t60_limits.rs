@@ -144,13 +144,19 @@ fn a_spinning_tenant_is_held_to_its_cpu_quota() {
             std::thread::spawn(move || {
                 let _ = psql(
                     &uri,
-                    "SET statement_timeout = '25s'; DO $$ BEGIN LOOP END LOOP; END $$",
+                    "SET statement_timeout = '40s'; DO $$ BEGIN LOOP END LOOP; END $$",
                 );
             })
         })
         .collect();
-    // Let every spinner start, then measure the cgroup's CPU time over a window.
-    std::thread::sleep(Duration::from_secs(3));
+    // Measure only once every spinner runs: on a loaded host (the v2 VM beside a fork bomb)
+    // connecting can take longer than any fixed pause.
+    let spinning = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+         AND query LIKE '%LOOP END LOOP%' AND pid <> pg_backend_pid()";
+    wait_until(Duration::from_secs(60), "every spinner to run", || {
+        let n: usize = psql(&spin, spinning).ok()?.parse().ok()?;
+        (n == cores).then_some(())
+    });
     let (t0, u0) = (Instant::now(), kernel_cpu_usec(&cluster, "spin"));
     let throttled0 = kernel_nr_throttled(&cluster, "spin");
     std::thread::sleep(Duration::from_secs(10));
@@ -191,6 +197,12 @@ fn a_spinning_tenant_is_held_to_its_cpu_quota() {
             "a throttled tenant shows CPU pressure: {t}"
         );
     }
+    // Done measuring: end the loops now rather than at their timeout.
+    let _ = psql(
+        &spin,
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \
+         WHERE query LIKE '%LOOP END LOOP%' AND pid <> pg_backend_pid()",
+    );
     for s in spinners {
         s.join().unwrap();
     }

@@ -49,6 +49,9 @@ pub fn transport(
     Ok(Transport::new(files.as_ref())?)
 }
 
+/// How long connecting to one replica (TCP, TLS and HTTP/2 handshakes) may take.
+const CONNECT_WAIT: Duration = Duration::from_secs(5);
+
 /// How long calls keep retrying while the cluster has no reachable leader.
 pub const LEADER_WAIT: Duration = Duration::from_secs(20);
 
@@ -164,10 +167,21 @@ pub async fn connect(
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(30));
     let url = endpoint.uri().to_string();
-    let channel = endpoint.connect().await.map_err(|e| CtlError::Connect {
-        url: url.clone(),
-        why: root_cause(&e),
-    })?;
+    // tonic's connect timeout covers the TCP connect only: a replica that is stopped (SIGSTOP,
+    // hung) accepts the connection in the kernel and never answers the TLS handshake.
+    let connecting = tokio::time::timeout(CONNECT_WAIT, endpoint.connect());
+    let channel = match connecting.await {
+        Ok(connected) => connected.map_err(|e| CtlError::Connect {
+            url: url.clone(),
+            why: root_cause(&e),
+        })?,
+        Err(_) => return Err(CtlError::Connect {
+            url,
+            why: format!(
+                "no answer within {CONNECT_WAIT:?} (the replica accepts but is stopped or hung)"
+            ),
+        }),
+    };
     Ok(OperatorClient::new(channel))
 }
 

@@ -340,6 +340,29 @@ fn t172_dormantctl_succeeds_through_the_others_while_any_one_replica_is_down() {
         }
         set.restart(down);
     }
+    // A follower stopped (SIGSTOP: it accepts connections and answers nothing) listed first.
+    let leader = set.leader();
+    let paused = (0..3).find(|i| *i != leader).unwrap();
+    set.pause(paused);
+    let urls = std::iter::once(paused)
+        .chain((0..3).filter(|i| *i != paused))
+        .map(|i| set.url(i))
+        .collect::<Vec<_>>()
+        .join(",");
+    let ctl = |args: &[&str]| run_ctl(&bin_dir(), &set.security, &urls, args);
+    for args in [
+        create_args("with-one-paused"),
+        vec!["tenant", "get", "with-one-paused"],
+        vec!["cluster", "status"],
+    ] {
+        let out = ctl(&args);
+        assert!(
+            out.success,
+            "{args:?} with a follower stopped: {}",
+            out.stderr
+        );
+    }
+    set.resume(paused);
 }
 
 #[test]

@@ -8,6 +8,21 @@ use clap::{Parser, Subcommand, ValueEnum};
 use dormant_proto::v1 as pb;
 use dormant_scheduler::ctl::{self, output, CtlError};
 
+/// `println!` that ends the process quietly once stdout is closed (`dormantctl ... | head -1`):
+/// the reader has what it wanted. Any other write error is reported, with a failure status.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 #[derive(Debug, Parser)]
 #[command(version, about = "Operate a Dormant cluster")]
 struct Cli {
@@ -229,11 +244,20 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
     if !(v.is_finite() && v >= 0.0) {
         return Err(format!("{s:?} must be a positive duration"));
     }
-    Ok(Duration::from_secs_f64(v * mult))
+    match Duration::try_from_secs_f64(v * mult) {
+        Ok(d) if d <= LONGEST_WAIT => Ok(d),
+        _ => Err(format!(
+            "{s:?} is longer than the longest wait, {}s (a day)",
+            LONGEST_WAIT.as_secs()
+        )),
+    }
 }
 
+/// The longest `--timeout` taken: waiting longer than a day for a tenant is a mistake.
+const LONGEST_WAIT: Duration = Duration::from_secs(24 * 3600);
+
 fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    out!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 async fn run(cli: Cli) -> Result<(), CtlError> {
@@ -262,7 +286,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
     }) = &cli.command
     {
         for f in ctl::certs::init(dir, replicas, nodes, operators, hosts)? {
-            println!("{}", f.display());
+            out!("{}", f.display());
         }
         return Ok(());
     }
@@ -325,14 +349,15 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 v["credentials"] = output::credentials_json(&creds);
                 print_json(&v);
             } else {
-                println!("{}", output::tenants_table(std::slice::from_ref(&tenant)));
+                out!("{}", output::tenants_table(std::slice::from_ref(&tenant)));
                 if creds.uri.is_empty() {
-                    println!(
+                    out!(
                         "\npassword: {} (no endpoint yet: {})",
-                        creds.password, tenant.reason
+                        creds.password,
+                        tenant.reason
                     );
                 } else {
-                    println!("\nconnect: {}", creds.uri);
+                    out!("\nconnect: {}", creds.uri);
                 }
             }
             if tenant.state == "failed" {
@@ -353,7 +378,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             if json {
                 print_json(&output::tenant_json(&t));
             } else {
-                println!("{}", output::tenant_detail(&t));
+                out!("{}", output::tenant_detail(&t));
             }
         }
         Top::Tenant(TenantCmd::List) => {
@@ -366,7 +391,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 let v: Vec<_> = list.tenants.iter().map(output::tenant_json).collect();
                 print_json(&serde_json::Value::Array(v));
             } else {
-                println!("{}", output::tenants_table(&list.tenants));
+                out!("{}", output::tenants_table(&list.tenants));
             }
         }
         Top::Tenant(TenantCmd::Update {
@@ -395,8 +420,8 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             if json {
                 print_json(&output::tenant_json(&t));
             } else {
-                println!("{}", output::tenants_table(&[t]));
-                println!("\n(the tenant's node applies the change with its next heartbeat)");
+                out!("{}", output::tenants_table(&[t]));
+                out!("\n(the tenant's node applies the change with its next heartbeat)");
             }
         }
         Top::Tenant(TenantCmd::Delete {
@@ -427,9 +452,9 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             if json {
                 print_json(&serde_json::json!({"name": name, "deleted": !no_wait}));
             } else if no_wait {
-                println!("tenant {name} is being deleted");
+                out!("tenant {name} is being deleted");
             } else {
-                println!("tenant {name} deleted");
+                out!("tenant {name} deleted");
             }
         }
         Top::Tenant(TenantCmd::Restart { name }) => {
@@ -445,8 +470,8 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             if json {
                 print_json(&output::tenant_json(&t));
             } else {
-                println!("{}", output::tenants_table(std::slice::from_ref(&t)));
-                println!(
+                out!("{}", output::tenants_table(std::slice::from_ref(&t)));
+                out!(
                     "\nrestart generation {}: the tenant's node restarts its engine with its next \
                      heartbeat",
                     t.restart_generation
@@ -465,8 +490,8 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             if json {
                 print_json(&output::tenant_json(&t));
             } else {
-                println!("{}", output::tenants_table(std::slice::from_ref(&t)));
-                println!(
+                out!("{}", output::tenants_table(std::slice::from_ref(&t)));
+                out!(
                     "\nhibernate generation {}: the tenant's node hibernates it with its next \
                      heartbeat; its next client wakes it",
                     t.hibernate_generation
@@ -485,8 +510,8 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             if json {
                 print_json(&output::tenant_json(&t));
             } else {
-                println!("{}", output::tenants_table(std::slice::from_ref(&t)));
-                println!(
+                out!("{}", output::tenants_table(std::slice::from_ref(&t)));
+                out!(
                     "\nwake generation {}: the tenant's node wakes it with its next heartbeat",
                     t.wake_generation
                 );
@@ -503,12 +528,13 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             if json {
                 print_json(&output::credentials_json(&c));
             } else if c.uri.is_empty() {
-                println!(
+                out!(
                     "user: {}\npassword: {}\n(no endpoint yet)",
-                    c.user, c.password
+                    c.user,
+                    c.password
                 );
             } else {
-                println!("{}", c.uri);
+                out!("{}", c.uri);
             }
         }
         Top::Node(NodeCmd::List) => {
@@ -521,7 +547,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 let v: Vec<_> = list.nodes.iter().map(output::node_json).collect();
                 print_json(&serde_json::Value::Array(v));
             } else {
-                println!("{}", output::nodes_table(&list.nodes));
+                out!("{}", output::nodes_table(&list.nodes));
             }
         }
         Top::Node(cmd @ (NodeCmd::Cordon { .. } | NodeCmd::Uncordon { .. })) => {
@@ -540,7 +566,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             if json {
                 print_json(&output::node_json(&node));
             } else {
-                println!("{}", output::nodes_table(&[node]));
+                out!("{}", output::nodes_table(&[node]));
             }
         }
         Top::Cluster(cmd) => {
@@ -582,7 +608,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             if json {
                 print_json(&output::cluster_json(&s, cluster_id));
             } else {
-                println!("{}", output::cluster_table(&s, cluster_id));
+                out!("{}", output::cluster_table(&s, cluster_id));
             }
         }
     }
@@ -597,6 +623,25 @@ async fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_absurd_ones_are_refused_without_a_panic() {
+        assert_eq!(humantime_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(humantime_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(humantime_duration("500ms"), Ok(Duration::from_millis(500)));
+        for absurd in ["1e20s", "1e300m", "86401s"] {
+            let err = humantime_duration(absurd).unwrap_err();
+            assert!(err.contains("longest wait, 86400s"), "{absurd}: {err}");
+        }
+        for bad in ["-1s", "NaNs", "infs", "soon"] {
+            assert!(humantime_duration(bad).is_err(), "{bad}");
         }
     }
 }

@@ -392,3 +392,34 @@ fn t105_a_leader_cut_off_from_its_majority_does_not_answer_heartbeats() {
         dormant_tests::sim_node::heartbeat_once(&set.security, &set.url(leader), "n1").ok()
     });
 }
+
+#[test]
+fn t106_dormantctl_into_a_closed_pipe_exits_quietly() {
+    // `dormantctl tenant list | head -1`: the reader is gone before the rest is written.
+    let set = Replicas::start(1, &[]);
+    for n in 0..3 {
+        let name = format!("piped-{n}");
+        assert!(set.ctl(&create_args(&name)).success);
+    }
+    for args in [
+        vec!["tenant", "list"],
+        vec!["cluster", "status"],
+        vec!["tenant", "list", "-o", "json"],
+    ] {
+        let mut child = std::process::Command::new(bin_dir().join("dormantctl"))
+            .arg("--scheduler")
+            .arg(set.urls())
+            .args(set.security.operator_args())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Close the read end at once: every write dormantctl makes meets a closed pipe.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {:?} {stderr}", out.status);
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}

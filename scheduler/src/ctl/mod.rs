@@ -170,18 +170,14 @@ pub async fn connect(
     // tonic's connect timeout covers the TCP connect only: a replica that is stopped (SIGSTOP,
     // hung) accepts the connection in the kernel and never answers the TLS handshake.
     let connecting = tokio::time::timeout(CONNECT_WAIT, endpoint.connect());
-    let channel = match connecting.await {
-        Ok(connected) => connected.map_err(|e| CtlError::Connect {
-            url: url.clone(),
-            why: root_cause(&e),
-        })?,
-        Err(_) => return Err(CtlError::Connect {
-            url,
-            why: format!(
-                "no answer within {CONNECT_WAIT:?} (the replica accepts but is stopped or hung)"
-            ),
-        }),
-    };
+    let connected = connecting.await.map_err(|_| CtlError::Connect {
+        url: url.clone(),
+        why: format!("no answer within {CONNECT_WAIT:?} (accepting but stopped or hung)"),
+    })?;
+    let channel = connected.map_err(|e| CtlError::Connect {
+        url: url.clone(),
+        why: root_cause(&e),
+    })?;
     Ok(OperatorClient::new(channel))
 }
 

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod hibernation;
+pub mod metrics_http;
 pub mod name;
 pub mod quantity;
 pub mod resources;

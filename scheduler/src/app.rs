@@ -9,6 +9,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use dormant_common::metrics_http::{MetricsHttpError, MetricsListener, Render};
 use dormant_common::tls::{PeerIdentity, Transport};
 use dormant_common::{NodeStatus, TenantState};
 use openraft::BasicNode;
@@ -23,6 +24,7 @@ use crate::fence::Fence;
 use crate::grpc;
 use crate::grpc::authz::{Api, Gate};
 use crate::liveness::{Liveness, Verdict, Watch};
+use crate::metrics;
 use crate::network::PeerNetwork;
 use crate::placement;
 use crate::read_index::ReadIndex;
@@ -62,6 +64,8 @@ pub enum AppError {
          the error) and start the replica again"
     )]
     RaftStopped(String),
+    #[error(transparent)]
+    Metrics(#[from] MetricsHttpError),
     #[error("listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -92,6 +96,8 @@ pub struct App {
     pub fence: Fence,
     /// The data disk's free space, checked before every proposal.
     pub disk: DiskReserve,
+    /// Events counted for `/metrics`.
+    pub counters: metrics::Counters,
 }
 
 impl App {
@@ -231,8 +237,24 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         read_index: ReadIndex::spawn(settings.id, raft.clone(), fence.clone()),
         fence,
         disk: DiskReserve::new(&settings.data_dir, settings.disk_reserve),
+        counters: metrics::Counters::default(),
     });
 
+    // Bound before anything is served, so a taken or bad address stops the start.
+    let metrics_listener = match settings.metrics_listen {
+        Some(addr) => Some(MetricsListener::bind(addr).await?),
+        None => None,
+    };
+    let metrics_server = metrics_listener.map(|listener| {
+        info!(listen = %listener.local_addr(), "serving /metrics");
+        let app = app.clone();
+        let render: Render = Arc::new(move || metrics::render(&app));
+        tokio::spawn(async move {
+            if let Err(e) = listener.serve(render, std::future::pending()).await {
+                warn!(error = %e, "metrics endpoint stopped");
+            }
+        })
+    });
     let placer = tokio::spawn(place_pending_loop(app.clone()));
     let liveness = tokio::spawn(watch_liveness_loop(app.clone()));
 
@@ -306,6 +328,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     };
     placer.abort();
     liveness.abort();
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     if let Some(why) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(AppError::RaftStopped(why));
     }
@@ -353,6 +378,7 @@ async fn place_pending_loop(app: Arc<App>) {
                 warn!(error = %status.message(), "placing a pending tenant");
                 break;
             }
+            app.counters.placements.inc();
         }
     }
 }

@@ -33,6 +33,8 @@ pub struct FileConfig {
     pub insecure: Option<bool>,
     /// Free space the data disk keeps: writes are refused below it ("256MiB", the default).
     pub disk_reserve: Option<String>,
+    /// Where to serve Prometheus metrics over plain HTTP (`GET /metrics`); none by default.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// 256 MiB: room for about a hundred thousand log entries past the point writes stop.
@@ -57,6 +59,8 @@ pub struct Settings {
     pub tls: Option<TlsFiles>,
     /// Writes are refused while the data disk has less free space than this.
     pub disk_reserve: dormant_common::Bytes,
+    /// `GET /metrics` over plain HTTP here, if set.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +138,7 @@ impl Settings {
         Ok(Settings {
             tls,
             disk_reserve,
+            metrics_listen: cli.metrics_listen.or(file.metrics_listen),
             node_grace_period: std::time::Duration::from_millis(grace_ms),
             snapshot_every,
             id,

@@ -10,6 +10,7 @@ pub mod disk;
 pub mod fence;
 pub mod grpc;
 pub mod liveness;
+pub mod metrics;
 pub mod network;
 pub mod placement;
 pub mod read_index;

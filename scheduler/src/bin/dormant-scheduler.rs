@@ -61,6 +61,9 @@ struct Args {
     /// Refuse writes while the data disk has less free space than this (default 256MiB).
     #[arg(long)]
     disk_reserve: Option<String>,
+    /// Serve Prometheus metrics over plain HTTP at this address (GET /metrics); off by default.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Log as JSON lines instead of plain text.
     #[arg(long)]
     log_json: bool,
@@ -103,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
         key: args.key,
         insecure: args.insecure.then_some(true),
         disk_reserve: args.disk_reserve,
+        metrics_listen: args.metrics_listen,
     };
     let settings = Settings::merge(cli, file)?;
     dormant_scheduler::app::run(settings, shutdown_signal())

@@ -265,6 +265,7 @@ impl AgentApi for AgentService {
             unix_ms_now(),
         );
         if let Arrival::Late { beyond_timeout_ms } = arrival {
+            self.app.counters.heartbeats_late.inc();
             // The agent gave up on it and has sent newer ones: acting on it could only write
             // out-of-date transitions.
             tracing::debug!(node_id = %node, beyond_timeout_ms, "dropped a late heartbeat");
@@ -296,6 +297,7 @@ impl AgentApi for AgentService {
         // it must come from current state, never from a leader that was just elected (and has
         // not applied all that was committed) or one cut off from its majority.
         let term = super::current_enough(&self.app)?;
+        self.app.counters.heartbeats.inc();
         let cluster_id = cluster_id(&self.app)?;
 
         // Work out the transitions to commit, from the applied state.

@@ -299,6 +299,11 @@ impl Operator for OperatorService {
             .await?,
         )?;
         info!(tenant_id = %tenant.name, uid = tenant.uid, state = %tenant.state, node = ?tenant.node, idle_after = %tenant.idle_after, hibernate = %tenant.hibernate, "tenant created");
+        if tenant.node.is_some() {
+            self.app.counters.placements.inc();
+        } else {
+            self.app.counters.placement_refusals.inc();
+        }
         if tenant.node.is_none() {
             // Pending: perhaps only because concurrent creates made our choice stale.
             self.app.placer.notify_one();

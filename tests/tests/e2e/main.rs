@@ -14,6 +14,7 @@ mod t140_upgrade_in_place;
 mod t150_crash_matrix;
 mod t160_mutual_tls;
 mod t170_raft_recovery;
+mod t180_metrics;
 mod t20_cgroup_limits;
 mod t30_restarts;
 mod t35_lifecycle;

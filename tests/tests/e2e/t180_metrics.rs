@@ -1,0 +1,178 @@
+//! Prometheus metrics: a real Prometheus server (Debian's `prometheus`), started by the test,
+//! scrapes a scheduler's `/metrics`, and its queries return the cluster's own figures;
+//! `promtool check metrics` finds nothing wrong with the endpoint. Needs no root.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use dormant_tests::cluster::{self, free_port};
+use dormant_tests::process::ProcGuard;
+use dormant_tests::{wait_until, Replicas, SimNode, SimNodeSpec};
+
+/// `GET path` over plain HTTP/1.0; the body, or `None` if the server did not answer 200.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200")
+        .then(|| body.to_string())
+        .or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_string()))
+}
+
+/// The value of the sample written exactly `series` (name and labels) in an exposition.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Percent-encodes a PromQL query for a URL.
+fn encode_query(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// The single value a PromQL instant query returns, once Prometheus has one.
+fn prom_value(prometheus: &str, query: &str) -> Option<f64> {
+    let body = http_get(
+        prometheus,
+        &format!("/api/v1/query?query={}", encode_query(query)),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let result = v["data"]["result"].as_array()?;
+    let [one] = result.as_slice() else {
+        return None;
+    };
+    one["value"][1].as_str()?.parse().ok()
+}
+
+fn start_prometheus(dir: &Path, target: &str) -> (ProcGuard, String) {
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: dormant-scheduler\n    \
+             static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args: Vec<String> = vec![
+        format!("--config.file={}", config.display()),
+        format!("--storage.tsdb.path={}", dir.join("tsdb").display()),
+        format!("--web.listen-address={listen}"),
+    ];
+    let guard = ProcGuard::spawn(
+        Path::new("/usr/bin/prometheus"),
+        &args,
+        &dir.join("prometheus.log"),
+    );
+    (guard, listen)
+}
+
+#[test]
+fn t180_prometheus_scrapes_the_scheduler_and_gets_the_clusters_figures() {
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let set = Replicas::start(1, &["--metrics-listen", &metrics]);
+    let _node = SimNode::start(
+        &set.security,
+        &set.urls(),
+        SimNodeSpec::new("m-a", 4000, 8192, 100),
+    );
+    for name in ["fits-1", "fits-2"] {
+        let args = cluster::create_args(name, "postgres", ["1", "1GiB", "10GiB"]);
+        let mut args = args;
+        args.push("--no-wait");
+        let out = set.ctl(&args);
+        assert!(out.success, "{}", out.stderr);
+    }
+    // Fits the node's capacity, not what the first two left of it: pending.
+    let mut waits = cluster::create_args("waits", "postgres", ["3", "1GiB", "10GiB"]);
+    waits.push("--no-wait");
+    let out = set.ctl(&waits);
+    assert!(out.success, "{}", out.stderr);
+
+    let text = wait_until(Duration::from_secs(30), "the metrics endpoint", || {
+        http_get(&metrics, "/metrics")
+    });
+    assert_eq!(
+        sample(&text, r#"dormant_tenants{state="pending"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, r#"dormant_tenants{state="starting"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, r#"dormant_tenants{state="running"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&text, r#"dormant_node_capacity_cpu_cores{node="m-a"}"#),
+        Some(4.0)
+    );
+    assert_eq!(
+        sample(&text, r#"dormant_node_allocated_cpu_cores{node="m-a"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, r#"dormant_node_capacity_memory_bytes{node="m-a"}"#),
+        Some(8192.0 * 1024.0 * 1024.0)
+    );
+    assert_eq!(sample(&text, r#"dormant_nodes{status="ready"}"#), Some(1.0));
+    assert_eq!(sample(&text, "dormant_raft_is_leader"), Some(1.0));
+    assert_eq!(sample(&text, "dormant_placements_total"), Some(2.0));
+    assert!(http_get(&metrics, "/").is_none(), "only /metrics is served");
+
+    // promtool's own check of the exposition.
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    // A real Prometheus scraping it.
+    let (_prometheus, prometheus) = start_prometheus(set.dir(), &metrics);
+    let pending = wait_until(
+        Duration::from_secs(60),
+        "Prometheus to have scraped the scheduler",
+        || prom_value(&prometheus, r#"dormant_tenants{state="pending"}"#),
+    );
+    assert_eq!(pending, 1.0);
+    assert_eq!(
+        prom_value(
+            &prometheus,
+            r#"dormant_node_capacity_cpu_cores{node="m-a"}"#
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        prom_value(&prometheus, r#"sum(dormant_node_allocated_cpu_cores)"#),
+        Some(2.0)
+    );
+}

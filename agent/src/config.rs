@@ -58,6 +58,8 @@ pub struct FileConfig {
     pub key: Option<PathBuf>,
     /// Plaintext gRPC to the scheduler, no certificate: for trying things out only.
     pub insecure: Option<bool>,
+    /// Where to serve Prometheus metrics over plain HTTP (`GET /metrics`); none by default.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +85,8 @@ pub struct Settings {
     pub labels: BTreeMap<String, String>,
     pub engine_log: crate::engine_log::LogLimits,
     pub stop_tenants_on_exit: bool,
+    /// `GET /metrics` over plain HTTP here, if set.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// TLS on tenant endpoints: certificate chain and key.
     pub tenant_tls: Option<(PathBuf, PathBuf)>,
     pub tenant_plaintext: bool,
@@ -254,6 +258,7 @@ impl Settings {
             labels: pick!(labels).unwrap_or_default(),
             engine_log,
             stop_tenants_on_exit: pick!(stop_tenants_on_exit).unwrap_or(false),
+            metrics_listen: pick!(metrics_listen),
             tenant_tls,
             tenant_plaintext,
         })

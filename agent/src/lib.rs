@@ -12,6 +12,7 @@ pub mod engine;
 pub mod engine_log;
 pub mod host;
 pub mod keeper;
+pub mod metrics;
 pub mod process;
 pub mod proxy;
 pub mod reconcile;
@@ -50,6 +51,8 @@ pub enum AgentError {
     Records(tenant::record::RecordError),
     #[error("sweeping the host at start: {0}")]
     Sweep(String),
+    #[error(transparent)]
+    Metrics(dormant_common::metrics_http::MetricsHttpError),
     #[error(transparent)]
     TenantTls(#[from] tenant_tls::TenantTlsError),
     #[error("engines: no engine is available: install postgresql or redis-server, or define [engines.NAME] in the config")]
@@ -170,6 +173,27 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let host = Arc::new(prepare_host(&settings)?);
+    // Bound first, so a taken or bad address stops the start.
+    let metrics_listener = match settings.metrics_listen {
+        Some(addr) => Some(
+            dormant_common::metrics_http::MetricsListener::bind(addr)
+                .await
+                .map_err(AgentError::Metrics)?,
+        ),
+        None => None,
+    };
+    let latest = metrics::LatestReport::default();
+    let metrics_server = metrics_listener.map(|listener| {
+        info!(listen = %listener.local_addr(), "serving /metrics");
+        let latest = latest.clone();
+        let render: dormant_common::metrics_http::Render =
+            Arc::new(move || metrics::render(&latest));
+        tokio::spawn(async move {
+            if let Err(e) = listener.serve(render, std::future::pending()).await {
+                tracing::warn!(error = %e, "metrics endpoint stopped");
+            }
+        })
+    });
     // Engines start as grandchildren (PID 1 of their pid namespace); as the subreaper we become
     // their parent and can read how they exit.
     spawn::become_subreaper().map_err(host::HostError::Subreaper)?;
@@ -205,8 +229,11 @@ pub async fn run(
     let mut tenants = reconcile::Tenants::new(host.clone());
     tenants.resume(records, found.quarantined);
     let host_for_exit = host.clone();
-    let reporter = report::Reporter::new(settings.clone(), host)?;
+    let reporter = report::Reporter::new(settings.clone(), host, latest)?;
     reporter.run(&mut tenants, shutdown).await;
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
     info!(
         stop_tenants = settings.stop_tenants_on_exit,
         "agent stopping"

@@ -66,6 +66,9 @@ struct Args {
     tenant_plaintext: bool,
     #[arg(long)]
     log_json: bool,
+    /// Serve Prometheus metrics over plain HTTP at this address (GET /metrics); off by default.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// The cluster's CA certificate (PEM).
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -129,6 +132,7 @@ async fn agent(args: Args) -> anyhow::Result<()> {
         cert: args.cert,
         key: args.key,
         insecure: args.insecure.then_some(true),
+        metrics_listen: args.metrics_listen,
         ..Default::default()
     };
     let settings = Settings::merge(cli, file)?;

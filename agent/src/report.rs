@@ -158,6 +158,8 @@ pub struct Reporter {
     cluster: ClusterIdentity,
     /// Answers refused in a row, to log the first and then every 30th.
     refusals: u32,
+    /// The latest heartbeat built, for `/metrics`.
+    latest: crate::metrics::LatestReport,
 }
 
 fn to_pb(r: &dormant_common::Resources) -> pb::Resources {
@@ -169,7 +171,11 @@ fn to_pb(r: &dormant_common::Resources) -> pb::Resources {
 }
 
 impl Reporter {
-    pub fn new(settings: Settings, host: Arc<Host>) -> Result<Self, ReportError> {
+    pub fn new(
+        settings: Settings,
+        host: Arc<Host>,
+        latest: crate::metrics::LatestReport,
+    ) -> Result<Self, ReportError> {
         let transport = Transport::new(settings.tls.as_ref())?;
         match transport.identity() {
             None => warn!(
@@ -220,6 +226,7 @@ impl Reporter {
             seen_version: 0,
             cluster,
             refusals: 0,
+            latest,
         })
     }
 
@@ -394,7 +401,9 @@ impl Reporter {
                     }
                 }
             }
-            let mut req = tonic::Request::new(self.heartbeat_request(tenants));
+            let heartbeat = self.heartbeat_request(tenants);
+            self.latest.set(&heartbeat);
+            let mut req = tonic::Request::new(heartbeat);
             // Well inside the scheduler's grace period, so a replica that hangs is left for the
             // next before the node is judged silent.
             req.set_timeout(HEARTBEAT_TIMEOUT);

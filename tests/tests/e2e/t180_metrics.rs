@@ -1,6 +1,7 @@
 //! Prometheus metrics: a real Prometheus server (Debian's `prometheus`), started by the test,
 //! scrapes a scheduler's `/metrics`, and its queries return the cluster's own figures;
-//! `promtool check metrics` finds nothing wrong with the endpoint. Needs no root.
+//! `promtool check metrics` finds nothing wrong with the endpoints. An agent exports its tenants'
+//! figures while they exist (that test needs root: a real agent and engine).
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use dormant_tests::cluster::{self, free_port};
 use dormant_tests::process::ProcGuard;
-use dormant_tests::{wait_until, Replicas, SimNode, SimNodeSpec};
+use dormant_tests::{require_root, wait_until, Cluster, Replicas, SimNode, SimNodeSpec};
 
 /// `GET path` over plain HTTP/1.0; the body, or `None` if the server did not answer 200.
 fn http_get(addr: &str, path: &str) -> Option<String> {
@@ -54,6 +55,30 @@ fn prom_value(prometheus: &str, query: &str) -> Option<f64> {
         return None;
     };
     one["value"][1].as_str()?.parse().ok()
+}
+
+/// `promtool check metrics` (Debian's prometheus package) finds nothing wrong with `text`.
+fn promtool_check(text: &str) {
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
 }
 
 fn start_prometheus(dir: &Path, target: &str) -> (ProcGuard, String) {
@@ -134,27 +159,7 @@ fn t180_prometheus_scrapes_the_scheduler_and_gets_the_clusters_figures() {
     assert_eq!(sample(&text, "dormant_placements_total"), Some(2.0));
     assert!(http_get(&metrics, "/").is_none(), "only /metrics is served");
 
-    // promtool's own check of the exposition.
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(
-        checked.status.success(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    promtool_check(&text);
 
     // A real Prometheus scraping it.
     let (_prometheus, prometheus) = start_prometheus(set.dir(), &metrics);
@@ -175,4 +180,43 @@ fn t180_prometheus_scrapes_the_scheduler_and_gets_the_clusters_figures() {
         prom_value(&prometheus, r#"sum(dormant_node_allocated_cpu_cores)"#),
         Some(2.0)
     );
+}
+
+#[test]
+fn t181_an_agent_exports_its_tenants_figures_and_a_deleted_tenants_series_go() {
+    if !require_root("t181_an_agent_exports_its_tenants_figures") {
+        return;
+    }
+    let mut cluster = Cluster::start("t181");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    cluster.add_agent_with("n1", &["--metrics-listen", &metrics]);
+    cluster.create_running("m1", "postgres", ["0.5", "256MiB", "256MiB"]);
+    let text = wait_until(Duration::from_secs(30), "m1's series", || {
+        let text = http_get(&metrics, "/metrics")?;
+        let memory = sample(&text, r#"dormant_tenant_memory_bytes{tenant="m1"}"#)?;
+        (memory > 0.0).then_some(text)
+    });
+    let cpu = sample(&text, r#"dormant_tenant_cpu_seconds_total{tenant="m1"}"#).unwrap();
+    assert!(cpu > 0.0, "PostgreSQL started and used no CPU? {cpu}");
+    assert_eq!(
+        sample(
+            &text,
+            r#"dormant_tenant_state{tenant="m1",state="running"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(sample(&text, r#"dormant_tenant_volume_used_bytes{tenant="m1"}"#).unwrap() > 0.0);
+    assert_eq!(
+        sample(&text, r#"dormant_agent_tenants{node="n1"}"#),
+        Some(1.0)
+    );
+    promtool_check(&text);
+
+    let out = cluster.ctl(&["tenant", "delete", "m1"]);
+    assert!(out.success, "{}", out.stderr);
+    wait_until(Duration::from_secs(60), "m1's series to go", || {
+        let text = http_get(&metrics, "/metrics")?;
+        (!text.contains(r#"tenant="m1""#)).then_some(())
+    });
 }

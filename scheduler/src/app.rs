@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use dormant_common::metrics_http::{MetricsHttpError, MetricsListener, Render};
 use dormant_common::tls::{PeerIdentity, Transport};
-use dormant_common::{NodeStatus, TenantState};
+use dormant_common::NodeStatus;
 use openraft::BasicNode;
 use tokio::sync::Notify;
 use tonic::service::interceptor::InterceptedService;
@@ -26,9 +26,9 @@ use crate::grpc::authz::{Api, Gate};
 use crate::liveness::{Liveness, Verdict, Watch};
 use crate::metrics;
 use crate::network::PeerNetwork;
-use crate::placement;
+use crate::pending;
 use crate::read_index::ReadIndex;
-use crate::state::{Command, DesiredState};
+use crate::state::Command;
 use crate::store::{self, SharedState};
 use crate::Raft;
 
@@ -359,19 +359,17 @@ async fn raft_failure(raft: Raft) -> String {
 /// On the leader: tries to place every pending tenant whenever woken, and every few seconds.
 /// Each pass places at most one tenant (the next must see its reservation), so passes repeat at
 /// once while they place something: a burst of creates that went stale drains in milliseconds.
-/// Why the others still wait is written once, after the last pass (reasons name free amounts,
-/// which change with every placement).
+/// Why the others wait is not written: `pending::reason` works it out on read.
 async fn place_pending_loop(app: Arc<App>) {
     loop {
         let _ = tokio::time::timeout(Duration::from_secs(3), app.placer.notified()).await;
         while app.is_leader() {
-            let (assign, reasons) = pending_placements(&app);
+            let assign = pending::next_placement(
+                &app.state.read().cluster,
+                app.settings.placement,
+                app.settings.overcommit_ratio,
+            );
             let Some(assign) = assign else {
-                for command in reasons {
-                    if let Err(status) = grpc::propose(&app, command).await {
-                        warn!(error = %status.message(), "recording why a tenant waits");
-                    }
-                }
                 break;
             };
             if let Err(status) = grpc::propose(&app, assign).await {
@@ -449,46 +447,4 @@ async fn watch_liveness_loop(app: Arc<App>) {
             }
         }
     }
-}
-
-/// The command that places one pending tenant, or else those that refresh why they still wait.
-fn pending_placements(app: &App) -> (Option<Command>, Vec<Command>) {
-    let sm = app.state.read();
-    let cluster = &sm.cluster;
-    let views = cluster.node_views();
-    let mut commands = Vec::new();
-    for t in cluster.tenants.values() {
-        if t.state != TenantState::Pending || t.desired != DesiredState::Running {
-            continue;
-        }
-        let choice = placement::place(
-            &t.ask(),
-            &views,
-            app.settings.placement,
-            app.settings.overcommit_ratio,
-        );
-        match choice {
-            Ok(node) => {
-                // One placement per pass: the next pass sees the updated allocation.
-                let assign = Command::AssignTenant {
-                    name: t.name.clone(),
-                    uid: t.uid,
-                    node,
-                    overcommit: app.settings.overcommit_ratio,
-                };
-                return (Some(assign), Vec::new());
-            }
-            Err(why) => {
-                let why = why.to_string();
-                if t.reason.as_deref() != Some(why.as_str()) {
-                    commands.push(Command::SetPendingReason {
-                        name: t.name.clone(),
-                        uid: t.uid,
-                        reason: why,
-                    });
-                }
-            }
-        }
-    }
-    (None, commands)
 }

@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod liveness;
 pub mod metrics;
 pub mod network;
+pub mod pending;
 pub mod placement;
 pub mod read_index;
 pub mod state;

@@ -45,8 +45,19 @@ pub enum PlacementError {
     #[error("no node is registered")]
     NoNodes,
     /// Every node was filtered out; one reason per node.
-    #[error("no node has room: {}", .0.join("; "))]
+    #[error("no node has room: {}", shortened(.0))]
     NoneFits(Vec<String>),
+}
+
+/// At most this many nodes' reasons are spelled out; a fleet's worth would bury the point.
+const REASONS_SHOWN: usize = 10;
+
+fn shortened(reasons: &[String]) -> String {
+    let mut shown = reasons[..reasons.len().min(REASONS_SHOWN)].join("; ");
+    if reasons.len() > REASONS_SHOWN {
+        shown += &format!("; and {} more nodes", reasons.len() - REASONS_SHOWN);
+    }
+    shown
 }
 
 fn gib(b: Bytes) -> String {
@@ -309,6 +320,19 @@ mod tests {
             "no node has room: a: 0.1 CPU free, 0.2 asked; b: label zone=us-1, wanted eu-1; \
              c: no label zone, wanted eu-1"
         );
+    }
+
+    #[test]
+    fn a_fleets_reasons_are_cut_short_with_a_count() {
+        let nodes: Vec<NodeRecord> = (0..12)
+            .map(|i| node(&format!("n{i:02}"), res(1000, 1024, 10)))
+            .collect();
+        let v = views(&nodes, &[res(1000, 0, 0); 12]);
+        let err = place(&ask("postgres", &res(1, 1, 1)), &v, Policy::BinPack, 1.0).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("n09: 0 CPU free"), "{text}");
+        assert!(!text.contains("n10"), "{text}");
+        assert!(text.ends_with("; and 2 more nodes"), "{text}");
     }
 
     #[test]

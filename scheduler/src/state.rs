@@ -194,7 +194,8 @@ pub enum Command {
         node: NodeName,
         overcommit: f64,
     },
-    /// Record why a pending tenant still fits nowhere.
+    /// Record why a pending tenant still fits nowhere. No longer proposed (`pending` works the
+    /// reason out on read); applied from logs that older schedulers wrote.
     SetPendingReason {
         name: TenantName,
         uid: u64,

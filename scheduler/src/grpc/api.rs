@@ -247,6 +247,7 @@ impl OperatorService {
             &tenant,
             &sm.cluster,
             &self.app.liveness(),
+            self.app.settings.overcommit_ratio,
         )))
     }
 }
@@ -311,7 +312,12 @@ impl Operator for OperatorService {
         let sm = self.app.state.read();
         let live = self.app.liveness();
         Ok(Response::new(pb::CreateTenantResponse {
-            tenant: Some(tenant_to_pb(&tenant, &sm.cluster, &live)),
+            tenant: Some(tenant_to_pb(
+                &tenant,
+                &sm.cluster,
+                &live,
+                self.app.settings.overcommit_ratio,
+            )),
             credentials: Some(credentials(&tenant, &sm.cluster)),
         }))
     }
@@ -407,6 +413,7 @@ impl Operator for OperatorService {
             &tenant,
             &sm.cluster,
             &self.app.liveness(),
+            self.app.settings.overcommit_ratio,
         )))
     }
 
@@ -429,6 +436,7 @@ impl Operator for OperatorService {
             t,
             &sm.cluster,
             &self.app.liveness(),
+            self.app.settings.overcommit_ratio,
         )))
     }
 
@@ -447,7 +455,7 @@ impl Operator for OperatorService {
             .cluster
             .tenants
             .values()
-            .map(|t| tenant_to_pb(t, &sm.cluster, &live))
+            .map(|t| tenant_to_pb(t, &sm.cluster, &live, self.app.settings.overcommit_ratio))
             .collect();
         Ok(Response::new(pb::ListTenantsResponse { tenants }))
     }
@@ -462,7 +470,12 @@ impl Operator for OperatorService {
         info!(tenant_id = %name, "tenant delete requested");
         let sm = self.app.state.read();
         let tenant = match outcome {
-            Outcome::Tenant(t) => tenant_to_pb(&t, &sm.cluster, &self.app.liveness()),
+            Outcome::Tenant(t) => tenant_to_pb(
+                &t,
+                &sm.cluster,
+                &self.app.liveness(),
+                self.app.settings.overcommit_ratio,
+            ),
             // A pending tenant had nothing on any node and is gone already.
             _ => pb::Tenant {
                 name: name.to_string(),

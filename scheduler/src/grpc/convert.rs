@@ -4,6 +4,7 @@ use dormant_common::{Bytes, MilliCpu, NodeStatus, Resources};
 use dormant_proto::v1 as pb;
 
 use crate::liveness::Liveness;
+use crate::pending;
 use crate::state::{ClusterState, NodeRecord, TenantRecord};
 
 pub fn resources_to_pb(r: &Resources) -> pb::Resources {
@@ -28,7 +29,19 @@ pub fn endpoint(t: &TenantRecord, cluster: &ClusterState) -> Option<String> {
     Some(format!("{}:{}", node.address, t.port?))
 }
 
-pub fn tenant_to_pb(t: &TenantRecord, cluster: &ClusterState, live: &Liveness) -> pb::Tenant {
+/// The tenant as operators see it; `overcommit` is this replica's ratio, with which it works out
+/// why a pending tenant waits (see `pending`).
+pub fn tenant_to_pb(
+    t: &TenantRecord,
+    cluster: &ClusterState,
+    live: &Liveness,
+    overcommit: f64,
+) -> pb::Tenant {
+    let reason = if pending::waits_for_room(t) {
+        pending::reason(t, &cluster.node_views(), overcommit)
+    } else {
+        t.reason.clone()
+    };
     pb::Tenant {
         name: t.name.to_string(),
         engine: t.engine.clone(),
@@ -36,7 +49,7 @@ pub fn tenant_to_pb(t: &TenantRecord, cluster: &ClusterState, live: &Liveness) -
         node: t.node.as_ref().map(|n| n.to_string()).unwrap_or_default(),
         endpoint: endpoint(t, cluster).unwrap_or_default(),
         resources: Some(resources_to_pb(&t.resources)),
-        reason: t.reason.clone().unwrap_or_default(),
+        reason: reason.unwrap_or_default(),
         uid: t.uid,
         usage: live.tenant_usage(&t.name).cloned(),
         constraints: t

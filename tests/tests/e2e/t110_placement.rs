@@ -104,3 +104,65 @@ fn t111_spread_alternates_and_overcommit_bounds_reservations() {
         assert_eq!(n["allocated"]["cpu"], 1.5, "{n}");
     }
 }
+
+/// Why a pending tenant waits is worked out on read: placing some of 50 waiting tenants writes
+/// one entry per placement, none for the others' reasons, and the reasons shown still name what
+/// is free now.
+#[test]
+fn t112_placements_among_50_pending_tenants_write_no_entries_for_their_reasons() {
+    let set = Replicas::start(1, &[]);
+    let _a = SimNode::start(
+        &set.security,
+        &set.urls(),
+        SimNodeSpec::new("a", 1000, 65536, 1000),
+    );
+    assert_eq!(node_of(&create(&set, "blocker", "0.95", &[])), "a");
+    for n in 0..50 {
+        let t = create(&set, &format!("w{n:02}"), "0.1", &[]);
+        assert_eq!(t["state"], "pending", "{t}");
+        assert_eq!(t["reason"], "no node has room: a: 0.05 CPU free, 0.1 asked");
+    }
+    let last_log = || {
+        set.status(0).expect("status")["last_log_index"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = last_log();
+    // Shrinking the blocker frees 0.62 CPU: room for 6 of them, with 0.07 left over.
+    let out = set.ctl(&["tenant", "update", "blocker", "--cpu", "0.33"]);
+    assert!(out.success, "{}", out.stderr);
+    let placed = || {
+        let all = set.ctl(&["tenant", "list", "-o", "json"]).json();
+        all.as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["name"] != "blocker" && t["node"] == "a")
+            .count()
+    };
+    dormant_tests::wait_until(
+        std::time::Duration::from_secs(30),
+        "6 waiting tenants to be placed",
+        || (placed() == 6).then_some(()),
+    );
+    // The placer also runs every 3 s: give it two more passes to write anything it would.
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    assert_eq!(placed(), 6, "no room for a seventh");
+    let written = last_log() - before;
+    // The update and one entry per placement; before reasons were read live, each placement also
+    // rewrote the reason of every one still waiting (about 44 each).
+    assert!(written <= 1 + 6 + 1, "{written} entries for 6 placements");
+    let all = set.ctl(&["tenant", "list", "-o", "json"]).json();
+    let waiting: Vec<&Value> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["state"] == "pending")
+        .collect();
+    assert_eq!(waiting.len(), 44);
+    for t in waiting {
+        assert_eq!(
+            t["reason"], "no node has room: a: 0.07 CPU free, 0.1 asked",
+            "{t}"
+        );
+    }
+}

@@ -4,6 +4,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod billing;
 pub mod cgroup;
 pub mod config;
 pub mod crash;
@@ -53,6 +54,8 @@ pub enum AgentError {
     Sweep(String),
     #[error(transparent)]
     Metrics(dormant_common::metrics_http::MetricsHttpError),
+    #[error(transparent)]
+    Usage(billing::BillingError),
     #[error(transparent)]
     TenantTls(#[from] tenant_tls::TenantTlsError),
     #[error("engines: no engine is available: install postgresql or redis-server, or define [engines.NAME] in the config")]
@@ -229,7 +232,8 @@ pub async fn run(
     let mut tenants = reconcile::Tenants::new(host.clone());
     tenants.resume(records, found.quarantined);
     let host_for_exit = host.clone();
-    let reporter = report::Reporter::new(settings.clone(), host, latest)?;
+    let book = billing::UsageBook::open(&settings.state_dir).map_err(AgentError::Usage)?;
+    let reporter = report::Reporter::new(settings.clone(), host, latest, book)?;
     reporter.run(&mut tenants, shutdown).await;
     if let Some(server) = metrics_server {
         server.abort();

@@ -8,6 +8,7 @@
 //! bootstrapped afresh at the same address (an empty data dir) knows none of the node's tenants,
 //! and reconciling against its desired set would delete them all.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -160,6 +161,8 @@ pub struct Reporter {
     refusals: u32,
     /// The latest heartbeat built, for `/metrics`.
     latest: crate::metrics::LatestReport,
+    /// Usage for billing, sampled with each heartbeat.
+    book: crate::billing::UsageBook,
 }
 
 fn to_pb(r: &dormant_common::Resources) -> pb::Resources {
@@ -175,6 +178,7 @@ impl Reporter {
         settings: Settings,
         host: Arc<Host>,
         latest: crate::metrics::LatestReport,
+        book: crate::billing::UsageBook,
     ) -> Result<Self, ReportError> {
         let transport = Transport::new(settings.tls.as_ref())?;
         match transport.identity() {
@@ -227,6 +231,7 @@ impl Reporter {
             cluster,
             refusals: 0,
             latest,
+            book,
         })
     }
 
@@ -363,6 +368,54 @@ impl Reporter {
         }
     }
 
+    /// Adds this heartbeat's samples to the usage book and saves it before anyone sees the
+    /// figures (see `billing`); returns the figures only this host keeps, for `/metrics`.
+    fn meter(
+        &mut self,
+        heartbeat: &pb::HeartbeatRequest,
+        tenants: &Tenants,
+    ) -> BTreeMap<String, crate::metrics::LocalFigures> {
+        use dormant_common::TenantState;
+        let at_unix_ms = heartbeat.sent_unix_ms;
+        let mut local = BTreeMap::new();
+        for t in &heartbeat.tenants {
+            let Some(handle) = TenantName::parse(&t.name)
+                .ok()
+                .and_then(|name| tenants.handles.get(&name))
+            else {
+                continue;
+            };
+            let observed = handle.observed();
+            let awake = !handle.is_deleting()
+                && matches!(
+                    observed.state,
+                    TenantState::Starting | TenantState::Running | TenantState::Waking
+                );
+            let usage = t.usage.unwrap_or_default();
+            let sample = crate::billing::Sample {
+                at_unix_ms,
+                cpu_usage_usec: usage.cpu_usage_usec,
+                memory_bytes: usage.memory_bytes,
+                storage_bytes: usage.storage_used_bytes,
+                awake,
+            };
+            self.book.observe(&t.name, t.uid, sample);
+            local.insert(t.name.clone(), observed.wake_durations);
+        }
+        self.book
+            .retain(|name| tenants.handles.keys().any(|n| n.as_str() == name));
+        if let Err(e) = self.book.save() {
+            warn!(error = %e, "saving the usage book");
+        }
+        local
+            .into_iter()
+            .filter_map(|(name, wakes)| {
+                let usage = self.book.meter(&name)?.clone();
+                Some((name, crate::metrics::LocalFigures { usage, wakes }))
+            })
+            .collect()
+    }
+
     /// Registers, then heartbeats until `shutdown` resolves; reconciles after every answer.
     pub async fn run(
         mut self,
@@ -402,7 +455,8 @@ impl Reporter {
                 }
             }
             let heartbeat = self.heartbeat_request(tenants);
-            self.latest.set(&heartbeat);
+            let local = self.meter(&heartbeat, tenants);
+            self.latest.set(&heartbeat, local);
             let mut req = tonic::Request::new(heartbeat);
             // Well inside the scheduler's grace period, so a replica that hangs is left for the
             // next before the node is judged silent.

@@ -481,6 +481,28 @@ impl Cluster {
         base.join(&self.cgroup_parent).join(node_id).join(tenant)
     }
 
+    /// CPU time the tenant's cgroup has used, in µs, from the kernel's own files.
+    pub fn kernel_cpu_usec(&self, node_id: &str, tenant: &str) -> u64 {
+        let read = |path: PathBuf| {
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        };
+        match CgroupVersion::of_host() {
+            CgroupVersion::V1 => {
+                let file = self
+                    .tenant_cgroup(node_id, tenant, "cpuacct")
+                    .join("cpuacct.usage");
+                let ns: u64 = read(file).trim().parse().expect("cpuacct.usage");
+                ns / 1000
+            }
+            CgroupVersion::V2 => {
+                let stat = read(self.tenant_cgroup(node_id, tenant, "").join("cpu.stat"));
+                stat.lines()
+                    .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
+                    .unwrap_or_else(|| panic!("no usage_usec in {stat}"))
+            }
+        }
+    }
+
     /// The cgroup of `tenant` on `node_id` as the agent's driver sees it, for calling the agent's
     /// own cgroup code (freeze, thaw) from a test.
     pub fn tenant_cgroup_handle(

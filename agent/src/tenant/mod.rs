@@ -41,6 +41,8 @@ pub struct Observed {
     pub hibernations: u64,
     pub wakes: u64,
     pub last_wake: Option<std::time::Duration>,
+    /// How long each of those wakes took.
+    pub wake_durations: crate::metrics::WakeDurations,
     /// False for a tenant resumed after an agent restart until its supervisor knows whether the
     /// engine is still running: it is not reported until then, so an adopted engine never shows
     /// as `starting`.
@@ -63,6 +65,7 @@ impl Observed {
             hibernations: 0,
             wakes: 0,
             last_wake: None,
+            wake_durations: Default::default(),
             announced,
         }
     }

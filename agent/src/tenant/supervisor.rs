@@ -541,6 +541,7 @@ impl<R: Runtime> Supervisor<R> {
             self.status.send_modify(|o| {
                 o.wakes = wakes;
                 o.last_wake = Some(took);
+                o.wake_durations.observe(took);
             });
             info!(took_ms = took.as_secs_f64() * 1000.0, "tenant woke");
         }

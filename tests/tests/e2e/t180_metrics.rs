@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use dormant_tests::cluster::{self, free_port};
 use dormant_tests::process::ProcGuard;
-use dormant_tests::{require_root, wait_until, Cluster, Replicas, SimNode, SimNodeSpec};
+use dormant_tests::{
+    require_root, wait_until, Cluster, ClusterOptions, Replicas, SimNode, SimNodeSpec,
+};
 
 /// `GET path` over plain HTTP/1.0; the body, or `None` if the server did not answer 200.
 fn http_get(addr: &str, path: &str) -> Option<String> {
@@ -81,13 +83,16 @@ fn promtool_check(text: &str) {
     );
 }
 
-fn start_prometheus(dir: &Path, target: &str) -> (ProcGuard, String) {
+/// A Prometheus server scraping `targets` every second; its guard and address.
+fn start_prometheus(dir: &Path, targets: &[&str]) -> (ProcGuard, String) {
     let config = dir.join("prometheus.yml");
+    let targets: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: dormant-scheduler\n    \
-             static_configs:\n      - targets: ['{target}']\n"
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: dormant\n    \
+             static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
         ),
     )
     .unwrap();
@@ -162,7 +167,7 @@ fn t180_prometheus_scrapes_the_scheduler_and_gets_the_clusters_figures() {
     promtool_check(&text);
 
     // A real Prometheus scraping it.
-    let (_prometheus, prometheus) = start_prometheus(set.dir(), &metrics);
+    let (_prometheus, prometheus) = start_prometheus(set.dir(), &[&metrics]);
     let pending = wait_until(
         Duration::from_secs(60),
         "Prometheus to have scraped the scheduler",
@@ -183,16 +188,23 @@ fn t180_prometheus_scrapes_the_scheduler_and_gets_the_clusters_figures() {
 }
 
 #[test]
-fn t181_an_agent_exports_its_tenants_figures_and_a_deleted_tenants_series_go() {
-    if !require_root("t181_an_agent_exports_its_tenants_figures") {
+fn t181_prometheus_scrapes_a_scheduler_and_an_agent_and_a_deleted_tenants_series_go() {
+    if !require_root("t181_prometheus_scrapes_a_scheduler_and_an_agent") {
         return;
     }
-    let mut cluster = Cluster::start("t181");
-    let metrics = format!("127.0.0.1:{}", free_port());
-    cluster.add_agent_with("n1", &["--metrics-listen", &metrics]);
+    let scheduler_metrics = format!("127.0.0.1:{}", free_port());
+    let agent_metrics = format!("127.0.0.1:{}", free_port());
+    let mut cluster = Cluster::start_with(
+        "t181",
+        ClusterOptions {
+            scheduler_flags: vec!["--metrics-listen".into(), scheduler_metrics.clone()],
+            ..ClusterOptions::default()
+        },
+    );
+    cluster.add_agent_with("n1", &["--metrics-listen", &agent_metrics]);
     cluster.create_running("m1", "postgres", ["0.5", "256MiB", "256MiB"]);
     let text = wait_until(Duration::from_secs(30), "m1's series", || {
-        let text = http_get(&metrics, "/metrics")?;
+        let text = http_get(&agent_metrics, "/metrics")?;
         let memory = sample(&text, r#"dormant_tenant_memory_bytes{tenant="m1"}"#)?;
         (memory > 0.0).then_some(text)
     });
@@ -207,16 +219,145 @@ fn t181_an_agent_exports_its_tenants_figures_and_a_deleted_tenants_series_go() {
         "{text}"
     );
     assert!(sample(&text, r#"dormant_tenant_volume_used_bytes{tenant="m1"}"#).unwrap() > 0.0);
+    assert!(sample(&text, r#"dormant_tenant_awake_seconds_total{tenant="m1"}"#).is_some());
     assert_eq!(
         sample(&text, r#"dormant_agent_tenants{node="n1"}"#),
         Some(1.0)
     );
     promtool_check(&text);
+    let scheduler_text = wait_until(Duration::from_secs(30), "the scheduler's endpoint", || {
+        http_get(&scheduler_metrics, "/metrics")
+    });
+    promtool_check(&scheduler_text);
+
+    // A real Prometheus scraping both.
+    let (_prometheus, prometheus) =
+        start_prometheus(cluster.dir(), &[&scheduler_metrics, &agent_metrics]);
+    let running = wait_until(
+        Duration::from_secs(60),
+        "Prometheus to have scraped the scheduler",
+        || prom_value(&prometheus, r#"dormant_tenants{state="running"}"#),
+    );
+    assert_eq!(running, 1.0);
+    let node = cluster.ctl_json(&["node", "list"])[0].clone();
+    let cores = node["capacity"]["cpu"].as_f64().unwrap();
+    assert_eq!(
+        prom_value(&prometheus, r#"dormant_node_capacity_cpu_cores{node="n1"}"#),
+        Some(cores),
+        "{node}"
+    );
+    let cpu = wait_until(
+        Duration::from_secs(60),
+        "Prometheus to have scraped the agent",
+        || {
+            prom_value(
+                &prometheus,
+                r#"dormant_tenant_cpu_seconds_total{tenant="m1"}"#,
+            )
+        },
+    );
+    let kernel = cluster.kernel_cpu_usec("n1", "m1") as f64 / 1e6;
+    assert!(
+        cpu > 0.0 && cpu <= kernel,
+        "m1's CPU seconds in Prometheus: {cpu}, its cgroup's: {kernel}"
+    );
 
     let out = cluster.ctl(&["tenant", "delete", "m1"]);
     assert!(out.success, "{}", out.stderr);
     wait_until(Duration::from_secs(60), "m1's series to go", || {
-        let text = http_get(&metrics, "/metrics")?;
+        let text = http_get(&agent_metrics, "/metrics")?;
         (!text.contains(r#"tenant="m1""#)).then_some(())
     });
+}
+
+/// Usage for billing: a tenant kept busy shows the CPU seconds its cgroup counted (within 10 %),
+/// and neither an agent killed with -9 and started again nor an engine restart resets or
+/// doubles them.
+#[test]
+fn t182_billed_cpu_seconds_match_the_cgroup_and_survive_agent_and_engine_restarts() {
+    if !require_root("t182_billed_cpu_seconds_match_the_cgroup") {
+        return;
+    }
+    let mut cluster = Cluster::start("t182");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let agent = cluster.add_agent_with("n1", &["--metrics-listen", &metrics]);
+    let t = cluster.create_running("busy", "postgres", ["0.5", "256MiB", "256MiB"]);
+    let uri = t["credentials"]["uri"].as_str().unwrap().to_string();
+    let figure = |series: &str| {
+        let text = http_get(&metrics, "/metrics")?;
+        sample(&text, series)
+    };
+    let billed = || figure(r#"dormant_tenant_cpu_seconds_total{tenant="busy"}"#);
+    let awake = || figure(r#"dormant_tenant_awake_seconds_total{tenant="busy"}"#);
+    // Busy for 8 s at its quota of half a core.
+    let busy = dormant_tests::psql(
+        &uri,
+        "SET statement_timeout = '8s'; DO $$ BEGIN LOOP END LOOP; END $$",
+    );
+    assert!(
+        busy.as_ref()
+            .is_err_and(|e| e.contains("statement timeout")),
+        "{busy:?}"
+    );
+    let kernel_after_busy = cluster.kernel_cpu_usec("n1", "busy") as f64 / 1e6;
+    assert!(kernel_after_busy > 2.0, "busy for 8 s: {kernel_after_busy}");
+    // The next heartbeats sample the cgroup.
+    let counted = wait_until(
+        Duration::from_secs(30),
+        "a sample after the busy query",
+        || billed().filter(|b| *b >= kernel_after_busy * 0.9),
+    );
+    let kernel = cluster.kernel_cpu_usec("n1", "busy") as f64 / 1e6;
+    assert!(
+        counted <= kernel * 1.1,
+        "billed {counted} s, the cgroup counted {kernel} s"
+    );
+
+    // Awake time is the agent's own count (the cgroup keeps none): it must survive too.
+    let awake_before = awake().expect("awake seconds");
+    assert!(
+        awake_before >= 8.0,
+        "running for the 8 s busy query: {awake_before}"
+    );
+    eprintln!("billed {counted} s of CPU, the cgroup counted {kernel} s; awake {awake_before} s");
+
+    // kill -9 at any point: the next agent goes on from what was saved and shown.
+    cluster.kill_agent(agent);
+    let engine = cluster.engine_pid(agent, "busy");
+    cluster.start_agent(agent);
+    let after_restart = wait_until(Duration::from_secs(30), "the new agent's figures", billed);
+    assert_eq!(
+        cluster.engine_pid(agent, "busy"),
+        engine,
+        "the engine ran on"
+    );
+    let awake_after = awake().expect("awake seconds");
+    assert!(
+        awake_after >= awake_before,
+        "awake {awake_after} s after the restart, {awake_before} s before"
+    );
+    let kernel = cluster.kernel_cpu_usec("n1", "busy") as f64 / 1e6;
+    assert!(
+        after_restart >= counted && after_restart <= kernel * 1.1,
+        "after the agent's restart: billed {after_restart} s (was {counted} s), the cgroup \
+         counted {kernel} s"
+    );
+
+    // The engine restarts in the same cgroup: its count goes on.
+    let out = cluster.ctl(&["tenant", "restart", "busy"]);
+    assert!(out.success, "{}", out.stderr);
+    wait_until(Duration::from_secs(60), "the restarted engine", || {
+        let pid = cluster.engine_pid_now(agent, "busy")?;
+        (pid != engine && cluster.tenant("busy")["state"] == "running").then_some(())
+    });
+    let after_engine = wait_until(
+        Duration::from_secs(30),
+        "a sample of the new engine",
+        || billed().filter(|b| *b > after_restart),
+    );
+    let kernel = cluster.kernel_cpu_usec("n1", "busy") as f64 / 1e6;
+    assert!(
+        after_engine <= kernel * 1.1,
+        "after the engine's restart: billed {after_engine} s, the cgroup counted {kernel} s"
+    );
 }

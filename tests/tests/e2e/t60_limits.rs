@@ -40,27 +40,6 @@ fn kernel_oom_kills(cluster: &Cluster, tenant: &str) -> u64 {
     }
 }
 
-/// CPU time the tenant's cgroup has used, in µs, from the kernel's files.
-fn kernel_cpu_usec(cluster: &Cluster, tenant: &str) -> u64 {
-    match CgroupVersion::of_host() {
-        CgroupVersion::V1 => {
-            let ns: u64 = read(
-                &cluster
-                    .tenant_cgroup("n1", tenant, "cpuacct")
-                    .join("cpuacct.usage"),
-            )
-            .trim()
-            .parse()
-            .unwrap();
-            ns / 1000
-        }
-        CgroupVersion::V2 => keyed(
-            &read(&cluster.tenant_cgroup("n1", tenant, "").join("cpu.stat")),
-            "usage_usec",
-        ),
-    }
-}
-
 /// Periods in which the kernel held the tenant back by its CPU quota.
 fn kernel_nr_throttled(cluster: &Cluster, tenant: &str) -> u64 {
     let file = match CgroupVersion::of_host() {
@@ -157,10 +136,10 @@ fn a_spinning_tenant_is_held_to_its_cpu_quota() {
         let n: usize = psql(&spin, spinning).ok()?.parse().ok()?;
         (n == cores).then_some(())
     });
-    let (t0, u0) = (Instant::now(), kernel_cpu_usec(&cluster, "spin"));
+    let (t0, u0) = (Instant::now(), cluster.kernel_cpu_usec("n1", "spin"));
     let throttled0 = kernel_nr_throttled(&cluster, "spin");
     std::thread::sleep(Duration::from_secs(10));
-    let (t1, u1) = (Instant::now(), kernel_cpu_usec(&cluster, "spin"));
+    let (t1, u1) = (Instant::now(), cluster.kernel_cpu_usec("n1", "spin"));
     let throttled1 = kernel_nr_throttled(&cluster, "spin");
     let cores_used = (u1 - u0) as f64 / (t1 - t0).as_micros() as f64;
     eprintln!(

@@ -111,20 +111,30 @@ struct Figures {
 }
 
 /// The latest heartbeat the reporter built and this host's own figures, shared with the metrics
-/// endpoint.
+/// endpoint; and the reporter's counters.
 #[derive(Debug, Clone, Default)]
-pub struct LatestReport(Arc<Mutex<Option<Figures>>>);
+pub struct LatestReport {
+    figures: Arc<Mutex<Option<Figures>>>,
+    /// Heartbeats the scheduler answered.
+    pub heartbeats_sent: Counter,
+    /// Heartbeats that got no answer (no replica reached, or refused): the node goes down
+    /// when they last the scheduler's grace period.
+    pub heartbeats_failed: Counter,
+}
 
 impl LatestReport {
     pub fn set(&self, heartbeat: &pb::HeartbeatRequest, local: BTreeMap<String, LocalFigures>) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Figures {
+        *self.figures.lock().unwrap_or_else(|p| p.into_inner()) = Some(Figures {
             heartbeat: heartbeat.clone(),
             local,
         });
     }
 
     fn get(&self) -> Option<Figures> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.figures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -238,6 +248,16 @@ pub fn render(latest: &LatestReport) -> String {
         &mut registry,
         "dormant_agent_tenants",
         "Tenants on this node",
+    );
+    registry.register(
+        "dormant_agent_heartbeats_sent",
+        "Heartbeats the scheduler answered",
+        latest.heartbeats_sent.clone(),
+    );
+    registry.register(
+        "dormant_agent_heartbeats_failed",
+        "Heartbeats that got no answer from any scheduler replica, or were refused",
+        latest.heartbeats_failed.clone(),
     );
     if let Some(Figures {
         heartbeat: report,

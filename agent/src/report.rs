@@ -463,6 +463,7 @@ impl Reporter {
             req.set_timeout(HEARTBEAT_TIMEOUT);
             match self.client().heartbeat(req).await {
                 Ok(reply) => {
+                    self.latest.heartbeats_sent.inc();
                     failures = 0;
                     let reply = reply.into_inner();
                     // Nothing in another cluster's answer is acted on, "register again" included:
@@ -490,6 +491,7 @@ impl Reporter {
                     tenants.reconcile(&desired_from(reply));
                 }
                 Err(e) => {
+                    self.latest.heartbeats_failed.inc();
                     failures += 1;
                     if failures == 1 || failures.is_multiple_of(30) {
                         warn!(error = %e.message(), "heartbeat failed; tenants keep running");

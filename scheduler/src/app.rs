@@ -98,6 +98,10 @@ pub struct App {
     pub disk: DiskReserve,
     /// Events counted for `/metrics`.
     pub counters: metrics::Counters,
+    /// The stored snapshot's size, for `/metrics`.
+    pub snapshot_bytes: Arc<std::sync::atomic::AtomicU64>,
+    /// The commit index as last sampled (each second), for `/metrics`.
+    pub commit_index: std::sync::atomic::AtomicU64,
 }
 
 impl App {
@@ -195,6 +199,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     }
     let (log_store, sm_store) = store::open(&settings.data_dir.join("raft"))?;
     let state = sm_store.shared();
+    let snapshot_bytes = sm_store.snapshot_size();
     let network = PeerNetwork::new(transport.clone());
     let raft = Raft::new(
         settings.id,
@@ -238,6 +243,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         fence,
         disk: DiskReserve::new(&settings.data_dir, settings.disk_reserve),
         counters: metrics::Counters::default(),
+        snapshot_bytes,
+        commit_index: std::sync::atomic::AtomicU64::new(0),
     });
 
     // Bound before anything is served, so a taken or bad address stops the start.
@@ -248,10 +255,16 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let metrics_server = metrics_listener.map(|listener| {
         info!(listen = %listener.local_addr(), "serving /metrics");
         let app = app.clone();
+        let sampled = app.clone();
         let render: Render = Arc::new(move || metrics::render(&app));
         tokio::spawn(async move {
-            if let Err(e) = listener.serve(render, std::future::pending()).await {
-                warn!(error = %e, "metrics endpoint stopped");
+            let sample = metrics::sample_commit_index(sampled);
+            let serve = listener.serve(render, std::future::pending());
+            tokio::select! {
+                () = sample => {}
+                served = serve => if let Err(e) = served {
+                    warn!(error = %e, "metrics endpoint stopped");
+                },
             }
         })
     });
@@ -440,6 +453,9 @@ async fn watch_liveness_loop(app: Arc<App>) {
             // quorum loss, heartbeats refused meanwhile: start over with a fresh grace.
             if let Err(status) = &proposed {
                 warn!(error = %status.message(), "marking a node down");
+            }
+            if proposed.is_ok() {
+                app.counters.nodes_marked_down.inc();
             }
             if proposed.is_err() || proposed_at.elapsed() >= grpc::LEASE {
                 watch = Watch::default();

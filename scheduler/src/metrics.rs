@@ -32,6 +32,27 @@ pub struct Counters {
     pub placements: Counter,
     /// Creates and placements that found no node with room.
     pub placement_refusals: Counter,
+    /// Nodes this replica marked down as leader, silent past their grace period.
+    pub nodes_marked_down: Counter,
+}
+
+/// Samples the commit index each second (openraft's metrics do not carry it, and reading it
+/// takes a call into the Raft core, which a scrape should not wait for).
+pub async fn sample_commit_index(app: std::sync::Arc<App>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Ok(committed) = app
+            .raft
+            .with_raft_state(|st| st.committed.map_or(0, |l| l.index))
+            .await
+        else {
+            // Raft stopped: the replica is on its way out.
+            return;
+        };
+        app.commit_index
+            .store(committed, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 fn gauge(registry: &mut Registry, name: &str, help: &str, value: f64) {
@@ -71,6 +92,11 @@ pub fn render(app: &App) -> String {
         "dormant_placement_refusals",
         "Placements this replica found no room for as leader",
         c.placement_refusals.clone(),
+    );
+    registry.register(
+        "dormant_nodes_marked_down",
+        "Nodes this replica marked down as leader: their heartbeats stopped for the grace period",
+        c.nodes_marked_down.clone(),
     );
     let mut text = String::new();
     // Writing to a String cannot fail.
@@ -121,6 +147,19 @@ fn raft(app: &App, registry: &mut Registry) {
         "dormant_raft_snapshot_index",
         "Index of the last entry this replica's snapshot covers",
         as_f64(snapshot),
+    );
+    gauge(
+        registry,
+        "dormant_raft_commit_index",
+        "Index of the last entry this replica knows committed (sampled each second)",
+        app.commit_index.load(std::sync::atomic::Ordering::Relaxed) as f64,
+    );
+    gauge(
+        registry,
+        "dormant_raft_snapshot_bytes",
+        "Size of this replica's stored snapshot",
+        app.snapshot_bytes
+            .load(std::sync::atomic::Ordering::Relaxed) as f64,
     );
 }
 
@@ -176,6 +215,11 @@ fn cluster(app: &App, registry: &mut Registry) {
         "dormant_node_tenants",
         "Tenants placed on the node",
     );
+    let node_awake = family(
+        registry,
+        "dormant_node_tenants_awake",
+        "Tenants on the node whose engine runs (not hibernated)",
+    );
     let nodes = family(registry, "dormant_nodes", "Nodes by status");
     let tenants = family(registry, "dormant_tenants", "Tenants by state");
 
@@ -220,6 +264,16 @@ fn cluster(app: &App, registry: &mut Registry) {
         node_tenants
             .get_or_create(&labels)
             .set(cluster.tenants_on(&n.id).count() as f64);
+        let awake = cluster
+            .tenants_on(&n.id)
+            .filter(|t| {
+                matches!(
+                    t.state,
+                    TenantState::Starting | TenantState::Running | TenantState::Waking
+                )
+            })
+            .count();
+        node_awake.get_or_create(&labels).set(awake as f64);
         if let Some(usage) = live.node(&n.id).and_then(|s| s.usage).filter(|_| leading) {
             used_cpu
                 .get_or_create(&labels)

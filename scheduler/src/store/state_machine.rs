@@ -70,6 +70,8 @@ pub struct StateMachineStore {
     snapshot_seq: Arc<AtomicU64>,
     /// What the stored snapshot covers; held while a snapshot is compared and stored.
     stored_covers: Arc<Mutex<Option<LogId<u64>>>>,
+    /// The stored snapshot's size, for `/metrics`.
+    stored_bytes: Arc<AtomicU64>,
 }
 
 fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<u64> {
@@ -87,6 +89,7 @@ impl StateMachineStore {
             snapshots,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             stored_covers: Arc::new(Mutex::new(None)),
+            stored_bytes: Arc::new(AtomicU64::new(0)),
         };
         let current = store
             .load_snapshot()
@@ -105,6 +108,11 @@ impl StateMachineStore {
         self.data.clone()
     }
 
+    /// The stored snapshot's size in bytes, kept up to date as snapshots are stored.
+    pub fn snapshot_size(&self) -> Arc<AtomicU64> {
+        self.stored_bytes.clone()
+    }
+
     fn load_snapshot(&self) -> StoreResult<Option<StoredSnapshot>> {
         let Some(bytes) = self
             .snapshots
@@ -113,6 +121,8 @@ impl StateMachineStore {
         else {
             return Ok(None);
         };
+        self.stored_bytes
+            .store(bytes.len() as u64, Ordering::Relaxed);
         serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| snap_err(ErrorVerb::Read, e))
@@ -135,10 +145,12 @@ impl StateMachineStore {
                 );
                 return Ok(false);
             }
+            let size = bytes.len() as u64;
             self.snapshots
                 .insert(CurrentSnapshotKey::KEY, bytes)
                 .map_err(|e| snap_err(ErrorVerb::Write, e))?;
             *covers = snap.meta.last_log_id;
+            self.stored_bytes.store(size, Ordering::Relaxed);
         }
         self.snapshots
             .flush_async()

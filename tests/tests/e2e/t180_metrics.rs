@@ -163,6 +163,11 @@ fn t180_prometheus_scrapes_the_scheduler_and_gets_the_clusters_figures() {
     assert_eq!(sample(&text, "dormant_raft_is_leader"), Some(1.0));
     assert_eq!(sample(&text, "dormant_placements_total"), Some(2.0));
     assert!(http_get(&metrics, "/").is_none(), "only /metrics is served");
+    // Sampled each second: at least the entries behind the figures above are committed.
+    wait_until(Duration::from_secs(30), "the commit index", || {
+        let text = http_get(&metrics, "/metrics")?;
+        (sample(&text, "dormant_raft_commit_index")? >= 3.0).then_some(())
+    });
 
     promtool_check(&text);
 
@@ -229,6 +234,12 @@ fn t181_prometheus_scrapes_a_scheduler_and_an_agent_and_a_deleted_tenants_series
         http_get(&scheduler_metrics, "/metrics")
     });
     promtool_check(&scheduler_text);
+    assert_eq!(
+        sample(&scheduler_text, r#"dormant_node_tenants_awake{node="n1"}"#),
+        Some(1.0),
+        "{scheduler_text}"
+    );
+    assert!(sample(&text, r#"dormant_agent_heartbeats_sent_total"#).unwrap() > 0.0);
 
     // A real Prometheus scraping both.
     let (_prometheus, prometheus) =

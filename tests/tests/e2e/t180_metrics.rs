@@ -110,6 +110,63 @@ fn start_prometheus(dir: &Path, targets: &[&str]) -> (ProcGuard, String) {
     (guard, listen)
 }
 
+/// The names of the samples in an exposition (`dormant_placements_total`, `..._bucket`, ...).
+fn sample_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The repository's Grafana dashboard: it parses, every metric its queries name is one the
+/// binaries exported in `expositions`, and Prometheus runs every query without an error.
+fn check_dashboard(expositions: &[&str], prometheus: &str) {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/monitoring/grafana-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).expect("dashboard JSON");
+    let exported: std::collections::BTreeSet<String> =
+        expositions.iter().flat_map(|t| sample_names(t)).collect();
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            queries.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(queries.len() > 20, "{} queries", queries.len());
+    for query in &queries {
+        let names = query
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("dormant_"));
+        for name in names {
+            assert!(
+                exported.contains(name),
+                "the dashboard queries {name}, which nothing exports ({query})"
+            );
+        }
+        let body = http_get(
+            prometheus,
+            &format!("/api/v1/query?query={}", encode_query(query)),
+        )
+        .unwrap_or_else(|| panic!("Prometheus refused {query}"));
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["status"], "success", "{query}: {answer}");
+    }
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/monitoring/prometheus.yml");
+    let checked = std::process::Command::new("promtool")
+        .args(["check", "config"])
+        .arg(&config)
+        .output()
+        .expect("promtool");
+    assert!(
+        checked.status.success(),
+        "promtool check config: {}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
 #[test]
 fn t180_prometheus_scrapes_the_scheduler_and_gets_the_clusters_figures() {
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -272,6 +329,10 @@ fn t181_prometheus_scrapes_a_scheduler_and_an_agent_and_a_deleted_tenants_series
         cpu > 0.0 && cpu <= kernel,
         "m1's CPU seconds in Prometheus: {cpu}, its cgroup's: {kernel}"
     );
+
+    let agent_text = http_get(&agent_metrics, "/metrics").expect("agent metrics");
+    let scheduler_text = http_get(&scheduler_metrics, "/metrics").expect("scheduler metrics");
+    check_dashboard(&[&agent_text, &scheduler_text], &prometheus);
 
     let out = cluster.ctl(&["tenant", "delete", "m1"]);
     assert!(out.success, "{}", out.stderr);

@@ -131,7 +131,10 @@ impl Load {
                                 let name = format!("load-{c}-{n}");
                                 client.create_tenant(create(name.clone())).await.is_ok()
                                     && client
-                                        .delete_tenant(pb::DeleteTenantRequest { name })
+                                        .delete_tenant(pb::DeleteTenantRequest {
+                                            name,
+                                            force: false,
+                                        })
                                         .await
                                         .is_ok()
                             }
@@ -240,6 +243,7 @@ async fn dormant_failovers(
         let _ = client
             .delete_tenant(pb::DeleteTenantRequest {
                 name: format!("probe-{clients}-{k}"),
+                force: false,
             })
             .await;
         guard.respawn(proc)?;

@@ -180,6 +180,12 @@ impl Liveness {
     pub fn forget_tenant(&mut self, tenant: &TenantName) {
         self.tenants.remove(tenant);
     }
+
+    /// Forgets a removed node: if it returns, it starts afresh.
+    pub fn forget_node(&mut self, node: &NodeName) {
+        self.nodes.remove(node);
+        self.transit.remove(node);
+    }
 }
 
 /// The leader's liveness watch: it judges silence only while heartbeats can be answered.

@@ -263,6 +263,24 @@ pub enum Command {
         node: NodeName,
         cordoned: bool,
     },
+    /// Delete a tenant whose node is down or gone, now: its name, port and reservation are free
+    /// at once, and a tombstone tells its node, if it returns, to remove it.
+    ForceDeleteTenant {
+        name: TenantName,
+        uid: u64,
+    },
+    /// Forget a node. Refused while it is ready or holds tenants, unless `force`: then its
+    /// tenants are deleted as by `ForceDeleteTenant`.
+    RemoveNode {
+        node: NodeName,
+        force: bool,
+    },
+    /// The node of a tombstone confirmed the tenant gone.
+    ForgetTombstone {
+        node: NodeName,
+        name: TenantName,
+        uid: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -270,6 +288,8 @@ pub enum Outcome {
     Node(NodeRecord),
     Tenant(TenantRecord),
     Removed,
+    /// A node forgotten, with the tenants deleted with it.
+    NodeRemoved(Vec<TenantName>),
     /// Entries that are not commands (blank, membership) and commands that changed nothing.
     Nothing,
 }
@@ -300,6 +320,21 @@ pub enum ApplyError {
     Shrink { asked: String, has: String },
     #[error("tenant {tenant} does not fit its node at the new size: {why}")]
     DoesNotFit { tenant: String, why: String },
+    #[error(
+        "force: tenant {tenant:?} is on node {node}, which is ready: a plain delete removes it \
+         there; --force is for a tenant whose node is down or gone"
+    )]
+    ForceOnReadyNode { tenant: String, node: String },
+    #[error(
+        "node {0}: ready (its agent heartbeats): stop its agent first, or --force (the agent \
+         registers it again at its next heartbeat)"
+    )]
+    NodeReady(String),
+    #[error(
+        "node {node}: holds tenants ({tenants}): delete them first, or --force to delete them \
+         with the node (their data stays on the host until its agent returns)"
+    )]
+    NodeHasTenants { node: String, tenants: String },
     #[error("placement of {tenant} on {node} is stale: {why}")]
     StalePlacement {
         tenant: String,
@@ -320,6 +355,10 @@ pub struct ClusterState {
     pub cluster_id: Option<String>,
     pub nodes: BTreeMap<NodeName, NodeRecord>,
     pub tenants: BTreeMap<TenantName, TenantRecord>,
+    /// Tenants deleted with `--force` while their node was down or gone, by node: if that node
+    /// comes back, its agent is told to delete them instead of running them again. Each holds
+    /// its port on that node until the agent confirms.
+    pub tombstones: BTreeMap<NodeName, BTreeMap<TenantName, Tombstone>>,
     /// Derived from `tenants`, never stored: what each node holds. Placement asks it on every
     /// create; scanning every tenant for every node instead dominated the leader's CPU.
     by_node: BTreeMap<NodeName, NodeLoad>,
@@ -333,6 +372,16 @@ struct NodeLoad {
     tenants: BTreeSet<TenantName>,
 }
 
+/// A tenant deleted with `--force` while its node was down or gone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub uid: u64,
+    pub port: Option<u16>,
+    /// The log index of the forced delete: an agent that saw a desired set this recent and no
+    /// longer reports the tenant has removed it.
+    pub deleted_at: u64,
+}
+
 /// `ClusterState` as it is read from snapshots: without the derived index, which is rebuilt.
 #[derive(Deserialize)]
 struct StoredClusterState {
@@ -340,6 +389,8 @@ struct StoredClusterState {
     cluster_id: Option<String>,
     nodes: BTreeMap<NodeName, NodeRecord>,
     tenants: BTreeMap<TenantName, TenantRecord>,
+    #[serde(default)]
+    tombstones: BTreeMap<NodeName, BTreeMap<TenantName, Tombstone>>,
 }
 
 impl From<StoredClusterState> for ClusterState {
@@ -348,10 +399,16 @@ impl From<StoredClusterState> for ClusterState {
             cluster_id: stored.cluster_id,
             nodes: stored.nodes,
             tenants: BTreeMap::new(),
+            tombstones: BTreeMap::new(),
             by_node: BTreeMap::new(),
         };
         for (name, t) in stored.tenants {
             state.insert_tenant(name, t);
+        }
+        for (node, stones) in stored.tombstones {
+            for (name, stone) in stones {
+                state.insert_tombstone(&node, name, stone);
+            }
         }
         state
     }
@@ -366,11 +423,14 @@ impl Serialize for ClusterState {
             cluster_id: &'a Option<String>,
             nodes: &'a BTreeMap<NodeName, NodeRecord>,
             tenants: &'a BTreeMap<TenantName, TenantRecord>,
+            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+            tombstones: &'a BTreeMap<NodeName, BTreeMap<TenantName, Tombstone>>,
         }
         Stored {
             cluster_id: &self.cluster_id,
             nodes: &self.nodes,
             tenants: &self.tenants,
+            tombstones: &self.tombstones,
         }
         .serialize(serializer)
     }
@@ -475,10 +535,61 @@ impl ClusterState {
                     load.ports.remove(&port);
                 }
                 load.tenants.remove(name);
-                if load.tenants.is_empty() {
+                if load.tenants.is_empty() && load.ports.is_empty() {
                     self.by_node.remove(node);
                 }
             }
+        }
+    }
+
+    /// Records a forced delete's tombstone on `node`; its port stays taken there.
+    fn insert_tombstone(&mut self, node: &NodeName, name: TenantName, stone: Tombstone) {
+        if let Some(port) = stone.port {
+            self.by_node
+                .entry(node.clone())
+                .or_default()
+                .ports
+                .insert(port);
+        }
+        self.tombstones
+            .entry(node.clone())
+            .or_default()
+            .insert(name, stone);
+    }
+
+    /// Drops a tombstone (its node confirmed the tenant gone) and frees its port.
+    fn remove_tombstone(&mut self, node: &NodeName, name: &TenantName) {
+        let Some(stones) = self.tombstones.get_mut(node) else {
+            return;
+        };
+        let Some(stone) = stones.remove(name) else {
+            return;
+        };
+        if stones.is_empty() {
+            self.tombstones.remove(node);
+        }
+        if let (Some(port), Some(load)) = (stone.port, self.by_node.get_mut(node)) {
+            load.ports.remove(&port);
+            if load.tenants.is_empty() && load.ports.is_empty() {
+                self.by_node.remove(node);
+            }
+        }
+    }
+
+    /// Removes a placed tenant whose node is down or gone, leaving a tombstone on that node.
+    fn force_remove(&mut self, name: &TenantName, index: u64) {
+        let Some(t) = self.tenants.get(name) else {
+            return;
+        };
+        let node = t.node.clone();
+        let stone = Tombstone {
+            uid: t.uid,
+            port: t.port,
+            deleted_at: index,
+        };
+        self.remove_tenant(name);
+        if let Some(node) = node {
+            self.insert_tombstone(&node, name.clone(), stone);
         }
     }
 
@@ -488,6 +599,11 @@ impl ClusterState {
         let mut fresh = ClusterState::default();
         for (name, t) in &self.tenants {
             fresh.insert_tenant(name.clone(), t.clone());
+        }
+        for (node, stones) in &self.tombstones {
+            for (name, stone) in stones {
+                fresh.insert_tombstone(node, name.clone(), stone.clone());
+            }
         }
         fresh.by_node
     }
@@ -750,6 +866,63 @@ impl ClusterState {
                 self.tenant_with_uid(&name, uid)?;
                 self.remove_tenant(&name);
                 Ok(Outcome::Removed)
+            }
+            Command::ForceDeleteTenant { name, uid } => {
+                let tenant = self.tenant_with_uid(&name, uid)?;
+                if let Some(node) = tenant.node.as_ref().and_then(|n| self.nodes.get(n)) {
+                    if node.status == NodeStatus::Ready {
+                        return Err(ApplyError::ForceOnReadyNode {
+                            tenant: name.to_string(),
+                            node: node.id.to_string(),
+                        });
+                    }
+                }
+                self.force_remove(&name, index);
+                Ok(Outcome::Removed)
+            }
+            Command::RemoveNode { node, force } => {
+                let record = self
+                    .nodes
+                    .get(&node)
+                    .ok_or_else(|| ApplyError::NodeNotFound(node.to_string()))?;
+                let on_it: Vec<TenantName> =
+                    self.tenants_on(&node).map(|t| t.name.clone()).collect();
+                if !force {
+                    if record.status == NodeStatus::Ready {
+                        return Err(ApplyError::NodeReady(node.to_string()));
+                    }
+                    if !on_it.is_empty() {
+                        const SHOWN: usize = 10;
+                        let mut tenants: Vec<&str> =
+                            on_it.iter().take(SHOWN).map(TenantName::as_str).collect();
+                        let more = format!("and {} more", on_it.len().saturating_sub(SHOWN));
+                        if on_it.len() > SHOWN {
+                            tenants.push(&more);
+                        }
+                        return Err(ApplyError::NodeHasTenants {
+                            node: node.to_string(),
+                            tenants: tenants.join(", "),
+                        });
+                    }
+                }
+                for name in &on_it {
+                    self.force_remove(name, index);
+                }
+                self.nodes.remove(&node);
+                Ok(Outcome::NodeRemoved(on_it))
+            }
+            Command::ForgetTombstone { node, name, uid } => {
+                let matches = self
+                    .tombstones
+                    .get(&node)
+                    .and_then(|stones| stones.get(&name))
+                    .is_some_and(|stone| stone.uid == uid);
+                if matches {
+                    self.remove_tombstone(&node, &name);
+                    Ok(Outcome::Removed)
+                } else {
+                    Ok(Outcome::Nothing)
+                }
             }
         }
     }
@@ -1594,5 +1767,134 @@ mod tests {
             err.to_string().contains("a: 2 CPU free, 2.5 asked"),
             "{err}"
         );
+    }
+
+    fn tname(n: &str) -> TenantName {
+        TenantName::parse(n).unwrap()
+    }
+
+    fn down(st: &mut ClusterState, index: u64, node: &str) {
+        st.apply(
+            index,
+            Command::SetNodeStatus {
+                node: NodeName::parse(node).unwrap(),
+                status: NodeStatus::Down,
+                decided_in_term: None,
+            },
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_forced_delete_frees_the_name_and_reservation_and_leaves_a_tombstone_holding_the_port() {
+        let mut st = node_a_with_tenant_t();
+        let a = NodeName::parse("a").unwrap();
+        let port = st.tenants[&tname("t")].port.unwrap();
+        // Refused while the node is ready: a plain delete does it there.
+        let err = st
+            .apply(
+                3,
+                Command::ForceDeleteTenant {
+                    name: tname("t"),
+                    uid: 2,
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(err, ApplyError::ForceOnReadyNode { .. }), "{err}");
+        down(&mut st, 4, "a");
+        // Another uid under the name is not this tenant.
+        assert!(matches!(
+            st.apply(
+                5,
+                Command::ForceDeleteTenant {
+                    name: tname("t"),
+                    uid: 9
+                }
+            ),
+            Err(ApplyError::TenantNotFound(_))
+        ));
+        st.apply(
+            6,
+            Command::ForceDeleteTenant {
+                name: tname("t"),
+                uid: 2,
+            },
+        )
+        .unwrap();
+        assert!(!st.tenants.contains_key(&tname("t")));
+        assert_eq!(st.allocated(&a), Resources::default());
+        assert_eq!(
+            st.tombstones[&a][&tname("t")],
+            Tombstone {
+                uid: 2,
+                port: Some(port),
+                deleted_at: 6
+            }
+        );
+        // The name is free at once; the port stays taken on `a` until its agent confirms.
+        st.apply(
+            7,
+            Command::SetNodeStatus {
+                node: a.clone(),
+                status: NodeStatus::Ready,
+                decided_in_term: None,
+            },
+        )
+        .unwrap();
+        let Outcome::Tenant(again) = create(&mut st, 8, "t", Some("a")).unwrap() else {
+            panic!()
+        };
+        assert_ne!(again.port, Some(port));
+        // A snapshot keeps the tombstone, and the index rebuilt from it holds the port.
+        let restored: ClusterState =
+            serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
+        assert_eq!(restored, st);
+        st.apply(
+            9,
+            Command::ForgetTombstone {
+                node: a.clone(),
+                name: tname("t"),
+                uid: 2,
+            },
+        )
+        .unwrap();
+        assert!(st.tombstones.is_empty());
+        assert!(!st.by_node[&a].ports.contains(&port));
+    }
+
+    #[test]
+    fn a_node_is_removed_only_when_down_and_empty_unless_forced() {
+        let mut st = node_a_with_tenant_t();
+        let a = NodeName::parse("a").unwrap();
+        let remove = |force| Command::RemoveNode {
+            node: a.clone(),
+            force,
+        };
+        assert!(matches!(
+            st.apply(3, remove(false)),
+            Err(ApplyError::NodeReady(_))
+        ));
+        down(&mut st, 4, "a");
+        let err = st.apply(5, remove(false)).unwrap_err();
+        assert!(err.to_string().contains("holds tenants (t)"), "{err}");
+        assert_eq!(
+            st.apply(6, remove(true)),
+            Ok(Outcome::NodeRemoved(vec![tname("t")]))
+        );
+        assert!(st.nodes.is_empty() && st.tenants.is_empty());
+        assert!(st.tombstones[&a].contains_key(&tname("t")));
+        // The node registering again finds its port taken by the tombstone.
+        st.apply(7, Command::RegisterNode(node("a", res(2000, 4096, 100))))
+            .unwrap();
+        let Outcome::Tenant(next) = create(&mut st, 8, "u", Some("a")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(next.port, Some(20001));
+        // Removing an empty node that is down needs no force.
+        let mut st = ClusterState::default();
+        st.apply(1, Command::RegisterNode(node("a", res(2000, 4096, 100))))
+            .unwrap();
+        down(&mut st, 2, "a");
+        assert_eq!(st.apply(3, remove(false)), Ok(Outcome::NodeRemoved(vec![])));
     }
 }

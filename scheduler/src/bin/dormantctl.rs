@@ -167,6 +167,10 @@ enum TenantCmd {
         /// Return at once instead of waiting until it is gone.
         #[arg(long)]
         no_wait: bool,
+        /// For a tenant whose node is down or gone: delete it now (its name, port and
+        /// reservation are free at once); if the node returns, its agent removes the data.
+        #[arg(long)]
+        force: bool,
         #[arg(long, default_value = "120s", value_parser = humantime_duration)]
         timeout: Duration,
     },
@@ -204,6 +208,13 @@ enum NodeCmd {
     Cordon { id: String },
     /// Allow new placements on a node again.
     Uncordon { id: String },
+    /// Forget a node that is gone for good. Refused while it is ready or holds tenants.
+    Remove {
+        id: String,
+        /// Remove it anyway, deleting its tenants as `tenant delete --force` does.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -427,9 +438,13 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
         Top::Tenant(TenantCmd::Delete {
             name,
             no_wait,
+            force,
             timeout,
         }) => {
-            let req = pb::DeleteTenantRequest { name: name.clone() };
+            let req = pb::DeleteTenantRequest {
+                name: name.clone(),
+                force,
+            };
             // Resent only when nothing was proposed: a delete that may have been applied is not
             // sent again (it could remove a tenant created again under the same name).
             let t = replicas
@@ -550,11 +565,38 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 out!("{}", output::nodes_table(&list.nodes));
             }
         }
+        Top::Node(NodeCmd::Remove { id, force }) => {
+            let req = pb::RemoveNodeRequest {
+                id: id.clone(),
+                force,
+            };
+            // Not resent once it may have been applied: the second would find no such node.
+            let removed = replicas
+                .call(false, |mut c| {
+                    let r = req.clone();
+                    async move { c.remove_node(r).await }
+                })
+                .await?;
+            if json {
+                print_json(&serde_json::json!({
+                    "id": id,
+                    "removed": true,
+                    "deleted_tenants": removed.deleted_tenants,
+                }));
+            } else if removed.deleted_tenants.is_empty() {
+                out!("node {id} removed");
+            } else {
+                out!(
+                    "node {id} removed with its tenants: {}",
+                    removed.deleted_tenants.join(", ")
+                );
+            }
+        }
         Top::Node(cmd @ (NodeCmd::Cordon { .. } | NodeCmd::Uncordon { .. })) => {
             let (id, cordoned) = match cmd {
                 NodeCmd::Cordon { id } => (id, true),
                 NodeCmd::Uncordon { id } => (id, false),
-                NodeCmd::List => unreachable!("matched above"),
+                NodeCmd::List | NodeCmd::Remove { .. } => unreachable!("matched above"),
             };
             let req = pb::SetNodeCordonRequest { id, cordoned };
             let node = replicas

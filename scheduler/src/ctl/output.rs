@@ -102,6 +102,7 @@ pub fn node_json(n: &pb::Node) -> Value {
         "cgroup_driver": n.cgroup_driver,
         "tenants": n.tenants,
         "labels": n.labels,
+        "removing": n.removing,
         "used": n.used.map(|u| json!({
             "cpu": MilliCpu(u.cpu_usage_milli).cores(),
             "memory_bytes": u.memory_used_bytes,

@@ -21,7 +21,7 @@ use super::{authz, forward, propose};
 use crate::app::App;
 use crate::liveness::{Arrival, TenantSeen};
 use crate::state::{
-    agent_reported_states_list, Command, DesiredState, NodeRecord, TenantRecord,
+    agent_reported_states_list, ClusterState, Command, DesiredState, NodeRecord, TenantRecord,
     AGENT_REPORTED_STATES,
 };
 
@@ -207,6 +207,31 @@ fn desired(t: &TenantRecord) -> Option<pb::DesiredTenant> {
     })
 }
 
+/// What `node` is to run and to delete: its tenants, and the tombstones of tenants deleted with
+/// `--force` while it was away. A tombstone goes first: a tenant created again under its name
+/// and placed here waits until the old one's data is gone.
+fn desired_set(cluster: &ClusterState, node: &NodeName) -> Vec<pb::DesiredTenant> {
+    let stones = cluster.tombstones.get(node);
+    let buried = |name: &TenantName| stones.is_some_and(|s| s.contains_key(name));
+    let mut set: Vec<pb::DesiredTenant> = cluster
+        .tenants_on(node)
+        .filter(|t| !buried(&t.name))
+        .filter_map(desired)
+        .collect();
+    set.extend(
+        stones
+            .into_iter()
+            .flatten()
+            .map(|(name, stone)| pb::DesiredTenant {
+                name: name.to_string(),
+                uid: stone.uid,
+                desired_state: DesiredState::Deleted.as_str().to_string(),
+                ..Default::default()
+            }),
+    );
+    set
+}
+
 #[tonic::async_trait]
 impl AgentApi for AgentService {
     async fn register(
@@ -357,6 +382,15 @@ impl AgentApi for AgentService {
                 .observe(&node, Instant::now(), req.usage.unwrap_or_default(), seen);
             let reported: HashSet<(&TenantName, u64)> =
                 observed.iter().map(|o| (&o.name, o.uid)).collect();
+            for (name, stone) in cluster.tombstones.get(&node).into_iter().flatten() {
+                if req.seen_version >= stone.deleted_at && !reported.contains(&(name, stone.uid)) {
+                    commands.push(Command::ForgetTombstone {
+                        node: node.clone(),
+                        name: name.clone(),
+                        uid: stone.uid,
+                    });
+                }
+            }
             for rec in cluster.tenants_on(&node) {
                 let seen_delete = rec.deleted_at.is_some_and(|at| req.seen_version >= at);
                 if rec.desired == DesiredState::Deleted
@@ -380,12 +414,15 @@ impl AgentApi for AgentService {
                 self.app.liveness().forget_tenant(name);
                 info!(tenant_id = %name, node_id = %node, "tenant removed from its node");
             }
+            if let Command::ForgetTombstone { name, uid, .. } = &command {
+                info!(tenant_id = %name, uid, node_id = %node, "the node removed a tenant deleted with --force while it was away");
+            }
             propose(&self.app, command).await?;
         }
 
         let sm = self.app.state.read();
         let version = sm.last_applied.map(|l| l.index).unwrap_or(0);
-        let tenants = sm.cluster.tenants_on(&node).filter_map(desired).collect();
+        let tenants = desired_set(&sm.cluster, &node);
         Ok(Response::new(pb::HeartbeatResponse {
             version,
             tenants,

@@ -13,7 +13,7 @@ use dormant_proto::v1::operator_client::OperatorClient;
 use dormant_proto::v1::operator_server::{Operator, OperatorServer};
 use rand::distr::{Alphanumeric, SampleString};
 use tonic::{Request, Response, Status};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::convert::{credentials, node_to_pb, tenant_to_pb};
 use super::{authz, forward, linearizable, membership, propose};
@@ -465,9 +465,35 @@ impl Operator for OperatorService {
         mut req: Request<pb::DeleteTenantRequest>,
     ) -> Result<Response<pb::Tenant>, Status> {
         on_leader!(self, req, false, delete_tenant);
-        let name = parse_name(&req.into_inner().name)?;
-        let outcome = propose(&self.app, Command::DeleteTenant { name: name.clone() }).await?;
-        info!(tenant_id = %name, "tenant delete requested");
+        let req = req.into_inner();
+        let name = parse_name(&req.name)?;
+        let command = if req.force {
+            linearizable(&self.app).await?;
+            let uid = self
+                .app
+                .state
+                .read()
+                .cluster
+                .tenants
+                .get(&name)
+                .map(|t| t.uid)
+                .ok_or_else(|| {
+                    Status::not_found(format!("tenant {:?} not found", name.as_str()))
+                })?;
+            Command::ForceDeleteTenant {
+                name: name.clone(),
+                uid,
+            }
+        } else {
+            Command::DeleteTenant { name: name.clone() }
+        };
+        let outcome = propose(&self.app, command).await?;
+        if req.force {
+            self.app.liveness().forget_tenant(&name);
+            warn!(tenant_id = %name, "tenant deleted with --force: its node, if it returns, removes its data");
+        } else {
+            info!(tenant_id = %name, "tenant delete requested");
+        }
         let sm = self.app.state.read();
         let tenant = match outcome {
             Outcome::Tenant(t) => tenant_to_pb(
@@ -569,6 +595,38 @@ impl Operator for OperatorService {
             &self.app,
             membership::status(&self.app).await?,
         ))
+    }
+
+    async fn remove_node(
+        &self,
+        mut req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        on_leader!(self, req, false, remove_node);
+        let req = req.into_inner();
+        let node = NodeName::parse(&req.id).map_err(invalid)?;
+        let outcome = propose(
+            &self.app,
+            Command::RemoveNode {
+                node: node.clone(),
+                force: req.force,
+            },
+        )
+        .await?;
+        let Outcome::NodeRemoved(deleted) = outcome else {
+            return Err(Status::internal(format!(
+                "unexpected apply outcome {outcome:?}"
+            )));
+        };
+        let mut live = self.app.liveness();
+        live.forget_node(&node);
+        for name in &deleted {
+            live.forget_tenant(name);
+        }
+        drop(live);
+        warn!(node_id = %node, force = req.force, deleted_tenants = deleted.len(), "node removed");
+        Ok(Response::new(pb::RemoveNodeResponse {
+            deleted_tenants: deleted.iter().map(ToString::to_string).collect(),
+        }))
     }
 
     async fn set_node_cordon(

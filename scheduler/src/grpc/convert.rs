@@ -88,6 +88,12 @@ pub fn node_to_pb(n: &NodeRecord, cluster: &ClusterState, live: &Liveness) -> pb
         tenants: u32::try_from(cluster.tenants_on(&n.id).count()).unwrap_or(u32::MAX),
         labels: n.labels.clone().into_iter().collect(),
         cordoned: n.cordoned,
+        removing: cluster
+            .tombstones
+            .get(&n.id)
+            .into_iter()
+            .flat_map(|stones| stones.keys().map(ToString::to_string))
+            .collect(),
     }
 }
 

@@ -38,9 +38,12 @@ pub fn apply_status(e: ApplyError) -> Status {
         ApplyError::Shrink { .. } | ApplyError::NotReportable { .. } => {
             Status::invalid_argument(e.to_string())
         }
-        ApplyError::Deleting(_) | ApplyError::DoesNotFit { .. } | ApplyError::NotPlaced { .. } => {
-            Status::failed_precondition(e.to_string())
-        }
+        ApplyError::Deleting(_)
+        | ApplyError::DoesNotFit { .. }
+        | ApplyError::NotPlaced { .. }
+        | ApplyError::ForceOnReadyNode { .. }
+        | ApplyError::NodeReady(_)
+        | ApplyError::NodeHasTenants { .. } => Status::failed_precondition(e.to_string()),
     }
 }
 

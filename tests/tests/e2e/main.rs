@@ -9,6 +9,7 @@ mod t10_create_and_connect;
 mod t110_placement;
 mod t11_dev_session;
 mod t120_liveness;
+mod t125_dead_node;
 mod t130_agent_contract;
 mod t140_upgrade_in_place;
 mod t150_crash_matrix;

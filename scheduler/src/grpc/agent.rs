@@ -555,4 +555,57 @@ mod tests {
         t.port = None;
         assert_eq!(desired(&t), None);
     }
+
+    #[test]
+    fn a_tombstone_goes_before_a_new_tenant_of_its_name_on_the_same_node() {
+        use crate::state::test_utils::{node, spec};
+        let mut cluster = ClusterState::default();
+        let a = NodeName::parse("a").unwrap();
+        let create = || Command::CreateTenant {
+            spec: spec("t", res(100, 64, 1)),
+            password: "pw".into(),
+            node: Some(a.clone()),
+            pending_reason: None,
+            overcommit: 1.0,
+        };
+        cluster
+            .apply(1, Command::RegisterNode(node("a", res(2000, 4096, 100))))
+            .unwrap();
+        cluster.apply(2, create()).unwrap();
+        let status = |status| Command::SetNodeStatus {
+            node: a.clone(),
+            status,
+            decided_in_term: None,
+        };
+        cluster.apply(3, status(NodeStatus::Down)).unwrap();
+        let t = TenantName::parse("t").unwrap();
+        cluster
+            .apply(
+                4,
+                Command::ForceDeleteTenant {
+                    name: t.clone(),
+                    uid: 2,
+                },
+            )
+            .unwrap();
+        cluster.apply(5, status(NodeStatus::Ready)).unwrap();
+        cluster.apply(6, create()).unwrap();
+        let only_the_old_one_deleted = |set: Vec<pb::DesiredTenant>| matches!(set.as_slice(), [d] if d.uid == 2 && d.desired_state == "deleted");
+        assert!(only_the_old_one_deleted(desired_set(&cluster, &a)));
+        cluster
+            .apply(
+                7,
+                Command::ForgetTombstone {
+                    node: a.clone(),
+                    name: t,
+                    uid: 2,
+                },
+            )
+            .unwrap();
+        let set = desired_set(&cluster, &a);
+        assert!(
+            matches!(set.as_slice(), [d] if d.uid == 6 && d.desired_state == "running"),
+            "{set:?}"
+        );
+    }
 }

@@ -118,6 +118,8 @@ pub struct Tenants {
     /// Tenant directories whose record cannot be read: nothing of that name is started here
     /// (it would take over the directory, uid file and image) until an operator looks.
     quarantined: BTreeSet<String>,
+    /// A desired set has come since this agent started: tenants found on disk were told.
+    heard: bool,
 }
 
 impl Tenants {
@@ -125,6 +127,7 @@ impl Tenants {
         Self {
             host,
             handles: BTreeMap::new(),
+            heard: false,
             kept: BTreeSet::new(),
             quarantined: BTreeSet::new(),
         }
@@ -225,6 +228,13 @@ impl Tenants {
             }
         }
         self.kept = kept;
+        if !self.heard {
+            // After the deletes above: a tenant deleted while this host was away never starts.
+            self.heard = true;
+            for h in self.handles.values() {
+                h.desired_set_heard();
+            }
+        }
     }
 
     /// Ends every task, all at once (each hands its connections over, which may take a few

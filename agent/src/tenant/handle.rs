@@ -86,6 +86,11 @@ impl TenantHandle {
         }
     }
 
+    /// Tells the task the scheduler's desired set has come (see `Request::DesiredSetHeard`).
+    pub fn desired_set_heard(&self) {
+        let _ = self.requests.send(Request::DesiredSetHeard);
+    }
+
     pub fn is_deleting(&self) -> bool {
         self.deleting
     }

@@ -54,6 +54,9 @@ const GROW_RETRY: Duration = Duration::from_secs(30);
 const READY_NOTICE: Duration = Duration::from_secs(120);
 /// How often the host-side preparation of an adopted engine is tried again.
 const PREPARE_RETRY: Duration = Duration::from_secs(5);
+/// How long a tenant found on disk with its engine stopped waits for the scheduler's word
+/// before it starts anyway (the scheduler unreachable: the tenant's availability comes first).
+pub const UNHEARD_START_WAIT: Duration = Duration::from_secs(30);
 
 /// What the agent asks of a tenant's task.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +78,9 @@ pub enum Request {
     Hibernate(u64),
     /// Wake now (`dormantctl tenant wake`), once for this generation.
     Wake(u64),
+    /// The scheduler's desired set has arrived (and a delete in it was sent first): a tenant
+    /// found on disk with its engine stopped may start now.
+    DesiredSetHeard,
 }
 
 /// What ends a wait in `Hibernated`.
@@ -135,6 +141,8 @@ pub struct Supervisor<R: Runtime> {
     restarts: u64,
     /// The storage size not reached yet, with the reason.
     grow_pending: bool,
+    /// The scheduler's desired set has come since this agent started (see `start`).
+    desired_set_heard: bool,
     /// The proxy's client counts: idle and wake decisions.
     clients: watch::Receiver<Clients>,
     /// A manual hibernate asked for (its generation), taken when the engine runs.
@@ -234,6 +242,7 @@ impl<R: Runtime> Supervisor<R> {
             failures: 0,
             restarts: 0,
             grow_pending: false,
+            desired_set_heard: false,
         }
     }
 
@@ -332,6 +341,30 @@ impl<R: Runtime> Supervisor<R> {
         }
     }
 
+    /// Waits for [`Request::DesiredSetHeard`], at most [`UNHEARD_START_WAIT`]; a delete or shutdown
+    /// interrupts, anything else waits for the next step.
+    async fn until_desired_set_heard(&mut self) -> Result<(), Interrupt> {
+        let deadline = Instant::now() + UNHEARD_START_WAIT;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {
+                    warn!(waited = ?UNHEARD_START_WAIT, "no word from the scheduler: starting the stopped engine anyway");
+                    return Ok(());
+                }
+                req = self.requests.recv() => match req {
+                    Some(Request::DesiredSetHeard) => {
+                        self.desired_set_heard = true;
+                        return Ok(());
+                    }
+                    Some(Request::Delete) => return Err(Interrupt::Delete),
+                    Some(Request::Shutdown { stop_engine }) => return Err(Interrupt::Shutdown { stop_engine }),
+                    None => return Err(Interrupt::Shutdown { stop_engine: false }),
+                    Some(other) => self.deferred.push(other),
+                },
+            }
+        }
+    }
+
     /// Handles what arrived during the last step; returns a phase only for a delete or shutdown.
     async fn take_deferred(&mut self) {
         for req in std::mem::take(&mut self.deferred) {
@@ -350,6 +383,7 @@ impl<R: Runtime> Supervisor<R> {
                         self.wake_wanted = Some(generation.max(self.wake_wanted.unwrap_or(0)));
                     }
                 }
+                Request::DesiredSetHeard => self.desired_set_heard = true,
                 // Never deferred (they interrupt).
                 Request::Delete | Request::Shutdown { .. } => {}
             }
@@ -471,6 +505,14 @@ impl<R: Runtime> Supervisor<R> {
             // Hibernated when the agent stopped: it stays so until a client comes. Any client
             // that spoke to this agent (counts start at 0) wakes it.
             return self.now_hibernated(None, 0);
+        }
+        if adopt && !self.status.borrow().announced && !self.desired_set_heard {
+            // Found on disk with its engine stopped (the host rebooted, the engine died while no
+            // agent ran): it may have been deleted (`--force`) while this host was away, so it
+            // starts only once the scheduler's desired set has come, a delete first.
+            if let Err(i) = self.until_desired_set_heard().await {
+                return self.interrupted(i, None, false).await;
+            }
         }
         if self.status.borrow().state != TenantState::Starting || !self.status.borrow().announced {
             self.set(TenantState::Starting, None);

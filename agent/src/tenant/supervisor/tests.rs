@@ -362,7 +362,47 @@ async fn a_resumed_tenant_whose_engine_died_is_started_and_says_so() {
         TenantRecord::new(spec()),
         false,
     );
+    // Nothing starts before the scheduler's desired set has come: it may say delete.
+    h.settle().await;
+    assert_eq!(h.steps(), ["adopt", "prepare"]);
+    h.send(Request::DesiredSetHeard);
     h.wait_state(TenantState::Running).await;
+    assert_eq!(h.steps(), ["adopt", "prepare", "spawn"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resumed_tenant_whose_engine_died_and_that_the_scheduler_deleted_never_starts() {
+    let mut h = start(
+        FakeHost {
+            initialized: true,
+            ready_at_once: true,
+            ..Default::default()
+        },
+        TenantRecord::new(spec()),
+        false,
+    );
+    h.settle().await;
+    // The desired set's delete goes before its "heard".
+    h.send(Request::Delete);
+    h.send(Request::DesiredSetHeard);
+    h.wait_gone().await;
+    assert!(!h.steps().contains(&"spawn".to_string()), "{:?}", h.steps());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resumed_tenant_whose_engine_died_starts_anyway_when_the_scheduler_stays_silent() {
+    let began = tokio::time::Instant::now();
+    let mut h = start(
+        FakeHost {
+            initialized: true,
+            ready_at_once: true,
+            ..Default::default()
+        },
+        TenantRecord::new(spec()),
+        false,
+    );
+    h.wait_state(TenantState::Running).await;
+    assert!(began.elapsed() >= super::UNHEARD_START_WAIT);
     assert_eq!(h.steps(), ["adopt", "prepare", "spawn"]);
 }
 

@@ -20,6 +20,7 @@ pub mod state;
 // helpers would only add a conversion at every trait boundary.
 #[allow(clippy::result_large_err)]
 pub mod store;
+pub mod transitions;
 
 use std::io::Cursor;
 

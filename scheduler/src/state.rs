@@ -630,7 +630,9 @@ impl ClusterState {
 
     /// Applies one command at log index `index`.
     pub fn apply(&mut self, index: u64, command: Command) -> ApplyResult {
+        let before = crate::transitions::Before::note(self, &command);
         let result = self.apply_inner(index, command);
+        before.log_changes(self, index);
         #[cfg(test)]
         assert_eq!(
             self.by_node,

@@ -88,7 +88,19 @@ struct Args {
     keep_listeners: Option<PathBuf>,
 }
 
-fn main() -> anyhow::Result<()> {
+/// The agent's last words, if it stops on an error: one line (the causes joined), no backtrace,
+/// whatever RUST_BACKTRACE says; journald shows it as the unit's last line.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dormant-agent: {}", format!("{e:#}").replace('\n', " "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(socket) = &args.keep_listeners {
         // No runtime, no threads: the keeper only holds sockets.

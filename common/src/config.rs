@@ -4,29 +4,38 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
+/// Each on one line (the binaries print it as their last words): the file, where in it, and what.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config {path}: {source}")]
+    #[error("config {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("config {path}: {source}")]
+    #[error("config {path}: line {line}, column {column}: {message}")]
     Parse {
         path: PathBuf,
-        source: Box<toml::de::Error>,
+        line: usize,
+        column: usize,
+        message: String,
     },
 }
 
 /// Reads `path` as TOML into `T`; unknown keys are refused when `T` says `deny_unknown_fields`.
 pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
-    toml::from_str(&text).map_err(|source| ConfigError::Parse {
-        path: path.to_path_buf(),
-        source: Box::new(source),
+    toml::from_str(&text).map_err(|e: toml::de::Error| {
+        let at = e.span().map_or(0, |span| span.start);
+        let before = &text[..at.min(text.len())];
+        ConfigError::Parse {
+            path: path.to_path_buf(),
+            line: before.matches('\n').count() + 1,
+            column: before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
+            message: e.message().trim().replace('\n', " "),
+        }
     })
 }
 
@@ -47,7 +56,8 @@ mod tests {
         let path = dir.path().join("x.toml");
         std::fs::write(&path, "listen = \"a\"\nlisten_adress = \"b\"\n").unwrap();
         let err = load::<Sample>(&path).unwrap_err().to_string();
-        assert!(err.contains("x.toml"), "{err}");
-        assert!(err.contains("listen_adress"), "{err}");
+        assert!(err.contains("x.toml: line 2, column 1:"), "{err}");
+        assert!(err.contains("unknown field `listen_adress`"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
     }
 }

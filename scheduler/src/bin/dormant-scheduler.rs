@@ -77,8 +77,20 @@ fn parse_policy(s: &str) -> Result<Policy, String> {
     }
 }
 
+/// The replica's last words, if it stops on an error: one line (the causes joined), no
+/// backtrace, whatever RUST_BACKTRACE says; journald shows it as the unit's last line.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dormant-scheduler: {}", format!("{e:#}").replace('\n', " "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let file = match &args.config {
         Some(path) => dormant_common::config::load::<FileConfig>(path)?,

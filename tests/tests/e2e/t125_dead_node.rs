@@ -24,7 +24,11 @@ fn t125_a_dead_node_is_removed_its_tenants_freed_and_on_return_it_deletes_them()
         return;
     }
     let opts = ClusterOptions {
-        scheduler_flags: vec!["--node-grace-period-ms".into(), "3000".into()],
+        scheduler_flags: vec![
+            "--node-grace-period-ms".into(),
+            "3000".into(),
+            "--log-json".into(),
+        ],
         ..Default::default()
     };
     let mut cluster = Cluster::start_with("deadnode", opts);

@@ -107,3 +107,28 @@ fn bad_input_is_refused_with_the_field_named_and_changes_nothing() {
         nodes_before[0]["allocated"]
     );
 }
+
+/// A daemon given a bad config file stops with one line (the program, the file, the line and
+/// column, what is wrong), never a backtrace, whatever RUST_BACKTRACE says. Needs no root.
+#[test]
+fn t51_a_bad_config_file_stops_either_daemon_with_one_line_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "# a comment\nlisten_adress = \"127.0.0.1:1\"\n").unwrap();
+    for daemon in ["dormant-scheduler", "dormant-agent"] {
+        let out = std::process::Command::new(dormant_tests::cluster::bin_dir().join(daemon))
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{daemon} started with a bad config");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{daemon}: {stderr}");
+        let expected = format!(
+            "{daemon}: config {}: line 2, column 1: unknown field `listen_adress`",
+            config.display()
+        );
+        assert!(stderr.starts_with(&expected), "{daemon}: {stderr}");
+    }
+}

@@ -271,6 +271,11 @@ impl Endpoints {
         Ok(listener)
     }
 
+    /// Whether `tenant`'s port is open in this agent (taken back from the keeper, or bound).
+    pub fn is_listening(&self, tenant: &str) -> bool {
+        self.lock().registered.contains_key(tenant)
+    }
+
     /// The connections the previous agent handed over for `tenant`.
     pub fn take_handed_over(&self, tenant: &str) -> Vec<HandedOver> {
         self.lock().handed_over.remove(tenant).unwrap_or_default()

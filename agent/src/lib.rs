@@ -170,11 +170,14 @@ fn raise_fd_limit() {
 }
 
 /// Runs the agent until `shutdown` resolves. Tenants keep running afterwards unless
-/// `stop_tenants_on_exit` is set: restarting the agent never restarts a tenant.
+/// `stop_tenants_on_exit` is set: restarting the agent never restarts a tenant. Under systemd,
+/// `notifier` says when the agent is ready (see `report::Reporter::run`) and when it stops.
 pub async fn run(
     settings: Settings,
+    notifier: &dormant_common::sd_notify::Notifier,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    notifier.status("preparing the host");
     let host = Arc::new(prepare_host(&settings)?);
     // Bound first, so a taken or bad address stops the start.
     let metrics_listener = match settings.metrics_listen {
@@ -234,7 +237,13 @@ pub async fn run(
     let host_for_exit = host.clone();
     let book = billing::UsageBook::open(&settings.state_dir).map_err(AgentError::Usage)?;
     let reporter = report::Reporter::new(settings.clone(), host, latest, book)?;
-    reporter.run(&mut tenants, shutdown).await;
+    notifier.status("registering with the scheduler");
+    reporter.run(&mut tenants, notifier, shutdown).await;
+    notifier.stopping(if settings.stop_tenants_on_exit {
+        "stopping, and stopping its tenants (stop_tenants_on_exit)"
+    } else {
+        "stopping; tenants keep running"
+    });
     if let Some(server) = metrics_server {
         server.abort();
     }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use dormant_agent::config::{FileConfig, Settings};
+use dormant_common::sd_notify::Notifier;
 use dormant_common::telemetry::{self, LogFormat};
 
 #[derive(Debug, Parser)]
@@ -150,9 +151,13 @@ async fn agent(args: Args) -> anyhow::Result<()> {
     let settings = Settings::merge(cli, file)?;
     // Crash points exist only in debug builds made for the crash tests.
     let _crash_points = dormant_agent::crash::setup();
-    dormant_agent::run(settings, shutdown_signal())
-        .await
-        .context("agent stopped")?;
+    // Only under a Type=notify unit (NOTIFY_SOCKET set); otherwise it sends nothing.
+    let notifier = Notifier::from_env();
+    let run = dormant_agent::run(settings, &notifier, shutdown_signal()).await;
+    if let Err(e) = &run {
+        notifier.status(&format!("agent stopped: {e}"));
+    }
+    run.context("agent stopped")?;
     Ok(())
 }
 

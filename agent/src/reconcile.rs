@@ -145,6 +145,21 @@ impl Tenants {
         }
     }
 
+    /// Tenants resumed from disk whose port is not open yet (neither taken back from the keeper
+    /// nor bound) and whose task has not reported anything either (one that cannot open its port
+    /// reports why): the agent tells systemd it is ready once none is left.
+    pub fn ports_pending(&self) -> usize {
+        self.handles
+            .iter()
+            .filter(|(name, h)| {
+                !h.is_finished()
+                    && !h.is_deleting()
+                    && !h.status.borrow().announced
+                    && !self.host.endpoints.is_listening(name.as_str())
+            })
+            .count()
+    }
+
     pub fn present(&self) -> BTreeMap<TenantName, Present> {
         self.handles
             .iter()

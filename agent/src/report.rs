@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use dormant_common::hibernation::IdleAfter;
+use dormant_common::sd_notify::Notifier;
 use dormant_common::tls::{PeerIdentity, TlsError, Transport};
 use dormant_common::TenantName;
 use dormant_proto::v1 as pb;
@@ -417,13 +418,22 @@ impl Reporter {
     }
 
     /// Registers, then heartbeats until `shutdown` resolves; reconciles after every answer.
+    ///
+    /// Under systemd (`notifier` on) this loop is also what tells it how the agent is: `READY=1`
+    /// once registered and every resumed tenant's port is open, `STATUS=` lines, and the
+    /// watchdog pings, which come from this loop's turns so that an agent stuck in it is
+    /// restarted (a call in flight delays a ping by at most its timeout, well inside the
+    /// watchdog's).
     pub async fn run(
         mut self,
         tenants: &mut Tenants,
+        notifier: &Notifier,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
         let mut registered = false;
+        let mut ready = false;
+        let mut alive = notifier.ticker();
         let mut interval = tokio::time::interval(self.settings.heartbeat_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures = 0u32;
@@ -431,6 +441,12 @@ impl Reporter {
             // A tenant changing state reports at once instead of waiting for the next tick.
             tokio::select! {
                 _ = &mut shutdown => return,
+                () = alive.tick() => {
+                    // Until ready, the ping also extends systemd's start timeout: waiting for
+                    // the scheduler is no reason to fail the start (tenants keep running).
+                    notifier.alive(!ready);
+                    continue;
+                }
                 _ = interval.tick() => {}
                 _ = self.host.changed.notified() => {}
             }
@@ -441,6 +457,7 @@ impl Reporter {
                         self.refusals = 0;
                     }
                     Ok(Err(refusal)) => {
+                        notifier.status(&format!("not registered: {refusal}"));
                         self.refuse(&refusal);
                         continue;
                     }
@@ -449,9 +466,26 @@ impl Reporter {
                         if failures == 1 || failures.is_multiple_of(30) {
                             warn!(error = %e.message(), "cannot register with the scheduler; retrying");
                         }
+                        notifier.status(&format!(
+                            "registering with the scheduler ({}): {}; retrying, tenants keep running",
+                            self.clients[self.current].0,
+                            e.message()
+                        ));
                         self.next_replica_if_unreachable(&e);
                         continue;
                     }
+                }
+            }
+            if !ready {
+                match tenants.ports_pending() {
+                    0 => {
+                        ready = true;
+                        info!("ready: registered, every tenant port open");
+                        notifier.ready(&self.serving_status(tenants));
+                    }
+                    pending => notifier.status(&format!(
+                        "registered; waiting for {pending} resumed tenants' ports to open"
+                    )),
                 }
             }
             let heartbeat = self.heartbeat_request(tenants);
@@ -469,6 +503,7 @@ impl Reporter {
                     // Nothing in another cluster's answer is acted on, "register again" included:
                     // registering would make this node one of its nodes.
                     if let Err(refusal) = self.cluster.accept(&reply.cluster_id) {
+                        notifier.status(&refusal.to_string());
                         self.refuse(&refusal);
                         continue;
                     }
@@ -489,6 +524,9 @@ impl Reporter {
                     }
                     self.seen_version = reply.version;
                     tenants.reconcile(&desired_from(reply));
+                    if ready {
+                        notifier.status(&self.serving_status(tenants));
+                    }
                 }
                 Err(e) => {
                     self.latest.heartbeats_failed.inc();
@@ -496,10 +534,25 @@ impl Reporter {
                     if failures == 1 || failures.is_multiple_of(30) {
                         warn!(error = %e.message(), "heartbeat failed; tenants keep running");
                     }
+                    notifier.status(&format!(
+                        "heartbeat to {} failed: {}; tenants keep running",
+                        self.clients[self.current].0,
+                        e.message()
+                    ));
                     self.next_replica_if_unreachable(&e);
                 }
             }
         }
+    }
+
+    /// `systemctl status`'s line for an agent that reports normally.
+    fn serving_status(&self, tenants: &Tenants) -> String {
+        format!(
+            "node {} reporting to {}; {} tenants",
+            self.settings.node_id,
+            self.clients[self.current].0,
+            tenants.handles.len()
+        )
     }
 }
 

@@ -1,5 +1,5 @@
 //! Types both sides of Dormant share: validated names, resource quantities, tenant and node
-//! states, config-file loading and logging set-up.
+//! states, config-file loading, logging set-up and the systemd notify protocol.
 
 #![forbid(unsafe_code)]
 
@@ -9,6 +9,7 @@ pub mod metrics_http;
 pub mod name;
 pub mod quantity;
 pub mod resources;
+pub mod sd_notify;
 pub mod state;
 pub mod telemetry;
 pub mod text;

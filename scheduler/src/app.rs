@@ -3,6 +3,8 @@
 //! answers from its state, and chooses the cluster's identity once; the placer, which finds room
 //! for pending tenants; the liveness watch, which marks silent nodes down), then serves until told
 //! to stop, or until Raft stops on its own (a storage error): then the process exits non-zero.
+//! Under systemd it says `READY=1` once Raft runs and the gRPC port listens, pings the watchdog
+//! after each round trip to its Raft core, and says `STOPPING=1` when it stops.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -10,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dormant_common::metrics_http::{MetricsHttpError, MetricsListener, Render};
+use dormant_common::sd_notify::Notifier;
 use dormant_common::tls::{PeerIdentity, Transport};
 use dormant_common::NodeStatus;
 use openraft::BasicNode;
@@ -166,8 +169,14 @@ fn make_private(dir: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Runs a replica until `shutdown` resolves.
-pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+/// Runs a replica until `shutdown` resolves; `notifier` tells systemd how it goes (nothing when
+/// it is off).
+pub async fn run(
+    settings: Settings,
+    notifier: &Notifier,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AppError> {
+    notifier.status("opening the store and starting raft");
     // The store holds every tenant's password: files this process creates are its own (the
     // unit sets `UMask=0077` too), and what an older version left readable is closed.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
@@ -270,6 +279,10 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     });
     let placer = tokio::spawn(place_pending_loop(app.clone()));
     let liveness = tokio::spawn(watch_liveness_loop(app.clone()));
+    let alive = notifier
+        .is_enabled()
+        .then(|| tokio::spawn(show_alive(app.clone(), notifier.clone())));
+    let stop_alive = alive.as_ref().map(tokio::task::JoinHandle::abort_handle);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -304,10 +317,21 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let shutdown = {
         let failure = failure.clone();
         let raft = raft.clone();
+        let notifier = notifier.clone();
         async move {
             tokio::select! {
-                () = shutdown => {}
+                () = shutdown => {
+                    // No pings while stopping: systemd's stop timeout is what applies now.
+                    if let Some(alive) = &stop_alive {
+                        alive.abort();
+                    }
+                    notifier.stopping("stopping");
+                }
                 why = raft_failure(raft) => {
+                    if let Some(alive) = &stop_alive {
+                        alive.abort();
+                    }
+                    notifier.stopping(&format!("raft stopped: {why}; exiting"));
                     tracing::error!(error = %why, "raft stopped on its own: stopping this replica");
                     *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
                     // Connections that do not close must not keep a dead replica up.
@@ -330,17 +354,33 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                     source,
                 })?;
             info!(listen = %settings.listen, node_id = settings.id, identity = %material.identity, "scheduler serving (mutual TLS)");
+            // Listening, so calls wait in the backlog until the server takes them, at once.
+            notifier.ready(&serving_status(&settings));
             router
                 .serve_with_incoming_shutdown(grpc::tls::incoming(listener, config), shutdown)
                 .await
         }
         Transport::Insecure => {
+            // Bound here rather than by tonic, so that READY=1 follows the bind; with tonic's
+            // own defaults (TCP_NODELAY, no keepalive).
+            let incoming = tonic::transport::server::TcpIncoming::bind(settings.listen)
+                .map_err(|source| AppError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?
+                .with_nodelay(Some(true));
             info!(listen = %settings.listen, node_id = settings.id, "scheduler serving (plaintext, --insecure)");
-            router.serve_with_shutdown(settings.listen, shutdown).await
+            notifier.ready(&serving_status(&settings));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
         }
     };
     placer.abort();
     liveness.abort();
+    if let Some(alive) = alive {
+        alive.abort();
+    }
     if let Some(server) = metrics_server {
         server.abort();
     }
@@ -354,6 +394,47 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         addr: settings.listen,
         source,
     })
+}
+
+fn serving_status(settings: &Settings) -> String {
+    format!("replica {} serving on {}", settings.id, settings.listen)
+}
+
+/// Under systemd: at every tick of the notifier's pace, one round trip to the Raft core; when it
+/// answers in time, a watchdog ping and the replica's role as its status. A stuck runtime or Raft
+/// core answers nothing, the pings stop, and systemd restarts the replica.
+async fn show_alive(app: Arc<App>, notifier: Notifier) {
+    let mut ticker = notifier.ticker();
+    // Half a pace: an answer that comes later would leave too little of the watchdog's time.
+    let patience = notifier.alive_every().unwrap_or(Duration::from_secs(10)) / 2;
+    loop {
+        ticker.tick().await;
+        match tokio::time::timeout(patience, app.raft.is_initialized()).await {
+            Ok(Ok(_)) => {
+                notifier.alive(false);
+                notifier.status(&role_status(&app));
+            }
+            // `raft_failure` stops the replica.
+            Ok(Err(fatal)) => notifier.status(&format!("raft stopped: {fatal}")),
+            Err(_) => warn!(
+                waited = ?patience,
+                "the raft core did not answer: no watchdog ping this time"
+            ),
+        }
+    }
+}
+
+/// `systemctl status`'s line: this replica's Raft role, term and leader.
+fn role_status(app: &App) -> String {
+    let m = app.raft.metrics();
+    let m = m.borrow();
+    let leader = m
+        .current_leader
+        .map_or_else(|| "none known".to_string(), |id| id.to_string());
+    format!(
+        "replica {} at {}: {:?}, term {}, leader {leader}",
+        app.settings.id, app.settings.listen, m.state, m.current_term
+    )
 }
 
 /// Resolves with the reason once Raft stops without being told to.

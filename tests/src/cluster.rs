@@ -173,6 +173,8 @@ pub struct Cluster {
     pub agents: Vec<Agent>,
     pub scheduler: Option<ProcGuard>,
     scheduler_args: Vec<String>,
+    /// Extra environment for the scheduler's next start (`NOTIFY_SOCKET` in the systemd tests).
+    pub scheduler_env: Vec<(String, String)>,
     pub url: String,
     pub cgroup_parent: PathBuf,
     /// The cluster's CA and certificates (or plaintext).
@@ -226,6 +228,7 @@ impl Cluster {
             agents: Vec::new(),
             scheduler: None,
             scheduler_args,
+            scheduler_env: Vec::new(),
             url,
             cgroup_parent,
             security,
@@ -247,16 +250,22 @@ impl Cluster {
     }
 
     pub fn start_scheduler(&mut self) {
-        let log = self.dir.path().join("scheduler.log");
-        self.scheduler = Some(ProcGuard::spawn(
-            &self.bins.join("dormant-scheduler"),
-            &self.scheduler_args,
-            &log,
-        ));
+        self.spawn_scheduler();
         wait_until(Duration::from_secs(30), "the scheduler to lead", || {
             let out = self.ctl(&["cluster", "status", "-o", "json"]);
             (out.success && out.json()["leader_id"] == 1).then_some(())
         });
+    }
+
+    /// Starts the scheduler without waiting for it.
+    pub fn spawn_scheduler(&mut self) {
+        let log = self.dir.path().join("scheduler.log");
+        self.scheduler = Some(ProcGuard::spawn_with_env(
+            &self.bins.join("dormant-scheduler"),
+            &self.scheduler_args,
+            &log,
+            &self.scheduler_env,
+        ));
     }
 
     pub fn kill_scheduler(&mut self) {
@@ -346,6 +355,14 @@ impl Cluster {
     /// `add_agent_with`, running the agent binary `bin` (another build than this workspace's,
     /// given the same flags: an older build must accept them).
     pub fn add_agent_from(&mut self, node_id: &str, bin: &Path, extra: &[&str]) -> usize {
+        let i = self.add_agent_unstarted(node_id, bin, extra);
+        self.start_agent(i);
+        i
+    }
+
+    /// An agent as `add_agent_from` makes it, not started yet: set its `env`, then
+    /// `start_agent` (or `spawn_agent`, which does not wait).
+    pub fn add_agent_unstarted(&mut self, node_id: &str, bin: &Path, extra: &[&str]) -> usize {
         let state_dir = self.dir.path().join(format!("agent-{node_id}"));
         let ports = free_port_range(10);
         let mut args = self.agent_args(node_id, &state_dir, ports);
@@ -361,21 +378,13 @@ impl Cluster {
             env: Vec::new(),
             log,
         });
-        let i = self.agents.len() - 1;
-        self.start_agent(i);
-        i
+        self.agents.len() - 1
     }
 
+    /// Starts agent `i` and waits until its node is ready.
     pub fn start_agent(&mut self, i: usize) {
-        let a = &mut self.agents[i];
-        let env: Vec<(String, String)> = self
-            .security
-            .agent_env()
-            .into_iter()
-            .chain(a.env.iter().cloned())
-            .collect();
-        a.proc = Some(ProcGuard::spawn_with_env(&a.bin, &a.args, &a.log, &env));
-        let node_id = a.node_id.clone();
+        self.spawn_agent(i);
+        let node_id = self.agents[i].node_id.clone();
         wait_until(Duration::from_secs(30), "the node to be ready", || {
             // An agent that refused to start fails the test now, with its reason.
             if let Some(status) = self.agents[i].proc.as_mut().and_then(ProcGuard::try_wait) {
@@ -391,6 +400,18 @@ impl Cluster {
                 .any(|n| n["id"] == node_id.as_str() && n["status"] == "ready")
                 .then_some(())
         });
+    }
+
+    /// Starts agent `i` without waiting for it.
+    pub fn spawn_agent(&mut self, i: usize) {
+        let a = &mut self.agents[i];
+        let env: Vec<(String, String)> = self
+            .security
+            .agent_env()
+            .into_iter()
+            .chain(a.env.iter().cloned())
+            .collect();
+        a.proc = Some(ProcGuard::spawn_with_env(&a.bin, &a.args, &a.log, &env));
     }
 
     /// kill -9 the agent (its tenants keep running, by design).

@@ -7,6 +7,7 @@
 
 pub mod cleanup;
 pub mod cluster;
+pub mod notify;
 pub mod old_agent;
 pub mod process;
 pub mod replicas;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use dormant_common::sd_notify::Notifier;
 use dormant_common::telemetry::{self, LogFormat};
 use dormant_scheduler::config::{FileConfig, Settings};
 use dormant_scheduler::placement::Policy;
@@ -121,9 +122,13 @@ async fn run() -> anyhow::Result<()> {
         metrics_listen: args.metrics_listen,
     };
     let settings = Settings::merge(cli, file)?;
-    dormant_scheduler::app::run(settings, shutdown_signal())
-        .await
-        .context("scheduler stopped")?;
+    // Only under a Type=notify unit (NOTIFY_SOCKET set); otherwise it sends nothing.
+    let notifier = Notifier::from_env();
+    let run = dormant_scheduler::app::run(settings, &notifier, shutdown_signal()).await;
+    if let Err(e) = &run {
+        notifier.status(&format!("scheduler stopped: {e}"));
+    }
+    run.context("scheduler stopped")?;
     Ok(())
 }
 

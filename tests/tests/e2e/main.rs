@@ -16,6 +16,7 @@ mod t150_crash_matrix;
 mod t160_mutual_tls;
 mod t170_raft_recovery;
 mod t180_metrics;
+mod t190_systemd;
 mod t20_cgroup_limits;
 mod t30_restarts;
 mod t35_lifecycle;

@@ -120,8 +120,9 @@ fn sample_names(text: &str) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
-/// The repository's Grafana dashboard: it parses, every metric its queries name is one the
-/// binaries exported in `expositions`, and Prometheus runs every query without an error.
+/// The repository's Grafana dashboard and alerting rules: the dashboard parses, every metric
+/// their queries name is one the binaries exported in `expositions`, Prometheus runs every query
+/// without an error, and promtool accepts the rules and the example scrape config.
 fn check_dashboard(expositions: &[&str], prometheus: &str) {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/monitoring/grafana-dashboard.json");
@@ -136,6 +137,15 @@ fn check_dashboard(expositions: &[&str], prometheus: &str) {
         }
     }
     assert!(queries.len() > 20, "{} queries", queries.len());
+    let monitoring = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/monitoring");
+    let rules = std::fs::read_to_string(monitoring.join("alerts.yml")).unwrap();
+    let alert_queries: Vec<String> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr: "))
+        .map(str::to_string)
+        .collect();
+    assert!(alert_queries.len() >= 10, "{alert_queries:?}");
+    queries.extend(alert_queries);
     for query in &queries {
         let names = query
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -154,17 +164,19 @@ fn check_dashboard(expositions: &[&str], prometheus: &str) {
         let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(answer["status"], "success", "{query}: {answer}");
     }
-    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/monitoring/prometheus.yml");
-    let checked = std::process::Command::new("promtool")
-        .args(["check", "config"])
-        .arg(&config)
-        .output()
-        .expect("promtool");
-    assert!(
-        checked.status.success(),
-        "promtool check config: {}",
-        String::from_utf8_lossy(&checked.stderr)
-    );
+    for (check, file) in [("config", "prometheus.yml"), ("rules", "alerts.yml")] {
+        let checked = std::process::Command::new("promtool")
+            .args(["check", check])
+            .arg(monitoring.join(file))
+            .output()
+            .expect("promtool");
+        assert!(
+            checked.status.success(),
+            "promtool check {check} {file}: {}{}",
+            String::from_utf8_lossy(&checked.stdout),
+            String::from_utf8_lossy(&checked.stderr)
+        );
+    }
 }
 
 #[test]

@@ -11,6 +11,7 @@ pub mod fence;
 pub mod grpc;
 pub mod liveness;
 pub mod metrics;
+pub mod minimums;
 pub mod network;
 pub mod pending;
 pub mod placement;

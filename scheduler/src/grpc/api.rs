@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use super::convert::{credentials, node_to_pb, tenant_to_pb};
 use super::{authz, forward, linearizable, membership, propose};
 use crate::app::App;
+use crate::minimums;
 use crate::placement;
 use crate::state::{
     ApplyError, ClusterState, Command, DesiredState, EngineAction, Outcome, TenantSpec,
@@ -97,6 +98,7 @@ fn parse_spec(req: &pb::CreateTenantRequest) -> Result<TenantSpec, Status> {
         memory: Bytes::parse("memory", &req.memory).map_err(invalid)?,
         storage: Bytes::parse("storage", &req.storage).map_err(invalid)?,
     };
+    minimums::check(&req.engine, &resources).map_err(Status::invalid_argument)?;
     Ok(TenantSpec {
         name,
         engine: req.engine.clone(),
@@ -155,12 +157,14 @@ fn check_against_cluster(
         } else if r.memory > max_mem {
             format!(
                 "memory: {} asked, more than any node's capacity ({} at most)",
-                r.memory, max_mem
+                r.memory.human(),
+                max_mem.human()
             )
         } else if r.storage > max_sto {
             format!(
                 "storage: {} asked, more than any node's capacity ({} at most)",
-                r.storage, max_sto
+                r.storage.human(),
+                max_sto.human()
             )
         } else {
             "resources: no single node has this much cpu, memory and storage together".to_string()
@@ -256,7 +260,11 @@ impl OperatorService {
 macro_rules! on_leader {
     ($self:ident, $req:ident, $stale:expr, $method:ident) => {
         if let Some(leader) = forward::to_leader(&$self.app, &mut $req, $stale)? {
-            return OperatorClient::new(leader).$method($req).await;
+            // A leader that could not be reached got nothing: say so for the caller's retry.
+            return OperatorClient::new(leader)
+                .$method($req)
+                .await
+                .map_err(dormant_proto::refusal::mark_if_unsent);
         }
     };
 }
@@ -369,12 +377,12 @@ impl Operator for OperatorService {
         let idle_after = parse_idle_after(&req.idle_after)?;
         let hibernate = parse_hibernate(&req.hibernate)?;
         linearizable(&self.app).await?;
-        let (uid, current) = {
+        let (uid, current, engine) = {
             let sm = self.app.state.read();
             let t = sm.cluster.tenants.get(&name).ok_or_else(|| {
                 Status::not_found(format!("tenant {:?} not found", name.as_str()))
             })?;
-            (t.uid, t.resources)
+            (t.uid, t.resources, t.engine.clone())
         };
         let resources = Resources {
             cpu: if req.cpu.is_empty() {
@@ -393,6 +401,22 @@ impl Operator for OperatorService {
                 Bytes::parse("storage", &req.storage).map_err(invalid)?
             },
         };
+        // Only the sizes given are held to the minimum: a tenant made before it existed keeps
+        // what it has.
+        let given = Resources {
+            cpu: resources.cpu,
+            memory: Bytes(if req.memory.is_empty() {
+                u64::MAX
+            } else {
+                resources.memory.0
+            }),
+            storage: Bytes(if req.storage.is_empty() {
+                u64::MAX
+            } else {
+                resources.storage.0
+            }),
+        };
+        minimums::check(&engine, &given).map_err(Status::invalid_argument)?;
         let tenant = tenant_of(
             propose(
                 &self.app,

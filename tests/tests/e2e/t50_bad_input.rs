@@ -132,3 +132,48 @@ fn t51_a_bad_config_file_stops_either_daemon_with_one_line_naming_file_line_and_
         assert!(stderr.starts_with(&expected), "{daemon}: {stderr}");
     }
 }
+
+/// Sizes below an engine's minimum are refused at once, naming the field and the minimum, and
+/// change nothing; a tenant at exactly the minimum starts and answers (the minimums are real).
+#[test]
+fn t52_sizes_below_the_engines_minimum_are_refused_and_the_minimum_itself_runs() {
+    if !require_root("t52_sizes_below_the_engines_minimum_are_refused") {
+        return;
+    }
+    let mut cluster = Cluster::start("t52");
+    cluster.add_agent("n1");
+    for (sizes, expected) in [
+        (
+            ["0.25", "64MiB", "1"],
+            "storage: 1B asked, less than the 64MiB a postgres tenant needs at least",
+        ),
+        (
+            ["0.25", "1", "64MiB"],
+            "memory: 1B asked, less than the 64MiB a postgres tenant needs at least",
+        ),
+    ] {
+        let out = cluster.create("tiny", "postgres", sizes, &["--no-wait"]);
+        assert!(!out.success, "{sizes:?} accepted");
+        assert!(out.stderr.contains(expected), "{sizes:?}: {}", out.stderr);
+    }
+    assert_eq!(cluster.ctl_json(&["tenant", "list"]), serde_json::json!([]));
+    let pg = cluster.create_running("pg-min", "postgres", ["0.25", "64MiB", "64MiB"]);
+    let uri = pg["credentials"]["uri"].as_str().unwrap();
+    assert_eq!(dormant_tests::psql(uri, "SELECT 6 * 7").unwrap(), "42");
+    let redis = cluster.create_running("redis-min", "redis", ["0.1", "16MiB", "16MiB"]);
+    let endpoint = redis["endpoint"].as_str().unwrap();
+    let password = redis["credentials"]["password"].as_str().unwrap();
+    assert_eq!(
+        dormant_tests::redis_cli(endpoint, password, &["PING"]).unwrap(),
+        "PONG"
+    );
+    // An update below the minimum is refused the same way.
+    let out = cluster.ctl(&["tenant", "update", "redis-min", "--memory", "1MiB"]);
+    assert!(!out.success);
+    assert!(
+        out.stderr
+            .contains("memory: 1MiB asked, less than the 16MiB a redis tenant needs at least"),
+        "{}",
+        out.stderr
+    );
+}

@@ -3,6 +3,8 @@
 
 #![allow(clippy::all, clippy::pedantic, clippy::unwrap_used)]
 
+pub mod refusal;
+
 pub mod v1 {
     tonic::include_proto!("dormant.v1");
 }

@@ -64,7 +64,10 @@ async fn confirm_in_batches(
             }
             Ok(_) => Ok(()),
             Err(status) => Err(status),
-        };
+        }
+        // A read point is confirmed before a write proposes anything: whatever refused it, the
+        // write changed nothing.
+        .map_err(dormant_proto::refusal::not_proposed);
         for waiter in batch {
             let _ = waiter.send(result.clone());
         }

@@ -55,17 +55,12 @@ const CONNECT_WAIT: Duration = Duration::from_secs(5);
 /// How long calls keep retrying while the cluster has no reachable leader.
 pub const LEADER_WAIT: Duration = Duration::from_secs(20);
 
-/// Whether a failed call certainly changed nothing, so sending it again is safe even for a write:
-/// the replica refused it before proposing, or could not reach the leader to forward it.
+/// Whether a failed write certainly changed nothing, so sending it again is safe: the replica
+/// marked its refusal as made before proposing (`dormant_proto::refusal`), or the call never
+/// reached a replica (its connection was refused).
 pub fn refused_before_proposing(status: &tonic::Status) -> bool {
-    let m = status.message();
-    status.code() == tonic::Code::Unavailable
-        && (m.starts_with("no leader is elected yet")
-            || m.starts_with("this replica is not the leader")
-            || m.contains("which is not the leader either")
-            || m.contains("has not yet committed an entry of it")
-            || m.contains("is unreachable")
-            || m.contains("tcp connect error"))
+    use dormant_proto::refusal::{is_not_proposed, never_sent};
+    status.code() == tonic::Code::Unavailable && (is_not_proposed(status) || never_sent(status))
 }
 
 /// The scheduler replicas dormantctl was given, and a client for the one in use. A replica that
@@ -226,5 +221,42 @@ pub async fn wait_for_tenant(
             return Err(CtlError::Timeout(timeout, what.to_string()));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dormant_proto::refusal::not_proposed;
+    use dormant_proto::v1 as pb;
+
+    #[test]
+    fn only_a_marked_or_unsent_write_is_resent() {
+        assert!(refused_before_proposing(&not_proposed(
+            tonic::Status::unavailable("no leader is elected yet; retry shortly")
+        )));
+        // The same words without the mark: the write may have been proposed.
+        assert!(!refused_before_proposing(&tonic::Status::unavailable(
+            "no leader is elected yet; retry shortly"
+        )));
+        // Marked, but not worth sending again as is (a full disk).
+        assert!(!refused_before_proposing(&not_proposed(
+            tonic::Status::resource_exhausted("disk")
+        )));
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_connection_was_refused_was_never_sent() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let status = OperatorClient::new(channel)
+            .list_nodes(pb::ListNodesRequest { stale: true })
+            .await
+            .unwrap_err();
+        assert!(refused_before_proposing(&status), "{status:?}");
     }
 }

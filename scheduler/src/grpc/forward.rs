@@ -3,6 +3,7 @@
 //! already keeps to the leader for Raft; `stale` reads are answered where they arrive. A request
 //! that was already forwarded is never forwarded again, so a leadership change cannot loop it.
 
+use dormant_proto::refusal::not_proposed;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
@@ -24,17 +25,19 @@ pub fn to_leader<T>(
     }
     if let Some(by) = req.metadata().get(FORWARDED_BY) {
         let by = by.to_str().unwrap_or("?");
-        return Err(Status::unavailable(format!(
+        return Err(not_proposed(Status::unavailable(format!(
             "replica {by} forwarded this to replica {}, which is not the leader either \
              (leadership is changing); retry",
             app.settings.id
-        )));
+        ))));
     }
     let Some((id, addr)) = app.leader() else {
         return Err(not_leader(None));
     };
     let channel = app.network.channel(&addr).map_err(|e| {
-        Status::unavailable(format!("the leader {id} at {addr} is unreachable: {e}"))
+        not_proposed(Status::unavailable(format!(
+            "the leader {id} at {addr} is unreachable: {e}"
+        )))
     })?;
     req.metadata_mut()
         .insert(FORWARDED_BY, MetadataValue::from(app.settings.id));

@@ -12,20 +12,21 @@ pub mod membership;
 pub mod raft;
 pub mod tls;
 
+use dormant_proto::refusal::not_proposed;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use tonic::Status;
 
 use crate::app::App;
 use crate::state::{ApplyError, Command, Outcome};
 
-/// `Unavailable` naming the leader, for a replica that is not it.
+/// `Unavailable` naming the leader, for a replica that is not it (nothing was proposed).
 pub(crate) fn not_leader(leader: Option<(u64, String)>) -> Status {
-    match leader {
+    not_proposed(match leader {
         Some((id, addr)) => Status::unavailable(format!(
             "this replica is not the leader; the leader is {id} at {addr}"
         )),
         None => Status::unavailable("no leader is elected yet; retry shortly"),
-    }
+    })
 }
 
 pub fn apply_status(e: ApplyError) -> Status {
@@ -54,7 +55,7 @@ const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 pub async fn propose(app: &App, command: Command) -> Result<Outcome, Status> {
     app.disk
         .check()
-        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        .map_err(|e| not_proposed(Status::resource_exhausted(e.to_string())))?;
     let Ok(written) = tokio::time::timeout(COMMIT_WAIT, app.raft.client_write(command)).await
     else {
         return Err(Status::unavailable(format!(
@@ -118,19 +119,19 @@ pub fn current_enough(app: &App) -> Result<u64, Status> {
         return Err(not_leader(app.leader()));
     }
     if !app.fence.holds(term) {
-        return Err(Status::unavailable(format!(
+        return Err(not_proposed(Status::unavailable(format!(
             "this replica leads term {term} but has not yet committed an entry of it; retry \
              shortly"
-        )));
+        ))));
     }
     match since_ack {
         // The only voter: no other leader can be elected, whatever the time.
         _ if sole_voter => Ok(term),
         Some(ms) if u128::from(ms) < LEASE.as_millis() => Ok(term),
-        since => Err(Status::unavailable(format!(
+        since => Err(not_proposed(Status::unavailable(format!(
             "no quorum: a majority last acknowledged this leader {} ago",
             since.map_or("never".to_string(), |ms| format!("{ms} ms"))
-        ))),
+        )))),
     }
 }
 

@@ -365,6 +365,23 @@ fn t172_dormantctl_succeeds_through_the_others_while_any_one_replica_is_down() {
     set.resume(paused);
 }
 
+/// A write sent through a follower while the leader is gone: the follower's refusals say
+/// "not proposed" in a way dormantctl reads (not its words), so dormantctl sends the create again,
+/// through the same follower, until a new leader takes it; the tenant exists once.
+#[test]
+fn t175_a_write_through_a_follower_is_resent_only_while_nothing_was_proposed() {
+    let mut set = Replicas::start(3, &[]);
+    let leader = set.leader();
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    set.kill(leader);
+    // Only the follower: every retry goes through it, forwarded to whoever leads.
+    let out = set.ctl_at(follower, &create_args("through-a-follower"));
+    assert!(out.success, "{}", out.stderr);
+    set.restart(leader);
+    set.wait_converged();
+    assert!(set.tenant_names(follower).contains("through-a-follower"));
+}
+
 #[test]
 fn t173_a_quorum_lost_for_30s_marks_no_node_down_that_kept_heartbeating() {
     let mut set = Replicas::start(3, &["--node-grace-period-ms", "3000"]);

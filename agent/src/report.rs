@@ -566,7 +566,15 @@ fn desired_from(reply: pb::HeartbeatResponse) -> Desired {
             warn!(name = %t.name, "scheduler sent an invalid tenant name; ignored");
             continue;
         };
-        let want = if t.desired_state == "deleted" {
+        let desired_state = match t.typed_desired_state() {
+            Ok(d) => d,
+            Err(e) => {
+                // A newer scheduler's word this agent does not know: neither start nor delete.
+                warn!(tenant_id = %name, error = %e, "scheduler sent a desired state this agent does not know; ignored");
+                continue;
+            }
+        };
+        let want = if desired_state == dormant_common::DesiredState::Deleted {
             Want::Deleted { uid: t.uid }
         } else {
             let r = t.resources.unwrap_or_default();

@@ -18,4 +18,4 @@ pub mod tls;
 pub use name::{NameError, NodeName, TenantName};
 pub use quantity::{Bytes, MilliCpu, QuantityError};
 pub use resources::Resources;
-pub use state::{NodeStatus, TenantState};
+pub use state::{DesiredState, NodeStatus, TenantState};

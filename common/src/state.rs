@@ -59,7 +59,7 @@ impl fmt::Display for TenantState {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("state: {0:?} is not one of pending, starting, running, hibernated, waking, failed, lost, deleting")]
+#[error("state: {0:?} is not a state this version knows")]
 pub struct UnknownState(pub String);
 
 impl FromStr for TenantState {
@@ -94,6 +94,52 @@ impl fmt::Display for NodeStatus {
     }
 }
 
+impl FromStr for NodeStatus {
+    type Err = UnknownState;
+    /// Also takes `cordoned`, which the operator API shows for a ready node that takes nothing
+    /// new (the cordon itself is a flag of its own).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ready" | "cordoned" => Ok(NodeStatus::Ready),
+            "down" => Ok(NodeStatus::Down),
+            other => Err(UnknownState(other.to_string())),
+        }
+    }
+}
+
+/// What the scheduler wants for a tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredState {
+    Running,
+    Deleted,
+}
+
+impl DesiredState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DesiredState::Running => "running",
+            DesiredState::Deleted => "deleted",
+        }
+    }
+}
+
+impl fmt::Display for DesiredState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DesiredState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [DesiredState::Running, DesiredState::Deleted]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +150,12 @@ mod tests {
             assert_eq!(st.as_str().parse::<TenantState>().unwrap(), st);
         }
         assert!("sleeping".parse::<TenantState>().is_err());
+        for d in [DesiredState::Running, DesiredState::Deleted] {
+            assert_eq!(d.as_str().parse::<DesiredState>().unwrap(), d);
+        }
+        for n in [NodeStatus::Ready, NodeStatus::Down] {
+            assert_eq!(n.as_str().parse::<NodeStatus>().unwrap(), n);
+        }
+        assert_eq!("cordoned".parse::<NodeStatus>().unwrap(), NodeStatus::Ready);
     }
 }

@@ -4,6 +4,7 @@
 #![allow(clippy::all, clippy::pedantic, clippy::unwrap_used)]
 
 pub mod refusal;
+pub mod states;
 
 pub mod v1 {
     tonic::include_proto!("dormant.v1");

@@ -29,22 +29,8 @@ pub struct NodeRecord {
     pub cordoned: bool,
 }
 
-/// What the scheduler wants for a tenant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DesiredState {
-    Running,
-    Deleted,
-}
-
-impl DesiredState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DesiredState::Running => "running",
-            DesiredState::Deleted => "deleted",
-        }
-    }
-}
+/// What the scheduler wants for a tenant (in `common`: agents read it too).
+pub use dormant_common::DesiredState;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantRecord {

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use dormant_common::TenantState;
 use dormant_proto::v1 as pb;
 use dormant_scheduler::ctl::{self, output, CtlError};
 
@@ -337,11 +338,17 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 .await?;
             let creds = created.credentials.unwrap_or_default();
             let mut tenant = created.tenant.unwrap_or_default();
-            if !no_wait && tenant.state != "pending" {
+            if !no_wait && tenant.typed_state() != Ok(TenantState::Pending) {
                 // A tenant with a short idle_after may have hibernated already: it ran.
                 let done = |r: Result<&pb::Tenant, &tonic::Status>| {
-                    matches!(r, Ok(t) if ["running", "hibernated", "waking", "failed", "pending"]
-                        .contains(&t.state.as_str()))
+                    matches!(
+                        r.map(pb::Tenant::typed_state),
+                        Ok(Ok(TenantState::Running
+                            | TenantState::Hibernated
+                            | TenantState::Waking
+                            | TenantState::Failed
+                            | TenantState::Pending))
+                    )
                 };
                 if let Some(t) = ctl::wait_for_tenant(
                     &mut replicas.client(),
@@ -371,7 +378,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                     out!("\nconnect: {}", creds.uri);
                 }
             }
-            if tenant.state == "failed" {
+            if tenant.typed_state() == Ok(TenantState::Failed) {
                 return Err(CtlError::Other(format!(
                     "tenant {name} failed: {}",
                     tenant.reason
@@ -453,7 +460,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                     async move { c.delete_tenant(r).await }
                 })
                 .await?;
-            if !no_wait && t.state != "deleted" {
+            if !no_wait && !t.removed {
                 let gone = |r: Result<&pb::Tenant, &tonic::Status>| matches!(r, Err(s) if s.code() == tonic::Code::NotFound);
                 ctl::wait_for_tenant(
                     &mut replicas.client(),

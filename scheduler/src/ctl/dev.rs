@@ -196,7 +196,9 @@ async fn wait_for_node(
         }
         if let Ok(mut client) = super::connect(url, transport).await {
             if let Ok(nodes) = client.list_nodes(pb::ListNodesRequest::default()).await {
-                if nodes.into_inner().nodes.iter().any(|n| n.status == "ready") {
+                let ready =
+                    |n: &pb::Node| n.typed_status() == Ok(dormant_common::NodeStatus::Ready);
+                if nodes.into_inner().nodes.iter().any(ready) {
                     return Ok(());
                 }
             }

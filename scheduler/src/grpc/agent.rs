@@ -303,12 +303,9 @@ impl AgentApi for AgentService {
         for t in &req.tenants {
             let name =
                 TenantName::parse(&t.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let state: TenantState =
-                t.state
-                    .parse()
-                    .map_err(|e: dormant_common::state::UnknownState| {
-                        Status::invalid_argument(e.to_string())
-                    })?;
+            let state = t
+                .typed_state()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
             observed.push(Observed {
                 name,
                 uid: t.uid,

@@ -529,7 +529,7 @@ impl Operator for OperatorService {
             // A pending tenant had nothing on any node and is gone already.
             _ => pb::Tenant {
                 name: name.to_string(),
-                state: "deleted".into(),
+                removed: true,
                 ..Default::default()
             },
         };

@@ -67,6 +67,7 @@ pub fn tenant_to_pb(
         hibernate_generation: t.hibernate_generation,
         wake_generation: t.wake_generation,
         connections: live.connections(&t.name).to_vec(),
+        removed: false,
     }
 }
 

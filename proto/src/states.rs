@@ -1,0 +1,63 @@
+//! The one place where the states that cross the wire as text become `dormant_common`'s enums:
+//! everything else compares enums, so a state renamed or removed fails to compile where it is
+//! used. The wire keeps text (readable in `grpcurl`, and what every released agent and replica
+//! speaks); a value this version does not know is an error naming it, never a guess.
+
+use dormant_common::state::UnknownState;
+use dormant_common::{DesiredState, NodeStatus, TenantState};
+
+use crate::v1;
+
+impl v1::Tenant {
+    pub fn typed_state(&self) -> Result<TenantState, UnknownState> {
+        self.state.parse()
+    }
+}
+
+impl v1::ObservedTenant {
+    pub fn typed_state(&self) -> Result<TenantState, UnknownState> {
+        self.state.parse()
+    }
+}
+
+impl v1::DesiredTenant {
+    pub fn typed_desired_state(&self) -> Result<DesiredState, UnknownState> {
+        self.desired_state.parse()
+    }
+}
+
+impl v1::Node {
+    /// Ready or down; a cordoned node is ready (`cordoned` says the rest).
+    pub fn typed_status(&self) -> Result<NodeStatus, UnknownState> {
+        self.status.parse()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_states_read_as_enums_and_unknown_ones_are_errors() {
+        let t = v1::Tenant {
+            state: TenantState::Hibernated.to_string(),
+            ..Default::default()
+        };
+        assert_eq!(t.typed_state(), Ok(TenantState::Hibernated));
+        let d = v1::DesiredTenant {
+            desired_state: "deleted".into(),
+            ..Default::default()
+        };
+        assert_eq!(d.typed_desired_state(), Ok(DesiredState::Deleted));
+        let n = v1::Node {
+            status: "cordoned".into(),
+            ..Default::default()
+        };
+        assert_eq!(n.typed_status(), Ok(NodeStatus::Ready));
+        let odd = v1::Tenant {
+            state: "sleeping".into(),
+            ..Default::default()
+        };
+        assert!(odd.typed_state().is_err());
+    }
+}

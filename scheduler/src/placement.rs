@@ -2,15 +2,14 @@
 //! nodes that can take the tenant (ready, not cordoned, engine offered, labels matching the
 //! tenant's constraints, room under capacity × overcommit, a free port), then score them
 //! (bin-pack by dominant resource, or spread). The state machine calls [`check`] again at apply
-//! time, so a stale choice is refused.
+//! time, so a stale choice is refused. Its input types are its own ([`NodeView`], [`Ask`]): the
+//! state builds them, so this module depends on no record of the state's.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use dormant_common::{Bytes, NodeName, NodeStatus, Resources};
 use serde::Deserialize;
-
-use crate::state::NodeRecord;
 
 /// How to choose among nodes that fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -35,7 +34,13 @@ pub struct Ask<'a> {
 /// What placement needs to know of one node.
 #[derive(Debug, Clone)]
 pub struct NodeView<'a> {
-    pub node: &'a NodeRecord,
+    pub id: &'a NodeName,
+    pub status: NodeStatus,
+    pub cordoned: bool,
+    pub engines: &'a BTreeSet<String>,
+    pub labels: &'a BTreeMap<String, String>,
+    pub capacity: Resources,
+    /// What the tenants placed there reserve.
     pub allocated: Resources,
     pub has_free_port: bool,
 }
@@ -66,7 +71,7 @@ fn gib(b: Bytes) -> String {
 
 /// Whether `view` can take the tenant; the error says why not.
 pub fn check(view: &NodeView<'_>, ask: &Ask<'_>, overcommit: f64) -> Result<(), String> {
-    let node = view.node;
+    let node = view;
     let (engine, resources) = (ask.engine, ask.resources);
     if node.status != NodeStatus::Ready {
         return Err(format!("{}: {}", node.id, node.status));
@@ -100,7 +105,7 @@ pub fn check_room(
     resources: &Resources,
     overcommit: f64,
 ) -> Result<(), String> {
-    let node = view.node;
+    let node = view;
     let free = node
         .capacity
         .scaled(overcommit)
@@ -133,7 +138,7 @@ pub fn check_room(
 /// The share of the node's (overcommitted) capacity its most-used resource would reach with the
 /// tenant on it, in parts per million (an `Ord` score).
 fn dominant_share(view: &NodeView<'_>, resources: &Resources, overcommit: f64) -> u64 {
-    let cap = view.node.capacity.scaled(overcommit);
+    let cap = view.capacity.scaled(overcommit);
     let after = view.allocated.saturating_add(*resources);
     let share = |used: u64, cap: u64| used.saturating_mul(1_000_000) / cap.max(1);
     share(after.cpu.0, cap.cpu.0)
@@ -164,18 +169,47 @@ pub fn place(
             Policy::BinPack => b.0.cmp(&a.0),
             Policy::Spread => a.0.cmp(&b.0),
         };
-        by_share.then_with(|| a.1.node.id.cmp(&b.1.node.id))
+        by_share.then_with(|| a.1.id.cmp(b.1.id))
     };
     fits.sort_by(by_score);
     fits.first()
-        .map(|(_, v)| v.node.id.clone())
+        .map(|(_, v)| v.id.clone())
         .ok_or(PlacementError::NoneFits(reasons))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::test_utils::{node, res};
+    use dormant_common::MilliCpu;
+
+    /// A node as placement sees it, owned (the state's records are not this module's).
+    struct TestNode {
+        id: NodeName,
+        status: NodeStatus,
+        cordoned: bool,
+        engines: BTreeSet<String>,
+        labels: BTreeMap<String, String>,
+        capacity: Resources,
+    }
+
+    fn node(id: &str, capacity: Resources) -> TestNode {
+        TestNode {
+            id: NodeName::parse(id).unwrap(),
+            status: NodeStatus::Ready,
+            cordoned: false,
+            engines: ["postgres".to_string()].into(),
+            labels: BTreeMap::new(),
+            capacity,
+        }
+    }
+
+    fn res(milli_cpu: u64, memory_mib: u64, storage_gib: u64) -> Resources {
+        Resources {
+            cpu: MilliCpu(milli_cpu),
+            memory: Bytes(memory_mib << 20),
+            storage: Bytes(storage_gib << 30),
+        }
+    }
 
     static NO_CONSTRAINTS: BTreeMap<String, String> = BTreeMap::new();
 
@@ -187,12 +221,17 @@ mod tests {
         }
     }
 
-    fn views<'a>(nodes: &'a [NodeRecord], allocated: &[Resources]) -> Vec<NodeView<'a>> {
+    fn views<'a>(nodes: &'a [TestNode], allocated: &[Resources]) -> Vec<NodeView<'a>> {
         nodes
             .iter()
             .zip(allocated)
             .map(|(n, a)| NodeView {
-                node: n,
+                id: &n.id,
+                status: n.status,
+                cordoned: n.cordoned,
+                engines: &n.engines,
+                labels: &n.labels,
+                capacity: n.capacity,
                 allocated: *a,
                 has_free_port: true,
             })
@@ -324,7 +363,7 @@ mod tests {
 
     #[test]
     fn a_fleets_reasons_are_cut_short_with_a_count() {
-        let nodes: Vec<NodeRecord> = (0..12)
+        let nodes: Vec<TestNode> = (0..12)
             .map(|i| node(&format!("n{i:02}"), res(1000, 1024, 10)))
             .collect();
         let v = views(&nodes, &[res(1000, 0, 0); 12]);

@@ -29,6 +29,22 @@ pub struct NodeRecord {
     pub cordoned: bool,
 }
 
+impl NodeRecord {
+    /// The node as placement sees it, with what its tenants reserve.
+    pub fn view(&self, allocated: Resources, has_free_port: bool) -> placement::NodeView<'_> {
+        placement::NodeView {
+            id: &self.id,
+            status: self.status,
+            cordoned: self.cordoned,
+            engines: &self.engines,
+            labels: &self.labels,
+            capacity: self.capacity,
+            allocated,
+            has_free_port,
+        }
+    }
+}
+
 /// What the scheduler wants for a tenant (in `common`: agents read it too).
 pub use dormant_common::DesiredState;
 
@@ -446,11 +462,7 @@ impl ClusterState {
     pub fn node_views(&self) -> Vec<placement::NodeView<'_>> {
         self.nodes
             .values()
-            .map(|n| placement::NodeView {
-                node: n,
-                allocated: self.allocated(&n.id),
-                has_free_port: self.has_free_port(n),
-            })
+            .map(|n| n.view(self.allocated(&n.id), self.has_free_port(n)))
             .collect()
     }
 
@@ -604,11 +616,7 @@ impl ClusterState {
         let Some(record) = self.nodes.get(node) else {
             return Err("node is not registered".into());
         };
-        let view = placement::NodeView {
-            node: record,
-            allocated: self.allocated(node),
-            has_free_port: true,
-        };
+        let view = record.view(self.allocated(node), true);
         placement::check(&view, ask, overcommit)?;
         self.free_port(record)
             .ok_or_else(|| format!("{node}: no free port in its range"))
@@ -616,9 +624,7 @@ impl ClusterState {
 
     /// Applies one command at log index `index`.
     pub fn apply(&mut self, index: u64, command: Command) -> ApplyResult {
-        let before = crate::transitions::Before::note(self, &command);
         let result = self.apply_inner(index, command);
-        before.log_changes(self, index);
         #[cfg(test)]
         assert_eq!(
             self.by_node,
@@ -775,11 +781,8 @@ impl ClusterState {
                         .get(node)
                         .ok_or_else(|| ApplyError::NodeNotFound(node.to_string()))?;
                     // Room as if the tenant's current reservation were already released.
-                    let view = placement::NodeView {
-                        node: record,
-                        allocated: self.allocated(node).saturating_sub(tenant.resources),
-                        has_free_port: true,
-                    };
+                    let view =
+                        record.view(self.allocated(node).saturating_sub(tenant.resources), true);
                     placement::check_room(&view, &resources, overcommit).map_err(|why| {
                         ApplyError::DoesNotFit {
                             tenant: name.to_string(),

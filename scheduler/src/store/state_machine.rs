@@ -225,7 +225,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     );
                     Ok(Outcome::Nothing)
                 }
-                EntryPayload::Normal(command) => sm.cluster.apply(entry.log_id.index, command),
+                EntryPayload::Normal(command) => {
+                    let before = crate::transitions::Before::note(&sm.cluster, &command);
+                    let applied = sm.cluster.apply(entry.log_id.index, command);
+                    before.log_changes(&sm.cluster, entry.log_id.index);
+                    applied
+                }
                 EntryPayload::Membership(m) => {
                     let ids: Vec<u64> = m.nodes().map(|(id, _)| *id).collect();
                     sm.member_ids_ever.extend(ids);

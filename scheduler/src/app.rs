@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dormant_common::metrics_http::{MetricsHttpError, MetricsListener, Render};
@@ -22,6 +22,7 @@ use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::config::Settings;
+use crate::consensus;
 use crate::disk::DiskReserve;
 use crate::fence::Fence;
 use crate::grpc;
@@ -31,8 +32,9 @@ use crate::metrics;
 use crate::network::PeerNetwork;
 use crate::pending;
 use crate::read_index::ReadIndex;
+use crate::replica::{App, Counters};
 use crate::state::Command;
-use crate::store::{self, SharedState};
+use crate::store;
 use crate::Raft;
 
 #[derive(Debug, thiserror::Error)]
@@ -81,51 +83,6 @@ pub enum AppError {
     },
 }
 
-/// Everything the services share.
-pub struct App {
-    pub settings: Settings,
-    pub raft: Raft,
-    pub state: SharedState,
-    pub liveness: Mutex<Liveness>,
-    /// Wakes the placer (a node registered or a tenant went pending).
-    pub placer: Notify,
-    /// Channels to peers, shared with openraft; also used to forward requests to the leader.
-    pub network: PeerNetwork,
-    /// Held for the whole of a membership change: one at a time.
-    pub membership: tokio::sync::Mutex<()>,
-    /// Batched leadership confirmations for linearizable reads and checked writes.
-    pub read_index: ReadIndex,
-    /// Which term this replica has fenced (see `fence`).
-    pub fence: Fence,
-    /// The data disk's free space, checked before every proposal.
-    pub disk: DiskReserve,
-    /// Events counted for `/metrics`.
-    pub counters: metrics::Counters,
-    /// The stored snapshot's size, for `/metrics`.
-    pub snapshot_bytes: Arc<std::sync::atomic::AtomicU64>,
-    /// The commit index as last sampled (each second), for `/metrics`.
-    pub commit_index: std::sync::atomic::AtomicU64,
-}
-
-impl App {
-    pub fn liveness(&self) -> MutexGuard<'_, Liveness> {
-        self.liveness.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn is_leader(&self) -> bool {
-        self.raft.metrics().borrow().current_leader == Some(self.settings.id)
-    }
-
-    /// The leader's id and address as this replica knows them.
-    pub fn leader(&self) -> Option<(u64, String)> {
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        let id = m.current_leader?;
-        let node = m.membership_config.membership().get_node(&id)?;
-        Some((id, node.addr.clone()))
-    }
-}
-
 /// How often the leader heartbeats its followers, in ms. openraft 0.9 also uses it as the timeout
 /// of every append-entries call: a follower slower than that (its fsync) is sent the entries again.
 pub const HEARTBEAT_MS: u64 = 100;
@@ -135,7 +92,7 @@ pub const HEARTBEAT_MS: u64 = 100;
 /// during a contested election waits twice the maximum more (openraft's `smaller_log_timeout`,
 /// armed until its next campaign): 2.1-2.4 s, still inside the 3 s a failover may take. The
 /// maximum is also how long a follower refuses to vote for anyone after a heartbeat, which bounds
-/// the heartbeat lease (`grpc::LEASE`).
+/// the heartbeat lease (`consensus::LEASE`).
 pub const ELECTION_TIMEOUT_MS: std::ops::Range<u64> = 300..600;
 
 fn raft_config(settings: &Settings) -> Result<openraft::Config, AppError> {
@@ -251,7 +208,7 @@ pub async fn run(
         read_index: ReadIndex::spawn(settings.id, raft.clone(), fence.clone()),
         fence,
         disk: DiskReserve::new(&settings.data_dir, settings.disk_reserve),
-        counters: metrics::Counters::default(),
+        counters: Counters::default(),
         snapshot_bytes,
         commit_index: std::sync::atomic::AtomicU64::new(0),
     });
@@ -466,7 +423,7 @@ async fn place_pending_loop(app: Arc<App>) {
             let Some(assign) = assign else {
                 break;
             };
-            if let Err(status) = grpc::propose(&app, assign).await {
+            if let Err(status) = consensus::propose(&app, assign).await {
                 warn!(error = %status.message(), "placing a pending tenant");
                 break;
             }
@@ -484,7 +441,7 @@ async fn watch_liveness_loop(app: Arc<App>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let answering = grpc::current_enough(&app).ok();
+        let answering = consensus::current_enough(&app).ok();
         let verdict = {
             let sm = app.state.read();
             let nodes = sm.cluster.nodes.values().map(|n| (&n.id, n.status));
@@ -516,7 +473,7 @@ async fn watch_liveness_loop(app: Arc<App>) {
             }
             // A proposal may have waited out a quorum loss (and heartbeats refused meanwhile):
             // go on only while heartbeats have been answerable in the term of the verdict.
-            let Ok(term) = grpc::current_enough(&app) else {
+            let Ok(term) = consensus::current_enough(&app) else {
                 break;
             };
             if term != decided_in {
@@ -529,7 +486,7 @@ async fn watch_liveness_loop(app: Arc<App>) {
                 decided_in_term: Some(term),
             };
             let proposed_at = std::time::Instant::now();
-            let proposed = grpc::propose(&app, down).await;
+            let proposed = consensus::propose(&app, down).await;
             // A proposal that failed or waited longer than the lease may have waited out a
             // quorum loss, heartbeats refused meanwhile: start over with a fresh grace.
             if let Err(status) = &proposed {
@@ -538,7 +495,7 @@ async fn watch_liveness_loop(app: Arc<App>) {
             if proposed.is_ok() {
                 app.counters.nodes_marked_down.inc();
             }
-            if proposed.is_err() || proposed_at.elapsed() >= grpc::LEASE {
+            if proposed.is_err() || proposed_at.elapsed() >= consensus::LEASE {
                 watch = Watch::default();
                 break;
             }

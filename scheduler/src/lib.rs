@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod config;
+pub mod consensus;
 pub mod ctl;
 pub mod disk;
 pub mod fence;
@@ -16,6 +17,8 @@ pub mod network;
 pub mod pending;
 pub mod placement;
 pub mod read_index;
+pub mod refusals;
+pub mod replica;
 pub mod state;
 // openraft's storage traits fix the error type to its (large) `StorageError`; boxing it in our
 // helpers would only add a conversion at every trait boundary.

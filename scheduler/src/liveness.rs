@@ -191,7 +191,7 @@ impl Liveness {
 /// The leader's liveness watch: it judges silence only while heartbeats can be answered.
 ///
 /// A heartbeat is answered only by a leader a majority acknowledged within the lease
-/// (`grpc::current_enough`). While that does not hold (no quorum, a new term not yet fenced),
+/// (`consensus::current_enough`). While that does not hold (no quorum, a new term not yet fenced),
 /// agents are refused through no fault of theirs, so silence proves nothing: the watch decides
 /// nothing, and once it holds again every node gets a fresh grace period, as under a new leader.
 /// A quorum loss of any length therefore marks no node down that kept heartbeating.

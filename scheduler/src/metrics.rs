@@ -11,30 +11,14 @@ use std::sync::atomic::AtomicU64;
 
 use dormant_common::{NodeStatus, TenantState};
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::app::App;
+use crate::replica::App;
 
 type Value = Gauge<f64, AtomicU64>;
 type Labels = Vec<(&'static str, String)>;
-
-/// Events counted on this replica since it started.
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Heartbeats this replica answered as leader.
-    pub heartbeats: Counter,
-    /// Heartbeats dropped because they arrived after their sender stopped waiting.
-    pub heartbeats_late: Counter,
-    /// Tenants placed on a node (at create or later by the placer).
-    pub placements: Counter,
-    /// Creates and placements that found no node with room.
-    pub placement_refusals: Counter,
-    /// Nodes this replica marked down as leader, silent past their grace period.
-    pub nodes_marked_down: Counter,
-}
 
 /// Samples the commit index each second (openraft's metrics do not carry it, and reading it
 /// takes a call into the Raft core, which a scrape should not wait for).

@@ -5,11 +5,12 @@
 //! A leader answers only once its term is fenced (`fence`): openraft's read point alone can
 //! predate a restart.
 
+use openraft::error::{CheckIsLeaderError, RaftError};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::fence::Fence;
-use crate::grpc::linearizable_now;
+use crate::refusals::{not_leader, raft_stopped};
 use crate::Raft;
 
 type Waiter = oneshot::Sender<Result<(), Status>>;
@@ -71,5 +72,34 @@ async fn confirm_in_batches(
         for waiter in batch {
             let _ = waiter.send(result.clone());
         }
+    }
+}
+
+/// One leadership confirmation with a quorum, then waiting for the state machine to catch up to
+/// the read point, which it returns (an entry of the leader's term).
+pub async fn linearizable_now(
+    id: u64,
+    raft: &crate::Raft,
+) -> Result<Option<openraft::LogId<u64>>, Status> {
+    match raft.ensure_linearizable().await {
+        Ok(read_point) => Ok(read_point),
+        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+            Err(not_leader(f.leader_id.zip(f.leader_node.map(|n| n.addr))))
+        }
+        Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
+            let voters: Vec<u64> = raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect();
+            Err(Status::unavailable(format!(
+                "no quorum: only replicas {:?} of the voters {voters:?} answer; nothing is \
+                 read or written until a majority is back",
+                e.got
+            )))
+        }
+        Err(RaftError::Fatal(e)) => Err(raft_stopped(id, &e)),
     }
 }

@@ -17,9 +17,10 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use super::convert::{resources_from_pb, resources_to_pb};
-use super::{authz, forward, propose};
-use crate::app::App;
+use super::{authz, forward};
+use crate::consensus::propose;
 use crate::liveness::{Arrival, TenantSeen};
+use crate::replica::App;
 use crate::state::{
     agent_reported_states_list, ClusterState, Command, DesiredState, NodeRecord, TenantRecord,
     AGENT_REPORTED_STATES,
@@ -318,7 +319,7 @@ impl AgentApi for AgentService {
         // The answer is the node's desired set, and the agent removes what is missing from it:
         // it must come from current state, never from a leader that was just elected (and has
         // not applied all that was committed) or one cut off from its majority.
-        let term = super::current_enough(&self.app)?;
+        let term = crate::consensus::current_enough(&self.app)?;
         self.app.counters.heartbeats.inc();
         let cluster_id = cluster_id(&self.app)?;
 

@@ -16,10 +16,11 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use super::convert::{credentials, node_to_pb, tenant_to_pb};
-use super::{authz, forward, linearizable, membership, propose};
-use crate::app::App;
+use super::{authz, forward, membership};
+use crate::consensus::{linearizable, propose};
 use crate::minimums;
 use crate::placement;
+use crate::replica::App;
 use crate::state::{
     ApplyError, ClusterState, Command, DesiredState, EngineAction, Outcome, TenantSpec,
 };
@@ -227,7 +228,7 @@ impl OperatorService {
                 )));
             }
             if t.node.is_none() {
-                return Err(super::apply_status(ApplyError::NotPlaced {
+                return Err(crate::refusals::apply_status(ApplyError::NotPlaced {
                     tenant: name.to_string(),
                     action,
                 }));

@@ -8,8 +8,8 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
-use super::not_leader;
-use crate::app::App;
+use crate::refusals::not_leader;
+use crate::replica::App;
 
 /// Metadata key a forwarding replica sets to its own id.
 pub const FORWARDED_BY: &str = "dormant-forwarded-by";

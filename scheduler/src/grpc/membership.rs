@@ -13,8 +13,9 @@ use tokio::sync::MutexGuard;
 use tonic::Status;
 use tracing::info;
 
-use super::{linearizable, not_leader};
-use crate::app::App;
+use crate::consensus::linearizable;
+use crate::refusals::not_leader;
+use crate::replica::App;
 
 /// How long adding a learner waits for it to catch up with the log (less than dormantctl's
 /// 30 s request timeout, so the operator reads this answer rather than a client timeout).
@@ -28,7 +29,7 @@ fn raft_status(id: u64, e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> 
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             Status::failed_precondition(format!("membership: {e}"))
         }
-        RaftError::Fatal(e) => super::raft_stopped(id, &e),
+        RaftError::Fatal(e) => crate::refusals::raft_stopped(id, &e),
     }
 }
 
@@ -215,7 +216,7 @@ pub async fn status(app: &App) -> Result<pb::ClusterStatusResponse, Status> {
         .raft
         .with_raft_state(|st| st.committed.map(|l| l.index).unwrap_or(0))
         .await
-        .map_err(|e| super::raft_stopped(app.settings.id, &e))?;
+        .map_err(|e| crate::refusals::raft_stopped(app.settings.id, &e))?;
     let leader_address = m
         .current_leader
         .and_then(|id| membership.get_node(&id))

@@ -1,0 +1,90 @@
+//! Consensus as the services use it: proposing a command, confirming a linearizable read point,
+//! and the lease check that lets the leader answer heartbeats without a round trip. Refusals
+//! come back as gRPC statuses from `refusals`.
+
+use dormant_proto::refusal::not_proposed;
+use openraft::error::{ClientWriteError, RaftError};
+use tonic::Status;
+
+use crate::refusals::{apply_status, not_leader, raft_stopped};
+use crate::replica::App;
+use crate::state::{Command, Outcome};
+
+/// How long a write waits to be committed before the caller is told there is no quorum.
+const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Commits `command` through Raft and returns what applying it produced.
+pub async fn propose(app: &App, command: Command) -> Result<Outcome, Status> {
+    app.disk
+        .check()
+        .map_err(|e| not_proposed(Status::resource_exhausted(e.to_string())))?;
+    let Ok(written) = tokio::time::timeout(COMMIT_WAIT, app.raft.client_write(command)).await
+    else {
+        return Err(Status::unavailable(format!(
+            "no quorum: the write was not committed within {COMMIT_WAIT:?}; its outcome is \
+             unknown (it may still be applied): check with a read before trying again"
+        )));
+    };
+    match written {
+        Ok(reply) => reply.data.map_err(apply_status),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(not_leader(f.leader_id.zip(f.leader_node.map(|n| n.addr))))
+        }
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+            Err(Status::failed_precondition(e.to_string()))
+        }
+        Err(RaftError::Fatal(e)) => Err(raft_stopped(app.settings.id, &e)),
+    }
+}
+
+/// Waits until this replica's state reflects every write committed before the call (batched
+/// with concurrent callers, see `read_index`).
+pub async fn linearizable(app: &App) -> Result<(), Status> {
+    app.read_index.confirm().await
+}
+
+/// How recently a majority must have acknowledged this leader for [`current_enough`]. A follower
+/// refuses to vote for anyone for the leader lease (the maximum election timeout, 600 ms) after
+/// it received a heartbeat, and openraft counts an acknowledgement from when the heartbeat was
+/// sent. The figure read is openraft's metrics, published on every event and at least every tick
+/// (1.5 heartbeats, 150 ms), so it may be that much old: 350 + 150 = 500 ms leaves 100 ms before
+/// another leader could exist.
+pub const LEASE: std::time::Duration = std::time::Duration::from_millis(350);
+
+/// A check without a round trip, for the many heartbeats: this replica leads, has fenced its term
+/// (so its state holds everything committed before, see `fence`), and a majority acknowledged it
+/// within [`LEASE`] (so it is not a leader cut off and replaced). Its applied state is then at
+/// least as current as anything an agent was told before. Returns the term it leads.
+pub fn current_enough(app: &App) -> Result<u64, Status> {
+    // Read in place: this runs for every heartbeat, and the metrics carry per-member maps.
+    let (leading, term, since_ack, sole_voter) = {
+        let metrics = app.raft.metrics();
+        let m = metrics.borrow();
+        let mut voters = m.membership_config.membership().voter_ids();
+        let sole_voter = voters.next() == Some(app.settings.id) && voters.next().is_none();
+        (
+            m.current_leader == Some(app.settings.id),
+            m.current_term,
+            m.millis_since_quorum_ack,
+            sole_voter,
+        )
+    };
+    if !leading {
+        return Err(not_leader(app.leader()));
+    }
+    if !app.fence.holds(term) {
+        return Err(not_proposed(Status::unavailable(format!(
+            "this replica leads term {term} but has not yet committed an entry of it; retry \
+             shortly"
+        ))));
+    }
+    match since_ack {
+        // The only voter: no other leader can be elected, whatever the time.
+        _ if sole_voter => Ok(term),
+        Some(ms) if u128::from(ms) < LEASE.as_millis() => Ok(term),
+        since => Err(not_proposed(Status::unavailable(format!(
+            "no quorum: a majority last acknowledged this leader {} ago",
+            since.map_or("never".to_string(), |ms| format!("{ms} ms"))
+        )))),
+    }
+}

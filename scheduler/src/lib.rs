@@ -10,6 +10,7 @@ pub mod ctl;
 pub mod disk;
 pub mod fence;
 pub mod grpc;
+pub mod heartbeat;
 pub mod liveness;
 pub mod metrics;
 pub mod minimums;

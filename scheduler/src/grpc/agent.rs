@@ -5,7 +5,7 @@
 //! no answer. A node speaks only as itself (its certificate's identity, `authz`), checked before
 //! anything else, forwarding included; a registration's strings have bounded sizes.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,17 +14,15 @@ use dormant_proto::v1 as pb;
 use dormant_proto::v1::agent_api_client::AgentApiClient;
 use dormant_proto::v1::agent_api_server::{AgentApi, AgentApiServer};
 use tonic::{Request, Response, Status};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::convert::{resources_from_pb, resources_to_pb};
 use super::{authz, forward};
 use crate::consensus::propose;
+use crate::heartbeat::{self, Decision, Report};
 use crate::liveness::{Arrival, TenantSeen};
 use crate::replica::App;
-use crate::state::{
-    agent_reported_states_list, ClusterState, Command, DesiredState, NodeRecord, TenantRecord,
-    AGENT_REPORTED_STATES,
-};
+use crate::state::{ClusterState, Command, DesiredState, NodeRecord, TenantRecord};
 
 pub struct AgentService {
     app: Arc<App>,
@@ -324,84 +322,33 @@ impl AgentApi for AgentService {
         let cluster_id = cluster_id(&self.app)?;
 
         // Work out the transitions to commit, from the applied state.
-        let mut commands = Vec::new();
-        {
+        let reports: Vec<Report> = observed
+            .iter()
+            .map(|o| Report {
+                name: o.name.clone(),
+                uid: o.uid,
+                state: o.state,
+                reason: o.reason.clone(),
+            })
+            .collect();
+        let decision = {
             let sm = self.app.state.read();
-            let cluster = &sm.cluster;
-            let Some(record) = cluster.nodes.get(&node) else {
-                return Ok(Response::new(pb::HeartbeatResponse {
-                    register_again: true,
-                    cluster_id,
-                    ..Default::default()
-                }));
-            };
-            if record.status == NodeStatus::Down {
-                // Back first, so the tenants' lost state is restored before new reports land.
-                commands.push(Command::SetNodeStatus {
-                    node: node.clone(),
-                    status: NodeStatus::Ready,
-                    decided_in_term: Some(term),
-                });
-            }
-            let mut seen = Vec::with_capacity(observed.len());
-            for o in &observed {
-                // An agent speaks for the tenants placed on its node, as the uid it was given:
-                // anything else (a tenant moved or deleted and created again, a confused agent)
-                // is someone else's, its usage included.
-                let Some(rec) = cluster
-                    .tenants
-                    .get(&o.name)
-                    .filter(|r| r.uid == o.uid && r.node.as_ref() == Some(&node))
-                else {
-                    debug!(node_id = %node, tenant_id = %o.name, uid = o.uid, state = %o.state, "ignoring a report about a tenant not placed on this node as this uid");
-                    continue;
-                };
-                seen.push((o.name.clone(), o.seen.clone()));
-                if rec.desired != DesiredState::Running {
-                    // Being deleted: the agent's acknowledgement is the tenant's absence, below.
-                    continue;
-                }
-                if !AGENT_REPORTED_STATES.contains(&o.state) {
-                    warn!(node_id = %node, tenant_id = %o.name, state = %o.state, "ignoring a state an agent may not report (only {})", agent_reported_states_list());
-                    continue;
-                }
-                if rec.state != o.state || rec.reason != o.reason {
-                    commands.push(Command::ObserveTenant {
-                        node: node.clone(),
-                        name: o.name.clone(),
-                        uid: o.uid,
-                        state: o.state,
-                        reason: o.reason.clone(),
-                    });
-                }
-            }
-            self.app
-                .liveness()
-                .observe(&node, Instant::now(), req.usage.unwrap_or_default(), seen);
-            let reported: HashSet<(&TenantName, u64)> =
-                observed.iter().map(|o| (&o.name, o.uid)).collect();
-            for (name, stone) in cluster.tombstones.get(&node).into_iter().flatten() {
-                if req.seen_version >= stone.deleted_at && !reported.contains(&(name, stone.uid)) {
-                    commands.push(Command::ForgetTombstone {
-                        node: node.clone(),
-                        name: name.clone(),
-                        uid: stone.uid,
-                    });
-                }
-            }
-            for rec in cluster.tenants_on(&node) {
-                let seen_delete = rec.deleted_at.is_some_and(|at| req.seen_version >= at);
-                if rec.desired == DesiredState::Deleted
-                    && seen_delete
-                    && !reported.contains(&(&rec.name, rec.uid))
-                {
-                    commands.push(Command::RemoveTenant {
-                        name: rec.name.clone(),
-                        uid: rec.uid,
-                    });
-                }
-            }
-        }
+            heartbeat::decide(&sm.cluster, &node, &reports, req.seen_version, term)
+        };
+        let Decision::Changes { commands, accepted } = decision else {
+            return Ok(Response::new(pb::HeartbeatResponse {
+                register_again: true,
+                cluster_id,
+                ..Default::default()
+            }));
+        };
+        let seen: Vec<(TenantName, TenantSeen)> = accepted
+            .into_iter()
+            .map(|i| (observed[i].name.clone(), observed[i].seen.clone()))
+            .collect();
+        self.app
+            .liveness()
+            .observe(&node, Instant::now(), req.usage.unwrap_or_default(), seen);
         for command in commands {
             debug!(node_id = %node, ?command, "heartbeat transition");
             if let Command::SetNodeStatus { .. } = &command {

@@ -166,14 +166,6 @@ pub struct Reporter {
     book: crate::billing::UsageBook,
 }
 
-fn to_pb(r: &dormant_common::Resources) -> pb::Resources {
-    pb::Resources {
-        milli_cpu: r.cpu.0,
-        memory_bytes: r.memory.0,
-        storage_bytes: r.storage.0,
-    }
-}
-
 impl Reporter {
     pub fn new(
         settings: Settings,
@@ -274,7 +266,7 @@ impl Reporter {
         let req = pb::RegisterRequest {
             node_id: s.node_id.to_string(),
             address: s.advertise.clone(),
-            capacity: Some(to_pb(&capacity)),
+            capacity: Some((&capacity).into()),
             engines: self.host.engines.keys().cloned().collect(),
             cgroup_driver: self.host.cgroups.name().to_string(),
             labels: s.labels.clone().into_iter().collect(),
@@ -586,11 +578,7 @@ fn desired_from(reply: pb::HeartbeatResponse) -> Desired {
                 name: name.clone(),
                 uid: t.uid,
                 engine: t.engine,
-                resources: dormant_common::Resources {
-                    cpu: dormant_common::MilliCpu(r.milli_cpu),
-                    memory: dormant_common::Bytes(r.memory_bytes),
-                    storage: dormant_common::Bytes(r.storage_bytes),
-                },
+                resources: (&r).into(),
                 port,
                 password: t.password,
                 restart_generation: t.restart_generation,

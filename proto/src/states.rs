@@ -1,12 +1,33 @@
-//! The one place where the states that cross the wire as text become `dormant_common`'s enums:
+//! The one place where `dormant_common`'s types and the wire's meet: `Resources` both ways, and
+//! the states that cross the wire as text, which become `dormant_common`'s enums here:
 //! everything else compares enums, so a state renamed or removed fails to compile where it is
 //! used. The wire keeps text (readable in `grpcurl`, and what every released agent and replica
 //! speaks); a value this version does not know is an error naming it, never a guess.
 
 use dormant_common::state::UnknownState;
-use dormant_common::{DesiredState, NodeStatus, TenantState};
+use dormant_common::{Bytes, DesiredState, MilliCpu, NodeStatus, Resources, TenantState};
 
 use crate::v1;
+
+impl From<&Resources> for v1::Resources {
+    fn from(r: &Resources) -> Self {
+        v1::Resources {
+            milli_cpu: r.cpu.0,
+            memory_bytes: r.memory.0,
+            storage_bytes: r.storage.0,
+        }
+    }
+}
+
+impl From<&v1::Resources> for Resources {
+    fn from(r: &v1::Resources) -> Self {
+        Resources {
+            cpu: MilliCpu(r.milli_cpu),
+            memory: Bytes(r.memory_bytes),
+            storage: Bytes(r.storage_bytes),
+        }
+    }
+}
 
 impl v1::Tenant {
     pub fn typed_state(&self) -> Result<TenantState, UnknownState> {
@@ -36,6 +57,16 @@ impl v1::Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resources_cross_the_wire_unchanged() {
+        let r = Resources {
+            cpu: MilliCpu(1500),
+            memory: Bytes(3 << 30),
+            storage: Bytes(7),
+        };
+        assert_eq!(Resources::from(&v1::Resources::from(&r)), r);
+    }
 
     #[test]
     fn wire_states_read_as_enums_and_unknown_ones_are_errors() {

@@ -1,6 +1,6 @@
 //! Conversions between the replicated records and their protobuf messages.
 
-use dormant_common::{Bytes, MilliCpu, NodeStatus, Resources};
+use dormant_common::{NodeStatus, Resources};
 use dormant_proto::v1 as pb;
 
 use crate::liveness::Liveness;
@@ -8,19 +8,11 @@ use crate::pending;
 use crate::state::{ClusterState, NodeRecord, TenantRecord};
 
 pub fn resources_to_pb(r: &Resources) -> pb::Resources {
-    pb::Resources {
-        milli_cpu: r.cpu.0,
-        memory_bytes: r.memory.0,
-        storage_bytes: r.storage.0,
-    }
+    r.into()
 }
 
 pub fn resources_from_pb(r: &pb::Resources) -> Resources {
-    Resources {
-        cpu: MilliCpu(r.milli_cpu),
-        memory: Bytes(r.memory_bytes),
-        storage: Bytes(r.storage_bytes),
-    }
+    r.into()
 }
 
 /// `host:port` where clients reach the tenant, once it is placed.

@@ -6,7 +6,6 @@
 pub mod app;
 pub mod config;
 pub mod consensus;
-pub mod ctl;
 pub mod disk;
 pub mod fence;
 pub mod grpc;

@@ -3,20 +3,22 @@
 //! kept in one file of the agent's (`usage.json` in the state directory), with no Raft entry.
 //!
 //! Why they survive restarts without loss or double counting:
-//! - The book is written (temporary file, then rename) before the figures it holds are shown to
-//!   anyone, so a figure once exported is never lower after a restart: Prometheus never sees a
-//!   drop it would take for a reset.
+//! - Only saved figures are shown: the book is written (temporary file, fsync, rename, fsync of
+//!   the directory) and only then do its figures replace the ones `/metrics` shows. A figure
+//!   once exported is never lower after a restart, a crash or a power loss, so Prometheus never
+//!   sees a drop it would take for a reset; a save that fails leaves the previous figures shown.
 //! - Each meter keeps its last sample, the cgroup's own CPU counter included. After a restart
 //!   (of the agent: the engine and its cgroup live on) the next sample adds the CPU the cgroup
 //!   counted meanwhile, and integrates memory and storage across the gap from the last sample.
 //! - A counter lower than the last sample's belongs to a cgroup made again: it counts from zero.
 //!   A sample from another boot (the boot id differs: the engines died with the host) integrates
-//!   nothing across the gap.
+//!   nothing across the gap, and counts its new cgroup's CPU from zero.
+//! - A sample whose CPU counter reads 0 is no reading (the cgroup could not be read, or no
+//!   process ever ran in it): it is skipped, and the next one integrates across it.
 //! - A deleted tenant's meter goes with it; a tenant created again under the same name (another
 //!   uid) starts a new one.
 //!
-//! The book is not fsynced: an agent killed at any point loses nothing (the kernel keeps what was
-//! written), and after a power loss the host's engines stopped too.
+//! The cost is one small file written and synced per heartbeat interval, for all tenants at once.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -72,8 +74,9 @@ impl Meter {
             } else if last.awake || now.awake {
                 self.awake_seconds += seconds / 2.0;
             }
-        } else if self.last.is_none() {
-            // The first sample: what the cgroup counted before it is this tenant's too.
+        } else {
+            // The first sample, or the first of a new boot: what the cgroup counted before it is
+            // this tenant's too.
             self.cpu_seconds += now.cpu_usage_usec as f64 / 1e6;
         }
         self.last = Some(now);
@@ -96,6 +99,8 @@ pub struct UsageBook {
     path: PathBuf,
     boot_id: String,
     meters: BTreeMap<String, Meter>,
+    /// The figures last saved: the ones shown.
+    saved: BTreeMap<String, Meter>,
 }
 
 impl UsageBook {
@@ -128,12 +133,16 @@ impl UsageBook {
         Ok(Self {
             path,
             boot_id: boot_id(),
+            saved: meters.clone(),
             meters,
         })
     }
 
     /// Records one sample of tenant `name` (uid `uid`).
     pub fn observe(&mut self, name: &str, uid: u64, sample: Sample) {
+        if sample.cpu_usage_usec == 0 {
+            return;
+        }
         let meter = self.meters.entry(name.to_string()).or_default();
         if meter.uid != uid {
             *meter = Meter {
@@ -149,12 +158,15 @@ impl UsageBook {
         self.meters.retain(|name, _| present(name));
     }
 
+    /// A tenant's figures as last saved: the ones to show.
     pub fn meter(&self, name: &str) -> Option<&Meter> {
-        self.meters.get(name)
+        self.saved.get(name)
     }
 
-    /// Writes the book (temporary file, then rename): call before showing its figures.
-    pub fn save(&self) -> Result<(), BillingError> {
+    /// Writes the book durably (temporary file, fsync, rename, fsync of the directory); once it
+    /// is written, its figures are the ones shown.
+    pub fn save(&mut self) -> Result<(), BillingError> {
+        use std::io::Write;
         let io = |source| BillingError::Io {
             path: self.path.display().to_string(),
             source,
@@ -162,8 +174,17 @@ impl UsageBook {
         let tmp = self.path.with_extension("json.tmp");
         // Serialising maps of plain numbers cannot fail.
         let bytes = serde_json::to_vec(&self.meters).unwrap_or_default();
-        std::fs::write(&tmp, bytes).map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        file.write_all(&bytes).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        self.saved.clone_from(&self.meters);
+        Ok(())
     }
 }
 
@@ -207,11 +228,12 @@ mod tests {
         m.observe(sample(100, 50, 100, true), "b");
         m.observe(sample(110, 2, 100, true), "b");
         assert_eq!(m.cpu_seconds, 52.0);
+        // After a reboot: no time across the gap, and the new cgroup's CPU from zero.
         m.observe(sample(10_000, 3, 100, true), "other boot");
-        assert_eq!(m.cpu_seconds, 52.0, "nothing across a reboot");
+        assert_eq!(m.cpu_seconds, 55.0);
         assert_eq!(m.awake_seconds, 10.0);
         m.observe(sample(10_010, 4, 100, true), "other boot");
-        assert_eq!(m.cpu_seconds, 53.0);
+        assert_eq!(m.cpu_seconds, 56.0);
     }
 
     #[test]
@@ -224,28 +246,38 @@ mod tests {
     }
 
     #[test]
-    fn the_book_reopens_where_it_was_saved_and_goes_on_from_its_last_sample() {
+    fn only_saved_figures_are_shown_and_the_book_goes_on_from_its_last_saved_sample() {
         let dir = tempfile::tempdir().unwrap();
         let mut book = UsageBook::open(dir.path()).unwrap();
         book.observe("t", 7, sample(100, 10, 100, true));
         book.observe("t", 7, sample(110, 12, 100, true));
+        assert!(
+            book.meter("t").is_none(),
+            "nothing shown before it is saved"
+        );
         book.save().unwrap();
-        // An agent killed after a sample it had not saved yet (nor shown) loses nothing: after
-        // the restart, the next sample adds that CPU from the saved sample on.
+        assert_eq!(book.meter("t").unwrap().cpu_seconds, 12.0);
+        // A sample not saved yet is not shown; an agent killed now loses nothing: after the
+        // restart, the next sample adds that CPU from the saved sample on.
         book.observe("t", 7, sample(120, 15, 100, true));
-        let exported = book.meter("t").unwrap().cpu_seconds;
+        assert_eq!(book.meter("t").unwrap().cpu_seconds, 12.0);
         drop(book);
         let mut book = UsageBook::open(dir.path()).unwrap();
         assert_eq!(book.meter("t").unwrap().cpu_seconds, 12.0);
+        // A cgroup that could not be read (a counter of 0) is no reading: skipped.
+        book.observe("t", 7, sample(125, 0, 0, true));
         book.observe("t", 7, sample(130, 16, 100, true));
+        book.save().unwrap();
         let after = book.meter("t").unwrap();
         assert_eq!(after.cpu_seconds, 16.0);
-        assert!(after.cpu_seconds >= exported);
         assert_eq!(after.awake_seconds, 30.0);
+        assert_eq!(after.memory_byte_seconds, 100.0 * 30.0);
         // Another uid under the same name is another tenant.
         book.observe("t", 8, sample(140, 1, 100, true));
+        book.save().unwrap();
         assert_eq!(book.meter("t").unwrap().cpu_seconds, 1.0);
         book.retain(|name| name != "t");
+        book.save().unwrap();
         assert!(book.meter("t").is_none());
     }
 

@@ -398,7 +398,7 @@ impl Reporter {
         self.book
             .retain(|name| tenants.handles.keys().any(|n| n.as_str() == name));
         if let Err(e) = self.book.save() {
-            warn!(error = %e, "saving the usage book");
+            warn!(error = %e, "saving the usage book; /metrics keeps showing the last saved figures");
         }
         local
             .into_iter()

@@ -12,11 +12,11 @@ pub enum ConfigError {
         path: PathBuf,
         error: std::io::Error,
     },
-    #[error("config {path}: line {line}, column {column}: {message}")]
+    /// `at` is "line L, column C: " where the parser knows, empty where it does not.
+    #[error("config {path}: {at}{message}")]
     Parse {
         path: PathBuf,
-        line: usize,
-        column: usize,
+        at: String,
         message: String,
     },
 }
@@ -28,12 +28,15 @@ pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
         error,
     })?;
     toml::from_str(&text).map_err(|e: toml::de::Error| {
-        let at = e.span().map_or(0, |span| span.start);
-        let before = &text[..at.min(text.len())];
+        let at = e.span().map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: ")
+        });
         ConfigError::Parse {
             path: path.to_path_buf(),
-            line: before.matches('\n').count() + 1,
-            column: before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1,
+            at: at.unwrap_or_default(),
             message: e.message().trim().replace('\n', " "),
         }
     })

@@ -18,14 +18,26 @@ pub fn not_proposed(mut status: Status) -> Status {
     status
 }
 
-/// Whether a call failed before anything was sent: its connection was refused. Read from the
-/// error's sources, which only the process that made the call has; a replica forwarding a call
-/// marks such a failure before passing it on ([`mark_if_unsent`]).
+/// Whether a call failed before anything was sent: its connection could not be made (refused,
+/// timed out, no route). Read from the error's sources, which only the process that made the
+/// call has; a replica forwarding a call marks such a failure before passing it on
+/// ([`mark_if_unsent`]).
 pub fn never_sent(status: &Status) -> bool {
+    use std::io::ErrorKind;
     let mut source = std::error::Error::source(status);
     while let Some(e) = source {
+        // hyper-util's connector names the phase; its message is that library's, not ours.
+        if e.to_string().starts_with("tcp connect error") {
+            return true;
+        }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+            if matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::NetworkUnreachable
+                    | ErrorKind::AddrNotAvailable
+            ) {
                 return true;
             }
         }

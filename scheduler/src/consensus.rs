@@ -18,6 +18,12 @@ pub async fn propose(app: &App, command: Command) -> Result<Outcome, Status> {
     app.disk
         .check()
         .map_err(|e| not_proposed(Status::resource_exhausted(e.to_string())))?;
+    // Refused here, nothing was proposed. Once `client_write` has the command, a refusal to
+    // forward may come after it was appended (and truncated, yet possibly kept by a replica that
+    // wins the next election): that outcome is unknown, and not marked.
+    if !app.is_leader() {
+        return Err(not_leader(app.leader()));
+    }
     let Ok(written) = tokio::time::timeout(COMMIT_WAIT, app.raft.client_write(command)).await
     else {
         return Err(Status::unavailable(format!(
@@ -27,14 +33,22 @@ pub async fn propose(app: &App, command: Command) -> Result<Outcome, Status> {
     };
     match written {
         Ok(reply) => reply.data.map_err(apply_status),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-            Err(not_leader(f.leader_id.zip(f.leader_node.map(|n| n.addr))))
-        }
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(outcome_unknown(
+            "leadership changed while the write was being committed",
+        )),
         Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
             Err(Status::failed_precondition(e.to_string()))
         }
         Err(RaftError::Fatal(e)) => Err(raft_stopped(app.settings.id, &e)),
     }
+}
+
+/// `Unavailable` for a write that may or may not be applied: never marked "not proposed".
+pub fn outcome_unknown(why: &str) -> Status {
+    Status::unavailable(format!(
+        "{why}; its outcome is unknown (it may still be applied): check with a read before \
+         trying again"
+    ))
 }
 
 /// Waits until this replica's state reflects every write committed before the call (batched

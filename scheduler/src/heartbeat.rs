@@ -250,4 +250,42 @@ mod tests {
             }]
         );
     }
+
+    #[test]
+    fn a_tombstone_is_forgotten_once_a_node_that_saw_it_no_longer_reports_its_tenant() {
+        let mut c = cluster();
+        c.apply(
+            3,
+            Command::SetNodeStatus {
+                node: n("a"),
+                status: NodeStatus::Down,
+                decided_in_term: None,
+            },
+        )
+        .unwrap();
+        c.apply(
+            4,
+            Command::ForceDeleteTenant {
+                name: t("t"),
+                uid: 2,
+            },
+        )
+        .unwrap();
+        let forget = Command::ForgetTombstone {
+            node: n("a"),
+            name: t("t"),
+            uid: 2,
+        };
+        // Still reported (being removed), or absent from a heartbeat that predates it: kept.
+        let removing = [report("t", 2, TenantState::Deleting)];
+        assert!(!changes(decide(&c, &n("a"), &removing, 4, 1))
+            .0
+            .contains(&forget));
+        assert!(!changes(decide(&c, &n("a"), &[], 3, 1)).0.contains(&forget));
+        // Another tenant of that name reported (another uid) does not keep it.
+        let other = [report("t", 9, TenantState::Running)];
+        assert!(changes(decide(&c, &n("a"), &other, 4, 1))
+            .0
+            .contains(&forget));
+    }
 }

@@ -119,11 +119,12 @@ mod tests {
     }
 
     #[test]
-    fn a_tenant_that_does_not_wait_for_room_keeps_its_recorded_reason() {
+    fn a_waiting_tenant_is_told_what_is_now_and_one_that_does_not_wait_its_recorded_reason() {
         let mut cluster = ClusterState::default();
         create(&mut cluster, 1, "t", 100);
         let views = cluster.node_views();
         let t = &cluster.tenants[&tn("t")];
+        // Worked out now, not the reason recorded at create.
         assert_eq!(
             reason(t, &views, 1.0).as_deref(),
             Some("no node is registered")

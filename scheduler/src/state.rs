@@ -609,6 +609,7 @@ impl ClusterState {
     /// Checks that `ask` still fits on `node` and returns the port it gets there.
     fn recheck(
         &self,
+        name: &TenantName,
         node: &NodeName,
         ask: &placement::Ask<'_>,
         overcommit: f64,
@@ -616,6 +617,16 @@ impl ClusterState {
         let Some(record) = self.nodes.get(node) else {
             return Err("node is not registered".into());
         };
+        // One tombstone per name and node: the node removes the earlier tenant first.
+        if self
+            .tombstones
+            .get(node)
+            .is_some_and(|stones| stones.contains_key(name))
+        {
+            return Err(format!(
+                "{node}: still removing an earlier tenant of this name (deleted with --force)"
+            ));
+        }
         let view = record.view(self.allocated(node), true);
         placement::check(&view, ask, overcommit)?;
         self.free_port(record)
@@ -706,7 +717,7 @@ impl ClusterState {
                 };
                 if let Some(node) = node {
                     // A placement that went stale leaves the tenant pending: the placer tries again.
-                    match self.recheck(&node, &record.ask(), overcommit) {
+                    match self.recheck(&record.name, &node, &record.ask(), overcommit) {
                         Ok(port) => {
                             record.state = TenantState::Starting;
                             record.node = Some(node);
@@ -730,7 +741,7 @@ impl ClusterState {
                     return Ok(Outcome::Nothing);
                 }
                 let port = self
-                    .recheck(&node, &tenant.ask(), overcommit)
+                    .recheck(&name, &node, &tenant.ask(), overcommit)
                     .map_err(|why| ApplyError::StalePlacement {
                         tenant: name.to_string(),
                         node: node.to_string(),
@@ -1832,16 +1843,30 @@ mod tests {
             },
         )
         .unwrap();
+        // The name is free: a tenant of it may be created, but not placed on `a` while `a` has
+        // the earlier one to remove (one tombstone per name and node).
         let Outcome::Tenant(again) = create(&mut st, 8, "t", Some("a")).unwrap() else {
             panic!()
         };
-        assert_ne!(again.port, Some(port));
+        assert_eq!(again.state, TenantState::Pending);
+        assert!(
+            again
+                .reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("still removing an earlier tenant"),
+            "{again:?}"
+        );
+        let Outcome::Tenant(other) = create(&mut st, 9, "u", Some("a")).unwrap() else {
+            panic!()
+        };
+        assert_ne!(other.port, Some(port));
         // A snapshot keeps the tombstone, and the index rebuilt from it holds the port.
         let restored: ClusterState =
             serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
         assert_eq!(restored, st);
         st.apply(
-            9,
+            10,
             Command::ForgetTombstone {
                 node: a.clone(),
                 name: tname("t"),
@@ -1851,6 +1876,18 @@ mod tests {
         .unwrap();
         assert!(st.tombstones.is_empty());
         assert!(!st.by_node[&a].ports.contains(&port));
+        // Now the waiting `t` may go to `a`.
+        st.apply(
+            11,
+            Command::AssignTenant {
+                name: tname("t"),
+                uid: 8,
+                node: a.clone(),
+                overcommit: 1.0,
+            },
+        )
+        .unwrap();
+        assert_eq!(st.tenants[&tname("t")].node.as_ref(), Some(&a));
     }
 
     #[test]

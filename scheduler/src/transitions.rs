@@ -49,7 +49,11 @@ impl Before {
         let mut nodes = Vec::new();
         match command {
             Command::SetClusterId(_) | Command::SetPendingReason { .. } => {}
-            Command::RegisterNode(record) => nodes.push(record.id.clone()),
+            // Registering again brings a node's lost tenants back.
+            Command::RegisterNode(record) => {
+                nodes.push(record.id.clone());
+                tenants.extend(cluster.tenants_on(&record.id).map(|t| t.name.clone()));
+            }
             Command::CreateTenant { spec, .. } => tenants.push(spec.name.clone()),
             Command::AssignTenant { name, .. }
             | Command::UpdateTenant { name, .. }

@@ -501,18 +501,19 @@ impl<R: Runtime> Supervisor<R> {
             }
             return self.until_ready(engine).await;
         }
+        if adopt && !self.status.borrow().announced && !self.desired_set_heard {
+            // Found on disk with its engine stopped (the host rebooted, the engine died while no
+            // agent ran), running or hibernated: it may have been deleted (`--force`) while this
+            // host was away, so it starts, or waits for a client to wake it, only once the
+            // scheduler's desired set has come, a delete first. Clients meanwhile wait.
+            if let Err(i) = self.until_desired_set_heard().await {
+                return self.interrupted(i, None, false).await;
+            }
+        }
         if self.record.hibernated && adopt && self.rt.is_initialized() {
             // Hibernated when the agent stopped: it stays so until a client comes. Any client
             // that spoke to this agent (counts start at 0) wakes it.
             return self.now_hibernated(None, 0);
-        }
-        if adopt && !self.status.borrow().announced && !self.desired_set_heard {
-            // Found on disk with its engine stopped (the host rebooted, the engine died while no
-            // agent ran): it may have been deleted (`--force`) while this host was away, so it
-            // starts only once the scheduler's desired set has come, a delete first.
-            if let Err(i) = self.until_desired_set_heard().await {
-                return self.interrupted(i, None, false).await;
-            }
         }
         if self.status.borrow().state != TenantState::Starting || !self.status.borrow().announced {
             self.set(TenantState::Starting, None);

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use dormant_common::TenantState;
-use dormant_proto::v1 as pb;
 use dormant_ctl::{self as ctl, output, CtlError};
+use dormant_proto::v1 as pb;
 
 /// `println!` that ends the process quietly once stdout is closed (`dormantctl ... | head -1`):
 /// the reader has what it wanted. Any other write error is reported, with a failure status.

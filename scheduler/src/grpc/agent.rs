@@ -502,12 +502,12 @@ mod tests {
     }
 
     #[test]
-    fn a_tombstone_goes_before_a_new_tenant_of_its_name_on_the_same_node() {
+    fn the_desired_set_carries_tombstones_as_deletes_beside_the_nodes_tenants() {
         use crate::state::test_utils::{node, spec};
         let mut cluster = ClusterState::default();
         let a = NodeName::parse("a").unwrap();
-        let create = || Command::CreateTenant {
-            spec: spec("t", res(100, 64, 1)),
+        let create = |name: &str| Command::CreateTenant {
+            spec: spec(name, res(100, 64, 1)),
             password: "pw".into(),
             node: Some(a.clone()),
             pending_reason: None,
@@ -516,7 +516,7 @@ mod tests {
         cluster
             .apply(1, Command::RegisterNode(node("a", res(2000, 4096, 100))))
             .unwrap();
-        cluster.apply(2, create()).unwrap();
+        cluster.apply(2, create("t")).unwrap();
         let status = |status| Command::SetNodeStatus {
             node: a.clone(),
             status,
@@ -534,9 +534,19 @@ mod tests {
             )
             .unwrap();
         cluster.apply(5, status(NodeStatus::Ready)).unwrap();
-        cluster.apply(6, create()).unwrap();
-        let only_the_old_one_deleted = |set: Vec<pb::DesiredTenant>| matches!(set.as_slice(), [d] if d.uid == 2 && d.desired_state == "deleted");
-        assert!(only_the_old_one_deleted(desired_set(&cluster, &a)));
+        cluster.apply(6, create("u")).unwrap();
+        let mut set: Vec<(String, u64, String)> = desired_set(&cluster, &a)
+            .into_iter()
+            .map(|d| (d.name, d.uid, d.desired_state))
+            .collect();
+        set.sort();
+        assert_eq!(
+            set,
+            [
+                ("t".to_string(), 2, "deleted".to_string()),
+                ("u".to_string(), 6, "running".to_string())
+            ]
+        );
         cluster
             .apply(
                 7,

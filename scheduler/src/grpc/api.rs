@@ -15,7 +15,7 @@ use rand::distr::{Alphanumeric, SampleString};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use super::convert::{credentials, node_to_pb, tenant_to_pb};
+use super::convert::{credentials, node_to_pb, tenant_to_pb, tenants_to_pb};
 use super::{authz, forward, membership};
 use crate::consensus::{linearizable, propose};
 use crate::minimums;
@@ -476,12 +476,12 @@ impl Operator for OperatorService {
         }
         let sm = self.app.state.read();
         let live = self.app.liveness();
-        let tenants = sm
-            .cluster
-            .tenants
-            .values()
-            .map(|t| tenant_to_pb(t, &sm.cluster, &live, self.app.settings.overcommit_ratio))
-            .collect();
+        let tenants = tenants_to_pb(
+            sm.cluster.tenants.values(),
+            &sm.cluster,
+            &live,
+            self.app.settings.overcommit_ratio,
+        );
         Ok(Response::new(pb::ListTenantsResponse { tenants }))
     }
 

@@ -34,6 +34,36 @@ pub fn tenant_to_pb(
     } else {
         t.reason.clone()
     };
+    tenant_to_pb_with_reason(t, cluster, live, reason)
+}
+
+/// Every tenant in `tenants` as operators see it, the nodes' views built once for all that wait.
+pub fn tenants_to_pb<'a>(
+    tenants: impl IntoIterator<Item = &'a TenantRecord>,
+    cluster: &ClusterState,
+    live: &Liveness,
+    overcommit: f64,
+) -> Vec<pb::Tenant> {
+    let views = std::cell::OnceCell::new();
+    tenants
+        .into_iter()
+        .map(|t| {
+            let reason = if pending::waits_for_room(t) {
+                pending::reason(t, views.get_or_init(|| cluster.node_views()), overcommit)
+            } else {
+                t.reason.clone()
+            };
+            tenant_to_pb_with_reason(t, cluster, live, reason)
+        })
+        .collect()
+}
+
+fn tenant_to_pb_with_reason(
+    t: &TenantRecord,
+    cluster: &ClusterState,
+    live: &Liveness,
+    reason: Option<String>,
+) -> pb::Tenant {
     pb::Tenant {
         name: t.name.to_string(),
         engine: t.engine.clone(),

@@ -14,7 +14,6 @@ use tonic::Status;
 use tracing::info;
 
 use crate::consensus::linearizable;
-use crate::refusals::not_leader;
 use crate::replica::App;
 
 /// How long adding a learner waits for it to catch up with the log (less than dormantctl's
@@ -23,8 +22,9 @@ const CATCH_UP: Duration = Duration::from_secs(20);
 
 fn raft_status(id: u64, e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Status {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-            not_leader(f.leader_id.zip(f.leader_node.map(|n| n.addr)))
+        // The joint configuration may already be committed: not "not proposed".
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            crate::consensus::outcome_unknown("leadership changed during the membership change")
         }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             Status::failed_precondition(format!("membership: {e}"))

@@ -207,18 +207,14 @@ fn desired(t: &TenantRecord) -> Option<pb::DesiredTenant> {
 }
 
 /// What `node` is to run and to delete: its tenants, and the tombstones of tenants deleted with
-/// `--force` while it was away. A tombstone goes first: a tenant created again under its name
-/// and placed here waits until the old one's data is gone.
+/// `--force` while it was away. Names never clash: the state machine places no tenant of a
+/// tombstone's name on its node until the tombstone is gone.
 fn desired_set(cluster: &ClusterState, node: &NodeName) -> Vec<pb::DesiredTenant> {
-    let stones = cluster.tombstones.get(node);
-    let buried = |name: &TenantName| stones.is_some_and(|s| s.contains_key(name));
-    let mut set: Vec<pb::DesiredTenant> = cluster
-        .tenants_on(node)
-        .filter(|t| !buried(&t.name))
-        .filter_map(desired)
-        .collect();
+    let mut set: Vec<pb::DesiredTenant> = cluster.tenants_on(node).filter_map(desired).collect();
     set.extend(
-        stones
+        cluster
+            .tombstones
+            .get(node)
             .into_iter()
             .flatten()
             .map(|(name, stone)| pb::DesiredTenant {

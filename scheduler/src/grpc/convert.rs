@@ -29,12 +29,9 @@ pub fn tenant_to_pb(
     live: &Liveness,
     overcommit: f64,
 ) -> pb::Tenant {
-    let reason = if pending::waits_for_room(t) {
-        pending::reason(t, &cluster.node_views(), overcommit)
-    } else {
-        t.reason.clone()
-    };
-    tenant_to_pb_with_reason(t, cluster, live, reason)
+    tenants_to_pb([t], cluster, live, overcommit)
+        .pop()
+        .unwrap_or_default()
 }
 
 /// Every tenant in `tenants` as operators see it, the nodes' views built once for all that wait.

@@ -66,7 +66,7 @@ pub fn require_root(test: &str) -> bool {
 pub fn psql(uri: &str, sql: &str) -> Result<String, String> {
     let out = std::process::Command::new("psql")
         .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", uri, "-c", sql])
-        .env("PGCONNECT_TIMEOUT", "10")
+        .env("PGCONNECT_TIMEOUT", crate::wait::client_connect_timeout())
         .output()
         .map_err(|e| format!("run psql: {e}"))?;
     if out.status.success() {

@@ -16,7 +16,7 @@ impl PsqlSession {
     pub fn connect(uri: &str) -> Self {
         let mut child = Command::new("psql")
             .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=0", uri])
-            .env("PGCONNECT_TIMEOUT", "10")
+            .env("PGCONNECT_TIMEOUT", crate::wait::client_connect_timeout())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -13,6 +13,13 @@ pub fn time_scale() -> u32 {
         .unwrap_or(1)
 }
 
+/// `PGCONNECT_TIMEOUT` for the tests' clients, in seconds: a hang guard like the waits, so it is
+/// stretched by the time scale too. 10 s was too short in the VM, where a 0.25-core tenant
+/// answered a login later than that while other tests ran initdb beside it.
+pub fn client_connect_timeout() -> String {
+    (15 * time_scale()).to_string()
+}
+
 /// Polls `check` every 100 ms until it returns `Some`, or panics after `timeout` (times the
 /// time scale) with `what`.
 pub fn wait_until<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {

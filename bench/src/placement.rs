@@ -22,7 +22,8 @@ use crate::Common;
 
 /// Tenant size: tiny, so capacity never runs out and every create can be placed.
 const CPU: &str = "10m";
-const MEMORY: &str = "16MiB";
+// The smallest a postgres tenant may ask for (`scheduler/src/minimums.rs`).
+const MEMORY: &str = "64MiB";
 const STORAGE: &str = "64MiB";
 
 /// How many registrations run at once.

@@ -123,7 +123,7 @@ async fn heartbeat_loop(
                 timeout_ms: dormant_tests::sim_node::HEARTBEAT_TIMEOUT_MS,
             })
             .await;
-        rec.record(t0.elapsed(), r.as_ref().map(|_| ()).map_err(|s| s.code()));
+        rec.record(t0.elapsed(), r.as_ref().map(|_| ()));
         if let Ok(resp) = r {
             let resp = resp.into_inner();
             seen_version = resp.version;

@@ -23,6 +23,8 @@ pub struct Recorder {
 pub struct Samples {
     pub ok: Vec<Duration>,
     pub errors: BTreeMap<String, u64>,
+    /// The first message seen for each error code, so a run that fails says why.
+    pub first_error: BTreeMap<String, String>,
 }
 
 impl Samples {
@@ -37,7 +39,10 @@ impl Samples {
         }
         self.errors
             .iter()
-            .map(|(k, v)| format!("{k}={v}"))
+            .map(|(k, v)| match self.first_error.get(k) {
+                Some(first) => format!("{k}={v}, first: {first:?}"),
+                None => format!("{k}={v}"),
+            })
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -56,14 +61,20 @@ impl Recorder {
         self.samples.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn record(&self, latency: Duration, result: Result<(), tonic::Code>) {
+    pub fn record(&self, latency: Duration, result: Result<(), &tonic::Status>) {
         if !self.recording.load(Ordering::Relaxed) {
             return;
         }
         let mut s = self.lock();
         match result {
             Ok(()) => s.ok.push(latency),
-            Err(code) => *s.errors.entry(format!("{code:?}")).or_default() += 1,
+            Err(status) => {
+                let code = format!("{:?}", status.code());
+                *s.errors.entry(code.clone()).or_default() += 1;
+                s.first_error
+                    .entry(code)
+                    .or_insert_with(|| status.message().to_string());
+            }
         }
     }
 
@@ -195,7 +206,7 @@ where
                         let counter = if o == Outcome::Done { &done } else { &ok_only };
                         counter.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(s) => rec.record(dt, Err(s.code())),
+                    Err(s) => rec.record(dt, Err(&s)),
                 }
             }
         });

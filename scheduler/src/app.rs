@@ -31,6 +31,7 @@ use crate::liveness::{Liveness, Verdict, Watch};
 use crate::metrics;
 use crate::network::PeerNetwork;
 use crate::pending;
+use crate::proposer::Proposer;
 use crate::read_index::ReadIndex;
 use crate::replica::{App, Counters};
 use crate::state::Command;
@@ -203,6 +204,7 @@ pub async fn run(
         state,
         liveness: Mutex::new(Liveness::default()),
         placer: Notify::new(),
+        proposer: Proposer::spawn(raft.clone(), network.clone()),
         network,
         membership: tokio::sync::Mutex::new(()),
         read_index: ReadIndex::spawn(settings.id, raft.clone(), fence.clone()),

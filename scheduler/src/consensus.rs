@@ -24,15 +24,14 @@ pub async fn propose(app: &App, command: Command) -> Result<Outcome, Status> {
     if !app.is_leader() {
         return Err(not_leader(app.leader()));
     }
-    let Ok(written) = tokio::time::timeout(COMMIT_WAIT, app.raft.client_write(command)).await
-    else {
+    let Ok(written) = tokio::time::timeout(COMMIT_WAIT, app.proposer.write(command)).await else {
         return Err(Status::unavailable(format!(
             "no quorum: the write was not committed within {COMMIT_WAIT:?}; its outcome is \
              unknown (it may still be applied): check with a read before trying again"
         )));
     };
     match written {
-        Ok(reply) => reply.data.map_err(apply_status),
+        Ok(applied) => applied.map_err(apply_status),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(outcome_unknown(
             "leadership changed while the write was being committed",
         )),
@@ -55,6 +54,30 @@ pub fn outcome_unknown(why: &str) -> Status {
 /// with concurrent callers, see `read_index`).
 pub async fn linearizable(app: &App) -> Result<(), Status> {
     app.read_index.confirm().await
+}
+
+/// For a write decided from this replica's applied state (a placement), instead of a read round
+/// to a quorum: this replica leads and has applied its term's fence, so its state holds every
+/// write acknowledged before the call (a leader applies an entry before acknowledging it, and
+/// the fence follows everything earlier terms committed). A leader deposed without knowing it
+/// may decide from older state, but gets nothing committed; and `apply` checks a placement again
+/// against the state at its own index. Refusals here are "not proposed".
+pub async fn fenced_leader(app: &App) -> Result<(), Status> {
+    let (leading, term) = {
+        let metrics = app.raft.metrics();
+        let m = metrics.borrow();
+        (m.current_leader == Some(app.settings.id), m.current_term)
+    };
+    if !leading {
+        return Err(not_leader(app.leader()));
+    }
+    if !app.fence.wait(term).await {
+        return Err(not_proposed(Status::unavailable(format!(
+            "this replica leads term {term} but has not yet committed an entry of it; retry \
+             shortly"
+        ))));
+    }
+    Ok(())
 }
 
 /// How recently a majority must have acknowledged this leader for [`current_enough`]. A follower

@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 pub mod app;
+pub mod codec;
 pub mod config;
 pub mod consensus;
 pub mod disk;
@@ -16,6 +17,7 @@ pub mod minimums;
 pub mod network;
 pub mod pending;
 pub mod placement;
+pub mod proposer;
 pub mod read_index;
 pub mod refusals;
 pub mod replica;

@@ -157,23 +157,26 @@ pub fn place(
         return Err(PlacementError::NoNodes);
     }
     let mut reasons = Vec::new();
-    let mut fits = Vec::new();
-    for view in nodes {
-        match check(view, ask, overcommit) {
-            Ok(()) => fits.push((dominant_share(view, ask.resources, overcommit), view)),
-            Err(why) => reasons.push(why),
-        }
-    }
-    let by_score = |a: &(u64, &NodeView<'_>), b: &(u64, &NodeView<'_>)| -> Ordering {
+    let mut best: Option<(u64, &NodeView<'_>)> = None;
+    let better = |a: &(u64, &NodeView<'_>), b: &(u64, &NodeView<'_>)| -> bool {
         let by_share = match policy {
             Policy::BinPack => b.0.cmp(&a.0),
             Policy::Spread => a.0.cmp(&b.0),
         };
-        by_share.then_with(|| a.1.id.cmp(b.1.id))
+        by_share.then_with(|| a.1.id.cmp(b.1.id)) == Ordering::Less
     };
-    fits.sort_by(by_score);
-    fits.first()
-        .map(|(_, v)| v.id.clone())
+    for view in nodes {
+        match check(view, ask, overcommit) {
+            Ok(()) => {
+                let candidate = (dominant_share(view, ask.resources, overcommit), view);
+                if best.as_ref().is_none_or(|b| better(&candidate, b)) {
+                    best = Some(candidate);
+                }
+            }
+            Err(why) => reasons.push(why),
+        }
+    }
+    best.map(|(_, v)| v.id.clone())
         .ok_or(PlacementError::NoneFits(reasons))
 }
 

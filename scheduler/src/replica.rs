@@ -12,6 +12,7 @@ use crate::disk::DiskReserve;
 use crate::fence::Fence;
 use crate::liveness::Liveness;
 use crate::network::PeerNetwork;
+use crate::proposer::Proposer;
 use crate::read_index::ReadIndex;
 use crate::store::SharedState;
 use crate::Raft;
@@ -28,6 +29,8 @@ pub struct App {
     pub network: PeerNetwork,
     /// Held for the whole of a membership change: one at a time.
     pub membership: tokio::sync::Mutex<()>,
+    /// Writes, batched with concurrent ones into shared entries.
+    pub proposer: Proposer,
     /// Batched leadership confirmations for linearizable reads and checked writes.
     pub read_index: ReadIndex,
     /// Which term this replica has fenced (see `fence`).

@@ -257,7 +257,7 @@ pub enum Command {
     SetNodeStatus {
         node: NodeName,
         status: NodeStatus,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default)]
         decided_in_term: Option<u64>,
     },
     /// An operator stops or resumes new placements on a node.
@@ -283,6 +283,9 @@ pub enum Command {
         name: TenantName,
         uid: u64,
     },
+    /// Several commands in one entry, applied in order, each with its own result
+    /// (`Outcome::Batch`): concurrent writes share one entry (`proposer`). Never nested.
+    Batch(Vec<Command>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -294,6 +297,8 @@ pub enum Outcome {
     NodeRemoved(Vec<TenantName>),
     /// Entries that are not commands (blank, membership) and commands that changed nothing.
     Nothing,
+    /// The result of each command of a `Command::Batch`, in order.
+    Batch(Vec<ApplyResult>),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
@@ -361,6 +366,8 @@ pub struct ClusterState {
     /// comes back, its agent is told to delete them instead of running them again. Each holds
     /// its port on that node until the agent confirms.
     pub tombstones: BTreeMap<NodeName, BTreeMap<TenantName, Tombstone>>,
+    /// The least uid the next tenant created may get (see `next_uid`).
+    next_uid: u64,
     /// Derived from `tenants`, never stored: what each node holds. Placement asks it on every
     /// create; scanning every tenant for every node instead dominated the leader's CPU.
     by_node: BTreeMap<NodeName, NodeLoad>,
@@ -393,6 +400,9 @@ struct StoredClusterState {
     tenants: BTreeMap<TenantName, TenantRecord>,
     #[serde(default)]
     tombstones: BTreeMap<NodeName, BTreeMap<TenantName, Tombstone>>,
+    /// Absent from states written before batches: 0, and the next uid is the log index.
+    #[serde(default)]
+    next_uid: u64,
 }
 
 impl From<StoredClusterState> for ClusterState {
@@ -402,6 +412,7 @@ impl From<StoredClusterState> for ClusterState {
             nodes: stored.nodes,
             tenants: BTreeMap::new(),
             tombstones: BTreeMap::new(),
+            next_uid: stored.next_uid,
             by_node: BTreeMap::new(),
         };
         for (name, t) in stored.tenants {
@@ -425,20 +436,31 @@ impl Serialize for ClusterState {
             cluster_id: &'a Option<String>,
             nodes: &'a BTreeMap<NodeName, NodeRecord>,
             tenants: &'a BTreeMap<TenantName, TenantRecord>,
-            #[serde(skip_serializing_if = "BTreeMap::is_empty")]
             tombstones: &'a BTreeMap<NodeName, BTreeMap<TenantName, Tombstone>>,
+            next_uid: u64,
         }
         Stored {
             cluster_id: &self.cluster_id,
             nodes: &self.nodes,
             tenants: &self.tenants,
             tombstones: &self.tombstones,
+            next_uid: self.next_uid,
         }
         .serialize(serializer)
     }
 }
 
 impl ClusterState {
+    /// The uid of a tenant created at log `index`: the index itself, unless an earlier entry
+    /// (a batch of creates) used it already. So uids grow with every tenant created, never
+    /// repeat, and equal the log index wherever batches are not involved, as versions before
+    /// batches gave them (which keeps older replicas' states and this one's alike).
+    fn next_uid(&mut self, index: u64) -> u64 {
+        let uid = index.max(self.next_uid);
+        self.next_uid = uid + 1;
+        uid
+    }
+
     /// Resources reserved on `node` by the tenants placed there (deleting ones too, until gone).
     pub fn allocated(&self, node: &NodeName) -> Resources {
         self.by_node
@@ -460,16 +482,25 @@ impl ClusterState {
 
     /// The view of every node that placement needs.
     pub fn node_views(&self) -> Vec<placement::NodeView<'_>> {
+        // Both maps are ordered by node name: walked together, not looked up node by node
+        // (this runs for every create, over every node).
+        let mut loads = self.by_node.iter().peekable();
         self.nodes
             .values()
-            .map(|n| n.view(self.allocated(&n.id), self.has_free_port(n)))
+            .map(|n| {
+                while loads.next_if(|(id, _)| *id < &n.id).is_some() {}
+                let load = loads.next_if(|(id, _)| *id == &n.id).map(|(_, load)| load);
+                let allocated = load.map(|l| l.allocated).unwrap_or_default();
+                n.view(allocated, Self::has_free_port(n, load))
+            })
             .collect()
     }
 
-    /// Whether `node` has a port left, without searching for it (placement asks for every node).
-    fn has_free_port(&self, node: &NodeRecord) -> bool {
+    /// Whether `node` (holding `load`) has a port left, without searching for it (placement
+    /// asks for every node).
+    fn has_free_port(node: &NodeRecord, load: Option<&NodeLoad>) -> bool {
         let (first, last) = node.port_range;
-        let Some(load) = self.by_node.get(&node.id) else {
+        let Some(load) = load else {
             return true;
         };
         let size = usize::from(last - first) + 1;
@@ -696,7 +727,7 @@ impl ClusterState {
                     return Err(ApplyError::TenantExists(spec.name.to_string()));
                 }
                 let mut record = TenantRecord {
-                    uid: index,
+                    uid: self.next_uid(index),
                     name: spec.name.clone(),
                     engine: spec.engine,
                     resources: spec.resources,
@@ -926,6 +957,14 @@ impl ClusterState {
                     Ok(Outcome::Nothing)
                 }
             }
+            // The state machine unpacks batches itself (it checks each command's term and logs
+            // its transitions); this is the same order for callers that hold a state only.
+            Command::Batch(commands) => Ok(Outcome::Batch(
+                commands
+                    .into_iter()
+                    .map(|command| self.apply_inner(index, command))
+                    .collect(),
+            )),
         }
     }
 
@@ -1301,12 +1340,43 @@ mod tests {
             !json.contains("by_node"),
             "the index is derived, never stored"
         );
-        let back: ClusterState = serde_json::from_str(&json).unwrap();
-        assert_eq!(back, st);
-        assert_eq!(
-            back.allocated(&NodeName::parse("a").unwrap()),
-            res(1000, 1024, 2)
-        );
+        // Read back from what this version writes, and from JSON as older versions wrote it.
+        for bytes in [crate::codec::encode(&st).unwrap(), json.into_bytes()] {
+            let back: ClusterState = crate::codec::decode(&bytes).unwrap();
+            assert_eq!(back, st);
+            assert_eq!(
+                back.allocated(&NodeName::parse("a").unwrap()),
+                res(1000, 1024, 2)
+            );
+        }
+    }
+
+    #[test]
+    fn commands_round_trip_through_the_stored_format_optional_fields_included() {
+        let a = NodeName::parse("a").unwrap();
+        let commands = [
+            Command::RegisterNode(node("a", res(8000, 8192, 100))),
+            Command::SetNodeStatus {
+                node: a.clone(),
+                status: NodeStatus::Down,
+                decided_in_term: None,
+            },
+            Command::SetNodeStatus {
+                node: a.clone(),
+                status: NodeStatus::Ready,
+                decided_in_term: Some(4),
+            },
+            Command::ForgetTombstone {
+                node: a,
+                name: tname("t"),
+                uid: 2,
+            },
+        ];
+        for command in commands {
+            let bytes = crate::codec::encode(&command).unwrap();
+            let back: Command = crate::codec::decode(&bytes).unwrap();
+            assert_eq!(format!("{back:?}"), format!("{command:?}"));
+        }
     }
 
     #[test]
@@ -1863,7 +1933,7 @@ mod tests {
         assert_ne!(other.port, Some(port));
         // A snapshot keeps the tombstone, and the index rebuilt from it holds the port.
         let restored: ClusterState =
-            serde_json::from_slice(&serde_json::to_vec(&st).unwrap()).unwrap();
+            crate::codec::decode(&crate::codec::encode(&st).unwrap()).unwrap();
         assert_eq!(restored, st);
         st.apply(
             10,

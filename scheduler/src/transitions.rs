@@ -48,7 +48,8 @@ impl Before {
         let mut tenants = Vec::new();
         let mut nodes = Vec::new();
         match command {
-            Command::SetClusterId(_) | Command::SetPendingReason { .. } => {}
+            // A batch is noted command by command, by the state machine.
+            Command::SetClusterId(_) | Command::SetPendingReason { .. } | Command::Batch(_) => {}
             // Registering again brings a node's lost tenants back.
             Command::RegisterNode(record) => {
                 nodes.push(record.id.clone());

@@ -13,11 +13,11 @@ use dormant_proto::v1::operator_client::OperatorClient;
 use dormant_proto::v1::operator_server::{Operator, OperatorServer};
 use rand::distr::{Alphanumeric, SampleString};
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::convert::{credentials, node_to_pb, tenant_to_pb, tenants_to_pb};
 use super::{authz, forward, membership};
-use crate::consensus::{linearizable, propose};
+use crate::consensus::{fenced_leader, linearizable, propose};
 use crate::minimums;
 use crate::placement;
 use crate::replica::App;
@@ -279,7 +279,8 @@ impl Operator for OperatorService {
         on_leader!(self, req, false, create_tenant);
         let req = req.into_inner();
         let spec = parse_spec(&req)?;
-        linearizable(&self.app).await?;
+        // No read round: the placement is checked again at apply (`consensus::fenced_leader`).
+        fenced_leader(&self.app).await?;
         let settings = &self.app.settings;
         let (node, pending_reason) = {
             let sm = self.app.state.read();
@@ -308,7 +309,8 @@ impl Operator for OperatorService {
             )
             .await?,
         )?;
-        info!(tenant_id = %tenant.name, uid = tenant.uid, state = %tenant.state, node = ?tenant.node, idle_after = %tenant.idle_after, hibernate = %tenant.hibernate, "tenant created");
+        // `transitions` logs the creation at info on every replica; this adds the details.
+        debug!(tenant_id = %tenant.name, uid = tenant.uid, state = %tenant.state, node = ?tenant.node, idle_after = %tenant.idle_after, hibernate = %tenant.hibernate, "tenant created");
         if tenant.node.is_some() {
             self.app.counters.placements.inc();
         } else {

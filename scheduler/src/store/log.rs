@@ -1,7 +1,8 @@
 //! The Raft log and vote in sled. The vote is flushed before `save_vote` returns, and appended
 //! entries are flushed before openraft's callback says they are durable. The flush runs in a task
 //! of its own, so openraft goes on (replicating, taking requests) while the disk syncs, and one
-//! flush answers every append that arrived before it started (group commit).
+//! flush answers every append that arrived before it started (group commit). Values are in
+//! `codec`'s format; entries an older version wrote in JSON are read as they are.
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
@@ -16,7 +17,7 @@ use openraft::{
 };
 
 use super::keys::{self, CommittedKey, LastPurgedKey, MetaKey, VoteKey};
-use crate::TypeConfig;
+use crate::{codec, TypeConfig};
 
 type StoreResult<T> = Result<T, StorageError<u64>>;
 
@@ -75,13 +76,13 @@ impl LogStore {
         else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes)
+        codec::decode(&bytes)
             .map(Some)
             .map_err(|e| meta_err(ErrorVerb::Read, e))
     }
 
     fn put_meta<K: MetaKey>(&self, value: &K::Value) -> StoreResult<()> {
-        let bytes = serde_json::to_vec(value).map_err(|e| meta_err(ErrorVerb::Write, e))?;
+        let bytes = codec::encode(value).map_err(|e| meta_err(ErrorVerb::Write, e))?;
         self.meta
             .insert(K::KEY, bytes)
             .map_err(|e| meta_err(ErrorVerb::Write, e))?;
@@ -103,7 +104,7 @@ impl LogStore {
     fn last_entry(&self) -> StoreResult<Option<Entry<TypeConfig>>> {
         match self.logs.last().map_err(|e| logs_err(ErrorVerb::Read, e))? {
             None => Ok(None),
-            Some((_, bytes)) => serde_json::from_slice(&bytes)
+            Some((_, bytes)) => codec::decode(&bytes)
                 .map(Some)
                 .map_err(|e| logs_err(ErrorVerb::Read, e)),
         }
@@ -130,7 +131,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
                 break;
             }
             let entry: Entry<TypeConfig> =
-                serde_json::from_slice(&bytes).map_err(|e| logs_err(ErrorVerb::Read, e))?;
+                codec::decode(&bytes).map_err(|e| logs_err(ErrorVerb::Read, e))?;
             entries.push(entry);
         }
         Ok(entries)
@@ -179,7 +180,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = sled::Batch::default();
         for entry in entries {
-            let bytes = serde_json::to_vec(&entry).map_err(|e| logs_err(ErrorVerb::Write, e))?;
+            let bytes = codec::encode(&entry).map_err(|e| logs_err(ErrorVerb::Write, e))?;
             batch.insert(&keys::log_key(entry.log_id.index), bytes);
         }
         self.logs

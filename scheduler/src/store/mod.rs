@@ -62,6 +62,98 @@ mod tests {
         }
     }
 
+    /// A store as an older version left it, every value in JSON (the snapshot's state an array
+    /// of numbers), opens: the snapshot's state, the vote and the log entries read back, and
+    /// what is written from then on is in the current format.
+    #[tokio::test]
+    async fn a_store_written_in_json_by_an_older_version_opens() {
+        use openraft::storage::{RaftLogStorage, RaftStateMachine};
+        use openraft::{
+            CommittedLeaderId, Entry, EntryPayload, LogId, Membership, RaftLogReader, SnapshotMeta,
+            StoredMembership, Vote,
+        };
+
+        use crate::state::test_utils::{node, res};
+        use crate::state::Command;
+
+        let dir = tempfile::tempdir().unwrap();
+        let log_id = |index| LogId::new(CommittedLeaderId::new(3, 1), index);
+        {
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let mut data = state_machine::StateMachineData {
+                last_applied: Some(log_id(5)),
+                ..Default::default()
+            };
+            data.cluster
+                .apply(4, Command::RegisterNode(node("a", res(1000, 1024, 10))))
+                .unwrap();
+            let snapshot = snapshot::StoredSnapshot {
+                meta: SnapshotMeta {
+                    last_log_id: Some(log_id(5)),
+                    last_membership: StoredMembership::new(None, Membership::new(vec![], None)),
+                    snapshot_id: "old".into(),
+                },
+                data: serde_json::to_vec(&data).unwrap(),
+            };
+            let json = serde_json::to_vec(&snapshot).unwrap();
+            assert!(json.starts_with(br#"{"meta""#) && json.windows(8).any(|w| w == b"\"data\":["));
+            db.open_tree(keys::SNAPSHOT_TREE)
+                .unwrap()
+                .insert(<keys::CurrentSnapshotKey as keys::MetaKey>::KEY, json)
+                .unwrap();
+            let meta = db.open_tree(keys::META_TREE).unwrap();
+            let vote = Vote::new_committed(3, 1);
+            meta.insert(
+                <keys::VoteKey as keys::MetaKey>::KEY,
+                serde_json::to_vec(&vote).unwrap(),
+            )
+            .unwrap();
+            let entry = Entry::<TypeConfig> {
+                log_id: log_id(6),
+                payload: EntryPayload::Normal(Command::RegisterNode(node(
+                    "b",
+                    res(2000, 2048, 20),
+                ))),
+            };
+            db.open_tree(keys::LOGS_TREE)
+                .unwrap()
+                .insert(keys::log_key(6), serde_json::to_vec(&entry).unwrap())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let (mut log, mut sm) = open(dir.path()).expect("open the older store");
+        let applied = sm.applied_state().await.unwrap().0;
+        assert_eq!(applied, Some(log_id(5)));
+        assert!(sm
+            .shared()
+            .read()
+            .cluster
+            .nodes
+            .contains_key(&dormant_common::NodeName::parse("a").unwrap()));
+        assert_eq!(
+            log.read_vote().await.unwrap(),
+            Some(Vote::new_committed(3, 1))
+        );
+        let entries = log.try_get_log_entries(6..7).await.unwrap();
+        assert_eq!(entries.len(), 1);
+        assert!(matches!(
+            &entries[0].payload,
+            EntryPayload::Normal(Command::RegisterNode(n)) if n.id.as_str() == "b"
+        ));
+        // Written from now on: the current format, read back alike.
+        log.save_vote(&Vote::new_committed(4, 1)).await.unwrap();
+        assert_eq!(
+            log.read_vote().await.unwrap(),
+            Some(Vote::new_committed(4, 1))
+        );
+        let snap = sm
+            .get_current_snapshot()
+            .await
+            .unwrap()
+            .expect("the old snapshot");
+        assert_eq!(snap.meta.snapshot_id, "old");
+    }
+
     /// openraft's own storage conformance suite against our sled store.
     #[test]
     fn openraft_storage_suite_passes() {

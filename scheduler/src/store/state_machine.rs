@@ -20,7 +20,7 @@ use super::keys::{CurrentSnapshotKey, MetaKey};
 use super::snapshot::StoredSnapshot;
 use super::StoreError;
 use crate::state::{ApplyResult, ClusterState, Command, Outcome};
-use crate::TypeConfig;
+use crate::{codec, TypeConfig};
 
 type StoreResult<T> = Result<T, StorageError<u64>>;
 
@@ -96,8 +96,8 @@ impl StateMachineStore {
             .map_err(|e| StoreError::Snapshot(e.to_string()))?;
         if let Some(snap) = current {
             *store.covers() = snap.meta.last_log_id;
-            let mut data: StateMachineData = serde_json::from_slice(&snap.data)
-                .map_err(|e| StoreError::Snapshot(e.to_string()))?;
+            let mut data: StateMachineData =
+                codec::decode(&snap.data).map_err(|e| StoreError::Snapshot(e.to_string()))?;
             data.remember_members();
             *store.data.write() = data;
         }
@@ -123,7 +123,7 @@ impl StateMachineStore {
         };
         self.stored_bytes
             .store(bytes.len() as u64, Ordering::Relaxed);
-        serde_json::from_slice(&bytes)
+        codec::decode(&bytes)
             .map(Some)
             .map_err(|e| snap_err(ErrorVerb::Read, e))
     }
@@ -134,7 +134,7 @@ impl StateMachineStore {
 
     /// Stores `snap` unless the stored snapshot covers more of the log; true if stored.
     async fn save_snapshot(&self, snap: &StoredSnapshot) -> StoreResult<bool> {
-        let bytes = serde_json::to_vec(snap).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let bytes = codec::encode(snap).map_err(|e| snap_err(ErrorVerb::Write, e))?;
         {
             let mut covers = self.covers();
             if *covers > snap.meta.last_log_id {
@@ -163,7 +163,7 @@ impl StateMachineStore {
     fn capture(&self) -> StoreResult<StoredSnapshot> {
         let (data, last_applied, membership) = {
             let sm = self.data.read();
-            let bytes = serde_json::to_vec(&*sm).map_err(|e| sm_err(ErrorVerb::Read, e))?;
+            let bytes = codec::encode(&*sm).map_err(|e| sm_err(ErrorVerb::Read, e))?;
             (bytes, sm.last_applied, sm.last_membership.clone())
         };
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed) + 1;
@@ -177,6 +177,37 @@ impl StateMachineStore {
             snapshot_id,
         };
         Ok(StoredSnapshot { meta, data })
+    }
+}
+
+/// Applies one command of the entry `log_id`; a batch command by command, each as if alone.
+fn apply_command(sm: &mut StateMachineData, log_id: LogId<u64>, command: Command) -> ApplyResult {
+    match command {
+        Command::Batch(commands) => Ok(Outcome::Batch(
+            commands
+                .into_iter()
+                .map(|command| apply_command(sm, log_id, command))
+                .collect(),
+        )),
+        Command::SetNodeStatus {
+            node,
+            decided_in_term: Some(term),
+            ..
+        } if term != log_id.leader_id.term => {
+            tracing::info!(
+                node_id = %node,
+                decided_in_term = term,
+                entry_term = log_id.leader_id.term,
+                "dropped a node status decided under an earlier term"
+            );
+            Ok(Outcome::Nothing)
+        }
+        command => {
+            let before = crate::transitions::Before::note(&sm.cluster, &command);
+            let applied = sm.cluster.apply(log_id.index, command);
+            before.log_changes(&sm.cluster, log_id.index);
+            applied
+        }
     }
 }
 
@@ -212,25 +243,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             sm.last_applied = Some(entry.log_id);
             let result = match entry.payload {
                 EntryPayload::Blank => Ok(Outcome::Nothing),
-                EntryPayload::Normal(Command::SetNodeStatus {
-                    node,
-                    decided_in_term: Some(term),
-                    ..
-                }) if term != entry.log_id.leader_id.term => {
-                    tracing::info!(
-                        node_id = %node,
-                        decided_in_term = term,
-                        entry_term = entry.log_id.leader_id.term,
-                        "dropped a node status decided under an earlier term"
-                    );
-                    Ok(Outcome::Nothing)
-                }
-                EntryPayload::Normal(command) => {
-                    let before = crate::transitions::Before::note(&sm.cluster, &command);
-                    let applied = sm.cluster.apply(entry.log_id.index, command);
-                    before.log_changes(&sm.cluster, entry.log_id.index);
-                    applied
-                }
+                EntryPayload::Normal(command) => apply_command(&mut sm, entry.log_id, command),
                 EntryPayload::Membership(m) => {
                     let ids: Vec<u64> = m.nodes().map(|(id, _)| *id).collect();
                     sm.member_ids_ever.extend(ids);
@@ -258,7 +271,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> StoreResult<()> {
         let bytes = snapshot.into_inner();
         let mut data: StateMachineData =
-            serde_json::from_slice(&bytes).map_err(|e| snap_err(ErrorVerb::Read, e))?;
+            codec::decode(&bytes).map_err(|e| snap_err(ErrorVerb::Read, e))?;
         data.last_membership = meta.last_membership.clone();
         data.remember_members();
         self.save_snapshot(&StoredSnapshot {
@@ -315,7 +328,7 @@ mod tests {
             last_membership: StoredMembership::new(None, Membership::new(vec![], None)),
             snapshot_id: format!("leader-{index}"),
         };
-        let bytes = serde_json::to_vec(&data).unwrap();
+        let bytes = codec::encode(&data).unwrap();
         (meta, Box::new(Cursor::new(bytes)))
     }
 

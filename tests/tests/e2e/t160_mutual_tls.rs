@@ -79,7 +79,7 @@ fn t160_calls_without_a_certificate_are_refused_and_logged() {
                 .await,
             RaftClient::new(ch)
                 .vote(pb::RaftPayload {
-                    json: b"{}".to_vec(),
+                    payload: b"{}".to_vec(),
                 })
                 .await,
         )
@@ -288,7 +288,7 @@ fn t162_certificates_of_another_ca_are_refused() {
         (
             RaftClient::new(replica.connect_lazy())
                 .vote(pb::RaftPayload {
-                    json: b"{}".to_vec(),
+                    payload: b"{}".to_vec(),
                 })
                 .await,
             AgentApiClient::new(node.connect_lazy())

@@ -200,7 +200,14 @@ fn t171_a_full_data_disk_refuses_writes_naming_it_and_a_replica_that_hits_it_exi
     }
     let disk = SmallDisk::mount("48m");
     let data: &Path = &disk.data_dir();
-    let mut set = Replicas::start_with_data_dir(3, &["--disk-reserve", "8MiB"], &[(1, data)]);
+    // Snapshots every 50 entries: the follower of step 2 then soon needs room for a whole
+    // state, as a busy cluster's would. Log entries alone are small in the current encoding:
+    // the follower took more than 450 of them (a minute of creates) before it needed space.
+    let mut set = Replicas::start_with_data_dir(
+        3,
+        &["--disk-reserve", "8MiB", "--snapshot-every", "50"],
+        &[(1, data)],
+    );
     let mut acked = BTreeSet::new();
     for n in 0..20 {
         let name = format!("before-{n}");

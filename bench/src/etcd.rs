@@ -1,5 +1,6 @@
-//! The etcd baseline: a single-member etcd started as our child (fsync on, as by default), and
-//! its `KV/Put` over gRPC through the subset of etcd's protos that `build.rs` compiles.
+//! The etcd baseline: an etcd cluster of one or more members started as our children (fsync on,
+//! as by default), and its `KV/Put` over gRPC through the subset of etcd's protos that
+//! `build.rs` compiles.
 
 use std::path::Path;
 use std::time::Duration;
@@ -17,51 +18,67 @@ pub mod pb {
 
 use pb::kv_client::KvClient;
 
-/// Starts etcd with its data in `<work dir>/etcd` and returns its client URL once it accepts puts.
-pub async fn start(guard: &mut Guard, etcd: &Path) -> anyhow::Result<String> {
+/// Starts an etcd cluster of `members` (data in `<work dir>/etcd-<n>`) and returns each
+/// member's client URL once the cluster accepts puts.
+pub async fn start(guard: &mut Guard, etcd: &Path, members: usize) -> anyhow::Result<Vec<String>> {
     if !etcd.is_file() {
         bail!(
             "{} missing: install etcd (apt-get install etcd-server), pass --etcd-bin, or --skip-etcd",
             etcd.display()
         );
     }
-    let client = format!("http://127.0.0.1:{}", free_port()?);
-    let peer = format!("http://127.0.0.1:{}", free_port()?);
-    let data = guard.dir().join("etcd");
-    let args = vec![
-        "--name".to_string(),
-        "bench".into(),
-        "--data-dir".into(),
-        data.display().to_string(),
-        "--listen-client-urls".into(),
-        client.clone(),
-        "--advertise-client-urls".into(),
-        client.clone(),
-        "--listen-peer-urls".into(),
-        peer.clone(),
-        // Without these etcd expects its peer at the default localhost:2380 and refuses to start.
-        "--initial-advertise-peer-urls".into(),
-        peer.clone(),
-        "--initial-cluster".into(),
-        format!("bench={peer}"),
-    ];
-    guard.spawn("etcd", etcd, &args)?;
+    let mut urls = Vec::new();
+    for n in 1..=members.max(1) {
+        let client = format!("http://127.0.0.1:{}", free_port()?);
+        let peer = format!("http://127.0.0.1:{}", free_port()?);
+        urls.push((format!("m{n}"), client, peer));
+    }
+    let initial_cluster = urls
+        .iter()
+        .map(|(name, _, peer)| format!("{name}={peer}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    for (name, client, peer) in &urls {
+        let data = guard.dir().join(format!("etcd-{name}"));
+        let args = vec![
+            "--name".to_string(),
+            name.clone(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--listen-client-urls".into(),
+            client.clone(),
+            "--advertise-client-urls".into(),
+            client.clone(),
+            "--listen-peer-urls".into(),
+            peer.clone(),
+            // Without these etcd expects its peer at the default localhost:2380 and refuses to start.
+            "--initial-advertise-peer-urls".into(),
+            peer.clone(),
+            "--initial-cluster".into(),
+            initial_cluster.clone(),
+        ];
+        guard.spawn(&format!("etcd-{name}"), etcd, &args)?;
+    }
+    let clients: Vec<String> = urls.into_iter().map(|(_, client, _)| client).collect();
 
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        guard.check_running()?;
-        if probe(&client).await.is_ok() {
-            return Ok(client);
+    for client in &clients {
+        loop {
+            guard.check_running()?;
+            if probe(client).await.is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let why = match probe(client).await {
+                    Ok(()) => break,
+                    Err(e) => format!("{e:#}"),
+                };
+                bail!("etcd at {client} did not accept a put within 30s: {why}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        if Instant::now() > deadline {
-            let why = match probe(&client).await {
-                Ok(()) => return Ok(client),
-                Err(e) => format!("{e:#}"),
-            };
-            bail!("etcd at {client} did not accept a put within 30s: {why}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(clients)
 }
 
 /// One put outside the measured keys: etcd has a leader and serves writes.

@@ -175,19 +175,60 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     if args.skip_etcd {
         return Ok(report);
     }
-    let url = etcd::start(&mut guard, &args.etcd_bin).await?;
-    let etcd_channels =
-        cluster::channels(&Transport::Insecure, &url, args.common.connections).await?;
-    let kvs: Vec<_> = etcd_channels
-        .iter()
-        .cloned()
-        .map(etcd::pb::kv_client::KvClient::new)
-        .collect();
+    let etcd_clusters = [
+        (1, "etcd (KV/Put, single member, fsync on)", "etcd"),
+        (3, "etcd (KV/Put, 3 members, fsync on)", "etcd3"),
+    ];
+    let mut rates = Vec::new();
+    for (members, title, key) in etcd_clusters {
+        let run = etcd_run(&mut guard, &args, members).await?;
+        // Its part is over: the next cluster gets the machine to itself.
+        guard.stop_all();
+        report.section(key, title);
+        report.row(
+            "value size",
+            "value_bytes",
+            format!("{} bytes", tenant_like_value("b-1", 0).len()),
+            tenant_like_value("b-1", 0).len(),
+        );
+        load_rows(&mut report, &run, "puts/s", "puts_per_s");
+        rates.push((key, members, run.rate()));
+    }
+    report.section("comparison", "comparison");
+    for (key, members, rate) in rates {
+        let ratio = if rate > 0.0 {
+            dormant.rate() / rate
+        } else {
+            0.0
+        };
+        report.row(
+            &format!(
+                "placements/s ÷ etcd puts/s ({members} member{})",
+                if members == 1 { "" } else { "s" }
+            ),
+            &format!("placements_per_{key}_put"),
+            format!("{ratio:.3}"),
+            ratio,
+        );
+    }
+    Ok(report)
+}
+
+/// `args.tenants` puts from `args.clients` clients into a fresh etcd cluster of `members`,
+/// spread over every member (as etcd's own client balances): a follower forwards to its leader.
+async fn etcd_run(guard: &mut Guard, args: &Args, members: usize) -> anyhow::Result<LoadResult> {
+    let urls = etcd::start(guard, &args.etcd_bin, members).await?;
+    let mut kvs = Vec::new();
+    for url in &urls {
+        let per_member = args.common.connections.div_ceil(urls.len()).max(1);
+        let channels = cluster::channels(&Transport::Insecure, url, per_member).await?;
+        kvs.extend(channels.into_iter().map(etcd::pb::kv_client::KvClient::new));
+    }
     eprintln!(
-        "putting {} keys into etcd with {} clients",
+        "putting {} keys into etcd ({members} member(s)) with {} clients",
         args.tenants, args.clients
     );
-    let etcd_run = stats::drive(args.clients, args.tenants, &kvs, |mut c, n| async move {
+    let run = stats::drive(args.clients, args.tenants, &kvs, |mut c, n| async move {
         let name = format!("b-{}", n + 1);
         etcd::put(
             &mut c,
@@ -199,28 +240,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     })
     .await;
     guard.check_running()?;
-
-    report.section("etcd", "etcd (KV/Put, single member, fsync on)");
-    report.row(
-        "value size",
-        "value_bytes",
-        format!("{} bytes", tenant_like_value("b-1", 0).len()),
-        tenant_like_value("b-1", 0).len(),
-    );
-    load_rows(&mut report, &etcd_run, "puts/s", "puts_per_s");
-    report.section("comparison", "comparison");
-    let ratio = if etcd_run.rate() > 0.0 {
-        dormant.rate() / etcd_run.rate()
-    } else {
-        0.0
-    };
-    report.row(
-        "placements/s ÷ etcd puts/s",
-        "placements_per_etcd_put",
-        format!("{ratio:.3}"),
-        ratio,
-    );
-    Ok(report)
+    Ok(run)
 }
 
 fn load_rows(report: &mut Report, r: &LoadResult, rate_name: &str, rate_key: &str) {

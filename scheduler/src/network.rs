@@ -24,12 +24,13 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{AnyError, BasicNode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::Channel;
 
 use crate::codec::{self, Format, CODEC_HEADER, CODEC_MSGPACK_V1};
+use crate::store::StateMachineData;
 use crate::TypeConfig;
 
 /// Hands out peer clients; channels are cached by address and shared between clients. Every
@@ -114,14 +115,14 @@ enum Rpc {
 }
 
 impl PeerClient {
-    async fn call<Req, Resp, E>(
+    /// Sends `req`, encoded in the peer's format by `encode`.
+    async fn call<Resp, E>(
         &mut self,
         rpc: Rpc,
-        req: &Req,
+        encode: impl Fn(Format) -> Result<Vec<u8>, String>,
         option: &RPCOption,
     ) -> Result<Resp, RPCError<u64, BasicNode, RaftError<u64, E>>>
     where
-        Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
@@ -135,8 +136,12 @@ impl PeerClient {
             Format::MsgpackV1
         };
         let reply = loop {
-            let payload = codec::encode_as(format, req)
-                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            let payload = encode(format).map_err(|e| {
+                RPCError::Network(NetworkError::new(&AnyError::error(format!(
+                    "encode for replica {}: {e}",
+                    self.target
+                ))))
+            })?;
             let mut request = tonic::Request::new(RaftPayload { payload });
             request.set_timeout(option.hard_ttl());
             let mut client = RaftClient::new(channel.clone());
@@ -189,13 +194,46 @@ impl PeerClient {
     }
 }
 
+fn encoded<T: Serialize>(format: Format, req: &T) -> Result<Vec<u8>, String> {
+    codec::encode_as(format, req).map_err(|e| e.to_string())
+}
+
+/// A snapshot for `format`. Its state is bytes inside the request, in this replica's format: a
+/// peer that reads only JSON gets it re-encoded in JSON, which only works for a snapshot sent
+/// whole (one chunk, up to openraft's `snapshot_max_chunk_size`, 3 MiB); a larger one is refused
+/// with the way out.
+fn snapshot_encoded(
+    format: Format,
+    req: &InstallSnapshotRequest<TypeConfig>,
+) -> Result<Vec<u8>, String> {
+    if format == Format::MsgpackV1 {
+        return encoded(format, req);
+    }
+    if req.offset != 0 || !req.done {
+        return Err(format!(
+            "a replica of an older version (JSON only) needs snapshot {} larger than one chunk; \
+             upgrade that replica to this version",
+            req.meta.snapshot_id
+        ));
+    }
+    let state: StateMachineData = codec::decode(&req.data).map_err(|e| e.to_string())?;
+    let json = codec::encode_as(Format::LegacyJson, &state).map_err(|e| e.to_string())?;
+    encoded(
+        format,
+        &InstallSnapshotRequest {
+            data: json,
+            ..req.clone()
+        },
+    )
+}
+
 impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
         req: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.call(Rpc::Append, &req, &option).await
+        self.call(Rpc::Append, |f| encoded(f, &req), &option).await
     }
 
     async fn install_snapshot(
@@ -206,7 +244,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<u64>,
         RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
     > {
-        self.call(Rpc::Snapshot, &req, &option).await
+        self.call(Rpc::Snapshot, |f| snapshot_encoded(f, &req), &option)
+            .await
     }
 
     async fn vote(
@@ -214,6 +253,60 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         req: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        self.call(Rpc::Vote, &req, &option).await
+        self.call(Rpc::Vote, |f| encoded(f, &req), &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, LogId, Membership, SnapshotMeta, StoredMembership, Vote};
+
+    use super::*;
+    use crate::state::test_utils::{node, res};
+    use crate::state::Command;
+
+    fn snapshot_request(offset: u64, done: bool) -> InstallSnapshotRequest<TypeConfig> {
+        let mut state = StateMachineData::default();
+        state
+            .cluster
+            .apply(3, Command::RegisterNode(node("a", res(1000, 1024, 10))))
+            .unwrap();
+        InstallSnapshotRequest {
+            vote: Vote::new_committed(2, 1),
+            meta: SnapshotMeta {
+                last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), 3)),
+                last_membership: StoredMembership::new(None, Membership::new(vec![], None)),
+                snapshot_id: "s".into(),
+            },
+            offset,
+            data: codec::encode(&state).unwrap(),
+            done,
+        }
+    }
+
+    #[test]
+    fn a_peer_reading_json_only_gets_the_snapshot_state_in_json_too() {
+        let req = snapshot_request(0, true);
+        let current = snapshot_encoded(Format::MsgpackV1, &req).unwrap();
+        let back: InstallSnapshotRequest<TypeConfig> = codec::decode(&current).unwrap();
+        assert_eq!(back, req, "the current format carries the state as it is");
+
+        let legacy = snapshot_encoded(Format::LegacyJson, &req).unwrap();
+        // What a JSON-only replica does with it: the request, then the state inside, in JSON.
+        let old: InstallSnapshotRequest<TypeConfig> = serde_json::from_slice(&legacy).unwrap();
+        let state: StateMachineData = serde_json::from_slice(&old.data).unwrap();
+        assert!(state
+            .cluster
+            .nodes
+            .contains_key(&dormant_common::NodeName::parse("a").unwrap()));
+        assert_eq!(old.meta, req.meta);
+    }
+
+    #[test]
+    fn a_snapshot_in_chunks_is_refused_for_a_json_only_peer_with_the_way_out() {
+        let err = snapshot_encoded(Format::LegacyJson, &snapshot_request(0, false)).unwrap_err();
+        assert!(err.contains("upgrade that replica"), "{err}");
+        let err = snapshot_encoded(Format::LegacyJson, &snapshot_request(7, true)).unwrap_err();
+        assert!(err.contains("larger than one chunk"), "{err}");
     }
 }

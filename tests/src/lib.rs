@@ -8,7 +8,7 @@
 pub mod cleanup;
 pub mod cluster;
 pub mod notify;
-pub mod old_agent;
+pub mod old_build;
 pub mod process;
 pub mod replicas;
 pub mod session;

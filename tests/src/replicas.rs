@@ -20,6 +20,8 @@ use crate::wait::wait_until;
 pub struct Replica {
     pub id: u64,
     pub addr: String,
+    /// The `dormant-scheduler` it runs: this tree's, or an older one in upgrade tests.
+    pub binary: PathBuf,
     args: Vec<String>,
     log: PathBuf,
     pub proc: Option<ProcGuard>,
@@ -32,6 +34,8 @@ pub struct Replicas {
     /// The set's CA and certificates: every replica, `dormantctl` and simulated node has one.
     pub security: Security,
     bins: PathBuf,
+    /// The `dormant-scheduler` new replicas run.
+    binary: PathBuf,
     flags: Vec<String>,
     /// Replicas whose data directory is a link to elsewhere (a small filesystem, say).
     data_links: Vec<(u64, PathBuf)>,
@@ -48,6 +52,15 @@ impl Replicas {
     /// `start`, with the data directory of each replica `id` in `links` a symbolic link to its
     /// path (which the caller owns, mounts and cleans up).
     pub fn start_with_data_dir(n: u64, flags: &[&str], links: &[(u64, &Path)]) -> Self {
+        Self::start_inner(n, flags, links, None)
+    }
+
+    /// `start`, every replica running `binary` (an older build, say) instead of this tree's.
+    pub fn start_with_binary(n: u64, flags: &[&str], binary: &Path) -> Self {
+        Self::start_inner(n, flags, &[], Some(binary))
+    }
+
+    fn start_inner(n: u64, flags: &[&str], links: &[(u64, &Path)], binary: Option<&Path>) -> Self {
         std::fs::create_dir_all(TEST_ROOT).expect("create test root");
         let dir = tempfile::Builder::new()
             .prefix("dr-")
@@ -57,6 +70,7 @@ impl Replicas {
         let mut set = Self {
             replicas: Vec::new(),
             security,
+            binary: binary.map_or_else(|| bin_dir().join("dormant-scheduler"), Path::to_path_buf),
             bins: bin_dir(),
             flags: flags.iter().map(|f| f.to_string()).collect(),
             data_links: links
@@ -103,6 +117,7 @@ impl Replicas {
         self.replicas.push(Replica {
             id,
             addr,
+            binary: self.binary.clone(),
             args,
             log: self.dir.path().join(format!("scheduler-{id}.log")),
             proc: None,
@@ -127,11 +142,7 @@ impl Replicas {
     /// (Re)starts replica `i` on its data directory and waits until it answers.
     pub fn restart(&mut self, i: usize) {
         let r = &mut self.replicas[i];
-        r.proc = Some(ProcGuard::spawn(
-            &self.bins.join("dormant-scheduler"),
-            &r.args,
-            &r.log,
-        ));
+        r.proc = Some(ProcGuard::spawn(&r.binary, &r.args, &r.log));
         wait_until(Duration::from_secs(30), "the replica to answer", || {
             self.status(i).map(|_| ())
         });

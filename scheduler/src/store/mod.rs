@@ -9,7 +9,7 @@ mod state_machine;
 use std::path::Path;
 
 pub use log::LogStore;
-pub use state_machine::{SharedState, StateMachineStore};
+pub use state_machine::{SharedState, StateMachineData, StateMachineStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

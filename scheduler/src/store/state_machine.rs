@@ -397,6 +397,77 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_batch_applies_each_command_as_if_alone_with_its_own_result_and_uid() {
+        use crate::state::test_utils::{node, res, spec};
+        use dormant_common::{NodeName, NodeStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, mut sm) = super::super::open(dir.path()).unwrap();
+        let a = NodeName::parse("a").unwrap();
+        let entry = |term: u64, index: u64, command: Command| Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Normal(command),
+        };
+        let create = |name: &str| Command::CreateTenant {
+            spec: spec(name, res(100, 64, 1)),
+            password: "pw".into(),
+            node: Some(NodeName::parse("a").unwrap()),
+            pending_reason: None,
+            overcommit: 1.0,
+        };
+        let results = sm
+            .apply([
+                entry(2, 1, Command::RegisterNode(node("a", res(1000, 1024, 10)))),
+                entry(
+                    2,
+                    2,
+                    Command::Batch(vec![
+                        create("x"),
+                        create("y"),
+                        create("x"),
+                        // Decided under an earlier term: dropped, in a batch as alone.
+                        Command::SetNodeStatus {
+                            node: a.clone(),
+                            status: NodeStatus::Down,
+                            decided_in_term: Some(1),
+                        },
+                        create("z"),
+                    ]),
+                ),
+                entry(2, 3, create("w")),
+            ])
+            .await
+            .unwrap();
+        let Ok(Outcome::Batch(batch)) = &results[1] else {
+            panic!("{:?}", results[1])
+        };
+        let uid = |r: &ApplyResult| match r {
+            Ok(Outcome::Tenant(t)) => t.uid,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(batch.len(), 5);
+        assert_eq!((uid(&batch[0]), uid(&batch[1])), (2, 3));
+        assert!(matches!(&batch[2], Err(crate::state::ApplyError::TenantExists(n)) if n == "x"));
+        assert_eq!(batch[3], Ok(Outcome::Nothing));
+        assert_eq!(uid(&batch[4]), 4);
+        // The next entry's index (3) was given in the batch: its tenant gets the next uid.
+        assert_eq!(uid(&results[2]), 5);
+        let state = sm.shared();
+        let state = state.read();
+        assert_eq!(state.cluster.nodes[&a].status, NodeStatus::Ready);
+        let ports: std::collections::BTreeSet<_> =
+            state.cluster.tenants.values().map(|t| t.port).collect();
+        assert_eq!(
+            ports.len(),
+            4,
+            "x, y, z and w each have a port of their own"
+        );
+        // Snapshots keep where uids go on.
+        let restored: crate::state::ClusterState =
+            codec::decode(&codec::encode(&state.cluster).unwrap()).unwrap();
+        assert_eq!(restored, state.cluster);
+    }
+
+    #[tokio::test]
     async fn a_snapshot_built_from_older_state_never_replaces_a_newer_installed_one() {
         // Built (from state at 5), then a newer one (10) installed: the newer is kept.
         let dir = tempfile::tempdir().unwrap();

@@ -12,6 +12,7 @@ mod t120_liveness;
 mod t125_dead_node;
 mod t130_agent_contract;
 mod t140_upgrade_in_place;
+mod t141_scheduler_upgrade;
 mod t150_crash_matrix;
 mod t160_mutual_tls;
 mod t170_raft_recovery;

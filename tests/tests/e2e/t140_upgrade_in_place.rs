@@ -1,7 +1,7 @@
 //! Upgrade in place: tenants created by the agent of an older commit are taken over by this
 //! tree's agent, started on the same state directory after the old one is killed (kill -9, as a
 //! crash or a hasty upgrade would), with no engine restarted and no data lost. The old agent is
-//! built from the repository's history (`dormant_tests::old_agent`); its first build takes
+//! built from the repository's history (`dormant_tests::old_build`); its first build takes
 //! minutes, later runs reuse it.
 //!
 //! The new agent may write new fields into the tenants' records; the old records must only read.
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use dormant_tests::process::{pid_alive, pids_under, start_time};
 use dormant_tests::{
-    old_agent, psql, redis_cli, require_root, wait_until, Cluster, ClusterOptions,
+    old_build, psql, redis_cli, require_root, wait_until, Cluster, ClusterOptions,
 };
 
 /// The last commit on main before the agent's rewrite: the layout of state directories, records
@@ -45,7 +45,7 @@ fn t140_tenants_of_the_previous_agent_are_adopted_without_a_restart() {
     if !require_root(test) {
         return;
     }
-    let Some(old) = old_agent::build(test, OLD_AGENT_COMMIT) else {
+    let Some(old) = old_build::build(test, OLD_AGENT_COMMIT, "dormant-agent") else {
         return;
     };
     // The one cluster of the suite without TLS: the old agent predates it and can only speak

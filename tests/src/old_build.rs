@@ -1,12 +1,12 @@
-//! The agent as an older commit of this repository built it, for upgrade tests: the old binary
-//! creates the tenants, this tree's agent takes them over.
+//! A binary (the agent, the scheduler) as an older commit of this repository built it, for
+//! upgrade tests: the old binary writes the state, this tree's takes it over.
 //!
 //! The commit comes from the repository the tests were built in (found from
 //! `CARGO_MANIFEST_DIR`). Its tree is exported with `git archive` into a directory under the cargo
 //! target dir (nothing is written to the repository: no worktree to register, none to prune after
-//! a crash) and built there with `cargo build -p dormant-agent --locked`, `CARGO_TARGET_DIR` set
-//! to `<target>/old-agent/target`, which every old commit shares, so dependencies are compiled
-//! once. The binary is kept as `<target>/old-agent/dormant-agent-<commit>`: a rerun builds
+//! a crash) and built there with `cargo build -p <package> --locked`, `CARGO_TARGET_DIR` set
+//! to `<target>/old-builds/target`, which every old commit shares, so dependencies are compiled
+//! once. The binary is kept as `<target>/old-builds/<package>-<commit>`: a rerun builds
 //! nothing. A lock file makes concurrent test processes wait for one build instead of racing on
 //! the same directory, and a guard removes the exported tree, also when the build fails.
 //!
@@ -73,15 +73,16 @@ fn find_commit(commit: &str) -> Result<(PathBuf, String), String> {
     Ok((top, hash))
 }
 
-/// The `dormant-agent` binary built from `commit` (built now if it is not yet), or `None` when
-/// the test must be skipped because this checkout lacks the commit. Under `CI=true` a missing
-/// commit fails the test instead. A failing build fails the test with the build's output.
-pub fn build(test: &str, commit: &str) -> Option<PathBuf> {
+/// The binary of `package` (named as the package: `dormant-agent`, `dormant-scheduler`) built
+/// from `commit` (built now if it is not yet), or `None` when the test must be skipped because
+/// this checkout lacks the commit. Under `CI=true` a missing commit fails the test instead. A
+/// failing build fails the test with the build's output.
+pub fn build(test: &str, commit: &str, package: &str) -> Option<PathBuf> {
     let (repo, hash) = match find_commit(commit) {
         Ok(found) => found,
         Err(why) => {
             let ci = std::env::var("CI").as_deref() == Ok("true");
-            skip_unless_ci(test, commit, &why, ci);
+            skip_unless_ci(test, commit, package, &why, ci);
             return None;
         }
     };
@@ -90,40 +91,33 @@ pub fn build(test: &str, commit: &str) -> Option<PathBuf> {
     let base = bins
         .parent()
         .expect("the target dir above target/<profile>")
-        .join("old-agent");
-    std::fs::create_dir_all(&base).expect("create the old-agent dir");
-    let binary = base.join(format!("dormant-agent-{hash}"));
+        .join("old-builds");
+    std::fs::create_dir_all(&base).expect("create the old-builds dir");
+    let binary = base.join(format!("{package}-{hash}"));
 
     // One build at a time; the lock goes when this process does, however it ends.
     let lock = File::create(base.join("build.lock")).expect("create the build lock");
     let _lock = Flock::lock(lock, FlockArg::LockExclusive)
         .map_err(|(_, e)| e)
-        .expect("lock the old-agent build");
+        .expect("lock the old builds");
     if binary.exists() {
         eprintln!("{test}: reusing {}", binary.display());
         return Some(binary);
     }
 
     let started = Instant::now();
-    let src = base.join(format!("src-{hash}"));
+    let src = base.join(format!("src-{package}-{hash}"));
     // A run killed mid-build leaves its export; start from a clean one.
     let _ = std::fs::remove_dir_all(&src);
     std::fs::create_dir_all(&src).expect("create the source dir");
     let _src_guard = RemoveDirOnDrop(src.clone());
     export(&repo, &hash, &src);
 
-    let log_path = base.join(format!("build-{hash}.log"));
+    let log_path = base.join(format!("build-{package}-{hash}.log"));
     let log = File::create(&log_path).expect("create the build log");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(&cargo)
-        .args([
-            "build",
-            "-p",
-            "dormant-agent",
-            "--bin",
-            "dormant-agent",
-            "--locked",
-        ])
+        .args(["build", "-p", package, "--bin", package, "--locked"])
         .current_dir(&src)
         .env("CARGO_TARGET_DIR", base.join("target"))
         // Set for this test by cargo; the build below is of another tree.
@@ -138,26 +132,27 @@ pub fn build(test: &str, commit: &str) -> Option<PathBuf> {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(60).collect();
         panic!(
-            "building dormant-agent at {commit} failed ({status}); the end of {}:\n{}",
+            "building {package} at {commit} failed ({status}); the end of {}:\n{}",
             log_path.display(),
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
     // Under its final name only when complete: a half-copied binary is never reused.
     let partial = binary.with_extension("partial");
-    std::fs::copy(base.join("target/debug/dormant-agent"), &partial).expect("copy the built agent");
-    std::fs::rename(&partial, &binary).expect("name the built agent");
+    std::fs::copy(base.join("target/debug").join(package), &partial)
+        .expect("copy the built binary");
+    std::fs::rename(&partial, &binary).expect("name the built binary");
     eprintln!(
-        "{test}: built dormant-agent at {commit} in {:.1?}",
+        "{test}: built {package} at {commit} in {:.1?}",
         started.elapsed()
     );
     Some(binary)
 }
 
 /// A missing commit skips the test, saying why; under CI it fails it: CI must run every test.
-fn skip_unless_ci(test: &str, commit: &str, why: &str, ci: bool) {
+fn skip_unless_ci(test: &str, commit: &str, package: &str, why: &str, ci: bool) {
     if ci {
-        panic!("{test} needs the agent of commit {commit}, and CI=true forbids skipping: {why}");
+        panic!("{test} needs {package} of commit {commit}, and CI=true forbids skipping: {why}");
     }
     eprintln!("SKIPPED {test}: {why}");
 }
@@ -201,11 +196,11 @@ mod tests {
     #[test]
     #[should_panic(expected = "CI=true forbids skipping")]
     fn a_missing_commit_fails_under_ci() {
-        skip_unless_ci("t", "5b8ced2", "not in the history", true);
+        skip_unless_ci("t", "5b8ced2", "dormant-agent", "not in the history", true);
     }
 
     #[test]
     fn a_missing_commit_skips_elsewhere() {
-        skip_unless_ci("t", "5b8ced2", "not in the history", false);
+        skip_unless_ci("t", "5b8ced2", "dormant-agent", "not in the history", false);
     }
 }

@@ -166,3 +166,95 @@ fn t112_placements_among_50_pending_tenants_write_no_entries_for_their_reasons()
         );
     }
 }
+
+/// Creates that arrive together share Raft entries (the leader's `proposer`), and each is
+/// answered as if it came alone: 48 at once on a 3-replica cluster, plus a second create of one
+/// of the names, all acknowledged with uids and ports of their own except the repeated name,
+/// refused with the field and the rule; fewer entries than creates; every replica the same.
+#[test]
+fn t113_creates_arriving_together_share_entries_and_each_is_answered_as_if_alone() {
+    use dormant_common::tls::PeerIdentity;
+    use dormant_proto::v1 as pb;
+    use dormant_proto::v1::operator_client::OperatorClient;
+    use dormant_tests::tls::OPERATOR;
+
+    let set = Replicas::start(3, &[]);
+    let _a = SimNode::start(
+        &set.security,
+        &set.urls(),
+        SimNodeSpec::new("a", 64_000, 1 << 20, 100_000),
+    );
+    let leader = set.leader();
+    let last_log = || {
+        set.status(leader).expect("status")["last_log_index"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = last_log();
+    let transport = set
+        .security
+        .transport(&PeerIdentity::Operator(OPERATOR.into()));
+    let url = set.url(leader);
+    let mut names: Vec<String> = (0..48).map(|n| format!("c{n:02}")).collect();
+    names.push("c07".into());
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let answers = runtime.block_on(async {
+        let channel = transport
+            .endpoint(&url)
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the leader");
+        // All sent before any is answered: one task each on one HTTP/2 connection.
+        let mut calls = tokio::task::JoinSet::new();
+        for (i, name) in names.iter().enumerate() {
+            let mut client = OperatorClient::new(channel.clone());
+            let request = pb::CreateTenantRequest {
+                name: name.clone(),
+                engine: "postgres".into(),
+                cpu: "10m".into(),
+                memory: "64MiB".into(),
+                storage: "64MiB".into(),
+                ..Default::default()
+            };
+            calls.spawn(async move { (i, client.create_tenant(request).await) });
+        }
+        let mut answers = Vec::new();
+        while let Some(done) = calls.join_next().await {
+            answers.push(done.expect("a create task"));
+        }
+        answers.sort_by_key(|(i, _)| *i);
+        answers
+    });
+    let mut uids = std::collections::BTreeSet::new();
+    let mut ports = std::collections::BTreeSet::new();
+    let mut refused = Vec::new();
+    for (i, answer) in &answers {
+        match answer {
+            Ok(reply) => {
+                let tenant = reply.get_ref().tenant.clone().expect("the tenant");
+                assert_eq!(tenant.name, names[*i]);
+                assert_eq!(tenant.node, "a", "{tenant:?}");
+                assert!(uids.insert(tenant.uid), "uid {} given twice", tenant.uid);
+                assert!(ports.insert(tenant.endpoint.clone()), "{}", tenant.endpoint);
+            }
+            Err(status) => refused.push((names[*i].clone(), status.clone())),
+        }
+    }
+    assert_eq!(uids.len(), 48, "refused: {refused:?}");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    let (name, status) = &refused[0];
+    assert_eq!(name, "c07");
+    assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status:?}");
+    assert!(status.message().contains("already exists"), "{status:?}");
+    let written = last_log() - before;
+    eprintln!("49 creates sent at once: {written} entries");
+    assert!(
+        written < 49,
+        "{written} entries for 49 creates sent at once: none shared an entry"
+    );
+    set.wait_converged();
+    let names_everywhere: Vec<_> = (0..3).map(|i| set.tenant_names(i)).collect();
+    assert_eq!(names_everywhere[0].len(), 48);
+    assert!(names_everywhere.iter().all(|n| n == &names_everywhere[0]));
+}

@@ -40,7 +40,8 @@ pub struct Sample {
 /// A tenant's totals since it came to this host.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Meter {
-    /// The tenant's uid (scheduler log index): another uid under the name is another tenant.
+    /// The tenant's uid (given by the scheduler, unique per create): another uid under the name
+    /// is another tenant.
     pub uid: u64,
     pub cpu_seconds: f64,
     pub memory_byte_seconds: f64,

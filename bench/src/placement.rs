@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use dormant_common::tls::Transport;
 use dormant_proto::v1 as pb;
 use dormant_proto::v1::operator_client::OperatorClient;
 use serde_json::json;
@@ -175,13 +174,21 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     if args.skip_etcd {
         return Ok(report);
     }
+    // Plaintext, as earlier runs measured it, and with mutual TLS, as Dormant ran above.
     let etcd_clusters = [
-        (1, "etcd (KV/Put, single member, fsync on)", "etcd"),
-        (3, "etcd (KV/Put, 3 members, fsync on)", "etcd3"),
+        (1, false, "etcd (KV/Put, single member, fsync on)", "etcd"),
+        (3, false, "etcd (KV/Put, 3 members, fsync on)", "etcd3"),
+        (
+            1,
+            true,
+            "etcd (KV/Put, single member, mutual TLS)",
+            "etcd_tls",
+        ),
+        (3, true, "etcd (KV/Put, 3 members, mutual TLS)", "etcd3_tls"),
     ];
     let mut rates = Vec::new();
-    for (members, title, key) in etcd_clusters {
-        let run = etcd_run(&mut guard, &args, members).await?;
+    for (members, tls, title, key) in etcd_clusters {
+        let run = etcd_run(&mut guard, &args, members, tls).await?;
         // Its part is over: the next cluster gets the machine to itself.
         guard.stop_all();
         report.section(key, title);
@@ -192,10 +199,10 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
             tenant_like_value("b-1", 0).len(),
         );
         load_rows(&mut report, &run, "puts/s", "puts_per_s");
-        rates.push((key, members, run.rate()));
+        rates.push((key, members, tls, run.rate()));
     }
     report.section("comparison", "comparison");
-    for (key, members, rate) in rates {
+    for (key, members, tls, rate) in rates {
         let ratio = if rate > 0.0 {
             dormant.rate() / rate
         } else {
@@ -203,8 +210,9 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         };
         report.row(
             &format!(
-                "placements/s ÷ etcd puts/s ({members} member{})",
-                if members == 1 { "" } else { "s" }
+                "placements/s ÷ etcd puts/s ({members} member{}, {})",
+                if members == 1 { "" } else { "s" },
+                if tls { "TLS" } else { "plaintext" }
             ),
             &format!("placements_per_{key}_put"),
             format!("{ratio:.3}"),
@@ -216,16 +224,21 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
 
 /// `args.tenants` puts from `args.clients` clients into a fresh etcd cluster of `members`,
 /// spread over every member (as etcd's own client balances): a follower forwards to its leader.
-async fn etcd_run(guard: &mut Guard, args: &Args, members: usize) -> anyhow::Result<LoadResult> {
-    let urls = etcd::start(guard, &args.etcd_bin, members).await?;
+async fn etcd_run(
+    guard: &mut Guard,
+    args: &Args,
+    members: usize,
+    tls: bool,
+) -> anyhow::Result<LoadResult> {
+    let started = etcd::start(guard, &args.etcd_bin, members, tls).await?;
     let mut kvs = Vec::new();
-    for url in &urls {
-        let per_member = args.common.connections.div_ceil(urls.len()).max(1);
-        let channels = cluster::channels(&Transport::Insecure, url, per_member).await?;
+    for url in &started.urls {
+        let per_member = args.common.connections.div_ceil(started.urls.len()).max(1);
+        let channels = cluster::channels(&started.transport, url, per_member).await?;
         kvs.extend(channels.into_iter().map(etcd::pb::kv_client::KvClient::new));
     }
     eprintln!(
-        "putting {} keys into etcd ({members} member(s)) with {} clients",
+        "putting {} keys into etcd ({members} member(s), TLS {tls}) with {} clients",
         args.tenants, args.clients
     );
     let run = stats::drive(args.clients, args.tenants, &kvs, |mut c, n| async move {

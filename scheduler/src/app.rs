@@ -105,6 +105,9 @@ fn raft_config(settings: &Settings) -> Result<openraft::Config, AppError> {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(settings.snapshot_every),
         // Keep some entries past the snapshot so a follower a little behind needs no snapshot.
         max_in_snapshot_log_to_keep: (settings.snapshot_every / 5).min(1000),
+        // Entries per append-entries message (openraft: 300). An entry may be a batch of up to
+        // `proposer::MAX_BATCH` writes: 64 of them stay a few MiB, well inside the RPC limit.
+        max_payload_entries: 64,
         ..Default::default()
     };
     config
@@ -204,7 +207,7 @@ pub async fn run(
         state,
         liveness: Mutex::new(Liveness::default()),
         placer: Notify::new(),
-        proposer: Proposer::spawn(raft.clone(), network.clone()),
+        proposer: Proposer::spawn(settings.id, raft.clone(), network.clone()),
         network,
         membership: tokio::sync::Mutex::new(()),
         read_index: ReadIndex::spawn(settings.id, raft.clone(), fence.clone()),

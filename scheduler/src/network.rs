@@ -6,10 +6,11 @@
 //! Payloads go in `codec`'s current format. A peer of an older version answers that with
 //! `InvalidArgument` (it reads JSON only): the call is sent again in JSON, and so is every later
 //! one to that peer, until a reply carries the header saying it reads the current format (it was
-//! upgraded and restarted).
+//! upgraded and restarted). What each peer was last heard to read is kept by address: a peer not
+//! heard from since this process started counts as not reading the current format.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,8 +40,30 @@ use crate::TypeConfig;
 pub struct PeerNetwork {
     transport: Transport,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
-    /// Per peer address: whether it reads only JSON (an older version).
-    json_only: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+    /// Per peer address: what it was last heard to read (a [`PeerReads`] as a byte).
+    reads: Arc<Mutex<HashMap<String, Arc<AtomicU8>>>>,
+}
+
+/// What a peer was last heard to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum PeerReads {
+    /// Not heard from since this process started.
+    Unknown = 0,
+    /// A reply carried [`CODEC_HEADER`].
+    Current = 1,
+    /// It refused the current format: an older version.
+    JsonOnly = 2,
+}
+
+impl PeerReads {
+    fn of(cell: &AtomicU8) -> Self {
+        match cell.load(Ordering::Relaxed) {
+            1 => Self::Current,
+            2 => Self::JsonOnly,
+            _ => Self::Unknown,
+        }
+    }
 }
 
 impl PeerNetwork {
@@ -48,21 +71,24 @@ impl PeerNetwork {
         Self {
             transport,
             channels: Arc::default(),
-            json_only: Arc::default(),
+            reads: Arc::default(),
         }
     }
 
-    /// Whether no peer is known to read JSON only: then entries may use what older versions
-    /// cannot read (a `Command::Batch`).
-    pub fn every_peer_reads_current(&self) -> bool {
-        let peers = self.json_only.lock().unwrap_or_else(|p| p.into_inner());
-        !peers
-            .values()
-            .any(|json_only| json_only.load(Ordering::Relaxed))
+    /// Whether every one of `addrs` (the other members) answered in a way that shows it reads
+    /// the current format: then entries may use what older versions cannot read (a
+    /// `Command::Batch`). A member not heard from yet, or one that refused the format, does not.
+    pub fn all_read_current<'a>(&self, mut addrs: impl Iterator<Item = &'a str>) -> bool {
+        let peers = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+        addrs.all(|addr| {
+            peers
+                .get(addr)
+                .is_some_and(|cell| PeerReads::of(cell) == PeerReads::Current)
+        })
     }
 
-    fn json_only(&self, addr: &str) -> Arc<AtomicBool> {
-        let mut peers = self.json_only.lock().unwrap_or_else(|p| p.into_inner());
+    fn reads(&self, addr: &str) -> Arc<AtomicU8> {
+        let mut peers = self.reads.lock().unwrap_or_else(|p| p.into_inner());
         peers.entry(addr.to_string()).or_default().clone()
     }
 
@@ -95,7 +121,7 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
             target,
             node: node.clone(),
             channel: self.channel(&node.addr),
-            json_only: self.json_only(&node.addr),
+            reads: self.reads(&node.addr),
         }
     }
 }
@@ -104,7 +130,7 @@ pub struct PeerClient {
     target: u64,
     node: BasicNode,
     channel: Result<Channel, TlsError>,
-    json_only: Arc<AtomicBool>,
+    reads: Arc<AtomicU8>,
 }
 
 #[derive(Clone, Copy)]
@@ -130,10 +156,9 @@ impl PeerClient {
             Ok(ch) => ch.clone(),
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(e))),
         };
-        let mut format = if self.json_only.load(Ordering::Relaxed) {
-            Format::LegacyJson
-        } else {
-            Format::MsgpackV1
+        let mut format = match PeerReads::of(&self.reads) {
+            PeerReads::JsonOnly => Format::LegacyJson,
+            PeerReads::Unknown | PeerReads::Current => Format::MsgpackV1,
         };
         let reply = loop {
             let payload = encode(format).map_err(|e| {
@@ -162,7 +187,8 @@ impl PeerClient {
                         "the peer did not read the current format (an older version?): \
                          sending it JSON until it says it reads the current one"
                     );
-                    self.json_only.store(true, Ordering::Relaxed);
+                    self.reads
+                        .store(PeerReads::JsonOnly as u8, Ordering::Relaxed);
                     format = Format::LegacyJson;
                 }
                 other => break other,
@@ -178,9 +204,15 @@ impl PeerClient {
             .metadata()
             .get(CODEC_HEADER)
             .is_some_and(|v| v.as_bytes() == CODEC_MSGPACK_V1.as_bytes());
-        if reads_current && format == Format::LegacyJson {
-            tracing::info!(peer = self.target, addr = %self.node.addr, "the peer reads the current format again");
-            self.json_only.store(false, Ordering::Relaxed);
+        if reads_current {
+            let was = PeerReads::of(&self.reads);
+            if was == PeerReads::JsonOnly {
+                tracing::info!(peer = self.target, addr = %self.node.addr, "the peer reads the current format again");
+            }
+            if was != PeerReads::Current {
+                self.reads
+                    .store(PeerReads::Current as u8, Ordering::Relaxed);
+            }
         }
         let result: Result<Resp, RaftError<u64, E>> = codec::decode(&reply.into_inner().payload)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
@@ -217,6 +249,17 @@ fn snapshot_encoded(
         ));
     }
     let state: StateMachineData = codec::decode(&req.data).map_err(|e| e.to_string())?;
+    // Batched creates give uids past the log index; an older version gives the log index, so
+    // from this state on it would give uids the others gave already.
+    let last_index = req.meta.last_log_id.map_or(0, |l| l.index);
+    if state.cluster.next_uid_after_batches(last_index) {
+        return Err(format!(
+            "a replica of an older version (JSON only) cannot continue snapshot {}: it holds \
+             tenants created in batches, which that version would number differently; upgrade \
+             that replica to this version",
+            req.meta.snapshot_id
+        ));
+    }
     let json = codec::encode_as(Format::LegacyJson, &state).map_err(|e| e.to_string())?;
     encoded(
         format,
@@ -300,6 +343,68 @@ mod tests {
             .nodes
             .contains_key(&dormant_common::NodeName::parse("a").unwrap()));
         assert_eq!(old.meta, req.meta);
+    }
+
+    #[test]
+    fn a_snapshot_holding_batched_creates_is_refused_for_a_json_only_peer() {
+        let mut req = snapshot_request(0, true);
+        let mut state: StateMachineData = codec::decode(&req.data).unwrap();
+        let create = |name: &str| Command::CreateTenant {
+            spec: crate::state::test_utils::spec(name, res(100, 64, 1)),
+            password: "pw".into(),
+            node: None,
+            pending_reason: None,
+            overcommit: 1.0,
+        };
+        // Three creates in the entry at index 4: uids 4, 5 and 6, past the index.
+        state
+            .cluster
+            .apply(
+                4,
+                Command::Batch(vec![create("x"), create("y"), create("z")]),
+            )
+            .unwrap();
+        req.data = codec::encode(&state).unwrap();
+        req.meta.last_log_id = Some(LogId::new(CommittedLeaderId::new(2, 1), 4));
+        let err = snapshot_encoded(Format::LegacyJson, &req).unwrap_err();
+        assert!(err.contains("created in batches"), "{err}");
+        // The current format is not affected, and a later index is a log index again.
+        assert!(snapshot_encoded(Format::MsgpackV1, &req).is_ok());
+        req.meta.last_log_id = Some(LogId::new(CommittedLeaderId::new(2, 1), 6));
+        assert!(snapshot_encoded(Format::LegacyJson, &req).is_ok());
+    }
+
+    #[test]
+    fn only_peers_heard_in_the_current_format_count_as_reading_it() {
+        let network = PeerNetwork::new(Transport::Insecure);
+        let addrs = ["10.0.0.2:7400", "10.0.0.3:7400"];
+        assert!(
+            !network.all_read_current(addrs.into_iter()),
+            "never heard from"
+        );
+        network
+            .reads(addrs[0])
+            .store(PeerReads::Current as u8, Ordering::Relaxed);
+        assert!(
+            !network.all_read_current(addrs.into_iter()),
+            "one never heard from"
+        );
+        network
+            .reads(addrs[1])
+            .store(PeerReads::JsonOnly as u8, Ordering::Relaxed);
+        assert!(
+            !network.all_read_current(addrs.into_iter()),
+            "one older version"
+        );
+        network
+            .reads(addrs[1])
+            .store(PeerReads::Current as u8, Ordering::Relaxed);
+        assert!(network.all_read_current(addrs.into_iter()));
+        // A departed member is not asked about.
+        network
+            .reads("10.0.0.9:7400")
+            .store(PeerReads::JsonOnly as u8, Ordering::Relaxed);
+        assert!(network.all_read_current(addrs.into_iter()));
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub fn apply_status(e: ApplyError) -> Status {
             Status::not_found(e.to_string())
         }
         ApplyError::StalePlacement { .. } => Status::aborted(e.to_string()),
+        ApplyError::UnexpectedBatchResult(_) => Status::internal(e.to_string()),
         ApplyError::Shrink { .. } | ApplyError::NotReportable { .. } => {
             Status::invalid_argument(e.to_string())
         }

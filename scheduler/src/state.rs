@@ -50,8 +50,9 @@ pub use dormant_common::DesiredState;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantRecord {
-    /// Unique for the life of the cluster: the log index of the create. A tenant deleted and created
-    /// again under the same name is a different tenant.
+    /// Unique for the life of the cluster and growing with each create: the log index of the
+    /// create, or past it for creates that shared an entry (`ClusterState::next_uid`). A tenant
+    /// deleted and created again under the same name is a different tenant.
     pub uid: u64,
     pub name: TenantName,
     pub engine: String,
@@ -348,6 +349,11 @@ pub enum ApplyError {
         node: String,
         why: String,
     },
+    #[error(
+        "a batch of writes was applied with an unexpected result ({0}); whether this write \
+         took effect is unknown: check with a read"
+    )]
+    UnexpectedBatchResult(String),
 }
 
 pub type ApplyResult = Result<Outcome, ApplyError>;
@@ -459,6 +465,13 @@ impl ClusterState {
         let uid = index.max(self.next_uid);
         self.next_uid = uid + 1;
         uid
+    }
+
+    /// Whether a tenant created after the entry at `index` would get a uid other than its own
+    /// log index (batches used uids past it): a version before batches would number it
+    /// differently.
+    pub fn next_uid_after_batches(&self, index: u64) -> bool {
+        self.next_uid > index + 1
     }
 
     /// Resources reserved on `node` by the tenants placed there (deleting ones too, until gone).

@@ -282,17 +282,28 @@ impl Operator for OperatorService {
         // No read round: the placement is checked again at apply (`consensus::fenced_leader`).
         fenced_leader(&self.app).await?;
         let settings = &self.app.settings;
-        let (node, pending_reason) = {
+        let decide = || {
             let sm = self.app.state.read();
             check_against_cluster(&spec, &sm.cluster, settings.overcommit_ratio)?;
-            match placement::place(
-                &spec.ask(),
-                &sm.cluster.node_views(),
-                settings.placement,
-                settings.overcommit_ratio,
-            ) {
-                Ok(node) => (Some(node), None),
-                Err(why) => (None, Some(why.to_string())),
+            Ok::<_, Status>(
+                match placement::place(
+                    &spec.ask(),
+                    &sm.cluster.node_views(),
+                    settings.placement,
+                    settings.overcommit_ratio,
+                ) {
+                    Ok(node) => (Some(node), None),
+                    Err(why) => (None, Some(why.to_string())),
+                },
+            )
+        };
+        // A refusal is an answer from this replica's state alone: only once a quorum confirms
+        // it still leads (a deposed leader may not know of a delete that freed the name).
+        let (node, pending_reason) = match decide() {
+            Ok(decided) => decided,
+            Err(_) => {
+                linearizable(&self.app).await?;
+                decide()?
             }
         };
         let password = Alphanumeric.sample_string(&mut rand::rng(), 24);

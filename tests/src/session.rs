@@ -49,7 +49,10 @@ impl PsqlSession {
     }
 
     /// Runs one statement that returns one line, and returns that line (or a `stderr: ` line).
+    /// `timeout` is stretched by the time scale, as the waits are (in the VM a first query on a
+    /// new connection took longer than 10 s while other tests ran initdb).
     pub fn query(&mut self, sql: &str, timeout: Duration) -> Result<String, String> {
+        let timeout = timeout * crate::wait::time_scale();
         writeln!(self.stdin, "{sql}").map_err(|e| format!("write to psql: {e}"))?;
         self.stdin
             .flush()

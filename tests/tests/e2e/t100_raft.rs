@@ -86,6 +86,88 @@ fn t100_killing_the_leader_loses_no_acknowledged_create() {
     }
 }
 
+/// t100 with 16 creators at once, so the leader batches them into shared entries: three
+/// leaders killed (-9) mid-batch lose no acknowledged create, and every replica gives every
+/// tenant the same uid, no uid twice.
+#[test]
+fn t107_killing_the_leader_mid_batch_loses_no_acknowledged_create_and_uids_stay_unique() {
+    let mut set = Replicas::start(3, &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let creators: Vec<_> = (0..16)
+        .map(|c| {
+            let (stop, acked) = (stop.clone(), acked.clone());
+            let (bins, urls, security) = (bin_dir(), set.urls(), set.security.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let name = format!("w{c}-{n}");
+                    if run_ctl(&bins, &security, &urls, &create_args(&name)).success {
+                        acked.lock().unwrap().push(name);
+                    }
+                }
+            })
+        })
+        .collect();
+    let count = || acked.lock().unwrap().len();
+    for round in 1..=3 {
+        let before = count();
+        wait_until(Duration::from_secs(30), "creates to go through", || {
+            (count() >= before + 40).then_some(())
+        });
+        let old = set.leader();
+        set.kill(old);
+        let after_kill = count();
+        wait_until(
+            Duration::from_secs(30),
+            &format!("round {round}: a new leader to serve writes"),
+            || (count() >= after_kill + 20).then_some(()),
+        );
+        set.restart(old);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for creator in creators {
+        creator.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    set.wait_converged();
+    let uids_at = |i: usize| -> std::collections::BTreeMap<String, u64> {
+        let out = set.ctl_at(i, &["tenant", "list", "--stale", "-o", "json"]);
+        assert!(out.success, "{}", out.stderr);
+        out.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["name"].as_str().unwrap().to_string(),
+                    t["uid"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let first = uids_at(0);
+    let missing: Vec<&String> = acked.iter().filter(|n| !first.contains_key(*n)).collect();
+    assert!(missing.is_empty(), "lost acknowledged creates: {missing:?}");
+    let distinct: std::collections::BTreeSet<u64> = first.values().copied().collect();
+    assert_eq!(distinct.len(), first.len(), "a uid given twice");
+    for i in 1..set.replicas.len() {
+        assert_eq!(
+            uids_at(i),
+            first,
+            "replica {} numbers tenants otherwise",
+            set.replicas[i].id
+        );
+    }
+    let entries = set.status(set.leader()).expect("status")["last_log_index"].clone();
+    eprintln!(
+        "{} creates acknowledged, {} tenants, {entries} log entries in all",
+        acked.len(),
+        first.len()
+    );
+}
+
 #[test]
 fn t101_a_replica_that_fell_behind_catches_up_through_a_snapshot() {
     // A snapshot every 20 entries keeps 4 past it: 60 creates compact the log well past the

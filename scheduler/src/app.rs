@@ -429,7 +429,7 @@ async fn place_pending_loop(app: Arc<App>) {
                 break;
             };
             if let Err(status) = consensus::propose(&app, assign).await {
-                warn!(error = %status.message(), "placing a pending tenant");
+                warn!(error = %status, "placing a pending tenant");
                 break;
             }
             app.counters.placements.inc();
@@ -495,7 +495,7 @@ async fn watch_liveness_loop(app: Arc<App>) {
             // A proposal that failed or waited longer than the lease may have waited out a
             // quorum loss, heartbeats refused meanwhile: start over with a fresh grace.
             if let Err(status) = &proposed {
-                warn!(error = %status.message(), "marking a node down");
+                warn!(error = %status, "marking a node down");
             }
             if proposed.is_ok() {
                 app.counters.nodes_marked_down.inc();

@@ -1,58 +1,52 @@
 //! Consensus as the services use it: proposing a command, confirming a linearizable read point,
-//! and the lease check that lets the leader answer heartbeats without a round trip. Refusals
-//! come back as gRPC statuses from `refusals`.
+//! and the lease check that lets the leader answer heartbeats without a round trip. Every
+//! refusal is a typed `refusals::ConsensusError`, made a gRPC status once, at the services' edge.
 
-use dormant_proto::refusal::not_proposed;
 use openraft::error::{ClientWriteError, RaftError};
-use tonic::Status;
 
-use crate::refusals::{apply_status, not_leader, raft_stopped};
+pub use crate::refusals::ConsensusError;
 use crate::replica::App;
 use crate::state::{Command, Outcome};
 
-/// How long a write waits to be committed before the caller is told there is no quorum.
-const COMMIT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+pub use crate::refusals::COMMIT_WAIT;
 
 /// Commits `command` through Raft and returns what applying it produced.
-pub async fn propose(app: &App, command: Command) -> Result<Outcome, Status> {
+pub async fn propose(app: &App, command: Command) -> Result<Outcome, ConsensusError> {
     app.disk
         .check()
-        .map_err(|e| not_proposed(Status::resource_exhausted(e.to_string())))?;
+        .map_err(|e| ConsensusError::DiskReserve(e.to_string()))?;
     // Refused here, nothing was proposed. Once `client_write` has the command, a refusal to
     // forward may come after it was appended (and truncated, yet possibly kept by a replica that
     // wins the next election): that outcome is unknown, and not marked.
     if !app.is_leader() {
-        return Err(not_leader(app.leader()));
+        return Err(ConsensusError::NotLeader {
+            leader: app.leader(),
+        });
     }
     let Ok(written) = tokio::time::timeout(COMMIT_WAIT, app.proposer.write(command)).await else {
-        return Err(Status::unavailable(format!(
-            "no quorum: the write was not committed within {COMMIT_WAIT:?}; its outcome is \
-             unknown (it may still be applied): check with a read before trying again"
-        )));
+        return Err(ConsensusError::NotCommitted);
     };
     match written {
-        Ok(applied) => applied.map_err(apply_status),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(outcome_unknown(
-            "leadership changed while the write was being committed",
-        )),
-        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
-            Err(Status::failed_precondition(e.to_string()))
+        Ok(applied) => applied.map_err(ConsensusError::Refused),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+            Err(ConsensusError::OutcomeUnknown(
+                "leadership changed while the write was being committed",
+            ))
         }
-        Err(RaftError::Fatal(e)) => Err(raft_stopped(app.settings.id, &e)),
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+            Err(ConsensusError::Membership(e.to_string()))
+        }
+        Err(RaftError::Fatal(fatal)) => Err(ConsensusError::Stopped {
+            id: app.settings.id,
+            why: fatal.to_string(),
+            before_proposing: false,
+        }),
     }
-}
-
-/// `Unavailable` for a write that may or may not be applied: never marked "not proposed".
-pub fn outcome_unknown(why: &str) -> Status {
-    Status::unavailable(format!(
-        "{why}; its outcome is unknown (it may still be applied): check with a read before \
-         trying again"
-    ))
 }
 
 /// Waits until this replica's state reflects every write committed before the call (batched
 /// with concurrent callers, see `read_index`).
-pub async fn linearizable(app: &App) -> Result<(), Status> {
+pub async fn linearizable(app: &App) -> Result<(), ConsensusError> {
     app.read_index.confirm().await
 }
 
@@ -61,21 +55,20 @@ pub async fn linearizable(app: &App) -> Result<(), Status> {
 /// write acknowledged before the call (a leader applies an entry before acknowledging it, and
 /// the fence follows everything earlier terms committed). A leader deposed without knowing it
 /// may decide from older state, but gets nothing committed; and `apply` checks a placement again
-/// against the state at its own index. Refusals here are "not proposed".
-pub async fn fenced_leader(app: &App) -> Result<(), Status> {
+/// against the state at its own index.
+pub async fn fenced_leader(app: &App) -> Result<(), ConsensusError> {
     let (leading, term) = {
         let metrics = app.raft.metrics();
         let m = metrics.borrow();
         (m.current_leader == Some(app.settings.id), m.current_term)
     };
     if !leading {
-        return Err(not_leader(app.leader()));
+        return Err(ConsensusError::NotLeader {
+            leader: app.leader(),
+        });
     }
     if !app.fence.wait(term).await {
-        return Err(not_proposed(Status::unavailable(format!(
-            "this replica leads term {term} but has not yet committed an entry of it; retry \
-             shortly"
-        ))));
+        return Err(ConsensusError::Unfenced { term });
     }
     Ok(())
 }
@@ -92,7 +85,7 @@ pub const LEASE: std::time::Duration = std::time::Duration::from_millis(350);
 /// (so its state holds everything committed before, see `fence`), and a majority acknowledged it
 /// within [`LEASE`] (so it is not a leader cut off and replaced). Its applied state is then at
 /// least as current as anything an agent was told before. Returns the term it leads.
-pub fn current_enough(app: &App) -> Result<u64, Status> {
+pub fn current_enough(app: &App) -> Result<u64, ConsensusError> {
     // Read in place: this runs for every heartbeat, and the metrics carry per-member maps.
     let (leading, term, since_ack, sole_voter) = {
         let metrics = app.raft.metrics();
@@ -107,21 +100,19 @@ pub fn current_enough(app: &App) -> Result<u64, Status> {
         )
     };
     if !leading {
-        return Err(not_leader(app.leader()));
+        return Err(ConsensusError::NotLeader {
+            leader: app.leader(),
+        });
     }
     if !app.fence.holds(term) {
-        return Err(not_proposed(Status::unavailable(format!(
-            "this replica leads term {term} but has not yet committed an entry of it; retry \
-             shortly"
-        ))));
+        return Err(ConsensusError::Unfenced { term });
     }
     match since_ack {
         // The only voter: no other leader can be elected, whatever the time.
         _ if sole_voter => Ok(term),
         Some(ms) if u128::from(ms) < LEASE.as_millis() => Ok(term),
-        since => Err(not_proposed(Status::unavailable(format!(
-            "no quorum: a majority last acknowledged this leader {} ago",
-            since.map_or("never".to_string(), |ms| format!("{ms} ms"))
-        )))),
+        since => Err(ConsensusError::LeaseExpired {
+            since: since.map_or("never".to_string(), |ms| format!("{ms} ms ago")),
+        }),
     }
 }

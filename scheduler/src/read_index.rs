@@ -7,13 +7,12 @@
 
 use openraft::error::{CheckIsLeaderError, RaftError};
 use tokio::sync::{mpsc, oneshot};
-use tonic::Status;
 
 use crate::fence::Fence;
-use crate::refusals::{not_leader, raft_stopped};
+use crate::refusals::ConsensusError;
 use crate::Raft;
 
-type Waiter = oneshot::Sender<Result<(), Status>>;
+type Waiter = oneshot::Sender<Result<(), ConsensusError>>;
 
 /// Hands requests to the batching task; cheap to share.
 #[derive(Debug, Clone)]
@@ -30,13 +29,12 @@ impl ReadIndex {
     }
 
     /// Waits until this replica's state reflects every write committed before the call.
-    pub async fn confirm(&self) -> Result<(), Status> {
+    pub async fn confirm(&self) -> Result<(), ConsensusError> {
         let (tx, rx) = oneshot::channel();
         self.queue
             .send(tx)
-            .map_err(|_| Status::unavailable("the scheduler is shutting down"))?;
-        rx.await
-            .unwrap_or_else(|_| Err(Status::unavailable("the scheduler is shutting down")))
+            .map_err(|_| ConsensusError::ShuttingDown)?;
+        rx.await.unwrap_or(Err(ConsensusError::ShuttingDown))
     }
 }
 
@@ -55,20 +53,17 @@ async fn confirm_in_batches(
         // commit index when later); after a restart it can predate the crash, so the term must
         // also be fenced by this process. Checked after the confirmation, not before: a replica
         // that has not published its leadership yet would otherwise skip the fence.
+        // Every refusal here comes before a write proposes anything (`ConsensusError` marks
+        // them "not proposed").
         let result = match linearizable_now(id, &raft).await {
             Ok(Some(read_point)) if !fence.wait(read_point.leader_id.term).await => {
-                Err(Status::unavailable(format!(
-                    "this replica leads term {} but has not yet committed an entry of it; \
-                     retry shortly",
-                    read_point.leader_id.term
-                )))
+                Err(ConsensusError::Unfenced {
+                    term: read_point.leader_id.term,
+                })
             }
             Ok(_) => Ok(()),
-            Err(status) => Err(status),
-        }
-        // A read point is confirmed before a write proposes anything: whatever refused it, the
-        // write changed nothing.
-        .map_err(dormant_proto::refusal::not_proposed);
+            Err(refused) => Err(refused),
+        };
         for waiter in batch {
             let _ = waiter.send(result.clone());
         }
@@ -80,11 +75,13 @@ async fn confirm_in_batches(
 pub async fn linearizable_now(
     id: u64,
     raft: &crate::Raft,
-) -> Result<Option<openraft::LogId<u64>>, Status> {
+) -> Result<Option<openraft::LogId<u64>>, ConsensusError> {
     match raft.ensure_linearizable().await {
         Ok(read_point) => Ok(read_point),
         Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-            Err(not_leader(f.leader_id.zip(f.leader_node.map(|n| n.addr))))
+            Err(ConsensusError::NotLeader {
+                leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+            })
         }
         Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
             let voters: Vec<u64> = raft
@@ -94,12 +91,15 @@ pub async fn linearizable_now(
                 .membership()
                 .voter_ids()
                 .collect();
-            Err(Status::unavailable(format!(
-                "no quorum: only replicas {:?} of the voters {voters:?} answer; nothing is \
-                 read or written until a majority is back",
-                e.got
-            )))
+            Err(ConsensusError::NoQuorum {
+                answering: e.got.into_iter().collect(),
+                voters,
+            })
         }
-        Err(RaftError::Fatal(e)) => Err(raft_stopped(id, &e)),
+        Err(RaftError::Fatal(fatal)) => Err(ConsensusError::Stopped {
+            id,
+            why: fatal.to_string(),
+            before_proposing: true,
+        }),
     }
 }

@@ -24,7 +24,10 @@ fn raft_status(id: u64, e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> 
     match e {
         // The joint configuration may already be committed: not "not proposed".
         RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
-            crate::consensus::outcome_unknown("leadership changed during the membership change")
+            crate::consensus::ConsensusError::OutcomeUnknown(
+                "leadership changed during the membership change",
+            )
+            .into()
         }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             Status::failed_precondition(format!("membership: {e}"))

@@ -106,8 +106,10 @@ fn raft_config(settings: &Settings) -> Result<openraft::Config, AppError> {
         // Keep some entries past the snapshot so a follower a little behind needs no snapshot.
         max_in_snapshot_log_to_keep: (settings.snapshot_every / 5).min(1000),
         // Entries per append-entries message (openraft: 300). An entry may be a batch of up to
-        // `proposer::MAX_BATCH` writes: 64 of them stay a few MiB, well inside the RPC limit.
-        max_payload_entries: 64,
+        // `proposer::MAX_BATCH` writes, each up to about 10 KB at the validation limits (64
+        // labels, a pending reason naming 10 nodes): 16 of them stay near 20 MB, inside the
+        // 64 MiB RPC limit. Commits send a few entries at a time anyway.
+        max_payload_entries: 16,
         ..Default::default()
     };
     config

@@ -27,8 +27,8 @@ use crate::Raft;
 
 /// Entries being committed at once. Enough to keep replication busy while the next batch fills;
 /// few enough that a busy leader's queue turns into batches rather than into more entries.
-/// Measured with `dormant-bench placement` (64 clients, 2 cores): 2 in flight gave 4,400-4,700
-/// creates/s, 8 gave 6,600-6,700, 16 gave 3,600.
+/// Measured with `dormant-bench placement` (64 clients, 2 cores) on one build: 2 in flight gave
+/// 4,400-4,700 creates/s, 8 gave 6,600-6,700, 16 gave 3,600.
 pub const IN_FLIGHT: usize = 8;
 /// Commands in one entry at most: bounds an entry's size, and with openraft's
 /// `max_payload_entries` (`app::raft_config`) an append-entries message's.

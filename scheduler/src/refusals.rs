@@ -51,9 +51,12 @@ pub fn apply_status(e: ApplyError) -> Status {
 /// `Unavailable` for a replica whose Raft stopped (a storage error; the process exits): the
 /// caller goes to another replica.
 pub fn raft_stopped(id: u64, e: &openraft::error::Fatal<u64>) -> Status {
-    Status::unavailable(format!(
-        "replica {id} stopped serving ({e}); it exits and restarts; use another replica"
-    ))
+    ConsensusError::Stopped {
+        id,
+        why: e.to_string(),
+        before_proposing: false,
+    }
+    .into()
 }
 
 /// Why a call through consensus was refused or could not finish.

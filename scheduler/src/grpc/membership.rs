@@ -21,19 +21,22 @@ use crate::replica::App;
 const CATCH_UP: Duration = Duration::from_secs(20);
 
 fn raft_status(id: u64, e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Status {
+    use crate::consensus::ConsensusError;
     match e {
         // The joint configuration may already be committed: not "not proposed".
         RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
-            crate::consensus::ConsensusError::OutcomeUnknown(
-                "leadership changed during the membership change",
-            )
-            .into()
+            ConsensusError::OutcomeUnknown("leadership changed during the membership change")
         }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
-            Status::failed_precondition(format!("membership: {e}"))
+            ConsensusError::Membership(e.to_string())
         }
-        RaftError::Fatal(e) => crate::refusals::raft_stopped(id, &e),
+        RaftError::Fatal(e) => ConsensusError::Stopped {
+            id,
+            why: e.to_string(),
+            before_proposing: false,
+        },
     }
+    .into()
 }
 
 /// The latest membership this replica knows (possibly not yet committed).

@@ -121,7 +121,17 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         }
-        let (mut log, mut sm) = open(dir.path()).expect("open the older store");
+        // sled's flusher thread may hold the directory's lock a moment after the handle above
+        // is dropped (a restarted process never meets this): retry the open briefly.
+        let mut reopened = open(dir.path());
+        for _ in 0..100 {
+            if reopened.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            reopened = open(dir.path());
+        }
+        let (mut log, mut sm) = reopened.expect("open the older store");
         let applied = sm.applied_state().await.unwrap().0;
         assert_eq!(applied, Some(log_id(5)));
         assert!(sm

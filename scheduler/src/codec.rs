@@ -3,11 +3,14 @@
 //! send, JSON, is still read, so a data directory of an older version opens as it is and an
 //! older peer is still understood.
 //!
-//! MessagePack keeps serde's evolution rules that JSON had: structs are arrays, so a field added
-//! at the end with `#[serde(default)]` reads older records (the array is shorter); enum variants
-//! go by name, so adding a variant or reordering them changes nothing already written. Two rules
-//! follow, which the tests check: no `skip_serializing_if` (a skipped field shifts the ones after
-//! it), and new fields only at the end of a struct.
+//! MessagePack keeps serde's evolution rules that JSON had, in both directions: structs are
+//! maps keyed by field name (`write_named`), so a field added with `#[serde(default)]` reads
+//! older records, and an older version reading a newer record skips the field it does not know
+//! (a mixed cluster replicates entries both ways during a rolling upgrade). Enum variants go by
+//! name, so reordering them changes nothing already written; a new variant is not understood by
+//! an older version, so a command it adds must wait until every member reads it (as
+//! `Command::Batch` waits, see `proposer`). Values written while structs were arrays (builds
+//! between JSON and this rule) still decode: serde reads a struct from either.
 //!
 //! JSON values begin with `{`, `[`, `"`, a digit, `-`, a letter or white space, never with
 //! [`MSGPACK_V1`]: one byte tells the formats apart.
@@ -65,7 +68,7 @@ pub fn encode_as<T: Serialize + ?Sized>(format: Format, value: &T) -> Result<Vec
         Format::MsgpackV1 => {
             let mut out = Vec::with_capacity(256);
             out.push(MSGPACK_V1);
-            rmp_serde::encode::write(&mut out, value)?;
+            rmp_serde::encode::write_named(&mut out, value)?;
             Ok(out)
         }
         Format::LegacyJson => serde_json::to_vec(value).map_err(CodecError::EncodeJson),
@@ -132,6 +135,33 @@ mod tests {
             assert_eq!(read.labels, Vec::<String>::new(), "{format:?}");
             assert_eq!(read.kind, Kind::Small);
         }
+    }
+
+    #[test]
+    fn an_older_version_reads_a_newer_record_and_skips_the_field_it_does_not_know() {
+        let new = After {
+            name: "a".into(),
+            kind: Kind::Large { size: 9 },
+            labels: vec!["x".into()],
+        };
+        for format in [Format::MsgpackV1, Format::LegacyJson] {
+            let read: Before = decode(&encode_as(format, &new).unwrap()).unwrap();
+            assert_eq!(read.name, "a", "{format:?}");
+            assert_eq!(read.kind, Kind::Large { size: 9 });
+        }
+    }
+
+    #[test]
+    fn structs_written_as_arrays_by_earlier_builds_still_decode() {
+        let old = Before {
+            name: "a".into(),
+            kind: Kind::Small,
+        };
+        let mut bytes = vec![MSGPACK_V1];
+        rmp_serde::encode::write(&mut bytes, &old).unwrap();
+        assert_eq!(decode::<Before>(&bytes).unwrap(), old);
+        let read: After = decode(&bytes).unwrap();
+        assert!(read.labels.is_empty());
     }
 
     #[test]

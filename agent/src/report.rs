@@ -273,6 +273,17 @@ impl Reporter {
             port_range_start: u32::from(s.ports.0),
             port_range_end: u32::from(s.ports.1),
             cluster_id: self.cluster.recorded().unwrap_or_default().to_string(),
+            engine_access: self
+                .host
+                .engines
+                .iter()
+                .map(|(name, t)| pb::EngineAccess {
+                    engine: name.clone(),
+                    user: t.access.user.clone(),
+                    uri_scheme: t.access.uri_scheme.clone(),
+                    uri_path: t.access.uri_path.clone(),
+                })
+                .collect(),
         };
         let reply = self.client().register(req).await?.into_inner();
         if let Err(refusal) = self.cluster.accept(&reply.cluster_id) {

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod engine_access;
 pub mod hibernation;
 pub mod metrics_http;
 pub mod name;
@@ -15,6 +16,7 @@ pub mod telemetry;
 pub mod text;
 pub mod tls;
 
+pub use engine_access::{EngineAccess, EngineAccessError};
 pub use name::{NameError, NodeName, TenantName};
 pub use quantity::{Bytes, MilliCpu, QuantityError};
 pub use resources::Resources;

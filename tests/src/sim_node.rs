@@ -194,6 +194,20 @@ pub fn registration(spec: &SimNodeSpec) -> pb::RegisterRequest {
         labels: spec.labels.iter().cloned().collect(),
         port_range_start: 20000,
         port_range_end: 29999,
+        // What an agent with these engines' defaults reports.
+        engine_access: spec
+            .engines
+            .iter()
+            .map(|engine| {
+                let a = dormant_common::EngineAccess::assumed_for_older_agents(engine);
+                pb::EngineAccess {
+                    engine: engine.clone(),
+                    user: a.user,
+                    uri_scheme: a.uri_scheme,
+                    uri_path: a.uri_path,
+                }
+            })
+            .collect(),
     }
 }
 

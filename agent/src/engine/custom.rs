@@ -48,6 +48,13 @@ pub struct EngineConfig {
     /// Whether the proxy terminates TLS for this engine's clients (default true); false serves
     /// them in the clear, for a protocol that cannot start with TLS.
     pub tls: Option<bool>,
+    /// The admin user tenants' credentials name (default `admin`): the one `init` or `files`
+    /// give the `{password}`.
+    pub user: Option<String>,
+    /// The scheme of tenants' connection URIs (default: the engine's name).
+    pub uri_scheme: Option<String>,
+    /// What follows the port in tenants' connection URIs (default empty; e.g. `/app`).
+    pub uri_path: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -117,6 +124,12 @@ impl EngineConfig {
         };
         crate::spawn::seccomp::check_allowed(&self.seccomp_allow)
             .map_err(|e| err("seccomp_allow", e.to_string()))?;
+        let access = dormant_common::EngineAccess::new(
+            self.user.as_deref().unwrap_or("admin"),
+            self.uri_scheme.as_deref().unwrap_or(name),
+            self.uri_path.as_deref().unwrap_or(""),
+        )
+        .map_err(|e| err(e.field, e.rule.to_string()))?;
         let stop_timeout = Duration::from_millis(self.stop_timeout_ms.unwrap_or(30_000));
         if stop_timeout.is_zero() {
             return Err(err("stop_timeout_ms", "must be greater than 0".into()));
@@ -140,6 +153,7 @@ impl EngineConfig {
             plaintext_refusal: Vec::new(),
             tls: self.tls.unwrap_or(true),
             alpn: Vec::new(),
+            access,
         })
     }
 }
@@ -180,6 +194,20 @@ mod tests {
         assert_eq!(t.stop_timeout, Duration::from_secs(5));
         assert_eq!(t.readiness, Readiness::SocketAccepts);
         assert_eq!(t.files.len(), 1);
+        // Unset, the credentials name `admin` and the engine's name as the scheme.
+        assert_eq!(t.access.uri("pw", "h:1"), "mydb://admin:pw@h:1");
+        let t = parse(
+            r#"
+            start = ["/bin/sh"]
+            socket = "{run}/db.sock"
+            user = "owner"
+            uri_scheme = "mydb+tls"
+            uri_path = "/main"
+            "#,
+        )
+        .into_template("mydb")
+        .unwrap();
+        assert_eq!(t.access.uri("pw", "h:1"), "mydb+tls://owner:pw@h:1/main");
     }
 
     #[test]
@@ -230,6 +258,30 @@ mod tests {
                     ..base()
                 },
                 "engines.x.stop_signal",
+            ),
+            (
+                "x",
+                EngineConfig {
+                    user: Some("root@db".into()),
+                    ..base()
+                },
+                "engines.x.user: 1 to 63 characters",
+            ),
+            (
+                "x",
+                EngineConfig {
+                    uri_scheme: Some("my_db".into()),
+                    ..base()
+                },
+                "engines.x.uri_scheme: a letter, then",
+            ),
+            (
+                "x",
+                EngineConfig {
+                    uri_path: Some("app".into()),
+                    ..base()
+                },
+                "engines.x.uri_path: empty, or '/'",
             ),
             (
                 "x",

@@ -56,6 +56,17 @@ pub struct EngineTemplate {
     pub tls: bool,
     /// ALPN protocol names offered in the TLS handshake (PostgreSQL's direct TLS needs one).
     pub alpn: Vec<Vec<u8>>,
+    /// The admin user and URI of tenants' credentials, reported to the scheduler.
+    pub access: dormant_common::EngineAccess,
+}
+
+/// A built-in engine's access (constants, so not checked as a config's are).
+fn access(user: &str, uri_scheme: &str, uri_path: &str) -> dormant_common::EngineAccess {
+    dormant_common::EngineAccess {
+        user: user.into(),
+        uri_scheme: uri_scheme.into(),
+        uri_path: uri_path.into(),
+    }
 }
 
 /// PostgreSQL's `max_connections` for a tenant of this memory: in proportion, 20 to 500.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use super::{EngineTemplate, Readiness};
+use super::{access, EngineTemplate, Readiness};
 
 /// `redis-server` on the PATH directories Debian and most distributions use.
 pub fn find_server() -> Option<PathBuf> {
@@ -57,6 +57,8 @@ pub fn template(server: &Path) -> EngineTemplate {
         tls: true,
         alpn: Vec::new(),
         plaintext_refusal: b"-ERR this endpoint accepts TLS only: connect with --tls\r\n".to_vec(),
+        // `requirepass` sets the password of Redis' `default` user.
+        access: access("default", "redis", ""),
     }
 }
 

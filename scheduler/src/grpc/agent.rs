@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use dormant_common::{NodeName, NodeStatus, TenantName, TenantState};
+use dormant_common::{EngineAccess, NodeName, NodeStatus, TenantName, TenantState};
 use dormant_proto::v1 as pb;
 use dormant_proto::v1::agent_api_client::AgentApiClient;
 use dormant_proto::v1::agent_api_server::{AgentApi, AgentApiServer};
@@ -173,6 +173,7 @@ fn parse_registration(req: pb::RegisterRequest) -> Result<NodeRecord, Status> {
             "port_range: start {start} is after end {end}"
         )));
     }
+    let engine_access = parse_engine_access(&req.engines, req.engine_access)?;
     Ok(NodeRecord {
         id,
         address: req.address,
@@ -184,7 +185,43 @@ fn parse_registration(req: pb::RegisterRequest) -> Result<NodeRecord, Status> {
         status: NodeStatus::Ready,
         // The operator's; apply keeps the stored value.
         cordoned: false,
+        engine_access,
     })
+}
+
+/// Each engine's access as the agent reports it: one entry for every engine it offers, each
+/// checked by the rules the agent's config is. None at all: an agent of an older version, whose
+/// engines serve the defaults credentials assume for it.
+fn parse_engine_access(
+    engines: &[String],
+    reported: Vec<pb::EngineAccess>,
+) -> Result<BTreeMap<String, EngineAccess>, Status> {
+    let mut access = BTreeMap::new();
+    if reported.is_empty() {
+        return Ok(access);
+    }
+    for a in reported {
+        if !engines.contains(&a.engine) {
+            return Err(Status::invalid_argument(format!(
+                "engine_access: {:?} is not one of the engines this node offers",
+                a.engine.chars().take(MAX_STRING_LEN).collect::<String>()
+            )));
+        }
+        let checked = EngineAccess::new(&a.user, &a.uri_scheme, &a.uri_path)
+            .map_err(|e| Status::invalid_argument(format!("engine_access.{}.{e}", a.engine)))?;
+        if access.insert(a.engine.clone(), checked).is_some() {
+            return Err(Status::invalid_argument(format!(
+                "engine_access: {} is given twice",
+                a.engine
+            )));
+        }
+    }
+    if let Some(missing) = engines.iter().find(|e| !access.contains_key(*e)) {
+        return Err(Status::invalid_argument(format!(
+            "engine_access: none given for engine {missing}, which this node offers"
+        )));
+    }
+    Ok(access)
 }
 
 /// A placed tenant as its node's desired set carries it; `None` for one without a port (none is
@@ -398,6 +435,58 @@ mod tests {
     use dormant_common::TenantState;
 
     use super::*;
+
+    #[test]
+    fn engine_access_is_one_checked_entry_per_engine_or_none_from_an_older_agent() {
+        let engines = vec!["postgres".to_string(), "kv".to_string()];
+        let entry = |engine: &str, user: &str, scheme: &str| pb::EngineAccess {
+            engine: engine.into(),
+            user: user.into(),
+            uri_scheme: scheme.into(),
+            uri_path: String::new(),
+        };
+        let access = parse_engine_access(
+            &engines,
+            vec![
+                entry("postgres", "postgres", "postgresql"),
+                entry("kv", "owner", "kv"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(access["kv"].uri("pw", "h:1"), "kv://owner:pw@h:1");
+        assert!(parse_engine_access(&engines, Vec::new())
+            .unwrap()
+            .is_empty());
+        for (reported, says) in [
+            (
+                vec![entry("postgres", "postgres", "postgresql")],
+                "engine_access: none given for engine kv",
+            ),
+            (
+                vec![
+                    entry("postgres", "postgres", "postgresql"),
+                    entry("kv", "a:b", "kv"),
+                ],
+                "engine_access.kv.user: 1 to 63 characters",
+            ),
+            (
+                vec![
+                    entry("postgres", "postgres", "postgresql"),
+                    entry("kv", "u", "kv"),
+                    entry("kv", "u", "kv"),
+                ],
+                "engine_access: kv is given twice",
+            ),
+            (
+                vec![entry("mysql", "root", "mysql")],
+                "engine_access: \"mysql\" is not one of the engines",
+            ),
+        ] {
+            let err = parse_engine_access(&engines, reported).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().starts_with(says), "{}", err.message());
+        }
+    }
 
     #[test]
     fn a_stored_reason_is_escaped_and_bounded() {

@@ -1,6 +1,6 @@
 //! Conversions between the replicated records and their protobuf messages.
 
-use dormant_common::{NodeStatus, Resources};
+use dormant_common::{EngineAccess, NodeStatus, Resources};
 use dormant_proto::v1 as pb;
 
 use crate::liveness::Liveness;
@@ -117,27 +117,76 @@ pub fn node_to_pb(n: &NodeRecord, cluster: &ClusterState, live: &Liveness) -> pb
     }
 }
 
-/// The admin user an engine's tenants get, and the URI scheme clients use.
-pub fn engine_user_and_scheme(engine: &str) -> (&'static str, &str) {
-    match engine {
-        "postgres" => ("postgres", "postgresql"),
-        "redis" => ("default", "redis"),
-        other => ("admin", other),
+/// How clients reach `t`: as its node's agent reported for its engine; for a tenant not placed,
+/// as any node that reported that engine does (the agents of a cluster share their engine
+/// configs), or what older agents served.
+fn engine_access(t: &TenantRecord, cluster: &ClusterState) -> EngineAccess {
+    match t.node.as_ref().and_then(|n| cluster.nodes.get(n)) {
+        Some(node) => node.access(&t.engine),
+        None => cluster
+            .nodes
+            .values()
+            .find_map(|n| n.engine_access.get(&t.engine).cloned())
+            .unwrap_or_else(|| EngineAccess::assumed_for_older_agents(&t.engine)),
     }
 }
 
 pub fn credentials(t: &TenantRecord, cluster: &ClusterState) -> pb::Credentials {
-    let (user, scheme) = engine_user_and_scheme(&t.engine);
-    let uri = match endpoint(t, cluster) {
-        Some(ep) if t.engine == "postgres" => {
-            format!("{scheme}://{user}:{}@{ep}/postgres", t.password)
-        }
-        Some(ep) => format!("{scheme}://{user}:{}@{ep}", t.password),
-        None => String::new(),
-    };
+    let access = engine_access(t, cluster);
     pb::Credentials {
-        user: user.to_string(),
+        uri: endpoint(t, cluster)
+            .map(|ep| access.uri(&t.password, &ep))
+            .unwrap_or_default(),
+        user: access.user,
         password: t.password.clone(),
-        uri,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use dormant_common::NodeName;
+
+    use super::*;
+    use crate::state::test_utils::{node, res, spec};
+    use crate::state::{Command, Outcome};
+
+    fn create(st: &mut ClusterState, index: u64, name: &str, on: Option<&str>) -> TenantRecord {
+        let command = Command::CreateTenant {
+            spec: spec(name, res(500, 512, 1)),
+            password: "pw".into(),
+            node: on.map(|n| NodeName::parse(n).unwrap()),
+            pending_reason: on.is_none().then(|| "no ready node".to_string()),
+            overcommit: 1.0,
+        };
+        match st.apply(index, command) {
+            Ok(Outcome::Tenant(t)) => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn credentials_use_what_the_tenants_node_reported_or_the_older_agents_defaults() {
+        let mut st = ClusterState::default();
+        let mut reporting = node("a", res(2000, 4096, 100));
+        reporting.engine_access.insert(
+            "postgres".into(),
+            EngineAccess::new("owner", "postgres", "/app").unwrap(),
+        );
+        st.apply(1, Command::RegisterNode(reporting)).unwrap();
+        // `b` registered by an older agent: no report.
+        st.apply(2, Command::RegisterNode(node("b", res(2000, 4096, 100))))
+            .unwrap();
+
+        let on_a = credentials(&create(&mut st, 3, "ta", Some("a")), &st);
+        assert_eq!(on_a.user, "owner");
+        assert_eq!(on_a.uri, "postgres://owner:pw@127.0.0.1:20000/app");
+        let on_b = credentials(&create(&mut st, 4, "tb", Some("b")), &st);
+        assert_eq!(
+            on_b.uri,
+            "postgresql://postgres:pw@127.0.0.1:20000/postgres"
+        );
+        // Not placed: no URI yet, and the user any node that reported the engine names.
+        let pending = credentials(&create(&mut st, 5, "tp", None), &st);
+        assert_eq!((pending.user.as_str(), pending.uri.as_str()), ("owner", ""));
     }
 }

@@ -146,6 +146,7 @@ pub(crate) mod test_utils {
             port_range: (20000, 20009),
             status: NodeStatus::Ready,
             cordoned: false,
+            engine_access: BTreeMap::new(),
         }
     }
 

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use dormant_common::hibernation::{HibernateMode, IdleAfter};
-use dormant_common::{NodeName, NodeStatus, Resources, TenantName, TenantState};
+use dormant_common::{EngineAccess, NodeName, NodeStatus, Resources, TenantName, TenantState};
 use serde::{Deserialize, Serialize};
 
 use crate::placement;
@@ -26,9 +26,21 @@ pub struct NodeRecord {
     /// An operator stopped new placements here; the node's tenants keep running.
     #[serde(default)]
     pub cordoned: bool,
+    /// How clients reach each engine's tenants, as the agent reported at registration; empty
+    /// for a node whose agent predates the report (see `EngineAccess::assumed_for_older_agents`).
+    #[serde(default)]
+    pub engine_access: BTreeMap<String, EngineAccess>,
 }
 
 impl NodeRecord {
+    /// The admin user and URI form of `engine`'s tenants on this node.
+    pub fn access(&self, engine: &str) -> EngineAccess {
+        self.engine_access
+            .get(engine)
+            .cloned()
+            .unwrap_or_else(|| EngineAccess::assumed_for_older_agents(engine))
+    }
+
     /// The node as placement sees it, with what its tenants reserve.
     pub fn view(&self, allocated: Resources, has_free_port: bool) -> placement::NodeView<'_> {
         placement::NodeView {

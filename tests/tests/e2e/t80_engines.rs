@@ -87,6 +87,9 @@ files = { "{data}/kv.conf" = "port 0\nunixsocket {run}/kv.sock\nunixsocketperm 7
 socket = "{run}/kv.sock"
 stop_signal = "SIGTERM"
 stop_timeout_ms = 5000
+# What the credentials say: Redis' own user and scheme, reported to the scheduler.
+user = "default"
+uri_scheme = "redis"
 "#;
 
 #[test]
@@ -113,6 +116,13 @@ fn custom_engines_come_from_config_and_a_crashing_one_ends_failed_with_its_reaso
     let endpoint = t["endpoint"].as_str().unwrap();
     let password = t["credentials"]["password"].as_str().unwrap();
     assert_eq!(redis_cli(endpoint, password, &["PING"]), Ok("PONG".into()));
+    // The credentials are the agent's config's, not a guess from the engine's name.
+    assert_eq!(t["credentials"]["user"], "default", "{t}");
+    assert_eq!(
+        t["credentials"]["uri"],
+        format!("redis://default:{password}@{endpoint}").as_str(),
+        "{t}"
+    );
 
     // The crashing one: create does not wait for it.
     let out = cluster.create(
@@ -137,6 +147,10 @@ fn custom_engines_come_from_config_and_a_crashing_one_ends_failed_with_its_reaso
     });
     let reason = t["reason"].as_str().unwrap();
     assert!(reason.contains("exited with code 3"), "{reason}");
+    // Unset in its config: `admin`, and the engine's name as the scheme.
+    let out = cluster.ctl(&["tenant", "credentials", "broken"]);
+    assert!(out.success, "{}", out.stderr);
+    assert!(out.stdout.starts_with("crashy://admin:"), "{}", out.stdout);
     assert!(
         reason.contains("crashy: cannot open the database"),
         "{reason}"

@@ -23,6 +23,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use dormant_common::TenantUid;
 use serde::{Deserialize, Serialize};
 
 /// One sample of a tenant, taken with a heartbeat.
@@ -42,7 +43,7 @@ pub struct Sample {
 pub struct Meter {
     /// The tenant's uid (given by the scheduler, unique per create): another uid under the name
     /// is another tenant.
-    pub uid: u64,
+    pub uid: TenantUid,
     pub cpu_seconds: f64,
     pub memory_byte_seconds: f64,
     pub storage_byte_seconds: f64,
@@ -140,7 +141,7 @@ impl UsageBook {
     }
 
     /// Records one sample of tenant `name` (uid `uid`).
-    pub fn observe(&mut self, name: &str, uid: u64, sample: Sample) {
+    pub fn observe(&mut self, name: &str, uid: TenantUid, sample: Sample) {
         if sample.cpu_usage_usec == 0 {
             return;
         }
@@ -250,8 +251,8 @@ mod tests {
     fn only_saved_figures_are_shown_and_the_book_goes_on_from_its_last_saved_sample() {
         let dir = tempfile::tempdir().unwrap();
         let mut book = UsageBook::open(dir.path()).unwrap();
-        book.observe("t", 7, sample(100, 10, 100, true));
-        book.observe("t", 7, sample(110, 12, 100, true));
+        book.observe("t", TenantUid::new(7), sample(100, 10, 100, true));
+        book.observe("t", TenantUid::new(7), sample(110, 12, 100, true));
         assert!(
             book.meter("t").is_none(),
             "nothing shown before it is saved"
@@ -260,21 +261,21 @@ mod tests {
         assert_eq!(book.meter("t").unwrap().cpu_seconds, 12.0);
         // A sample not saved yet is not shown; an agent killed now loses nothing: after the
         // restart, the next sample adds that CPU from the saved sample on.
-        book.observe("t", 7, sample(120, 15, 100, true));
+        book.observe("t", TenantUid::new(7), sample(120, 15, 100, true));
         assert_eq!(book.meter("t").unwrap().cpu_seconds, 12.0);
         drop(book);
         let mut book = UsageBook::open(dir.path()).unwrap();
         assert_eq!(book.meter("t").unwrap().cpu_seconds, 12.0);
         // A cgroup that could not be read (a counter of 0) is no reading: skipped.
-        book.observe("t", 7, sample(125, 0, 0, true));
-        book.observe("t", 7, sample(130, 16, 100, true));
+        book.observe("t", TenantUid::new(7), sample(125, 0, 0, true));
+        book.observe("t", TenantUid::new(7), sample(130, 16, 100, true));
         book.save().unwrap();
         let after = book.meter("t").unwrap();
         assert_eq!(after.cpu_seconds, 16.0);
         assert_eq!(after.awake_seconds, 30.0);
         assert_eq!(after.memory_byte_seconds, 100.0 * 30.0);
         // Another uid under the same name is another tenant.
-        book.observe("t", 8, sample(140, 1, 100, true));
+        book.observe("t", TenantUid::new(8), sample(140, 1, 100, true));
         book.save().unwrap();
         assert_eq!(book.meter("t").unwrap().cpu_seconds, 1.0);
         book.retain(|name| name != "t");
@@ -291,7 +292,7 @@ mod tests {
             std::fs::read(dir.path().join("usage.json.unreadable")).unwrap(),
             b"{not json"
         );
-        book.observe("t", 1, sample(100, 1, 100, true));
+        book.observe("t", TenantUid::new(1), sample(100, 1, 100, true));
         book.save().unwrap();
         assert!(UsageBook::open(dir.path()).unwrap().meter("t").is_some());
     }

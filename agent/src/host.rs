@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use dormant_common::{Bytes, MilliCpu, Resources, TenantName};
+use dormant_common::{Bytes, MilliCpu, Resources, TenantName, TenantUid};
 use nix::unistd::{Gid, Uid};
 
 use crate::cgroup::CgroupDriver;
@@ -134,7 +134,7 @@ impl Host {
         self.state_dir.join("run")
     }
 
-    pub fn paths(&self, name: &TenantName, uid: u64) -> TenantPaths {
+    pub fn paths(&self, name: &TenantName, uid: TenantUid) -> TenantPaths {
         let dir = self.tenants_dir().join(name.as_str());
         TenantPaths {
             data: dir.join("data"),

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use dormant_common::hibernation::{HibernateMode, IdleAfter};
-use dormant_common::{Resources, TenantName};
+use dormant_common::{Resources, TenantName, TenantUid};
 use tracing::{info, warn};
 
 use crate::host::Host;
@@ -20,7 +20,7 @@ use crate::tenant::{TenantHandle, TenantSpec};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Want {
     Running(TenantSpec),
-    Deleted { uid: u64 },
+    Deleted { uid: TenantUid },
 }
 
 /// The scheduler's desired set for this node, as of `version`.
@@ -33,7 +33,7 @@ pub struct Desired {
 /// What runs here, as far as planning cares.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Present {
-    pub uid: u64,
+    pub uid: TenantUid,
     pub deleting: bool,
     pub resources: Resources,
     pub restart_generation: u64,
@@ -138,7 +138,7 @@ impl Tenants {
     pub fn resume(&mut self, records: Vec<crate::tenant::TenantRecord>, quarantined: Vec<String>) {
         self.quarantined = quarantined.into_iter().collect();
         for record in records {
-            info!(tenant_id = %record.spec.name, uid = record.spec.uid, deleting = record.deleting, "resuming tenant found on disk");
+            info!(tenant_id = %record.spec.name, uid = record.spec.uid.get(), deleting = record.deleting, "resuming tenant found on disk");
             let name = record.spec.name.clone();
             self.handles
                 .insert(name, TenantHandle::resume(self.host.clone(), record));
@@ -194,7 +194,7 @@ impl Tenants {
                     kept.insert(spec.name);
                 }
                 Action::Start(spec) => {
-                    info!(tenant_id = %spec.name, uid = spec.uid, "starting tenant");
+                    info!(tenant_id = %spec.name, uid = spec.uid.get(), "starting tenant");
                     let name = spec.name.clone();
                     self.handles
                         .insert(name, TenantHandle::create(self.host.clone(), spec));
@@ -274,7 +274,7 @@ mod tests {
         TenantName::parse(n).unwrap()
     }
 
-    fn spec(n: &str, uid: u64) -> TenantSpec {
+    fn spec(n: &str, uid: TenantUid) -> TenantSpec {
         crate::tenant::record::sample_spec(n, uid)
     }
 
@@ -289,6 +289,7 @@ mod tests {
         items
             .into_iter()
             .map(|(n, uid, deleting)| {
+                let uid = TenantUid::new(uid);
                 (
                     name(n),
                     Present {
@@ -308,7 +309,7 @@ mod tests {
 
     #[test]
     fn plan_resizes_a_running_tenant_whose_resources_changed() {
-        let mut bigger = spec("a", 1);
+        let mut bigger = spec("a", TenantUid::new(1));
         bigger.resources.storage = Bytes(2 << 30);
         let d = desired(vec![("a", Want::Running(bigger.clone()))]);
         assert_eq!(
@@ -321,7 +322,7 @@ mod tests {
 
     #[test]
     fn plan_changes_the_policy_and_hibernates_or_wakes_once_per_new_generation() {
-        let mut want = spec("a", 1);
+        let mut want = spec("a", TenantUid::new(1));
         want.idle_after = IdleAfter::Never;
         want.hibernate_generation = 2;
         want.wake_generation = 1;
@@ -344,7 +345,7 @@ mod tests {
 
     #[test]
     fn plan_restarts_once_per_new_generation() {
-        let mut again = spec("a", 1);
+        let mut again = spec("a", TenantUid::new(1));
         again.restart_generation = 2;
         let d = desired(vec![("a", Want::Running(again))]);
         assert_eq!(
@@ -358,22 +359,27 @@ mod tests {
 
     #[test]
     fn plan_starts_missing_tenant() {
-        let d = desired(vec![("a", Want::Running(spec("a", 1)))]);
+        let d = desired(vec![("a", Want::Running(spec("a", TenantUid::new(1))))]);
         assert_eq!(
             plan(&d, &present(vec![])),
-            vec![Action::Start(spec("a", 1))]
+            vec![Action::Start(spec("a", TenantUid::new(1)))]
         );
     }
 
     #[test]
     fn plan_does_nothing_when_in_step() {
-        let d = desired(vec![("a", Want::Running(spec("a", 1)))]);
+        let d = desired(vec![("a", Want::Running(spec("a", TenantUid::new(1))))]);
         assert!(plan(&d, &present(vec![("a", 1, false)])).is_empty());
     }
 
     #[test]
     fn plan_deletes_only_on_an_explicit_delete_of_that_uid() {
-        let d = desired(vec![("a", Want::Deleted { uid: 1 })]);
+        let d = desired(vec![(
+            "a",
+            Want::Deleted {
+                uid: TenantUid::new(1),
+            },
+        )]);
         let p = present(vec![("a", 1, false), ("stray", 9, false)]);
         assert_eq!(
             plan(&d, &p),
@@ -383,7 +389,12 @@ mod tests {
             ]
         );
         // A delete of another tenant of the same name removes nothing here.
-        let d = desired(vec![("a", Want::Deleted { uid: 2 })]);
+        let d = desired(vec![(
+            "a",
+            Want::Deleted {
+                uid: TenantUid::new(2),
+            },
+        )]);
         assert!(matches!(
             plan(&d, &present(vec![("a", 1, false)])).as_slice(),
             [Action::Keep(..)]
@@ -401,21 +412,26 @@ mod tests {
 
     #[test]
     fn plan_does_not_delete_twice() {
-        let d = desired(vec![("a", Want::Deleted { uid: 1 })]);
+        let d = desired(vec![(
+            "a",
+            Want::Deleted {
+                uid: TenantUid::new(1),
+            },
+        )]);
         assert!(plan(&d, &present(vec![("a", 1, true)])).is_empty());
     }
 
     /// Another uid under a present name: the present one is kept and the new one waits.
     #[test]
     fn plan_never_replaces_a_tenant_with_another_of_the_same_name() {
-        let d = desired(vec![("a", Want::Running(spec("a", 2)))]);
+        let d = desired(vec![("a", Want::Running(spec("a", TenantUid::new(2))))]);
         assert!(matches!(
             plan(&d, &present(vec![("a", 1, false)])).as_slice(),
             [Action::Keep(..)]
         ));
         assert_eq!(
             plan(&d, &present(vec![])),
-            vec![Action::Start(spec("a", 2))]
+            vec![Action::Start(spec("a", TenantUid::new(2)))]
         );
     }
 }

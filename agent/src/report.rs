@@ -15,7 +15,7 @@ use std::sync::Arc;
 use dormant_common::hibernation::IdleAfter;
 use dormant_common::sd_notify::Notifier;
 use dormant_common::tls::{PeerIdentity, TlsError, Transport};
-use dormant_common::TenantName;
+use dormant_common::{TenantName, TenantUid};
 use dormant_proto::v1 as pb;
 use dormant_proto::v1::agent_api_client::AgentApiClient;
 use tonic::transport::Channel;
@@ -314,7 +314,7 @@ impl Reporter {
                 let traffic = h.traffic();
                 pb::ObservedTenant {
                     name: name.to_string(),
-                    uid: h.spec.uid,
+                    uid: h.spec.uid.get(),
                     state: state.to_string(),
                     reason: o.reason.unwrap_or_default(),
                     resize_pending: o.resize_pending.unwrap_or_default(),
@@ -403,7 +403,7 @@ impl Reporter {
                 storage_bytes: usage.storage_used_bytes,
                 awake,
             };
-            self.book.observe(&t.name, t.uid, sample);
+            self.book.observe(&t.name, TenantUid::new(t.uid), sample);
             local.insert(t.name.clone(), observed.wake_durations);
         }
         self.book
@@ -578,7 +578,9 @@ fn desired_from(reply: pb::HeartbeatResponse) -> Desired {
             }
         };
         let want = if desired_state == dormant_common::DesiredState::Deleted {
-            Want::Deleted { uid: t.uid }
+            Want::Deleted {
+                uid: TenantUid::new(t.uid),
+            }
         } else {
             let r = t.resources.unwrap_or_default();
             let Ok(port) = u16::try_from(t.port) else {
@@ -587,7 +589,7 @@ fn desired_from(reply: pb::HeartbeatResponse) -> Desired {
             };
             Want::Running(TenantSpec {
                 name: name.clone(),
-                uid: t.uid,
+                uid: TenantUid::new(t.uid),
                 engine: t.engine,
                 resources: (&r).into(),
                 port,

@@ -15,9 +15,11 @@ pub mod state;
 pub mod telemetry;
 pub mod text;
 pub mod tls;
+pub mod uid;
 
 pub use engine_access::{EngineAccess, EngineAccessError};
 pub use name::{NameError, NodeName, TenantName};
 pub use quantity::{Bytes, MilliCpu, QuantityError};
 pub use resources::Resources;
 pub use state::{DesiredState, NodeStatus, TenantState};
+pub use uid::TenantUid;

@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 
-use dormant_common::{NodeName, NodeStatus, TenantName, TenantState};
+use dormant_common::{NodeName, NodeStatus, TenantName, TenantState, TenantUid};
 use tracing::{debug, warn};
 
 use crate::state::{
@@ -21,7 +21,7 @@ use crate::state::{
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
     pub name: TenantName,
-    pub uid: u64,
+    pub uid: TenantUid,
     pub state: TenantState,
     pub reason: Option<String>,
 }
@@ -67,7 +67,7 @@ pub fn decide(
             .get(&o.name)
             .filter(|r| r.uid == o.uid && r.node.as_ref() == Some(node))
         else {
-            debug!(node_id = %node, tenant_id = %o.name, uid = o.uid, state = %o.state, "ignoring a report about a tenant not placed on this node as this uid");
+            debug!(node_id = %node, tenant_id = %o.name, uid = o.uid.get(), state = %o.state, "ignoring a report about a tenant not placed on this node as this uid");
             continue;
         };
         accepted.push(i);
@@ -89,7 +89,8 @@ pub fn decide(
             });
         }
     }
-    let reported: HashSet<(&TenantName, u64)> = reports.iter().map(|o| (&o.name, o.uid)).collect();
+    let reported: HashSet<(&TenantName, TenantUid)> =
+        reports.iter().map(|o| (&o.name, o.uid)).collect();
     for (name, stone) in cluster.tombstones.get(node).into_iter().flatten() {
         if seen_version >= stone.deleted_at && !reported.contains(&(name, stone.uid)) {
             commands.push(Command::ForgetTombstone {
@@ -146,7 +147,7 @@ mod tests {
         c
     }
 
-    fn report(name: &str, uid: u64, state: TenantState) -> Report {
+    fn report(name: &str, uid: TenantUid, state: TenantState) -> Report {
         Report {
             name: t(name),
             uid,
@@ -174,12 +175,12 @@ mod tests {
     fn a_changed_state_is_observed_and_others_reports_are_ignored() {
         let c = cluster();
         let reports = [
-            report("t", 2, TenantState::Running),
+            report("t", TenantUid::new(2), TenantState::Running),
             // Another uid under the name, and a tenant not placed here.
-            report("t", 9, TenantState::Failed),
-            report("other", 3, TenantState::Running),
+            report("t", TenantUid::new(9), TenantState::Failed),
+            report("other", TenantUid::new(3), TenantState::Running),
             // A state only the scheduler decides.
-            report("t", 2, TenantState::Lost),
+            report("t", TenantUid::new(2), TenantState::Lost),
         ];
         let (commands, accepted) = changes(decide(&c, &n("a"), &reports, 2, 1));
         assert_eq!(accepted, [0, 3]);
@@ -188,7 +189,7 @@ mod tests {
             [Command::ObserveTenant {
                 node: n("a"),
                 name: t("t"),
-                uid: 2,
+                uid: TenantUid::new(2),
                 state: TenantState::Running,
                 reason: None,
             }]
@@ -197,7 +198,7 @@ mod tests {
         let (commands, _) = changes(decide(
             &c,
             &n("a"),
-            &[report("t", 2, TenantState::Starting)],
+            &[report("t", TenantUid::new(2), TenantState::Starting)],
             2,
             1,
         ));
@@ -219,7 +220,7 @@ mod tests {
         let (commands, _) = changes(decide(
             &c,
             &n("a"),
-            &[report("t", 2, TenantState::Running)],
+            &[report("t", TenantUid::new(2), TenantState::Running)],
             3,
             7,
         ));
@@ -238,7 +239,7 @@ mod tests {
         let mut c = cluster();
         c.apply(3, Command::DeleteTenant { name: t("t") }).unwrap();
         // Still reported (deleting), or absent from a heartbeat older than the delete: kept.
-        let deleting = [report("t", 2, TenantState::Deleting)];
+        let deleting = [report("t", TenantUid::new(2), TenantState::Deleting)];
         assert!(changes(decide(&c, &n("a"), &deleting, 3, 1)).0.is_empty());
         assert!(changes(decide(&c, &n("a"), &[], 2, 1)).0.is_empty());
         let (commands, _) = changes(decide(&c, &n("a"), &[], 3, 1));
@@ -246,7 +247,7 @@ mod tests {
             commands,
             [Command::RemoveTenant {
                 name: t("t"),
-                uid: 2
+                uid: TenantUid::new(2)
             }]
         );
     }
@@ -267,23 +268,23 @@ mod tests {
             4,
             Command::ForceDeleteTenant {
                 name: t("t"),
-                uid: 2,
+                uid: TenantUid::new(2),
             },
         )
         .unwrap();
         let forget = Command::ForgetTombstone {
             node: n("a"),
             name: t("t"),
-            uid: 2,
+            uid: TenantUid::new(2),
         };
         // Still reported (being removed), or absent from a heartbeat that predates it: kept.
-        let removing = [report("t", 2, TenantState::Deleting)];
+        let removing = [report("t", TenantUid::new(2), TenantState::Deleting)];
         assert!(!changes(decide(&c, &n("a"), &removing, 4, 1))
             .0
             .contains(&forget));
         assert!(!changes(decide(&c, &n("a"), &[], 3, 1)).0.contains(&forget));
         // Another tenant of that name reported (another uid) does not keep it.
-        let other = [report("t", 9, TenantState::Running)];
+        let other = [report("t", TenantUid::new(9), TenantState::Running)];
         assert!(changes(decide(&c, &n("a"), &other, 4, 1))
             .0
             .contains(&forget));

@@ -65,7 +65,7 @@ impl TenantHandle {
             host.changed.clone(),
             proxy.clients(),
         );
-        let span = tracing::info_span!("tenant", tenant_id = %spec.name, uid = spec.uid);
+        let span = tracing::info_span!("tenant", tenant_id = %spec.name, uid = spec.uid.get());
         let task = tokio::spawn(tracing::Instrument::instrument(supervisor.run(), span));
         Self {
             cgroup: host.cgroups.tenant(&spec.name),

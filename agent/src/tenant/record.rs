@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use dormant_common::hibernation::{HibernateMode, IdleAfter};
-use dormant_common::{Resources, TenantName};
+use dormant_common::{Resources, TenantName, TenantUid};
 use serde::{Deserialize, Serialize};
 
 use crate::host::{Host, TenantPaths};
@@ -20,7 +20,7 @@ use crate::tenant_fs;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantSpec {
     pub name: TenantName,
-    pub uid: u64,
+    pub uid: TenantUid,
     pub engine: String,
     pub resources: Resources,
     pub port: u16,
@@ -162,7 +162,7 @@ pub fn load_all(host: &Host) -> Result<OnDisk, RecordError> {
 
 /// A tenant spec for unit tests: half a core, 512 MiB, 1 GiB, PostgreSQL.
 #[cfg(test)]
-pub(crate) fn sample_spec(name: &str, uid: u64) -> TenantSpec {
+pub(crate) fn sample_spec(name: &str, uid: TenantUid) -> TenantSpec {
     use dormant_common::{Bytes, MilliCpu};
     TenantSpec {
         name: TenantName::parse(name).expect("a valid test name"),
@@ -188,7 +188,7 @@ mod tests {
     use super::*;
 
     fn spec() -> TenantSpec {
-        sample_spec("acme", 7)
+        sample_spec("acme", TenantUid::new(7))
     }
 
     /// A record as the agent before intents wrote it (a bare spec) still reads.

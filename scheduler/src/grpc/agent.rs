@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use dormant_common::{EngineAccess, NodeName, NodeStatus, TenantName, TenantState};
+use dormant_common::{EngineAccess, NodeName, NodeStatus, TenantName, TenantState, TenantUid};
 use dormant_proto::v1 as pb;
 use dormant_proto::v1::agent_api_client::AgentApiClient;
 use dormant_proto::v1::agent_api_server::{AgentApi, AgentApiServer};
@@ -35,7 +35,7 @@ pub fn server(app: Arc<App>) -> AgentApiServer<AgentService> {
 /// One tenant of a heartbeat, parsed.
 struct Observed {
     name: TenantName,
-    uid: u64,
+    uid: TenantUid,
     state: TenantState,
     reason: Option<String>,
     seen: TenantSeen,
@@ -229,7 +229,7 @@ fn parse_engine_access(
 fn desired(t: &TenantRecord) -> Option<pb::DesiredTenant> {
     Some(pb::DesiredTenant {
         name: t.name.to_string(),
-        uid: t.uid,
+        uid: t.uid.get(),
         engine: t.engine.clone(),
         resources: Some(resources_to_pb(&t.resources)),
         port: u32::from(t.port?),
@@ -256,7 +256,7 @@ fn desired_set(cluster: &ClusterState, node: &NodeName) -> Vec<pb::DesiredTenant
             .flatten()
             .map(|(name, stone)| pb::DesiredTenant {
                 name: name.to_string(),
-                uid: stone.uid,
+                uid: stone.uid.get(),
                 desired_state: DesiredState::Deleted.as_str().to_string(),
                 ..Default::default()
             }),
@@ -340,7 +340,7 @@ impl AgentApi for AgentService {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             observed.push(Observed {
                 name,
-                uid: t.uid,
+                uid: TenantUid::new(t.uid),
                 state,
                 // The tenant's own text (its log lines): stored escaped and bounded.
                 reason: (!t.reason.is_empty()).then(|| stored_reason(&t.reason)),
@@ -393,7 +393,7 @@ impl AgentApi for AgentService {
                 info!(tenant_id = %name, node_id = %node, "tenant removed from its node");
             }
             if let Command::ForgetTombstone { name, uid, .. } = &command {
-                info!(tenant_id = %name, uid, node_id = %node, "the node removed a tenant deleted with --force while it was away");
+                info!(tenant_id = %name, uid = uid.get(), node_id = %node, "the node removed a tenant deleted with --force while it was away");
             }
             propose(&self.app, command).await?;
         }
@@ -499,7 +499,7 @@ mod tests {
 
     fn record() -> TenantRecord {
         TenantRecord {
-            uid: 2,
+            uid: TenantUid::new(2),
             name: TenantName::parse("t").unwrap(),
             engine: "postgres".into(),
             resources: res(500, 512, 1),
@@ -614,7 +614,7 @@ mod tests {
                 4,
                 Command::ForceDeleteTenant {
                     name: t.clone(),
-                    uid: 2,
+                    uid: TenantUid::new(2),
                 },
             )
             .unwrap();
@@ -638,7 +638,7 @@ mod tests {
                 Command::ForgetTombstone {
                     node: a.clone(),
                     name: t,
-                    uid: 2,
+                    uid: TenantUid::new(2),
                 },
             )
             .unwrap();

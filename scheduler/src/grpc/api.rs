@@ -246,7 +246,7 @@ impl OperatorService {
             EngineAction::Hibernate => tenant.hibernate_generation,
             EngineAction::Wake => tenant.wake_generation,
         };
-        info!(tenant_id = %tenant.name, uid = tenant.uid, generation, "tenant {action} requested");
+        info!(tenant_id = %tenant.name, uid = tenant.uid.get(), generation, "tenant {action} requested");
         let sm = self.app.state.read();
         Ok(Response::new(tenant_to_pb(
             &tenant,
@@ -321,7 +321,7 @@ impl Operator for OperatorService {
             .await?,
         )?;
         // `transitions` logs the creation at info on every replica; this adds the details.
-        debug!(tenant_id = %tenant.name, uid = tenant.uid, state = %tenant.state, node = ?tenant.node, idle_after = %tenant.idle_after, hibernate = %tenant.hibernate, "tenant created");
+        debug!(tenant_id = %tenant.name, uid = tenant.uid.get(), state = %tenant.state, node = ?tenant.node, idle_after = %tenant.idle_after, hibernate = %tenant.hibernate, "tenant created");
         if tenant.node.is_some() {
             self.app.counters.placements.inc();
         } else {
@@ -445,7 +445,7 @@ impl Operator for OperatorService {
             )
             .await?,
         )?;
-        info!(tenant_id = %tenant.name, uid = tenant.uid, cpu = %tenant.resources.cpu, memory = %tenant.resources.memory, storage = %tenant.resources.storage, idle_after = %tenant.idle_after, hibernate = %tenant.hibernate, "tenant updated");
+        info!(tenant_id = %tenant.name, uid = tenant.uid.get(), cpu = %tenant.resources.cpu, memory = %tenant.resources.memory, storage = %tenant.resources.storage, idle_after = %tenant.idle_after, hibernate = %tenant.hibernate, "tenant updated");
         let sm = self.app.state.read();
         Ok(Response::new(tenant_to_pb(
             &tenant,

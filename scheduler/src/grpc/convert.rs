@@ -69,7 +69,7 @@ fn tenant_to_pb_with_reason(
         endpoint: endpoint(t, cluster).unwrap_or_default(),
         resources: Some(resources_to_pb(&t.resources)),
         reason: reason.unwrap_or_default(),
-        uid: t.uid,
+        uid: t.uid.get(),
         usage: live.tenant_usage(&t.name).cloned(),
         constraints: t
             .constraints

@@ -1,6 +1,6 @@
 //! `apply`: what each command does to the state, re-checking what the leader decided.
 
-use dormant_common::{NodeName, NodeStatus, TenantName, TenantState};
+use dormant_common::{NodeName, NodeStatus, TenantName, TenantState, TenantUid};
 
 use super::*;
 use crate::placement;
@@ -358,7 +358,7 @@ impl ClusterState {
     pub(super) fn raise_generation(
         &mut self,
         name: &TenantName,
-        uid: u64,
+        uid: TenantUid,
         action: EngineAction,
     ) -> ApplyResult {
         let tenant = self.tenant_with_uid_mut(name, uid)?;
@@ -406,7 +406,7 @@ impl ClusterState {
     pub(super) fn tenant_with_uid(
         &self,
         name: &TenantName,
-        uid: u64,
+        uid: TenantUid,
     ) -> Result<&TenantRecord, ApplyError> {
         self.tenants
             .get(name)
@@ -417,7 +417,7 @@ impl ClusterState {
     pub(super) fn tenant_with_uid_mut(
         &mut self,
         name: &TenantName,
-        uid: u64,
+        uid: TenantUid,
     ) -> Result<&mut TenantRecord, ApplyError> {
         self.tenants
             .get_mut(name)

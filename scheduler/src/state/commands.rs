@@ -1,7 +1,7 @@
 //! The commands a log entry carries, and what applying one produces.
 
 use dormant_common::hibernation::{HibernateMode, IdleAfter};
-use dormant_common::{NodeName, NodeStatus, Resources, TenantName, TenantState};
+use dormant_common::{NodeName, NodeStatus, Resources, TenantName, TenantState, TenantUid};
 use serde::{Deserialize, Serialize};
 
 use super::records::*;
@@ -23,7 +23,7 @@ pub enum Command {
     /// Place a pending tenant on a node.
     AssignTenant {
         name: TenantName,
-        uid: u64,
+        uid: TenantUid,
         node: NodeName,
         overcommit: f64,
     },
@@ -31,14 +31,14 @@ pub enum Command {
     /// reason out on read); applied from logs that older schedulers wrote.
     SetPendingReason {
         name: TenantName,
-        uid: u64,
+        uid: TenantUid,
         reason: String,
     },
     /// Change a tenant's resources (on its node they must still fit; storage only grows) and its
     /// hibernation policy (`None`: unchanged; entries written before it existed have none).
     UpdateTenant {
         name: TenantName,
-        uid: u64,
+        uid: TenantUid,
         resources: Resources,
         overcommit: f64,
         #[serde(default)]
@@ -53,30 +53,30 @@ pub enum Command {
     /// Restart a placed tenant's engine once: raises its restart generation.
     RestartTenant {
         name: TenantName,
-        uid: u64,
+        uid: TenantUid,
     },
     /// Hibernate a placed tenant now, as if it were idle: raises its hibernate generation.
     HibernateTenant {
         name: TenantName,
-        uid: u64,
+        uid: TenantUid,
     },
     /// Wake a placed tenant now, as if a client connected: raises its wake generation.
     WakeTenant {
         name: TenantName,
-        uid: u64,
+        uid: TenantUid,
     },
     /// An agent reported a tenant's state changed.
     ObserveTenant {
         node: NodeName,
         name: TenantName,
-        uid: u64,
+        uid: TenantUid,
         state: TenantState,
         reason: Option<String>,
     },
     /// The tenant's node confirmed it is gone.
     RemoveTenant {
         name: TenantName,
-        uid: u64,
+        uid: TenantUid,
     },
     /// The leader stopped hearing from a node (`Down`: its tenants become lost) or heard from it
     /// again (`Ready`: its tenants return to the state they had).
@@ -100,7 +100,7 @@ pub enum Command {
     /// at once, and a tombstone tells its node, if it returns, to remove it.
     ForceDeleteTenant {
         name: TenantName,
-        uid: u64,
+        uid: TenantUid,
     },
     /// Forget a node. Refused while it is ready or holds tenants, unless `force`: then its
     /// tenants are deleted as by `ForceDeleteTenant`.
@@ -112,7 +112,7 @@ pub enum Command {
     ForgetTombstone {
         node: NodeName,
         name: TenantName,
-        uid: u64,
+        uid: TenantUid,
     },
     /// Several commands in one entry, applied in order, each with its own result
     /// (`Outcome::Batch`): concurrent writes share one entry (`proposer`). Never nested.

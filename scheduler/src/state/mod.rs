@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use dormant_common::{NodeName, TenantName};
+use dormant_common::{NodeName, TenantName, TenantUid};
 use serde::{Deserialize, Serialize};
 
 mod apply;
@@ -106,10 +106,10 @@ impl ClusterState {
     /// (a batch of creates) used it already. So uids grow with every tenant created, never
     /// repeat, and equal the log index wherever batches are not involved, as versions before
     /// batches gave them (which keeps older replicas' states and this one's alike).
-    fn next_uid(&mut self, index: u64) -> u64 {
+    fn next_uid(&mut self, index: u64) -> TenantUid {
         let uid = index.max(self.next_uid);
         self.next_uid = uid + 1;
-        uid
+        TenantUid::new(uid)
     }
 
     /// Whether a tenant created after the entry at `index` would get a uid other than its own

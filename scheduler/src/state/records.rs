@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use dormant_common::hibernation::{HibernateMode, IdleAfter};
-use dormant_common::{EngineAccess, NodeName, NodeStatus, Resources, TenantName, TenantState};
+use dormant_common::{
+    EngineAccess, NodeName, NodeStatus, Resources, TenantName, TenantState, TenantUid,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::placement;
@@ -64,7 +66,7 @@ pub struct TenantRecord {
     /// Unique for the life of the cluster and growing with each create: the log index of the
     /// create, or past it for creates that shared an entry (`ClusterState::next_uid`). A tenant
     /// deleted and created again under the same name is a different tenant.
-    pub uid: u64,
+    pub uid: TenantUid,
     pub name: TenantName,
     pub engine: String,
     pub resources: Resources,
@@ -190,7 +192,7 @@ impl std::fmt::Display for EngineAction {
 /// A tenant deleted with `--force` while its node was down or gone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tombstone {
-    pub uid: u64,
+    pub uid: TenantUid,
     pub port: Option<u16>,
     /// The log index of the forced delete: an agent that saw a desired set this recent and no
     /// longer reports the tenant has removed it.

@@ -41,7 +41,7 @@ fn create_on_node_gets_lowest_free_port_and_starting_state() {
     };
     assert_eq!((t1.port, t2.port), (Some(20000), Some(20001)));
     assert_eq!(t1.state, TenantState::Starting);
-    assert_eq!(t1.uid, 2);
+    assert_eq!(t1.uid, TenantUid::new(2));
     assert_eq!(st.allocated(&t1.node.unwrap()), res(1000, 1024, 2));
 }
 
@@ -82,7 +82,7 @@ fn stale_assignment_is_refused_never_applied() {
             3,
             Command::AssignTenant {
                 name: TenantName::parse("t1").unwrap(),
-                uid: 1,
+                uid: TenantUid::new(1),
                 node: NodeName::parse("a").unwrap(),
                 overcommit: 1.0,
             },
@@ -117,7 +117,7 @@ fn delete_of_pending_removes_at_once_and_of_placed_waits_for_the_node() {
         Command::ObserveTenant {
             node: NodeName::parse("a").unwrap(),
             name: name("t"),
-            uid: 4,
+            uid: TenantUid::new(4),
             state: TenantState::Running,
             reason: None,
         },
@@ -129,7 +129,7 @@ fn delete_of_pending_removes_at_once_and_of_placed_waits_for_the_node() {
             7,
             Command::RemoveTenant {
                 name: name("t"),
-                uid: 4
+                uid: TenantUid::new(4)
             }
         ),
         Ok(Outcome::Removed)
@@ -146,7 +146,7 @@ fn reports_about_an_older_tenant_of_the_same_name_are_refused() {
             2,
             Command::RemoveTenant {
                 name: TenantName::parse("t").unwrap(),
-                uid: 99,
+                uid: TenantUid::new(99),
             },
         )
         .unwrap_err();
@@ -164,7 +164,7 @@ fn a_down_node_loses_its_tenants_and_its_return_restores_them() {
         Command::ObserveTenant {
             node: a.clone(),
             name: name.clone(),
-            uid: 2,
+            uid: TenantUid::new(2),
             state: TenantState::Running,
             reason: None,
         },
@@ -293,7 +293,7 @@ fn commands_round_trip_through_the_stored_format_optional_fields_included() {
         Command::ForgetTombstone {
             node: a,
             name: tname("t"),
-            uid: 2,
+            uid: TenantUid::new(2),
         },
     ];
     for command in commands {
@@ -312,8 +312,14 @@ fn freed_ports_are_given_again_lowest_first() {
         create(&mut st, 2 + i as u64, name, Some("a")).unwrap();
     }
     let t2 = TenantName::parse("t2").unwrap();
-    st.apply(10, Command::RemoveTenant { name: t2, uid: 3 })
-        .unwrap();
+    st.apply(
+        10,
+        Command::RemoveTenant {
+            name: t2,
+            uid: TenantUid::new(3),
+        },
+    )
+    .unwrap();
     let Outcome::Tenant(t4) = create(&mut st, 11, "t4", Some("a")).unwrap() else {
         panic!()
     };
@@ -405,19 +411,19 @@ fn restart_raises_the_generation_of_a_placed_tenant_and_refuses_the_others() {
     let name = |n: &str| TenantName::parse(n).unwrap();
     let restart = |n: &str, uid| Command::RestartTenant { name: name(n), uid };
     for (index, want) in [(3, 1), (4, 2)] {
-        let Outcome::Tenant(t) = st.apply(index, restart("t", 2)).unwrap() else {
+        let Outcome::Tenant(t) = st.apply(index, restart("t", TenantUid::new(2))).unwrap() else {
             panic!()
         };
         assert_eq!(t.restart_generation, want);
     }
     // Another tenant of the same name (an older uid) is not this one.
     assert_eq!(
-        st.apply(5, restart("t", 99)),
+        st.apply(5, restart("t", TenantUid::new(99))),
         Err(ApplyError::TenantNotFound("t".into()))
     );
     create(&mut st, 6, "p", None).unwrap();
     let before = st.clone();
-    let err = st.apply(7, restart("p", 6)).unwrap_err();
+    let err = st.apply(7, restart("p", TenantUid::new(6))).unwrap_err();
     assert_eq!(
         err,
         ApplyError::NotPlaced {
@@ -438,7 +444,7 @@ fn restart_raises_the_generation_of_a_placed_tenant_and_refuses_the_others() {
         .unwrap();
     let before = st.clone();
     assert_eq!(
-        st.apply(9, restart("t", 2)),
+        st.apply(9, restart("t", TenantUid::new(2))),
         Err(ApplyError::Deleting("t".into()))
     );
     assert_eq!(st, before);
@@ -457,12 +463,12 @@ fn hibernate_and_wake_raise_their_own_generations_like_restart_and_refuse_the_sa
             t.wake_generation,
         )
     };
-    let Outcome::Tenant(t) = st.apply(3, hibernate("t", 2)).unwrap() else {
+    let Outcome::Tenant(t) = st.apply(3, hibernate("t", TenantUid::new(2))).unwrap() else {
         panic!()
     };
     assert_eq!(generations(&t), (0, 1, 0));
     for (index, want) in [(4, 1), (5, 2)] {
-        let Outcome::Tenant(t) = st.apply(index, wake("t", 2)).unwrap() else {
+        let Outcome::Tenant(t) = st.apply(index, wake("t", TenantUid::new(2))).unwrap() else {
             panic!()
         };
         assert_eq!(generations(&t), (0, 1, want));
@@ -470,7 +476,10 @@ fn hibernate_and_wake_raise_their_own_generations_like_restart_and_refuse_the_sa
     // The state is the agent's to report: asking changes only the generation.
     assert_eq!(st.tenants[&name("t")].state, TenantState::Starting);
     // Another tenant of the same name (an older uid) is not this one.
-    for command in [hibernate("t", 99), wake("t", 99)] {
+    for command in [
+        hibernate("t", TenantUid::new(99)),
+        wake("t", TenantUid::new(99)),
+    ] {
         assert_eq!(
             st.apply(6, command),
             Err(ApplyError::TenantNotFound("t".into()))
@@ -479,8 +488,8 @@ fn hibernate_and_wake_raise_their_own_generations_like_restart_and_refuse_the_sa
     create(&mut st, 7, "p", None).unwrap();
     let before = st.clone();
     for (command, action) in [
-        (hibernate("p", 7), EngineAction::Hibernate),
-        (wake("p", 7), EngineAction::Wake),
+        (hibernate("p", TenantUid::new(7)), EngineAction::Hibernate),
+        (wake("p", TenantUid::new(7)), EngineAction::Wake),
     ] {
         let err = st.apply(8, command).unwrap_err();
         assert_eq!(
@@ -500,7 +509,10 @@ fn hibernate_and_wake_raise_their_own_generations_like_restart_and_refuse_the_sa
     st.apply(9, Command::DeleteTenant { name: name("t") })
         .unwrap();
     let before = st.clone();
-    for command in [hibernate("t", 2), wake("t", 2)] {
+    for command in [
+        hibernate("t", TenantUid::new(2)),
+        wake("t", TenantUid::new(2)),
+    ] {
         assert_eq!(st.apply(10, command), Err(ApplyError::Deleting("t".into())));
     }
     assert_eq!(st, before);
@@ -534,7 +546,7 @@ fn a_tenant_is_created_and_updated_with_its_hibernation_policy() {
     assert_eq!(created.hibernate, HibernateMode::Freeze);
     let update = |idle_after, hibernate| Command::UpdateTenant {
         name: t.clone(),
-        uid: 2,
+        uid: TenantUid::new(2),
         resources: res(500, 512, 1),
         overcommit: 1.0,
         idle_after,
@@ -572,7 +584,7 @@ fn a_policy_update_needs_no_room_on_a_node_that_shrank() {
             4,
             Command::UpdateTenant {
                 name: TenantName::parse("t").unwrap(),
-                uid: 2,
+                uid: TenantUid::new(2),
                 resources: res(500, 512, 1),
                 overcommit: 1.0,
                 idle_after: Some(IdleAfter::Never),
@@ -615,7 +627,7 @@ fn a_tenant_hibernates_wakes_and_fails_and_a_lost_one_comes_back_as_it_was() {
             Command::ObserveTenant {
                 node: a.clone(),
                 name: name.clone(),
-                uid: 2,
+                uid: TenantUid::new(2),
                 state,
                 reason: None,
             },
@@ -697,7 +709,8 @@ fn an_agent_reports_only_its_states_and_only_for_its_own_tenants() {
         state,
         reason: None,
     };
-    st.apply(4, observe("a", 2, TenantState::Running)).unwrap();
+    st.apply(4, observe("a", TenantUid::new(2), TenantState::Running))
+        .unwrap();
     let before = st.clone();
     for state in [
         TenantState::Pending,
@@ -705,7 +718,9 @@ fn an_agent_reports_only_its_states_and_only_for_its_own_tenants() {
         // Deleting is the agent's own word only for a tenant it was told to delete.
         TenantState::Deleting,
     ] {
-        let err = st.apply(5, observe("a", 2, state)).unwrap_err();
+        let err = st
+            .apply(5, observe("a", TenantUid::new(2), state))
+            .unwrap_err();
         assert_eq!(
             err,
             ApplyError::NotReportable {
@@ -718,13 +733,16 @@ fn an_agent_reports_only_its_states_and_only_for_its_own_tenants() {
     }
     // Node b speaking for a's tenant, or a for another tenant of the name, changes nothing.
     assert_eq!(
-        st.apply(6, observe("b", 2, TenantState::Failed)),
+        st.apply(6, observe("b", TenantUid::new(2), TenantState::Failed)),
         Ok(Outcome::Nothing)
     );
-    assert!(st.apply(7, observe("a", 99, TenantState::Failed)).is_err());
+    assert!(st
+        .apply(7, observe("a", TenantUid::new(99), TenantState::Failed))
+        .is_err());
     assert_eq!(st, before);
     for state in AGENT_REPORTED_STATES {
-        let Outcome::Tenant(t) = st.apply(8, observe("a", 2, state)).unwrap() else {
+        let Outcome::Tenant(t) = st.apply(8, observe("a", TenantUid::new(2), state)).unwrap()
+        else {
             panic!()
         };
         assert_eq!(t.state, state);
@@ -746,7 +764,7 @@ fn a_tenant_on_a_cordoned_node_can_still_grow_where_there_is_room() {
     let name = TenantName::parse("t").unwrap();
     let grow = |cpu| Command::UpdateTenant {
         name: name.clone(),
-        uid: 2,
+        uid: TenantUid::new(2),
         resources: res(cpu, 512, 1),
         overcommit: 1.0,
         idle_after: None,
@@ -791,7 +809,7 @@ fn a_forced_delete_frees_the_name_and_reservation_and_leaves_a_tombstone_holding
             3,
             Command::ForceDeleteTenant {
                 name: tname("t"),
-                uid: 2,
+                uid: TenantUid::new(2),
             },
         )
         .unwrap_err();
@@ -803,7 +821,7 @@ fn a_forced_delete_frees_the_name_and_reservation_and_leaves_a_tombstone_holding
             5,
             Command::ForceDeleteTenant {
                 name: tname("t"),
-                uid: 9
+                uid: TenantUid::new(9)
             }
         ),
         Err(ApplyError::TenantNotFound(_))
@@ -812,7 +830,7 @@ fn a_forced_delete_frees_the_name_and_reservation_and_leaves_a_tombstone_holding
         6,
         Command::ForceDeleteTenant {
             name: tname("t"),
-            uid: 2,
+            uid: TenantUid::new(2),
         },
     )
     .unwrap();
@@ -821,7 +839,7 @@ fn a_forced_delete_frees_the_name_and_reservation_and_leaves_a_tombstone_holding
     assert_eq!(
         st.tombstones[&a][&tname("t")],
         Tombstone {
-            uid: 2,
+            uid: TenantUid::new(2),
             port: Some(port),
             deleted_at: 6
         }
@@ -862,7 +880,7 @@ fn a_forced_delete_frees_the_name_and_reservation_and_leaves_a_tombstone_holding
         Command::ForgetTombstone {
             node: a.clone(),
             name: tname("t"),
-            uid: 2,
+            uid: TenantUid::new(2),
         },
     )
     .unwrap();
@@ -873,7 +891,7 @@ fn a_forced_delete_frees_the_name_and_reservation_and_leaves_a_tombstone_holding
         11,
         Command::AssignTenant {
             name: tname("t"),
-            uid: 8,
+            uid: TenantUid::new(8),
             node: a.clone(),
             overcommit: 1.0,
         },

@@ -441,7 +441,7 @@ mod tests {
             panic!("{:?}", results[1])
         };
         let uid = |r: &ApplyResult| match r {
-            Ok(Outcome::Tenant(t)) => t.uid,
+            Ok(Outcome::Tenant(t)) => t.uid.get(),
             other => panic!("{other:?}"),
         };
         assert_eq!(batch.len(), 5);

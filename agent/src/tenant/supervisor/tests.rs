@@ -211,7 +211,7 @@ impl Runtime for FakeRuntime {
 fn spec() -> TenantSpec {
     TenantSpec {
         idle_after: IdleAfter::Never,
-        ..crate::tenant::record::sample_spec("acme", 7)
+        ..crate::tenant::record::sample_spec("acme", dormant_common::TenantUid::new(7))
     }
 }
 

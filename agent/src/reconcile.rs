@@ -14,12 +14,12 @@ use dormant_common::{Resources, TenantName, TenantUid};
 use tracing::{info, warn};
 
 use crate::host::Host;
-use crate::tenant::{TenantHandle, TenantSpec};
+use crate::tenant::{TenantAssignment, TenantHandle};
 
 /// What the scheduler wants for one tenant on this node.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Want {
-    Running(TenantSpec),
+    Running(TenantAssignment),
     Deleted { uid: TenantUid },
 }
 
@@ -45,7 +45,7 @@ pub struct Present {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    Start(TenantSpec),
+    Start(TenantAssignment),
     Delete(TenantName),
     /// New resources for a running tenant (applied in place).
     Resize(TenantName, Resources),
@@ -274,7 +274,7 @@ mod tests {
         TenantName::parse(n).unwrap()
     }
 
-    fn spec(n: &str, uid: TenantUid) -> TenantSpec {
+    fn spec(n: &str, uid: TenantUid) -> TenantAssignment {
         crate::tenant::record::sample_spec(n, uid)
     }
 

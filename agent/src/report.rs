@@ -25,7 +25,7 @@ use crate::config::Settings;
 use crate::host::{self, Host, NodeUsageProbe};
 use crate::proxy::unix_ms;
 use crate::reconcile::{Desired, Tenants, Want};
-use crate::tenant::TenantSpec;
+use crate::tenant::TenantAssignment;
 use crate::tenant_fs;
 
 #[derive(Debug, thiserror::Error)]
@@ -587,7 +587,7 @@ fn desired_from(reply: pb::HeartbeatResponse) -> Desired {
                 warn!(tenant_id = %name, port = t.port, "scheduler sent an invalid port; ignored");
                 continue;
             };
-            Want::Running(TenantSpec {
+            Want::Running(TenantAssignment {
                 name: name.clone(),
                 uid: TenantUid::new(t.uid),
                 engine: t.engine,

@@ -9,7 +9,7 @@ use dormant_common::{Resources, TenantState};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::record::{TenantRecord, TenantSpec};
+use super::record::{TenantAssignment, TenantRecord};
 use super::runtime::HostRuntime;
 use super::supervisor::{Request, Supervisor};
 use super::Observed;
@@ -20,7 +20,7 @@ use crate::proxy::{ProxyStats, Traffic};
 #[derive(Debug)]
 pub struct TenantHandle {
     /// The spec as last asked of the task (resources and restart generation included).
-    pub spec: TenantSpec,
+    pub spec: TenantAssignment,
     pub status: watch::Receiver<Observed>,
     requests: mpsc::UnboundedSender<Request>,
     task: JoinHandle<()>,
@@ -32,7 +32,7 @@ pub struct TenantHandle {
 
 impl TenantHandle {
     /// A tenant new to this host (from the desired set).
-    pub fn create(host: Arc<Host>, spec: TenantSpec) -> Self {
+    pub fn create(host: Arc<Host>, spec: TenantAssignment) -> Self {
         Self::start(host, TenantRecord::new(spec), true)
     }
 

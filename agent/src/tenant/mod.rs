@@ -12,7 +12,7 @@ pub mod supervisor;
 use dormant_common::TenantState;
 
 pub use handle::TenantHandle;
-pub use record::{load_all as load_records, TenantRecord, TenantSpec};
+pub use record::{load_all as load_records, TenantAssignment, TenantRecord};
 
 use crate::cgroup::CgroupError;
 use crate::process::{Exit, WatchError};
@@ -51,7 +51,7 @@ pub struct Observed {
 
 impl Observed {
     /// What a tenant task reports before its supervisor has decided anything.
-    pub fn initial(spec: &TenantSpec, state: TenantState, announced: bool) -> Self {
+    pub fn initial(spec: &TenantAssignment, state: TenantState, announced: bool) -> Self {
         Self {
             state,
             reason: None,

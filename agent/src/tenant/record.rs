@@ -16,9 +16,11 @@ use serde::{Deserialize, Serialize};
 use crate::host::{Host, TenantPaths};
 use crate::tenant_fs;
 
-/// What the scheduler wants this host to run.
+/// A tenant as the scheduler assigned it to this host: what to run, with the port, password
+/// and generations placement gave it. (The scheduler's own `TenantSpec` is what an operator
+/// asks for, before placement.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TenantSpec {
+pub struct TenantAssignment {
     pub name: TenantName,
     pub uid: TenantUid,
     pub engine: String,
@@ -44,7 +46,7 @@ pub struct TenantSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TenantRecord {
     #[serde(flatten)]
-    pub spec: TenantSpec,
+    pub spec: TenantAssignment,
     /// A delete has begun: whatever the agent finds at start, it finishes removing the tenant
     /// and never starts its engine again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -61,7 +63,7 @@ pub struct TenantRecord {
 }
 
 impl TenantRecord {
-    pub fn new(spec: TenantSpec) -> Self {
+    pub fn new(spec: TenantAssignment) -> Self {
         Self {
             spec,
             deleting: false,
@@ -162,9 +164,9 @@ pub fn load_all(host: &Host) -> Result<OnDisk, RecordError> {
 
 /// A tenant spec for unit tests: half a core, 512 MiB, 1 GiB, PostgreSQL.
 #[cfg(test)]
-pub(crate) fn sample_spec(name: &str, uid: TenantUid) -> TenantSpec {
+pub(crate) fn sample_spec(name: &str, uid: TenantUid) -> TenantAssignment {
     use dormant_common::{Bytes, MilliCpu};
-    TenantSpec {
+    TenantAssignment {
         name: TenantName::parse(name).expect("a valid test name"),
         uid,
         engine: "postgres".into(),
@@ -187,7 +189,7 @@ pub(crate) fn sample_spec(name: &str, uid: TenantUid) -> TenantSpec {
 mod tests {
     use super::*;
 
-    fn spec() -> TenantSpec {
+    fn spec() -> TenantAssignment {
         sample_spec("acme", TenantUid::new(7))
     }
 

@@ -18,7 +18,7 @@ use nix::unistd::{Gid, Uid};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::record::{self, TenantRecord, TenantSpec};
+use super::record::{self, TenantAssignment, TenantRecord};
 use super::{io_err, log_tail, TenantError};
 use crate::cgroup::{Limits, TenantCgroup};
 use crate::crash_point;
@@ -66,7 +66,7 @@ pub trait Runtime: Send + 'static {
     /// cgroup: the next step, whatever it is, kills them first.
     fn initialize(
         &mut self,
-        spec: &TenantSpec,
+        spec: &TenantAssignment,
     ) -> impl Future<Output = Result<(), TenantError>> + Send;
 
     /// The engine an earlier agent left running in the tenant's cgroup, if there is one.
@@ -75,7 +75,7 @@ pub trait Runtime: Send + 'static {
     /// Kills whatever is left in the cgroup, then starts the engine.
     fn spawn_engine(
         &mut self,
-        spec: &TenantSpec,
+        spec: &TenantAssignment,
     ) -> impl Future<Output = Result<Self::Engine, TenantError>> + Send;
 
     /// Resolves once the engine answers, or with the reason it exited first; no time limit (a
@@ -194,7 +194,7 @@ async fn blocking<T: Send + 'static>(
 impl HostRuntime {
     pub fn new(
         host: Arc<Host>,
-        spec: &TenantSpec,
+        spec: &TenantAssignment,
         ready: watch::Receiver<crate::proxy::Upstream>,
         stats: Arc<proxy::ProxyStats>,
     ) -> Self {
@@ -627,7 +627,7 @@ impl Runtime for HostRuntime {
         self.paths.initialized_marker().exists()
     }
 
-    async fn initialize(&mut self, _spec: &TenantSpec) -> Result<(), TenantError> {
+    async fn initialize(&mut self, _spec: &TenantAssignment) -> Result<(), TenantError> {
         let engine = self.template()?;
         // Never two inits at once: one left running by an agent that crashed mid-init is
         // killed before the data directory is emptied under it.
@@ -684,7 +684,7 @@ impl Runtime for HostRuntime {
         Some(watched)
     }
 
-    async fn spawn_engine(&mut self, _spec: &TenantSpec) -> Result<Watched, TenantError> {
+    async fn spawn_engine(&mut self, _spec: &TenantAssignment) -> Result<Watched, TenantError> {
         let engine = self.template()?;
         let killed = self.kill_all().await?;
         if killed > 0 {

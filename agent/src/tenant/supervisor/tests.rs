@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use super::{Request, Supervisor, MAX_FAILURES};
 use crate::process::Exit;
 use crate::proxy::{Clients, Upstream};
-use crate::tenant::record::{TenantRecord, TenantSpec};
+use crate::tenant::record::{TenantAssignment, TenantRecord};
 use crate::tenant::runtime::{EngineProcess, Runtime};
 use crate::tenant::{Observed, TenantError};
 
@@ -116,7 +116,7 @@ impl Runtime for FakeRuntime {
     fn is_initialized(&self) -> bool {
         self.host().initialized
     }
-    async fn initialize(&mut self, _spec: &TenantSpec) -> Result<(), TenantError> {
+    async fn initialize(&mut self, _spec: &TenantAssignment) -> Result<(), TenantError> {
         self.step("initialize");
         if self.host().init_blocks {
             std::future::pending::<()>().await;
@@ -128,7 +128,7 @@ impl Runtime for FakeRuntime {
         self.step("adopt");
         self.host().running.clone()
     }
-    async fn spawn_engine(&mut self, _spec: &TenantSpec) -> Result<FakeEngine, TenantError> {
+    async fn spawn_engine(&mut self, _spec: &TenantAssignment) -> Result<FakeEngine, TenantError> {
         self.step("spawn");
         let mut host = self.host();
         let engine = FakeEngine::new(100 + i32::try_from(host.spawned.len()).unwrap());
@@ -208,8 +208,8 @@ impl Runtime for FakeRuntime {
 }
 
 /// Never idle unless a test says so: paused time jumps ahead whenever the tenant waits.
-fn spec() -> TenantSpec {
-    TenantSpec {
+fn spec() -> TenantAssignment {
+    TenantAssignment {
         idle_after: IdleAfter::Never,
         ..crate::tenant::record::sample_spec("acme", dormant_common::TenantUid::new(7))
     }
@@ -792,7 +792,7 @@ async fn a_slow_adopted_engine_is_reported() {
 
 /// A tenant that hibernates after `idle` without clients, in `mode`.
 fn idle_tenant(idle: u64, mode: HibernateMode) -> Harness {
-    let spec = TenantSpec {
+    let spec = TenantAssignment {
         idle_after: IdleAfter::After(std::time::Duration::from_secs(idle)),
         hibernate: mode,
         ..spec()
@@ -953,7 +953,7 @@ async fn a_resumed_hibernated_tenant_stays_hibernated_until_a_client_comes() {
 async fn a_resumed_frozen_tenant_stays_frozen_and_a_resumed_running_one_is_thawed() {
     let engine = FakeEngine::new(42);
     engine.make_ready();
-    let mut record = TenantRecord::new(TenantSpec {
+    let mut record = TenantRecord::new(TenantAssignment {
         hibernate: HibernateMode::Freeze,
         ..spec()
     });

@@ -44,8 +44,17 @@ fn parse_name(name: &str) -> Result<TenantName, Status> {
     TenantName::parse(name).map_err(invalid)
 }
 
-/// Parses `key=value` label constraints; keys are label names, values non-empty.
+/// Parses `key=value` label constraints; keys are label names, values non-empty. Both are
+/// bounded as a node's labels are (no longer value could match one), so a tenant record stays
+/// small in the log.
 fn parse_constraints(raw: &[String]) -> Result<BTreeMap<String, String>, Status> {
+    use super::agent::{MAX_LABELS, MAX_STRING_LEN};
+    if raw.len() > MAX_LABELS {
+        return Err(invalid(format!(
+            "constraints: {} given, at most {MAX_LABELS} allowed",
+            raw.len()
+        )));
+    }
     let mut constraints = BTreeMap::new();
     for c in raw {
         let Some((key, value)) = c.split_once('=') else {
@@ -59,6 +68,13 @@ fn parse_constraints(raw: &[String]) -> Result<BTreeMap<String, String>, Status>
         }
         if value.is_empty() {
             return Err(invalid(format!("constraints: {c:?} has an empty value")));
+        }
+        if value.chars().count() > MAX_STRING_LEN {
+            return Err(invalid(format!(
+                "constraints: the value of {key} has {} characters, at most {MAX_STRING_LEN} \
+                 allowed (a node label's limit)",
+                value.chars().count()
+            )));
         }
         if let Some(other) = constraints.insert(key.to_string(), value.to_string()) {
             if other != value {
@@ -786,10 +802,15 @@ mod tests {
         r.constraints = vec!["zone=eu-1".into(), "rack=r2".into()];
         let spec = parse_spec(&r).unwrap();
         assert_eq!(spec.constraints["zone"], "eu-1");
+        let long = format!("zone={}", "e".repeat(64));
         for (bad, message) in [
             ("zone", "constraints: \"zone\" is not key=value"),
             ("=eu", "constraints: key \"\" must be 1-63"),
             ("zone=", "constraints: \"zone=\" has an empty value"),
+            (
+                long.as_str(),
+                "constraints: the value of zone has 64 characters, at most 63 allowed",
+            ),
         ] {
             r.constraints = vec![bad.into()];
             let err = parse_spec(&r).unwrap_err();
@@ -799,6 +820,9 @@ mod tests {
         r.constraints = vec!["zone=a".into(), "zone=b".into()];
         let err = parse_spec(&r).unwrap_err();
         assert_eq!(err.message(), "constraints: zone asked to be both a and b");
+        r.constraints = (0..65).map(|i| format!("k{i}=v")).collect();
+        let err = parse_spec(&r).unwrap_err();
+        assert_eq!(err.message(), "constraints: 65 given, at most 64 allowed");
     }
 
     #[test]

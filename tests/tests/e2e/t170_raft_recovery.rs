@@ -276,10 +276,12 @@ fn t171_a_full_data_disk_refuses_writes_naming_it_and_a_replica_that_hits_it_exi
     let security = set.security.clone();
     let ctl = |args: &[&str]| run_ctl(&bin_dir(), &security, &urls, args);
     let mut n = 0;
-    // Large records (a 4 KiB constraint each; these tenants stay pending, there are no nodes):
-    // the follower's store runs out of room within a few hundred of them even where sled finds
-    // free space in its own files.
-    let pad = format!("pad={}", "x".repeat(4096));
+    // Large records (32 constraints of the longest key and value, about 4 KiB each; these
+    // tenants stay pending, there are no nodes): the follower's store runs out of room within a
+    // few hundred of them even where sled finds free space in its own files.
+    let pads: Vec<String> = (0..32)
+        .map(|i| format!("pad-{i:02}-{}={}", "k".repeat(56), "v".repeat(63)))
+        .collect();
     let status = wait_until(
         Duration::from_secs(120),
         "the follower with a full disk to exit",
@@ -287,7 +289,9 @@ fn t171_a_full_data_disk_refuses_writes_naming_it_and_a_replica_that_hits_it_exi
             n += 1;
             let name = format!("full-follower-{n}");
             let mut args = create_args(&name);
-            args.extend(["--constraint", pad.as_str()]);
+            for pad in &pads {
+                args.extend(["--constraint", pad.as_str()]);
+            }
             let out = ctl(&args);
             never_internal("write while a follower's disk is full", &out);
             assert!(

@@ -79,7 +79,8 @@ pub struct TenantPaths {
     pub dir: PathBuf,
     /// The tenant user's: the engine's data, the mounted volume.
     pub data: PathBuf,
-    /// The tenant user's: the engine's Unix socket. Kept short (by uid) for the socket path limit.
+    /// The tenant user's: the engine's Unix socket. Kept short (by tenant uid) for the socket
+    /// path limit.
     pub run: PathBuf,
 }
 
@@ -224,7 +225,7 @@ pub fn prepare_state_dir(
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
     }
     share_tenant_mounts(&dir.join("tenants"))?;
-    // <state_dir>/run/<uid>/.s.PGSQL.5432 must fit in sockaddr_un (108 bytes).
+    // <state_dir>/run/<tenant uid>/.s.PGSQL.5432 must fit in sockaddr_un (108 bytes).
     let len = dir.as_os_str().len();
     if len > 90 - "/run/18446744073709551615".len() {
         return Err(HostError::StateDirTooLong {

@@ -369,6 +369,7 @@ impl Reporter {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0)),
             timeout_ms: u64::try_from(HEARTBEAT_TIMEOUT.as_millis()).unwrap_or(0),
+            reports_engine_access: true,
         }
     }
 

@@ -1,5 +1,5 @@
-//! A tenant's socket directory on the host (`<state_dir>/run/<uid>`, the engine's `/run/engine`):
-//! a small tmpfs of its own, owned by the tenant, so that what a tenant writes there (it may
+//! A tenant's socket directory on the host (`<state_dir>/run/<tenant uid>`, the engine's
+//! `/run/engine`): a small tmpfs of its own, owned by the tenant, so that what a tenant writes there (it may
 //! write anything: a PostgreSQL superuser has a shell) is capped and charged to its own memory
 //! cgroup, never to the host's disk. The directory stays at a short path because a Unix socket's
 //! path must fit in 108 bytes; the volume's path is too long for it.

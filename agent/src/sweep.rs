@@ -8,7 +8,7 @@
 //!   `tenants/<name>/data`, the loop devices backed by `tenants/<name>/volume.img`, the directory;
 //! - loop devices backed by an image of that shape whose file is gone (` (deleted)`), and
 //!   duplicates of a recorded tenant's image that are not the mounted one;
-//! - `run/<uid>` directories of no recorded tenant.
+//! - `run/<tenant uid>` directories of no recorded tenant.
 //!
 //! A tenant whose record exists but cannot be read is quarantined: nothing of it is touched.
 //! Directories are removed with `rm -rf --one-file-system`, which walks iteratively: a tenant can

@@ -127,6 +127,7 @@ async fn heartbeat_loop(
                 // As an agent sends them: the leader judges each one's transit time.
                 sent_unix_ms: dormant_tests::sim_node::unix_ms_now(),
                 timeout_ms: dormant_tests::sim_node::HEARTBEAT_TIMEOUT_MS,
+                reports_engine_access: true,
             })
             .await;
         rec.record(t0.elapsed(), r.as_ref().map(|_| ()));

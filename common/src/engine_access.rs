@@ -64,9 +64,11 @@ impl EngineAccess {
         })
     }
 
-    /// What an agent of a version before engine access was reported used: the built-in
-    /// engines' own, and `admin` with the engine's name as the scheme for any other.
-    pub fn assumed_for_older_agents(engine: &str) -> Self {
+    /// An engine's access where nothing says otherwise: the built-in engines' own, and `admin`
+    /// with the engine's name as the scheme for any other. What an agent of a version before
+    /// the report served, and what a custom engine's config leaves unset falls back to (so a
+    /// table that overrides a built-in engine keeps its credentials).
+    pub fn defaults_for(engine: &str) -> Self {
         let (user, scheme, path) = match engine {
             "postgres" => ("postgres", "postgresql", "/postgres"),
             "redis" => ("default", "redis", ""),
@@ -129,10 +131,18 @@ mod tests {
     }
 
     #[test]
-    fn older_agents_are_assumed_to_serve_the_built_in_defaults() {
-        let pg = EngineAccess::assumed_for_older_agents("postgres");
+    fn the_defaults_are_the_built_in_engines_own_and_admin_for_others() {
+        let pg = EngineAccess::defaults_for("postgres");
         assert_eq!(pg.uri("pw", "h:1"), "postgresql://postgres:pw@h:1/postgres");
-        let other = EngineAccess::assumed_for_older_agents("mydb");
+        let other = EngineAccess::defaults_for("mydb");
         assert_eq!(other.uri("pw", "h:1"), "mydb://admin:pw@h:1");
+        // They pass the rules the scheduler checks a report with.
+        for engine in ["postgres", "redis", "mydb"] {
+            let d = EngineAccess::defaults_for(engine);
+            assert_eq!(
+                EngineAccess::new(&d.user, &d.uri_scheme, &d.uri_path),
+                Ok(d)
+            );
+        }
     }
 }

@@ -10,7 +10,8 @@
 //! name, so reordering them changes nothing already written; a new variant is not understood by
 //! an older version, so a command it adds must wait until every member reads it (as
 //! `Command::Batch` waits, see `proposer`). Values written while structs were arrays (builds
-//! between JSON and this rule) still decode: serde reads a struct from either.
+//! between JSON and this rule) still decode: serde reads a struct from either, those by
+//! position, so fields are still only ever added at the end of a struct.
 //!
 //! JSON values begin with `{`, `[`, `"`, a digit, `-`, a letter or white space, never with
 //! [`MSGPACK_V1`]: one byte tells the formats apart.

@@ -162,6 +162,7 @@ async fn run(
             usage: Some(pb::NodeUsage::default()),
             sent_unix_ms: unix_ms_now(),
             timeout_ms: HEARTBEAT_TIMEOUT_MS,
+            reports_engine_access: true,
         };
         match clients[current].heartbeat(req).await {
             Ok(reply) => {
@@ -199,7 +200,7 @@ pub fn registration(spec: &SimNodeSpec) -> pb::RegisterRequest {
             .engines
             .iter()
             .map(|engine| {
-                let a = dormant_common::EngineAccess::assumed_for_older_agents(engine);
+                let a = dormant_common::EngineAccess::defaults_for(engine);
                 pb::EngineAccess {
                     engine: engine.clone(),
                     user: a.user,
@@ -298,6 +299,7 @@ pub fn heartbeat_sent_at(
         usage: Some(pb::NodeUsage::default()),
         sent_unix_ms,
         timeout_ms: HEARTBEAT_TIMEOUT_MS,
+        reports_engine_access: true,
     };
     one_shot(transport, url, async move |mut c| c.heartbeat(req).await)
 }

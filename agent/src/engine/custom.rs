@@ -48,12 +48,12 @@ pub struct EngineConfig {
     /// Whether the proxy terminates TLS for this engine's clients (default true); false serves
     /// them in the clear, for a protocol that cannot start with TLS.
     pub tls: Option<bool>,
-    /// The admin user tenants' credentials name (default `admin`): the one `init` or `files`
-    /// give the `{password}`.
+    /// The admin user tenants' credentials name: the one `init` or `files` give the
+    /// `{password}`. Unset: `EngineAccess::defaults_for` (a built-in engine's own, else `admin`).
     pub user: Option<String>,
-    /// The scheme of tenants' connection URIs (default: the engine's name).
+    /// The scheme of tenants' connection URIs (unset: the built-in's, else the engine's name).
     pub uri_scheme: Option<String>,
-    /// What follows the port in tenants' connection URIs (default empty; e.g. `/app`).
+    /// What follows the port in tenants' connection URIs (unset: the built-in's, else empty).
     pub uri_path: Option<String>,
 }
 
@@ -124,10 +124,11 @@ impl EngineConfig {
         };
         crate::spawn::seccomp::check_allowed(&self.seccomp_allow)
             .map_err(|e| err("seccomp_allow", e.to_string()))?;
+        let defaults = dormant_common::EngineAccess::defaults_for(name);
         let access = dormant_common::EngineAccess::new(
-            self.user.as_deref().unwrap_or("admin"),
-            self.uri_scheme.as_deref().unwrap_or(name),
-            self.uri_path.as_deref().unwrap_or(""),
+            self.user.as_deref().unwrap_or(&defaults.user),
+            self.uri_scheme.as_deref().unwrap_or(&defaults.uri_scheme),
+            self.uri_path.as_deref().unwrap_or(&defaults.uri_path),
         )
         .map_err(|e| err(e.field, e.rule.to_string()))?;
         let stop_timeout = Duration::from_millis(self.stop_timeout_ms.unwrap_or(30_000));
@@ -208,6 +209,19 @@ mod tests {
         .into_template("mydb")
         .unwrap();
         assert_eq!(t.access.uri("pw", "h:1"), "mydb+tls://owner:pw@h:1/main");
+        // A table that replaces a built-in engine keeps that engine's credentials unless told.
+        let t = parse(
+            r#"
+            start = ["/bin/sh"]
+            socket = "{run}/.s.PGSQL.5432"
+            "#,
+        )
+        .into_template("postgres")
+        .unwrap();
+        assert_eq!(
+            t.access.uri("pw", "h:1"),
+            "postgresql://postgres:pw@h:1/postgres"
+        );
     }
 
     #[test]

@@ -60,13 +60,10 @@ pub struct EngineTemplate {
     pub access: dormant_common::EngineAccess,
 }
 
-/// A built-in engine's access (constants, so not checked as a config's are).
-fn access(user: &str, uri_scheme: &str, uri_path: &str) -> dormant_common::EngineAccess {
-    dormant_common::EngineAccess {
-        user: user.into(),
-        uri_scheme: uri_scheme.into(),
-        uri_path: uri_path.into(),
-    }
+/// A built-in engine's access: the defaults every version assumes for it, so an agent, the
+/// scheduler and an older agent's node agree.
+fn access(engine: &str) -> dormant_common::EngineAccess {
+    dormant_common::EngineAccess::defaults_for(engine)
 }
 
 /// PostgreSQL's `max_connections` for a tenant of this memory: in proportion, 20 to 500.

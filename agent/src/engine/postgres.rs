@@ -73,7 +73,7 @@ pub fn template(bin: &Path) -> EngineTemplate {
             "this endpoint accepts TLS only: connect with sslmode=require or verify-full",
         ),
         // `--username=postgres` above, and the database initdb creates.
-        access: access("postgres", "postgresql", "/postgres"),
+        access: access("postgres"),
     }
 }
 

@@ -58,7 +58,7 @@ pub fn template(server: &Path) -> EngineTemplate {
         alpn: Vec::new(),
         plaintext_refusal: b"-ERR this endpoint accepts TLS only: connect with --tls\r\n".to_vec(),
         // `requirepass` sets the password of Redis' `default` user.
-        access: access("default", "redis", ""),
+        access: access("redis"),
     }
 }
 

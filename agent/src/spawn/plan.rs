@@ -30,7 +30,7 @@ pub const TENANT_NAMESPACES: libc::c_int = libc::CLONE_NEWNS
 /// meant for a site's data.
 pub const TENANT_DATA_PATH: &str = "/srv";
 
-/// Where a tenant sees its socket directory (`{run}`; on the host `<state_dir>/run/<uid>`).
+/// Where a tenant sees its socket directory (`{run}`; on the host `<state_dir>/run/<tenant uid>`).
 pub const TENANT_RUN_PATH: &str = "/run/engine";
 
 /// Devices a tenant's `/dev` has, bound from the host's.

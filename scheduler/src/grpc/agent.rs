@@ -207,21 +207,36 @@ fn parse_engine_access(
                 a.engine.chars().take(MAX_STRING_LEN).collect::<String>()
             )));
         }
-        let checked = EngineAccess::new(&a.user, &a.uri_scheme, &a.uri_path)
-            .map_err(|e| Status::invalid_argument(format!("engine_access.{}.{e}", a.engine)))?;
+        // Engine names were checked for length only: printed escaped.
+        let checked = EngineAccess::new(&a.user, &a.uri_scheme, &a.uri_path).map_err(|e| {
+            Status::invalid_argument(format!(
+                "engine_access.{}.{e}",
+                dormant_common::text::escape_control(&a.engine)
+            ))
+        })?;
         if access.insert(a.engine.clone(), checked).is_some() {
             return Err(Status::invalid_argument(format!(
-                "engine_access: {} is given twice",
+                "engine_access: {:?} is given twice",
                 a.engine
             )));
         }
     }
     if let Some(missing) = engines.iter().find(|e| !access.contains_key(*e)) {
         return Err(Status::invalid_argument(format!(
-            "engine_access: none given for engine {missing}, which this node offers"
+            "engine_access: none given for engine {missing:?}, which this node offers"
         )));
     }
     Ok(access)
+}
+
+/// Whether `node`'s record lacks the engine access its agent reported: the registration went
+/// through a leader of an older version (which drops the field), or the record through an older
+/// replica's snapshot.
+fn engine_access_lost(cluster: &ClusterState, node: &NodeName) -> bool {
+    cluster
+        .nodes
+        .get(node)
+        .is_some_and(|n| n.engine_access.is_empty() && !n.engines.is_empty())
 }
 
 /// A placed tenant as its node's desired set carries it; `None` for one without a port (none is
@@ -353,6 +368,14 @@ impl AgentApi for AgentService {
         let term = crate::consensus::current_enough(&self.app)?;
         self.app.counters.heartbeats.inc();
         let cluster_id = cluster_id(&self.app)?;
+        if req.reports_engine_access && engine_access_lost(&self.app.state.read().cluster, &node) {
+            info!(node_id = %node, "the node's record holds no engine access though its agent reports it: asking it to register again");
+            return Ok(Response::new(pb::HeartbeatResponse {
+                register_again: true,
+                cluster_id,
+                ..Default::default()
+            }));
+        }
 
         // Work out the transitions to commit, from the applied state.
         let reports: Vec<Report> = observed
@@ -460,7 +483,7 @@ mod tests {
         for (reported, says) in [
             (
                 vec![entry("postgres", "postgres", "postgresql")],
-                "engine_access: none given for engine kv",
+                "engine_access: none given for engine \"kv\"",
             ),
             (
                 vec![
@@ -475,7 +498,7 @@ mod tests {
                     entry("kv", "u", "kv"),
                     entry("kv", "u", "kv"),
                 ],
-                "engine_access: kv is given twice",
+                "engine_access: \"kv\" is given twice",
             ),
             (
                 vec![entry("mysql", "root", "mysql")],
@@ -486,6 +509,30 @@ mod tests {
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
             assert!(err.message().starts_with(says), "{}", err.message());
         }
+    }
+
+    #[test]
+    fn a_node_whose_record_lost_its_reported_engine_access_is_found() {
+        let mut st = ClusterState::default();
+        let reg = parse_registration(registration()).unwrap();
+        assert!(!reg.engine_access.is_empty());
+        st.apply(1, Command::RegisterNode(reg.clone())).unwrap();
+        let id = reg.id.clone();
+        assert!(!engine_access_lost(&st, &id));
+        // As an older leader (or an older replica's snapshot) stores it: no access.
+        st.apply(
+            2,
+            Command::RegisterNode(NodeRecord {
+                engine_access: BTreeMap::new(),
+                ..reg
+            }),
+        )
+        .unwrap();
+        assert!(engine_access_lost(&st, &id));
+        assert!(!engine_access_lost(
+            &st,
+            &NodeName::parse("unknown").unwrap()
+        ));
     }
 
     #[test]
@@ -532,6 +579,12 @@ mod tests {
             engines: vec!["postgres".into()],
             port_range_start: 20000,
             port_range_end: 20010,
+            engine_access: vec![pb::EngineAccess {
+                engine: "postgres".into(),
+                user: "postgres".into(),
+                uri_scheme: "postgresql".into(),
+                uri_path: "/postgres".into(),
+            }],
             ..Default::default()
         }
     }

@@ -69,11 +69,11 @@ fn parse_constraints(raw: &[String]) -> Result<BTreeMap<String, String>, Status>
         if value.is_empty() {
             return Err(invalid(format!("constraints: {c:?} has an empty value")));
         }
-        if value.chars().count() > MAX_STRING_LEN {
+        if value.len() > MAX_STRING_LEN {
             return Err(invalid(format!(
-                "constraints: the value of {key} has {} characters, at most {MAX_STRING_LEN} \
-                 allowed (a node label's limit)",
-                value.chars().count()
+                "constraints: the value of {key} has {} bytes, at most {MAX_STRING_LEN} allowed \
+                 (a node label value's limit)",
+                value.len()
             )));
         }
         if let Some(other) = constraints.insert(key.to_string(), value.to_string()) {
@@ -809,7 +809,7 @@ mod tests {
             ("zone=", "constraints: \"zone=\" has an empty value"),
             (
                 long.as_str(),
-                "constraints: the value of zone has 64 characters, at most 63 allowed",
+                "constraints: the value of zone has 64 bytes, at most 63 allowed",
             ),
         ] {
             r.constraints = vec![bad.into()];

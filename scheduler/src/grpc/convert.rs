@@ -127,7 +127,7 @@ fn engine_access(t: &TenantRecord, cluster: &ClusterState) -> EngineAccess {
             .nodes
             .values()
             .find_map(|n| n.engine_access.get(&t.engine).cloned())
-            .unwrap_or_else(|| EngineAccess::assumed_for_older_agents(&t.engine)),
+            .unwrap_or_else(|| EngineAccess::defaults_for(&t.engine)),
     }
 }
 

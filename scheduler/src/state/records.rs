@@ -29,7 +29,7 @@ pub struct NodeRecord {
     #[serde(default)]
     pub cordoned: bool,
     /// How clients reach each engine's tenants, as the agent reported at registration; empty
-    /// for a node whose agent predates the report (see `EngineAccess::assumed_for_older_agents`).
+    /// for a node whose agent predates the report (see `EngineAccess::defaults_for`).
     #[serde(default)]
     pub engine_access: BTreeMap<String, EngineAccess>,
 }
@@ -40,7 +40,7 @@ impl NodeRecord {
         self.engine_access
             .get(engine)
             .cloned()
-            .unwrap_or_else(|| EngineAccess::assumed_for_older_agents(engine))
+            .unwrap_or_else(|| EngineAccess::defaults_for(engine))
     }
 
     /// The node as placement sees it, with what its tenants reserve.

@@ -95,8 +95,18 @@ pub fn redis_cli(endpoint: &str, password: &str, args: &[&str]) -> Result<String
     let (host, port) = endpoint
         .rsplit_once(':')
         .ok_or_else(|| format!("{endpoint:?} is not host:port"))?;
+    redis_cli_with(&["-h", host, "-p", port, "-a", password], args)
+}
+
+/// `redis-cli -u URI` (user and password from the URI, as a tenant's credentials give them).
+pub fn redis_cli_uri(uri: &str, args: &[&str]) -> Result<String, String> {
+    redis_cli_with(&["-u", uri], args)
+}
+
+fn redis_cli_with(target: &[&str], args: &[&str]) -> Result<String, String> {
     let out = std::process::Command::new("redis-cli")
-        .args(["--no-auth-warning", "-h", host, "-p", port, "-a", password])
+        .arg("--no-auth-warning")
+        .args(target)
         .args(args)
         .output()
         .map_err(|e| format!("run redis-cli: {e}"))?;

@@ -226,6 +226,44 @@ impl PeerClient {
     }
 }
 
+/// `InstallSnapshotRequest` on the wire: the chunk as bytes. openraft's own type serializes its
+/// `Vec<u8>` as a sequence of numbers, which in MessagePack takes up to twice the bytes and a
+/// value per byte to write and read. Same field names, so a JSON-era request (numbers)
+/// decodes as this too (`serde_bytes` reads both).
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct SnapshotChunk {
+    vote: openraft::Vote<u64>,
+    meta: openraft::SnapshotMeta<u64, BasicNode>,
+    offset: u64,
+    #[serde(with = "serde_bytes")]
+    data: Vec<u8>,
+    done: bool,
+}
+
+impl From<SnapshotChunk> for InstallSnapshotRequest<TypeConfig> {
+    fn from(c: SnapshotChunk) -> Self {
+        Self {
+            vote: c.vote,
+            meta: c.meta,
+            offset: c.offset,
+            data: c.data,
+            done: c.done,
+        }
+    }
+}
+
+impl From<&InstallSnapshotRequest<TypeConfig>> for SnapshotChunk {
+    fn from(r: &InstallSnapshotRequest<TypeConfig>) -> Self {
+        Self {
+            vote: r.vote,
+            meta: r.meta.clone(),
+            offset: r.offset,
+            data: r.data.clone(),
+            done: r.done,
+        }
+    }
+}
+
 fn encoded<T: Serialize>(format: Format, req: &T) -> Result<Vec<u8>, String> {
     codec::encode_as(format, req).map_err(|e| e.to_string())
 }
@@ -239,7 +277,7 @@ fn snapshot_encoded(
     req: &InstallSnapshotRequest<TypeConfig>,
 ) -> Result<Vec<u8>, String> {
     if format == Format::MsgpackV1 {
-        return encoded(format, req);
+        return encoded(format, &SnapshotChunk::from(req));
     }
     if req.offset != 0 || !req.done {
         return Err(format!(
@@ -328,10 +366,29 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_chunk_travels_as_bytes_and_a_json_era_request_still_reads() {
+        let mut req = snapshot_request(0, true);
+        // Bytes of every value: as numbers, half of them would take two bytes each.
+        req.data = (0..=255u8).cycle().take(1 << 20).collect();
+        let wire = snapshot_encoded(Format::MsgpackV1, &req).unwrap();
+        assert!(wire.len() < req.data.len() + 1024, "{} bytes", wire.len());
+        let back: SnapshotChunk = codec::decode(&wire).unwrap();
+        assert_eq!(InstallSnapshotRequest::from(back), req);
+        // A request as a JSON-era replica sends it (openraft's type, data as numbers).
+        let json = serde_json::to_vec(&snapshot_request(0, true)).unwrap();
+        let back: SnapshotChunk = codec::decode(&json).unwrap();
+        assert_eq!(
+            InstallSnapshotRequest::from(back),
+            snapshot_request(0, true)
+        );
+    }
+
+    #[test]
     fn a_peer_reading_json_only_gets_the_snapshot_state_in_json_too() {
         let req = snapshot_request(0, true);
         let current = snapshot_encoded(Format::MsgpackV1, &req).unwrap();
-        let back: InstallSnapshotRequest<TypeConfig> = codec::decode(&current).unwrap();
+        let back: SnapshotChunk = codec::decode(&current).unwrap();
+        let back = InstallSnapshotRequest::from(back);
         assert_eq!(back, req, "the current format carries the state as it is");
 
         let legacy = snapshot_encoded(Format::LegacyJson, &req).unwrap();

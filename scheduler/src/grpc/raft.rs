@@ -12,6 +12,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use crate::codec::{self, Format, CODEC_HEADER, CODEC_MSGPACK_V1};
+use crate::network::SnapshotChunk;
 use crate::Raft;
 
 pub struct RaftService {
@@ -63,7 +64,7 @@ impl RaftRpc for RaftService {
         &self,
         req: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let (snapshot, format) = decode(req)?;
-        encode(format, &self.raft.install_snapshot(snapshot).await)
+        let (chunk, format): (SnapshotChunk, _) = decode(req)?;
+        encode(format, &self.raft.install_snapshot(chunk.into()).await)
     }
 }

@@ -11,7 +11,9 @@
 //! Health and reflection have no gate: they answer any TLS client, certificate or not (they
 //! reveal no state). With `--insecure` no gate refuses anything: there is no identity to check.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{LazyLock, Mutex, PoisonError};
 
 use dormant_common::tls::PeerIdentity;
 use tonic::service::Interceptor;
@@ -81,9 +83,30 @@ fn identity_of<T>(req: &Request<T>) -> Result<Option<PeerIdentity>, String> {
     let Some(leaf) = certs.first() else {
         return Ok(None);
     };
-    PeerIdentity::from_cert_der(leaf)
-        .map(Some)
-        .map_err(|e| e.to_string())
+    identity_cached(leaf).map(Some)
+}
+
+/// Certificates this process read an identity from, at most this many at once.
+const IDENTITIES_KEPT: usize = 4096;
+
+/// Identities read lately, by the certificate's exact bytes: parsing X.509 on every request
+/// cost a few percent of a busy leader, while the callers' certificates are a few and repeat.
+/// The TLS handshake verified the certificate; this only saves reading the name in it again.
+static IDENTITIES: LazyLock<Mutex<HashMap<Vec<u8>, PeerIdentity>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn identity_cached(der: &[u8]) -> Result<PeerIdentity, String> {
+    let lock = || IDENTITIES.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(known) = lock().get(der) {
+        return Ok(known.clone());
+    }
+    let identity = PeerIdentity::from_cert_der(der).map_err(|e| e.to_string())?;
+    let mut kept = lock();
+    if kept.len() >= IDENTITIES_KEPT {
+        kept.clear();
+    }
+    kept.insert(der.to_vec(), identity.clone());
+    Ok(identity)
 }
 
 /// Checks the caller of every request of one service.
@@ -206,6 +229,30 @@ mod tests {
             addr: None,
         });
         req
+    }
+
+    #[test]
+    fn a_certificate_read_once_gives_the_same_identity_and_a_bad_one_is_not_kept() {
+        use dormant_common::tls::dev_ca::DevCa;
+        let ca = DevCa::new().unwrap();
+        let der = |identity: &PeerIdentity| {
+            let issued = ca.issue(identity, &[]).unwrap();
+            dormant_common::tls::first_cert_der(
+                issued.cert_pem.as_bytes(),
+                std::path::Path::new("test"),
+            )
+            .unwrap()
+        };
+        let node = PeerIdentity::Node(NodeName::parse("n1").unwrap());
+        let op = PeerIdentity::Operator("alice".into());
+        let (node_der, op_der) = (der(&node), der(&op));
+        for _ in 0..2 {
+            assert_eq!(identity_cached(&node_der), Ok(node.clone()));
+            assert_eq!(identity_cached(&op_der), Ok(op.clone()));
+        }
+        let bad = b"not a certificate".to_vec();
+        assert!(identity_cached(&bad).is_err());
+        assert!(!IDENTITIES.lock().unwrap().contains_key(&bad));
     }
 
     #[test]

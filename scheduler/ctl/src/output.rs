@@ -99,6 +99,12 @@ pub fn node_json(n: &pb::Node) -> Value {
         "capacity": resources_json(n.capacity.as_ref()),
         "allocated": resources_json(n.allocated.as_ref()),
         "engines": n.engines,
+        "engine_access": n.engine_access.iter().map(|a| json!({
+            "engine": a.engine,
+            "user": a.user,
+            "uri_scheme": a.uri_scheme,
+            "uri_path": a.uri_path,
+        })).collect::<Vec<_>>(),
         "cgroup_driver": n.cgroup_driver,
         "tenants": n.tenants,
         "labels": n.labels,

@@ -104,6 +104,16 @@ pub fn node_to_pb(n: &NodeRecord, cluster: &ClusterState, live: &Liveness) -> pb
         capacity: Some(resources_to_pb(&n.capacity)),
         allocated: Some(resources_to_pb(&cluster.allocated(&n.id))),
         engines: n.engines.iter().cloned().collect(),
+        engine_access: n
+            .engine_access
+            .iter()
+            .map(|(engine, a)| pb::EngineAccess {
+                engine: engine.clone(),
+                user: a.user.clone(),
+                uri_scheme: a.uri_scheme.clone(),
+                uri_path: a.uri_path.clone(),
+            })
+            .collect(),
         cgroup_driver: n.cgroup_driver.clone(),
         tenants: u32::try_from(cluster.tenants_on(&n.id).count()).unwrap_or(u32::MAX),
         labels: n.labels.clone().into_iter().collect(),

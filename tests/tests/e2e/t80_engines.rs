@@ -103,11 +103,22 @@ fn custom_engines_come_from_config_and_a_crashing_one_ends_failed_with_its_reaso
     let config = cluster.dir().join("agent.toml");
     std::fs::write(&config, AGENT_CONFIG).unwrap();
     cluster.add_agent_with("n1", &["--config", config.to_str().unwrap()]);
-    let engines = cluster.ctl_json(&["node", "list"])[0]["engines"].to_string();
+    let node = cluster.ctl_json(&["node", "list"])[0].clone();
+    let engines = node["engines"].to_string();
     assert!(
         engines.contains("crashy") && engines.contains("kv"),
         "{engines}"
     );
+    // What the agent reported for each engine, as operators see it.
+    let access = |engine: &str| {
+        node["engine_access"]
+            .as_array()
+            .and_then(|all| all.iter().find(|a| a["engine"] == engine).cloned())
+            .unwrap_or_default()
+    };
+    assert_eq!(access("kv")["user"], "default", "{node}");
+    assert_eq!(access("crashy")["user"], "admin", "{node}");
+    assert_eq!(access("postgres")["uri_path"], "/postgres", "{node}");
 
     // The working custom engine.
     let out = cluster.create("mine", "kv", ["0.25", "128MiB", "256MiB"], &[]);

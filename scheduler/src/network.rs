@@ -252,13 +252,25 @@ impl From<SnapshotChunk> for InstallSnapshotRequest<TypeConfig> {
     }
 }
 
-impl From<&InstallSnapshotRequest<TypeConfig>> for SnapshotChunk {
-    fn from(r: &InstallSnapshotRequest<TypeConfig>) -> Self {
+/// [`SnapshotChunk`] as it is written: borrowed, so a chunk (up to 3 MiB) is not copied to be
+/// encoded.
+#[derive(Serialize)]
+struct SnapshotChunkOut<'a> {
+    vote: &'a openraft::Vote<u64>,
+    meta: &'a openraft::SnapshotMeta<u64, BasicNode>,
+    offset: u64,
+    #[serde(with = "serde_bytes")]
+    data: &'a [u8],
+    done: bool,
+}
+
+impl<'a> From<&'a InstallSnapshotRequest<TypeConfig>> for SnapshotChunkOut<'a> {
+    fn from(r: &'a InstallSnapshotRequest<TypeConfig>) -> Self {
         Self {
-            vote: r.vote,
-            meta: r.meta.clone(),
+            vote: &r.vote,
+            meta: &r.meta,
             offset: r.offset,
-            data: r.data.clone(),
+            data: &r.data,
             done: r.done,
         }
     }
@@ -277,7 +289,7 @@ fn snapshot_encoded(
     req: &InstallSnapshotRequest<TypeConfig>,
 ) -> Result<Vec<u8>, String> {
     if format == Format::MsgpackV1 {
-        return encoded(format, &SnapshotChunk::from(req));
+        return encoded(format, &SnapshotChunkOut::from(req));
     }
     if req.offset != 0 || !req.done {
         return Err(format!(
@@ -373,6 +385,13 @@ mod tests {
         let wire = snapshot_encoded(Format::MsgpackV1, &req).unwrap();
         assert!(wire.len() < req.data.len() + 1024, "{} bytes", wire.len());
         let back: SnapshotChunk = codec::decode(&wire).unwrap();
+        assert_eq!(InstallSnapshotRequest::from(back), req);
+        // Between this and the build before it (which wrote openraft's type, the chunk as
+        // numbers), both ways: rmp-serde reads bytes as a sequence and a sequence as bytes.
+        let older_reads: InstallSnapshotRequest<TypeConfig> = codec::decode(&wire).unwrap();
+        assert_eq!(older_reads, req);
+        let older_wrote = codec::encode_as(Format::MsgpackV1, &req).unwrap();
+        let back: SnapshotChunk = codec::decode(&older_wrote).unwrap();
         assert_eq!(InstallSnapshotRequest::from(back), req);
         // A request as a JSON-era replica sends it (openraft's type, data as numbers).
         let json = serde_json::to_vec(&snapshot_request(0, true)).unwrap();

@@ -277,12 +277,7 @@ impl Reporter {
                 .host
                 .engines
                 .iter()
-                .map(|(name, t)| pb::EngineAccess {
-                    engine: name.clone(),
-                    user: t.access.user.clone(),
-                    uri_scheme: t.access.uri_scheme.clone(),
-                    uri_path: t.access.uri_path.clone(),
-                })
+                .map(|(name, t)| pb::EngineAccess::new(name, &t.access))
                 .collect(),
         };
         let reply = self.client().register(req).await?.into_inner();
@@ -404,7 +399,7 @@ impl Reporter {
                 storage_bytes: usage.storage_used_bytes,
                 awake,
             };
-            self.book.observe(&t.name, TenantUid::new(t.uid), sample);
+            self.book.observe(&t.name, handle.spec.uid, sample);
             local.insert(t.name.clone(), observed.wake_durations);
         }
         self.book

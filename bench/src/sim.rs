@@ -37,12 +37,10 @@ pub fn registration(name: &str) -> pb::RegisterRequest {
         labels: Default::default(),
         port_range_start: 20_000,
         port_range_end: 29_999,
-        engine_access: vec![pb::EngineAccess {
-            engine: "postgres".into(),
-            user: "postgres".into(),
-            uri_scheme: "postgresql".into(),
-            uri_path: "/postgres".into(),
-        }],
+        engine_access: vec![pb::EngineAccess::new(
+            "postgres",
+            &dormant_common::EngineAccess::defaults_for("postgres"),
+        )],
     }
 }
 

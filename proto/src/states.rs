@@ -1,11 +1,14 @@
-//! The one place where `dormant_common`'s types and the wire's meet: `Resources` both ways, and
+//! The one place where `dormant_common`'s types and the wire's meet: `Resources` both ways,
+//! `EngineAccess` onto the wire (the scheduler checks what comes back with its rules), and
 //! the states that cross the wire as text, which become `dormant_common`'s enums here:
 //! everything else compares enums, so a state renamed or removed fails to compile where it is
 //! used. The wire keeps text (readable in `grpcurl`, and what every released agent and replica
 //! speaks); a value this version does not know is an error naming it, never a guess.
 
 use dormant_common::state::UnknownState;
-use dormant_common::{Bytes, DesiredState, MilliCpu, NodeStatus, Resources, TenantState};
+use dormant_common::{
+    Bytes, DesiredState, EngineAccess, MilliCpu, NodeStatus, Resources, TenantState,
+};
 
 use crate::v1;
 
@@ -25,6 +28,18 @@ impl From<&v1::Resources> for Resources {
             cpu: MilliCpu(r.milli_cpu),
             memory: Bytes(r.memory_bytes),
             storage: Bytes(r.storage_bytes),
+        }
+    }
+}
+
+impl v1::EngineAccess {
+    /// `engine`'s access as a node reports it.
+    pub fn new(engine: &str, access: &EngineAccess) -> Self {
+        v1::EngineAccess {
+            engine: engine.to_string(),
+            user: access.user.clone(),
+            uri_scheme: access.uri_scheme.clone(),
+            uri_path: access.uri_path.clone(),
         }
     }
 }

@@ -200,13 +200,7 @@ pub fn registration(spec: &SimNodeSpec) -> pb::RegisterRequest {
             .engines
             .iter()
             .map(|engine| {
-                let a = dormant_common::EngineAccess::defaults_for(engine);
-                pb::EngineAccess {
-                    engine: engine.clone(),
-                    user: a.user,
-                    uri_scheme: a.uri_scheme,
-                    uri_path: a.uri_path,
-                }
+                pb::EngineAccess::new(engine, &dormant_common::EngineAccess::defaults_for(engine))
             })
             .collect(),
     }

@@ -60,12 +60,6 @@ pub struct EngineTemplate {
     pub access: dormant_common::EngineAccess,
 }
 
-/// A built-in engine's access: the defaults every version assumes for it, so an agent, the
-/// scheduler and an older agent's node agree.
-fn access(engine: &str) -> dormant_common::EngineAccess {
-    dormant_common::EngineAccess::defaults_for(engine)
-}
-
 /// PostgreSQL's `max_connections` for a tenant of this memory: in proportion, 20 to 500.
 pub fn max_connections(memory_bytes: u64) -> u64 {
     ((memory_bytes >> 20) / 8).clamp(20, 500)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use super::{access, EngineTemplate, Readiness};
+use super::{EngineTemplate, Readiness};
 
 /// Finds the newest `/usr/lib/postgresql/<version>/bin` that has `postgres` and `initdb`.
 pub fn find_bin_dir(search_root: &Path) -> Option<PathBuf> {
@@ -72,8 +72,9 @@ pub fn template(bin: &Path) -> EngineTemplate {
         plaintext_refusal: crate::tenant_tls::postgres_error(
             "this endpoint accepts TLS only: connect with sslmode=require or verify-full",
         ),
-        // `--username=postgres` above, and the database initdb creates.
-        access: access("postgres"),
+        // `--username=postgres` above and the database initdb creates: the defaults every
+        // version assumes for postgres, so the agent, the scheduler and an older agent agree.
+        access: dormant_common::EngineAccess::defaults_for("postgres"),
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use super::{access, EngineTemplate, Readiness};
+use super::{EngineTemplate, Readiness};
 
 /// `redis-server` on the PATH directories Debian and most distributions use.
 pub fn find_server() -> Option<PathBuf> {
@@ -58,7 +58,7 @@ pub fn template(server: &Path) -> EngineTemplate {
         alpn: Vec::new(),
         plaintext_refusal: b"-ERR this endpoint accepts TLS only: connect with --tls\r\n".to_vec(),
         // `requirepass` sets the password of Redis' `default` user.
-        access: access("redis"),
+        access: dormant_common::EngineAccess::defaults_for("redis"),
     }
 }
 

@@ -368,14 +368,6 @@ impl AgentApi for AgentService {
         let term = crate::consensus::current_enough(&self.app)?;
         self.app.counters.heartbeats.inc();
         let cluster_id = cluster_id(&self.app)?;
-        if req.reports_engine_access && engine_access_lost(&self.app.state.read().cluster, &node) {
-            info!(node_id = %node, "the node's record holds no engine access though its agent reports it: asking it to register again");
-            return Ok(Response::new(pb::HeartbeatResponse {
-                register_again: true,
-                cluster_id,
-                ..Default::default()
-            }));
-        }
 
         // Work out the transitions to commit, from the applied state.
         let reports: Vec<Report> = observed
@@ -387,11 +379,18 @@ impl AgentApi for AgentService {
                 reason: o.reason.clone(),
             })
             .collect();
-        let decision = {
+        let (access_lost, decision) = {
             let sm = self.app.state.read();
-            heartbeat::decide(&sm.cluster, &node, &reports, req.seen_version, term)
+            (
+                req.reports_engine_access && engine_access_lost(&sm.cluster, &node),
+                heartbeat::decide(&sm.cluster, &node, &reports, req.seen_version, term),
+            )
         };
-        let Decision::Changes { commands, accepted } = decision else {
+        if access_lost {
+            info!(node_id = %node, "the node's record holds no engine access though its agent reports it: asking it to register again");
+        }
+        // An unknown node, or one whose record lost its access: registering again fixes either.
+        let (Decision::Changes { commands, accepted }, false) = (decision, access_lost) else {
             return Ok(Response::new(pb::HeartbeatResponse {
                 register_again: true,
                 cluster_id,

@@ -107,12 +107,7 @@ pub fn node_to_pb(n: &NodeRecord, cluster: &ClusterState, live: &Liveness) -> pb
         engine_access: n
             .engine_access
             .iter()
-            .map(|(engine, a)| pb::EngineAccess {
-                engine: engine.clone(),
-                user: a.user.clone(),
-                uri_scheme: a.uri_scheme.clone(),
-                uri_path: a.uri_path.clone(),
-            })
+            .map(|(engine, a)| pb::EngineAccess::new(engine, a))
             .collect(),
         cgroup_driver: n.cgroup_driver.clone(),
         tenants: u32::try_from(cluster.tenants_on(&n.id).count()).unwrap_or(u32::MAX),
